@@ -1,0 +1,1 @@
+"""Email-driven support ticket gateway."""

@@ -1,0 +1,225 @@
+"""`gateway`: the command line of CONTRACT.md.
+
+Each sub-command loads the configuration (`--config`, else
+$GATEWAY_CONFIG, else built-in defaults), asks `gateway.app` for the parts
+it needs, does one thing, and exits with a sysexits.h status.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from email.parser import BytesHeaderParser
+from email.utils import getaddresses
+from pathlib import Path
+from typing import Any
+
+from gateway import app, logs, replies
+from gateway.clock import fixed_clock, system_clock
+from gateway.config import Config, ConfigError, load
+from gateway.model import Status, Ticket
+from gateway.pipeline import Received
+from gateway.store import Store, StoreUnavailable, iso
+
+INGEST_SEND_TIMEOUT_S = 20.0
+
+
+def ticket_json(t: Ticket) -> dict[str, Any]:
+    return {"id": t.id, "subject": t.subject, "status": t.status.value, "requester": t.requester,
+            "cc": list(t.cc), "region": t.region, "govcloud": t.govcloud, "priority": t.priority,
+            "linked_ticket": t.linked_ticket, "mailbox": t.mailbox,
+            "created_at": iso(t.created_at), "first_response_at": iso(t.first_response_at),
+            "resolved_at": iso(t.resolved_at), "closed_at": iso(t.closed_at)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+                        help="TOML configuration (default: $GATEWAY_CONFIG, else built-in defaults)")
+    p = argparse.ArgumentParser(prog="gateway", parents=[common],
+                                description="Email-driven support ticket gateway")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("serve", parents=[common], help="run the daemon (SMTP/LMTP listener, sender)")
+    ing = sub.add_parser("ingest", parents=[common], help="take one message from FILE or stdin")
+    ing.add_argument("file", nargs="?", help="RFC 5322 message (default: stdin)")
+    ing.add_argument("--recipient", help="envelope recipient, as the MTA passes it")
+    ing.add_argument("--sender", help="envelope sender, as the MTA passes it")
+
+    tickets = sub.add_parser("tickets", parents=[common], help="list or show tickets")
+    tsub = tickets.add_subparsers(dest="tickets_command", required=True, metavar="list|show")
+    tl = tsub.add_parser("list", parents=[common], help="one row per ticket, newest first")
+    tl.add_argument("--status", choices=[s.value for s in Status])
+    tl.add_argument("--json", action="store_true")
+    ts = tsub.add_parser("show", parents=[common], help="one ticket with all its messages")
+    ts.add_argument("id", type=int)
+    ts.add_argument("--json", action="store_true")
+
+    rd = sub.add_parser("run-due", parents=[common], help="run due jobs, deliver the outbox once")
+    rd.add_argument("--now", help="ISO-8601 time standing in for the clock")
+    sub.add_parser("check-config", parents=[common], help="validate the configuration")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command
+    logs.configure(stream=sys.stdout if command == "serve" else sys.stderr)
+    try:
+        config = load(getattr(args, "config", None))
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"gateway: invalid configuration: {problem}", file=sys.stderr)
+        return replies.EX_CONFIG
+    if command == "check-config":
+        print(f"configuration OK ({config.source}): {len(config.mailboxes)} mailbox(es), "
+              f"data in {config.data_dir}, {'LMTP' if config.lmtp else 'SMTP'} on "
+              f"{config.smtp_host}:{config.smtp_port}, outbound via {config.outbound_transport}")
+        return replies.EX_OK
+    try:
+        if command == "serve":
+            return asyncio.run(app.serve(config))
+        if command == "ingest":
+            return asyncio.run(_ingest(config, args))
+        if command == "tickets":
+            return asyncio.run(_tickets(config, args))
+        if command == "run-due":
+            return asyncio.run(_run_due(config, args))
+    except StoreUnavailable as e:
+        print(f"gateway: store unavailable: {e}", file=sys.stderr)
+        return replies.EX_TEMPFAIL
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(command)  # pragma: no cover - argparse restricts commands
+
+
+# -- ingest ---------------------------------------------------------------
+
+def ingest_recipient(config: Config, raw: bytes, recipient: str | None) -> str | None:
+    """The mailbox a piped mail is for: --recipient, else the first
+    configured mailbox among Delivered-To, To, Cc."""
+    if recipient is not None:
+        mb = config.mailbox_for(recipient)
+        return mb.address if mb else None
+    headers = BytesHeaderParser().parsebytes(raw)
+    for name in ("Delivered-To", "To", "Cc"):
+        for _, addr in getaddresses([str(v) for v in headers.get_all(name, [])]):
+            mb = config.mailbox_for(addr)
+            if mb:
+                return mb.address
+    return None
+
+
+async def _ingest(config: Config, args: argparse.Namespace) -> int:
+    try:
+        raw = Path(args.file).read_bytes() if args.file else sys.stdin.buffer.read()
+    except OSError as e:
+        print(f"gateway: cannot read message: {e}", file=sys.stderr)
+        return replies.EX_TEMPFAIL if args.file is None else replies.EX_DATAERR
+    address = ingest_recipient(config, raw, args.recipient)
+    if address is None:
+        print(f"gateway: no such mailbox: {args.recipient or '(none in Delivered-To/To/Cc)'}",
+              file=sys.stderr)
+        return replies.EX_NOUSER
+    mailbox = config.mailbox_for(address)
+    assert mailbox is not None
+    gw = await app.open_gateway(config)
+    try:
+        outcome = await gw.intake.receive(Received(
+            raw=raw, mail_from=args.sender, rcpt_to=(args.recipient or address,), mailbox=mailbox,
+            received_at=gw.clock()))
+        if outcome.queued:
+            # What serve would do next: send the answers now; what fails stays queued.
+            try:
+                await asyncio.wait_for(gw.sender.deliver_due(), INGEST_SEND_TIMEOUT_S)
+            except TimeoutError:
+                pass
+    finally:
+        await gw.close()
+    print(json.dumps({"action": outcome.action, "ticket_id": outcome.ticket_id}))
+    return replies.EX_OK
+
+
+# -- tickets --------------------------------------------------------------
+
+async def _tickets(config: Config, args: argparse.Namespace) -> int:
+    store = await Store.open(config.db_path)
+    try:
+        if args.tickets_command == "list":
+            rows = await store.tickets(args.status)
+            if args.json:
+                print(json.dumps([ticket_json(t) for t in rows], ensure_ascii=False))
+            else:
+                _print_table(rows)
+            return replies.EX_OK
+        ticket = await store.ticket(args.id)
+        if ticket is None:
+            print(f"gateway: no ticket #{args.id}", file=sys.stderr)
+            return 1
+        messages = await store.messages(ticket.id)
+    finally:
+        await store.close()
+    if args.json:
+        print(json.dumps({**ticket_json(ticket), "messages": messages}, ensure_ascii=False))
+    else:
+        _print_ticket(ticket, messages)
+    return replies.EX_OK
+
+
+def _print_table(rows: list[Ticket]) -> None:
+    print(f"{'ID':>6}  {'STATUS':<8}  {'P':<2} {'REGION':<9} {'CREATED':<20}  {'REQUESTER':<30}  SUBJECT")
+    for t in rows:
+        region = t.region + ("/GOV" if t.govcloud else "")
+        created = iso(t.created_at)[:19].replace("T", " ")  # type: ignore[index]
+        print(f"{t.id:>6}  {t.status.value:<8}  {t.priority:<2} {region:<9} {created:<20}  "
+              f"{t.requester[:30]:<30}  {t.subject[:60]}")
+    print(f"({len(rows)} ticket{'s' if len(rows) != 1 else ''})")
+
+
+def _print_ticket(t: Ticket, messages: list[dict[str, Any]]) -> None:
+    print(f"Ticket #{t.id}: {t.subject}")
+    print(f"  status {t.status.value}, priority {t.priority}, region {t.region}"
+          f"{', GovCloud' if t.govcloud else ''}, mailbox {t.mailbox}")
+    print(f"  requester {t.requester}" + (f", cc {', '.join(t.cc)}" if t.cc else ""))
+    if t.linked_ticket:
+        print(f"  follows up ticket #{t.linked_ticket}")
+    print(f"  created {iso(t.created_at)}")
+    for m in messages:
+        arrow = "<-" if m["direction"] == "in" else "->"
+        print(f"\n{arrow} {m['created_at']}  {m['kind']}  from {m['from']} to {', '.join(m['to'])}")
+        print(f"   {m['subject']}")
+        for a in m["attachments"]:
+            print(f"   [attachment] {a['filename']} ({a['size']} bytes, sha256 {a['sha256'][:12]}...)")
+        if m["direction"] == "in":
+            print("   " + m["reply_text"].replace("\n", "\n   "))
+
+
+# -- run-due --------------------------------------------------------------
+
+async def _run_due(config: Config, args: argparse.Namespace) -> int:
+    if args.now:
+        try:
+            now = datetime.fromisoformat(args.now)
+        except ValueError:
+            print(f"gateway: --now: not an ISO-8601 time: {args.now!r}", file=sys.stderr)
+            return replies.EX_USAGE
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
+        clock = fixed_clock(now)
+    else:
+        clock = system_clock
+    gw = await app.open_gateway(config, clock)
+    try:
+        sent = await gw.sender.deliver_due()
+        counts = await gw.store.outbox_counts()
+    finally:
+        await gw.close()
+    print(json.dumps({"now": iso(clock()), "sent": sent, "outbox": counts}))
+    return replies.EX_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Configuration: TOML in, one validated, immutable `Config` out.
+
+Every key of CONTRACT.md, with its default, lives here; `config/gateway.example.toml`
+documents each one. Validation collects every problem and names the key
+(`smtp.port: expected an integer from 1 to 65535, got 'not-a-port'`), so that
+`gateway check-config` can answer with all of them at once (exit 78).
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.model import REGIONS, normalize_address
+
+ENV_VAR = "GATEWAY_CONFIG"
+QUEUE_NAMES = (*REGIONS, "GOVCLOUD")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` lists `key: what is wrong`."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    address: str
+    govcloud: bool = False
+
+
+@dataclass(frozen=True)
+class Relay:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path
+    ticket_tag: str
+    smtp_host: str
+    smtp_port: int
+    lmtp: bool
+    max_message_size: int
+    mailboxes: tuple[Mailbox, ...]
+    outbound_transport: str
+    relay: Relay
+    govcloud_relay: Relay | None
+    outbound_retry_base_s: float
+    outbound_retry_max_s: float
+    outbound_poll_s: float
+    staff_addresses: frozenset[str]
+    staff_domains: frozenset[str]
+    queues: dict[str, str]
+    default_region: str
+    redirects: dict[str, str] = field(default_factory=dict)
+    store_url: str = ""
+    source: str = "built-in defaults"
+
+    # -- lookups used across the gateway ---------------------------------
+    def mailbox_for(self, address: str) -> Mailbox | None:
+        """The mailbox an address reaches, ignoring case and `+tag` suffixes."""
+        addr = normalize_address(address)
+        local, _, domain = addr.partition("@")
+        base = local.split("+", 1)[0] + "@" + domain
+        for mb in self.mailboxes:
+            if mb.address in (addr, base):
+                return mb
+        return None
+
+    def is_staff(self, address: str) -> bool:
+        addr = normalize_address(address)
+        return addr in self.staff_addresses or addr.rpartition("@")[2] in self.staff_domains
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file named by `[store] url` (default: data_dir/gateway.db)."""
+        return Path(self.store_url[len("sqlite:///"):])
+
+
+def _defaults() -> dict[str, Any]:
+    return {
+        "gateway": {"data_dir": "var", "ticket_tag": "Support"},
+        "smtp": {"host": "127.0.0.1", "port": 2525, "lmtp": False,
+                 "max_message_size": 26_214_400},
+        "mailbox": [{"address": "support@example.com", "govcloud": False},
+                    {"address": "support@examplegov.com", "govcloud": True}],
+        "outbound": {"transport": "maildir", "host": "127.0.0.1", "port": 25,
+                     "retry_base_seconds": 30.0, "retry_max_seconds": 3600.0,
+                     "poll_seconds": 1.0},
+        "staff": {"addresses": ["agent@example.com"], "domains": [],
+                  "queues": {"AMER": "amer@staff.example.com", "EMEA": "emea@staff.example.com",
+                             "APAC": "apac@staff.example.com",
+                             "GOVCLOUD": "gov@staff.examplegov.com"}},
+        "rules": {"default_region": "AMER"},
+        "redirects": {},
+        "store": {},
+    }
+
+
+class _Reader:
+    """Reads typed values out of the TOML tree, recording every problem by key."""
+
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+        self.problems: list[str] = []
+
+    def section(self, name: str) -> dict[str, Any]:
+        value = self.data.get(name, {})
+        if not isinstance(value, dict):
+            self.problems.append(f"{name}: expected a table [{name}], got {type(value).__name__}")
+            return {}
+        return value
+
+    def get(self, sect: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        value = sect.get(key, default)
+        if isinstance(value, bool) and kind is not bool and bool not in _tuple(kind):
+            self.problems.append(f"{key}: expected {_kind_name(kind)}, got {value!r}")
+            return default
+        if not isinstance(value, kind):
+            self.problems.append(f"{key}: expected {_kind_name(kind)}, got {value!r}")
+            return default
+        return value
+
+    def fail(self, key: str, what: str) -> None:
+        self.problems.append(f"{key}: {what}")
+
+
+def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", bool: "true or false", float: "a number",
+             list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in _tuple(kind))
+
+
+def _check_address(r: _Reader, key: str, value: str) -> str:
+    addr = normalize_address(value)
+    local, at, domain = addr.partition("@")
+    if not (at and local and "." in domain) or any(c in addr for c in " \t\r\n<>,;\"()"):
+        r.fail(key, f"not an email address: {value!r}")
+    return addr
+
+
+def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None = None) -> Config:
+    """Validate a TOML tree (already merged over nothing: missing keys take defaults)."""
+    d = _defaults()
+    r = _Reader(data)
+    known = set(d) | {"imap", "metrics"}
+    for key in data:
+        if key not in known:
+            r.fail(key, "unknown section")
+
+    g = r.section("gateway")
+    data_dir = Path(_prefixed(r, "gateway", g, "data_dir", str, d["gateway"]["data_dir"]))
+    if base_dir is not None and not data_dir.is_absolute():
+        data_dir = base_dir / data_dir
+    tag = _prefixed(r, "gateway", g, "ticket_tag", str, d["gateway"]["ticket_tag"])
+    if not tag or any(c in tag for c in "[]#\r\n") or len(tag) > 40:
+        r.fail("gateway.ticket_tag", "must be 1-40 characters without '[', ']', '#' or line breaks")
+
+    s = r.section("smtp")
+    smtp_host = _prefixed(r, "smtp", s, "host", str, d["smtp"]["host"])
+    smtp_port = _port_of(r, "smtp", s, d["smtp"]["port"])
+    lmtp = _prefixed(r, "smtp", s, "lmtp", bool, False)
+    max_size = _prefixed(r, "smtp", s, "max_message_size", int, d["smtp"]["max_message_size"])
+    if max_size < 1024:
+        r.fail("smtp.max_message_size", f"must be at least 1024 bytes, got {max_size}")
+
+    raw_boxes = data.get("mailbox", d["mailbox"])
+    boxes: list[Mailbox] = []
+    if not isinstance(raw_boxes, list) or not raw_boxes:
+        r.fail("mailbox", "expected one or more [[mailbox]] tables")
+        raw_boxes = d["mailbox"]
+    for i, mb in enumerate(raw_boxes):
+        if not isinstance(mb, dict) or not isinstance(mb.get("address"), str):
+            r.fail(f"mailbox[{i}].address", "every [[mailbox]] needs an address string")
+            continue
+        gov = mb.get("govcloud", False)
+        if not isinstance(gov, bool):
+            r.fail(f"mailbox[{i}].govcloud", f"expected true or false, got {gov!r}")
+            gov = False
+        boxes.append(Mailbox(_check_address(r, f"mailbox[{i}].address", mb["address"]), gov))
+    if len({b.address for b in boxes}) != len(boxes):
+        r.fail("mailbox", "the same address is configured twice")
+
+    o = r.section("outbound")
+    transport = _prefixed(r, "outbound", o, "transport", str, d["outbound"]["transport"])
+    if transport not in ("smtp", "maildir"):
+        r.fail("outbound.transport", f"expected \"smtp\" or \"maildir\", got {transport!r}")
+    relay = Relay(_prefixed(r, "outbound", o, "host", str, d["outbound"]["host"]),
+                  _port_of(r, "outbound", o, d["outbound"]["port"]))
+    gov_relay = None
+    if "govcloud" in o:
+        go = o["govcloud"] if isinstance(o["govcloud"], dict) else {}
+        if not isinstance(o["govcloud"], dict):
+            r.fail("outbound.govcloud", "expected a table [outbound.govcloud]")
+        gov_relay = Relay(_prefixed(r, "outbound.govcloud", go, "host", str, relay.host),
+                          _port_of(r, "outbound.govcloud", go, relay.port))
+    retry_base = float(_prefixed(r, "outbound", o, "retry_base_seconds", (int, float),
+                                 d["outbound"]["retry_base_seconds"]))
+    retry_max = float(_prefixed(r, "outbound", o, "retry_max_seconds", (int, float),
+                                d["outbound"]["retry_max_seconds"]))
+    poll = float(_prefixed(r, "outbound", o, "poll_seconds", (int, float), d["outbound"]["poll_seconds"]))
+    if retry_base <= 0 or retry_max < retry_base:
+        r.fail("outbound.retry_base_seconds", "must be > 0 and not above outbound.retry_max_seconds")
+    if poll <= 0:
+        r.fail("outbound.poll_seconds", "must be > 0")
+
+    st = r.section("staff")
+    addrs = _prefixed(r, "staff", st, "addresses", list, d["staff"]["addresses"])
+    domains = _prefixed(r, "staff", st, "domains", list, d["staff"]["domains"])
+    staff_addresses = frozenset(_check_address(r, "staff.addresses", a) for a in addrs
+                                if _is_str(r, "staff.addresses", a))
+    staff_domains = frozenset(x.strip().lower() for x in domains if _is_str(r, "staff.domains", x))
+    q = st.get("queues", d["staff"]["queues"])
+    if not isinstance(q, dict):
+        r.fail("staff.queues", "expected a table [staff.queues]")
+        q = d["staff"]["queues"]
+    queues: dict[str, str] = {}
+    for name in QUEUE_NAMES:
+        value = q.get(name, d["staff"]["queues"][name])
+        if _is_str(r, f"staff.queues.{name}", value):
+            queues[name] = _check_address(r, f"staff.queues.{name}", value)
+    for name in q:
+        if name not in QUEUE_NAMES:
+            r.fail(f"staff.queues.{name}", f"unknown queue; expected one of {', '.join(QUEUE_NAMES)}")
+
+    ru = r.section("rules")
+    default_region = _prefixed(r, "rules", ru, "default_region", str, d["rules"]["default_region"])
+    if default_region not in REGIONS:
+        r.fail("rules.default_region", f"expected one of {', '.join(REGIONS)}, got {default_region!r}")
+
+    red = r.section("redirects")
+    redirects = {k: _check_address(r, f"redirects.{k}", v) for k, v in red.items()
+                 if _is_str(r, f"redirects.{k}", v)}
+
+    store = r.section("store")
+    store_url = _prefixed(r, "store", store, "url", str, "")
+    if store_url and not store_url.startswith("sqlite:///"):
+        r.fail("store.url", "only sqlite:///PATH is supported by this version")
+
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Config(
+        data_dir=data_dir, ticket_tag=tag, smtp_host=smtp_host, smtp_port=smtp_port, lmtp=lmtp,
+        max_message_size=max_size, mailboxes=tuple(boxes), outbound_transport=transport,
+        relay=relay, govcloud_relay=gov_relay, outbound_retry_base_s=retry_base,
+        outbound_retry_max_s=retry_max, outbound_poll_s=poll,
+        staff_addresses=staff_addresses, staff_domains=staff_domains, queues=queues,
+        default_region=default_region, redirects=redirects,
+        store_url=store_url or f"sqlite:///{data_dir / 'gateway.db'}", source=source,
+    )
+
+
+def _prefixed(r: _Reader, prefix: str, sect: dict[str, Any], key: str,
+              kind: type | tuple[type, ...], default: Any) -> Any:
+    before = len(r.problems)
+    value = r.get(sect, key, kind, default)
+    if len(r.problems) > before:
+        r.problems[-1] = f"{prefix}.{r.problems[-1]}"
+    return value
+
+
+def _port_of(r: _Reader, prefix: str, sect: dict[str, Any], default: int) -> int:
+    value = sect.get("port", default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        r.fail(f"{prefix}.port", f"expected an integer from 1 to 65535, got {value!r}")
+        return default
+    return value
+
+
+def _is_str(r: _Reader, key: str, value: Any) -> bool:
+    if not isinstance(value, str):
+        r.fail(key, f"expected a string, got {value!r}")
+        return False
+    return True
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load `path`, else $GATEWAY_CONFIG, else the built-in defaults."""
+    chosen = path or os.environ.get(ENV_VAR)
+    if not chosen:
+        return parse({}, source="built-in defaults")
+    p = Path(chosen)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"config: no such file {str(p)!r}"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"config: cannot read {str(p)!r}: {e}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"config: {p} is not valid TOML: {e}"]) from None
+    return parse(data, source=str(p))

@@ -1,0 +1,65 @@
+"""Which ticket a mail belongs to: a pure decision over plain data.
+
+The policy (README, "Threading"):
+1. A mail that answers one of the ticket's messages (In-Reply-To or
+   References names a Message-ID the ticket has, or one of our own IDs with
+   a genuine ticket token) joins that ticket, whoever sends it: only people
+   who received our mail know those IDs.
+2. A mail whose subject carries `[<tag> #<id>]` joins that ticket only when
+   it comes from a participant (requester, the ticket's Cc, staff).
+   From anyone else it opens a new ticket linked to the old one, and nothing
+   of the old ticket is sent to them.
+3. A mail for a closed ticket opens a new ticket linked to it (closed
+   tickets are never reopened).
+4. Anything else opens a new ticket.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from gateway.model import Status, Ticket
+
+
+@dataclass(frozen=True)
+class Placement:
+    ticket_id: int | None          # the ticket to join; None: open a new one
+    linked_ticket: int | None      # for a new ticket: the ticket it follows up
+    reason: str                    # for logs and `explain`
+
+
+@lru_cache(maxsize=16)
+def tag_pattern(ticket_tag: str) -> re.Pattern[str]:
+    return re.compile(r"\[\s*" + re.escape(ticket_tag) + r"\s*#\s*(\d{1,18})\s*\]", re.IGNORECASE)
+
+
+def tagged_ticket_id(subject: str, ticket_tag: str) -> int | None:
+    m = tag_pattern(ticket_tag).search(subject)
+    return int(m.group(1)) if m else None
+
+
+def strip_tag(subject: str, ticket_tag: str) -> str:
+    return " ".join(tag_pattern(ticket_tag).sub(" ", subject).split())
+
+
+def place(*, sender: str, sender_is_staff: bool, by_reference: Ticket | None,
+          by_tag: Ticket | None) -> Placement:
+    """Decide where a mail goes, given the tickets its headers point at.
+
+    `by_reference` is the ticket whose message (or genuine token) the mail
+    answers; `by_tag` the ticket its subject tag names, if that exists.
+    """
+    if by_reference is not None:
+        return _join_unless_closed(by_reference, "answers a message of the ticket")
+    if by_tag is not None:
+        if sender_is_staff or sender in by_tag.participants:
+            return _join_unless_closed(by_tag, "subject tag from a participant")
+        return Placement(None, by_tag.id, "subject tag from a non-participant: new linked ticket")
+    return Placement(None, None, "new conversation")
+
+
+def _join_unless_closed(ticket: Ticket, reason: str) -> Placement:
+    if ticket.status is Status.CLOSED:
+        return Placement(None, ticket.id, f"{reason}, but it is closed: new linked ticket")
+    return Placement(ticket.id, None, reason)

@@ -1,0 +1,1 @@
+"""Mail coming in: SMTP/LMTP listener, parsing, intake."""

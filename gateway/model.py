@@ -1,0 +1,116 @@
+"""The support domain as plain data: no I/O, no framework types.
+
+The pure decisions (threading, rules, lifecycle) take and return these; the
+store turns them into rows and back; the CLI turns them into the JSON of
+CONTRACT.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+REGIONS = ("AMER", "EMEA", "APAC")
+
+
+class Status(StrEnum):
+    OPEN = "open"
+    PENDING = "pending"      # waiting on the customer
+    RESOLVED = "resolved"
+    CLOSED = "closed"
+
+
+class Kind(StrEnum):
+    # inbound
+    CUSTOMER = "customer"
+    STAFF = "staff"
+    NOTE = "note"
+    AUTO = "auto"
+    BOUNCE = "bounce"
+    # outbound
+    ACK = "ack"
+    STAFF_NOTIFY = "staff_notify"
+    STAFF_REPLY = "staff_reply"
+    REMINDER = "reminder"
+    AUTOCLOSE = "autoclose"
+    CLOSURE = "closure"
+    INFO_REQUEST = "info_request"
+    REDIRECT = "redirect"
+
+
+def normalize_address(address: str) -> str:
+    """The comparable form of a bare address: trimmed, without <>, lower case.
+
+    Lower-casing the local part is not strictly RFC 5321, but every support
+    desk treats Ann@X and ann@x as one customer, and so do the peers.
+    """
+    return address.strip().strip("<>").strip().lower()
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    size: int
+    sha256: str
+    content_id: str = ""
+
+
+@dataclass(frozen=True)
+class ParsedMail:
+    """What the gateway needs of one inbound message, decoded once."""
+
+    sender: str                      # bare address from From:
+    sender_name: str
+    to: tuple[str, ...]
+    cc: tuple[str, ...]
+    subject: str
+    date: datetime | None
+    message_id: str                  # with <>; generated when the mail has none
+    in_reply_to: tuple[str, ...]
+    references: tuple[str, ...]
+    body_text: str
+    reply_text: str
+    attachments: tuple[tuple[Attachment, bytes], ...] = ()
+    headers: dict[str, str] = field(default_factory=dict)   # first value of each, lower-case names
+    defects: tuple[str, ...] = ()
+
+    @property
+    def thread_ids(self) -> tuple[str, ...]:
+        """Message-IDs this mail answers, nearest first."""
+        seen: dict[str, None] = {}
+        for mid in (*self.in_reply_to, *reversed(self.references)):
+            seen.setdefault(mid, None)
+        return tuple(seen)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    id: int
+    subject: str
+    status: Status
+    requester: str
+    cc: tuple[str, ...]
+    region: str
+    govcloud: bool
+    priority: int
+    mailbox: str
+    linked_ticket: int | None
+    created_at: datetime
+    first_response_at: datetime | None = None
+    resolved_at: datetime | None = None
+    closed_at: datetime | None = None
+
+    @property
+    def participants(self) -> frozenset[str]:
+        return frozenset((self.requester, *self.cc))
+
+
+@dataclass(frozen=True)
+class Classification:
+    """What the rules stage decides for a new ticket."""
+
+    region: str
+    govcloud: bool
+    priority: int
+    queue: str                       # key of [staff.queues]

@@ -1,0 +1,1 @@
+"""Mail going out: rendering, outbox sender, transports."""

@@ -1,0 +1,125 @@
+"""Rendering the gateway's own mail: templates in, finished bytes out.
+
+A mail is rendered once, when its outbox row is written, so that every
+retry sends the same bytes with the same Message-ID (a receiver can then
+drop a duplicate delivery). Headers follow CONTRACT.md: the ticket tag in
+the subject, our Message-ID with the ticket token, In-Reply-To/References
+to the message answered, and `Auto-Submitted` on everything automatic
+(RFC 3834 §5: `auto-replied` for a direct answer, `auto-generated` for the
+rest), with `X-Auto-Response-Suppress` and `Precedence: bulk` so that
+Exchange and vacation programs don't answer it.
+"""
+from __future__ import annotations
+
+import email.policy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+from gateway.conversation import strip_tag
+from gateway.inbound.parse import one_line
+from gateway.inbound.reply import REPLY_MARKER
+from gateway.model import Kind, Ticket
+from gateway.tokens import TicketTokens
+
+AUTO_SUBMITTED = {Kind.ACK: "auto-replied", Kind.STAFF_REPLY: None}
+DEFAULT_AUTO = "auto-generated"
+_SUBJECT_PREFIX = ("re:", "aw:", "fw:", "fwd:", "wg:", "antw:", "sv:", "vs:")
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A rendered mail and its envelope, ready for the outbox."""
+
+    kind: Kind
+    relay: str                     # "default" or "govcloud"
+    mail_from: str                 # envelope sender
+    rcpt_to: tuple[str, ...]
+    message_id: str
+    subject: str
+    body_text: str
+    content: bytes
+
+
+def clean_subject(subject: str, ticket_tag: str) -> str:
+    """The subject without our tag and without reply/forward prefixes."""
+    s = strip_tag(subject, ticket_tag)
+    while s.lower().startswith(_SUBJECT_PREFIX):
+        s = s.split(":", 1)[1].strip()
+    return s
+
+
+def templates() -> Environment:
+    """The template environment, built once per process (templates compile once)."""
+    return Environment(
+        loader=PackageLoader("gateway", "templates"),
+        autoescape=select_autoescape(enabled_extensions=("html",), default=False),
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+    )
+
+
+class Composer:
+    def __init__(self, *, ticket_tag: str, tokens: TicketTokens, env: Environment | None = None):
+        self.ticket_tag = ticket_tag
+        self.tokens = tokens
+        self.env = env or templates()
+        self._names = frozenset(self.env.list_templates())
+
+    def tag_text(self, ticket_id: int) -> str:
+        return f"[{self.ticket_tag} #{ticket_id}]"
+
+    def subject(self, ticket: Ticket) -> str:
+        return one_line(f"{self.tag_text(ticket.id)} {clean_subject(ticket.subject, self.ticket_tag)}")
+
+    def compose(self, kind: Kind, *, ticket: Ticket, mailbox: str, to: Sequence[str],
+                answers: Sequence[str], now: datetime, context: Mapping[str, Any],
+                reply_to: str | None = None, cc: Sequence[str] = ()) -> Outgoing:
+        """Render template `kind` for `ticket`, as a mail from `mailbox` to `to`.
+
+        `answers` is the thread: the Message-IDs this mail answers, oldest
+        first; the last is In-Reply-To, all of them References.
+        """
+        ctx = {"ticket": ticket, "mailbox": mailbox, "tag_text": self.tag_text(ticket.id),
+               "subject": clean_subject(ticket.subject, self.ticket_tag) or "(no subject)",
+               "team": f"{self.ticket_tag} team", "marker": REPLY_MARKER, **context}
+        text = self.env.get_template(f"{kind.value}.txt").render(ctx)
+        html = None
+        if f"{kind.value}.html" in self._names:
+            html = self.env.get_template(f"{kind.value}.html").render(ctx)
+
+        domain = mailbox.rpartition("@")[2]
+        msg = EmailMessage(policy=email.policy.SMTP)
+        msg["From"] = Address(display_name=f"{self.ticket_tag}", addr_spec=mailbox)
+        msg["To"] = ", ".join(to)
+        if cc:
+            msg["Cc"] = ", ".join(cc)
+        if reply_to:
+            msg["Reply-To"] = reply_to
+        subject = self.subject(ticket)
+        msg["Subject"] = subject
+        msg["Date"] = format_datetime(now)
+        message_id = self.tokens.message_id(ticket.id, domain)
+        msg["Message-ID"] = message_id
+        thread = [m for m in answers if m]
+        if thread:
+            msg["In-Reply-To"] = thread[-1]
+            msg["References"] = " ".join(thread[-20:])
+        auto = AUTO_SUBMITTED.get(kind, DEFAULT_AUTO)
+        if auto:
+            msg["Auto-Submitted"] = auto
+            msg["X-Auto-Response-Suppress"] = "All"
+            msg["Precedence"] = "bulk"
+        msg["X-Support-Ticket"] = str(ticket.id)
+        msg.set_content(text, charset="utf-8", cte="quoted-printable")
+        if html is not None:
+            msg.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
+        return Outgoing(kind=kind, relay="govcloud" if ticket.govcloud else "default",
+                        mail_from=mailbox, rcpt_to=tuple(to) + tuple(cc), message_id=message_id,
+                        subject=subject, body_text=text, content=msg.as_bytes())

@@ -1,0 +1,103 @@
+"""The outbox sender: delivers what the pipeline queued, retrying with backoff.
+
+It claims due rows (a lease, so two processes never send the same row at
+once), hands each to its relay's transport, and marks it sent, due again
+later (temporary failure: exponential backoff from `retry_base_seconds` up
+to `retry_max_seconds`), or failed (permanent `5xx`, recorded and logged,
+not retried forever). It runs in its own task: intake never waits on it.
+"""
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+import structlog
+
+from gateway.clock import Clock
+from gateway.outbound.transport import DeliveryError, Transport
+from gateway.store import OutboxItem, Store
+
+log = structlog.get_logger("gateway.outbox")
+
+CLAIM_LEASE_S = 300.0
+PARALLEL = 8
+
+
+def backoff(attempts: int, base_s: float, max_s: float) -> float:
+    """Seconds to wait after the `attempts`-th failed try (1, 2, ...)."""
+    return min(max_s, base_s * 2 ** max(0, attempts - 1))
+
+
+class OutboxSender:
+    def __init__(self, store: Store, transports: dict[str, Transport], clock: Clock, *,
+                 retry_base_s: float, retry_max_s: float, poll_s: float):
+        self.store = store
+        self.transports = transports
+        self.clock = clock
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
+        self.poll_s = poll_s
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def deliver_due(self, now: datetime | None = None) -> int:
+        """Deliver everything due at `now` (default: the clock); return how many were sent.
+
+        Rounds of claims go on while they deliver something; a round that
+        delivers nothing ends the pass, so a dead relay costs one try per
+        row per pass, not a loop.
+        """
+        sent = 0
+        batch = PARALLEL * 4
+        while True:
+            items = await self.store.claim_due(now or self.clock(), CLAIM_LEASE_S, limit=batch)
+            sem = asyncio.Semaphore(PARALLEL)
+
+            async def one(item: OutboxItem) -> bool:
+                async with sem:
+                    return await self._deliver(item)
+            delivered = sum(await asyncio.gather(*(one(i) for i in items)))
+            sent += delivered
+            if delivered == 0 or len(items) < batch:
+                return sent
+
+    async def _deliver(self, item: OutboxItem) -> bool:
+        transport = self.transports.get(item.relay) or self.transports["default"]
+        bound = log.bind(outbox_id=item.id, ticket_id=item.ticket_id, kind=item.kind,
+                         relay=item.relay, attempt=item.attempts + 1)
+        try:
+            refused = await transport.send(item.mail_from, item.rcpt_to, item.content)
+        except DeliveryError as e:
+            if e.permanent:
+                await self.store.mark_failed(item.id, self.clock(), str(e))
+                bound.error("outbox.failed", error=str(e))
+            else:
+                wait = backoff(item.attempts + 1, self.retry_base_s, self.retry_max_s)
+                await self.store.mark_retry(item.id, self.clock() + timedelta(seconds=wait), str(e))
+                bound.warning("outbox.retry", error=str(e), retry_in_s=wait)
+            return False
+        await self.store.mark_sent(item.id, self.clock())
+        if refused:
+            bound.warning("outbox.partly_refused", refused=refused)
+        bound.info("outbox.sent", recipients=len(item.rcpt_to))
+        return True
+
+    async def run(self) -> None:
+        """Deliver until stopped: at once when woken, else every `poll_s`."""
+        while not self._stopping:
+            try:
+                await self.deliver_due()
+            except Exception:  # noqa: BLE001 - the sender must outlive a bad moment
+                log.exception("outbox.loop_error")
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+            except TimeoutError:
+                pass
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()

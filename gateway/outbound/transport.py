@@ -1,0 +1,97 @@
+"""Where outbound mail goes: an SMTP relay, or Maildir files in data_dir.
+
+Both take an envelope and the finished bytes, and raise `DeliveryError`
+saying whether trying again later could help.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+
+from gateway.config import Relay
+
+
+class DeliveryError(Exception):
+    def __init__(self, message: str, *, permanent: bool):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class Transport(Protocol):
+    async def send(self, mail_from: str, rcpt_to: Sequence[str], content: bytes) -> dict[str, str]:
+        """Deliver; return the recipients refused while others took it."""
+
+
+def is_permanent(code: int) -> bool:
+    """RFC 5321 §4.2.1: 5yz is permanent; 552 is treated as temporary, as
+    RFC 5321 §4.5.3.1.10 allows for "too much mail data" on a full mailbox."""
+    return code >= 500 and code != 552
+
+
+class SmtpRelay:
+    def __init__(self, relay: Relay, timeout: float = 30.0):
+        self.relay = relay
+        self.timeout = timeout
+
+    async def send(self, mail_from: str, rcpt_to: Sequence[str], content: bytes) -> dict[str, str]:
+        try:
+            refused, _ = await aiosmtplib.send(
+                content, sender=mail_from, recipients=list(rcpt_to), hostname=self.relay.host,
+                port=self.relay.port, timeout=self.timeout, start_tls=False, use_tls=False)
+        except aiosmtplib.SMTPRecipientsRefused as e:
+            codes = [r.code for r in e.recipients]
+            raise DeliveryError(f"all recipients refused: {'; '.join(map(str, e.recipients))}",
+                                permanent=all(is_permanent(c) for c in codes)) from e
+        except aiosmtplib.SMTPResponseException as e:
+            raise DeliveryError(f"relay said {e.code} {e.message}", permanent=is_permanent(e.code)) from e
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as e:
+            raise DeliveryError(f"relay {self.relay.host}:{self.relay.port} unreachable: "
+                                f"{type(e).__name__}: {e}", permanent=False) from e
+        # Some recipients took it: that counts as sent; the refused ones are reported.
+        return {r: f"{c} {m}" for r, (c, m) in refused.items()}
+
+
+class MaildirDrop:
+    """Writes each mail into a Maildir (`new/`), for a gateway with no relay.
+
+    The envelope is kept in `X-Envelope-From:` / `X-Envelope-To:` lines
+    put in front of the message, so a reader sees who would have got it.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    async def send(self, mail_from: str, rcpt_to: Sequence[str], content: bytes) -> dict[str, str]:
+        envelope = f"X-Envelope-From: <{mail_from}>\r\nX-Envelope-To: {', '.join(rcpt_to)}\r\n".encode()
+        try:
+            await asyncio.to_thread(self._write, envelope + content)
+        except OSError as e:
+            raise DeliveryError(f"cannot write to {self.path}: {e}", permanent=False) from e
+        return {}
+
+    def _write(self, content: bytes) -> None:
+        # The Maildir protocol (write in tmp/, rename into new/), with the fsyncs
+        # that the stdlib `mailbox` module leaves out: the outbox marks a mail
+        # sent right after this returns.
+        for sub in ("tmp", "new", "cur"):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns()}.{os.getpid()}_{secrets.token_hex(6)}.{socket.gethostname()}"
+        tmp = self.path / "tmp" / name
+        with open(tmp, "wb") as f:
+            f.write(content.replace(b"\r\n", b"\n"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self.path / "new" / name)
+        fd = os.open(self.path / "new", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,27 @@
+"""Every SMTP reply and process exit status the gateway gives, in one place.
+
+CONTRACT.md fixes the codes; the enhanced status codes are RFC 3463's.
+"""
+from __future__ import annotations
+
+# SMTP (RFC 5321 §4.2, RFC 3463)
+RCPT_OK = "250 2.1.5 Recipient ok"
+NO_SUCH_MAILBOX = "550 5.1.1 <{address}>: no such mailbox here"
+TOO_BIG = "552 5.3.4 Message too big for this system"
+TRY_LATER = "451 4.3.0 Cannot store the message right now; please try again later"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down; please try again later"
+
+
+def accepted(ticket_id: int | None, action: str) -> str:
+    where = f"ticket {ticket_id}" if ticket_id is not None else action
+    return f"250 2.0.0 Message accepted ({where})"
+
+
+# Process exit statuses (sysexits.h)
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOUSER = 67
+EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
+EX_CONFIG = 78

@@ -1,0 +1,435 @@
+"""The one module that owns the SQL.
+
+SQLite through aiosqlite, in WAL mode with `synchronous=FULL`: a commit is on
+disk when `commit()` returns, which is what lets the SMTP listener answer
+`250` right after it. The schema is created and migrated by version number
+(`PRAGMA user_version`) when the store opens.
+
+All writes go through `Store.transaction()`, which holds an asyncio lock
+around `BEGIN IMMEDIATE ... COMMIT` on the single connection: one writer per
+process, many statements per commit (the intake commits a whole batch of
+mails at once). Other processes (`gateway ingest`, `tickets list`) open their
+own connection; SQLite's busy timeout orders them.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from gateway.model import Attachment, Status, Ticket
+
+BUSY_TIMEOUT_MS = 5000
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the walking skeleton
+    """
+    CREATE TABLE inbound (                -- every mail received, as received
+        id          INTEGER PRIMARY KEY,
+        received_at TEXT NOT NULL,
+        mail_from   TEXT NOT NULL,
+        rcpt_to     TEXT NOT NULL,        -- JSON list: the envelope recipients
+        mailbox     TEXT NOT NULL,
+        sha256      TEXT NOT NULL,
+        size        INTEGER NOT NULL,
+        raw         BLOB,                 -- the bytes, or NULL when in raw_path
+        raw_path    TEXT,                 -- relative to data_dir, for large mail
+        message_id  TEXT,
+        state       TEXT NOT NULL,        -- received | processed | duplicate | quarantined
+        error       TEXT
+    );
+    CREATE INDEX inbound_state ON inbound(state) WHERE state IN ('received', 'quarantined');
+
+    CREATE TABLE tickets (
+        id                INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused
+        subject           TEXT NOT NULL,
+        status            TEXT NOT NULL,
+        requester         TEXT NOT NULL,
+        cc                TEXT NOT NULL DEFAULT '[]',
+        region            TEXT NOT NULL,
+        govcloud          INTEGER NOT NULL,
+        priority          INTEGER NOT NULL,
+        mailbox           TEXT NOT NULL,
+        linked_ticket     INTEGER REFERENCES tickets(id),
+        created_at        TEXT NOT NULL,
+        updated_at        TEXT NOT NULL,
+        first_response_at TEXT,
+        resolved_at       TEXT,
+        closed_at         TEXT
+    );
+    CREATE INDEX tickets_status ON tickets(status, id);
+
+    CREATE TABLE messages (
+        id          INTEGER PRIMARY KEY,
+        ticket_id   INTEGER NOT NULL REFERENCES tickets(id),
+        direction   TEXT NOT NULL,        -- in | out
+        kind        TEXT NOT NULL,
+        sender      TEXT NOT NULL,
+        recipients  TEXT NOT NULL,        -- JSON list
+        cc          TEXT NOT NULL DEFAULT '[]',
+        subject     TEXT NOT NULL,
+        message_id  TEXT NOT NULL,
+        body_text   TEXT NOT NULL,
+        reply_text  TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        inbound_id  INTEGER REFERENCES inbound(id)
+    );
+    CREATE INDEX messages_ticket ON messages(ticket_id, id);
+    CREATE INDEX messages_message_id ON messages(message_id);
+
+    CREATE TABLE attachments (
+        message_row  INTEGER NOT NULL REFERENCES messages(id),
+        position     INTEGER NOT NULL,
+        filename     TEXT NOT NULL,       -- the sender's name, for display only
+        content_type TEXT NOT NULL,
+        size         INTEGER NOT NULL,
+        sha256       TEXT NOT NULL,       -- content lives at data_dir/attachments/<sha256>
+        content_id   TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (message_row, position)
+    );
+
+    CREATE TABLE outbox (
+        id              INTEGER PRIMARY KEY,
+        message_row     INTEGER NOT NULL REFERENCES messages(id),
+        ticket_id       INTEGER NOT NULL REFERENCES tickets(id),
+        kind            TEXT NOT NULL,
+        relay           TEXT NOT NULL,    -- default | govcloud
+        mail_from       TEXT NOT NULL,
+        rcpt_to         TEXT NOT NULL,    -- JSON list
+        content         BLOB NOT NULL,    -- rendered once: a retry sends the same bytes
+        state           TEXT NOT NULL,    -- queued | sent | failed
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL,
+        claimed_until   TEXT,
+        last_error      TEXT,
+        created_at      TEXT NOT NULL,
+        sent_at         TEXT
+    );
+    CREATE INDEX outbox_due ON outbox(next_attempt_at) WHERE state = 'queued';
+    """,
+)
+
+
+def iso(dt: datetime | None) -> str | None:
+    """Times are stored and shown as ISO-8601 in UTC with an explicit offset."""
+    return None if dt is None else dt.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def from_iso(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+class StoreUnavailable(Exception):
+    """The store cannot take a write right now (locked, disk full, read-only)."""
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    ticket_id: int
+    kind: str
+    relay: str
+    mail_from: str
+    rcpt_to: list[str]
+    content: bytes
+    attempts: int
+
+
+_TICKET_COLS = ("id, subject, status, requester, cc, region, govcloud, priority, mailbox, "
+                "linked_ticket, created_at, first_response_at, resolved_at, closed_at")
+
+
+def _ticket(row: Sequence[Any]) -> Ticket:
+    return Ticket(
+        id=row[0], subject=row[1], status=Status(row[2]), requester=row[3],
+        cc=tuple(json.loads(row[4])), region=row[5], govcloud=bool(row[6]), priority=row[7],
+        mailbox=row[8], linked_ticket=row[9], created_at=from_iso(row[10]),  # type: ignore[arg-type]
+        first_response_at=from_iso(row[11]), resolved_at=from_iso(row[12]),
+        closed_at=from_iso(row[13]),
+    )
+
+
+class Tx:
+    """The statements of one write transaction."""
+
+    def __init__(self, db: aiosqlite.Connection):
+        self.db = db
+
+    async def _insert(self, sql: str, params: Sequence[Any]) -> int:
+        cur = await self.db.execute(sql, params)
+        rowid = cur.lastrowid
+        await cur.close()
+        assert rowid is not None
+        return rowid
+
+    # -- inbound ---------------------------------------------------------
+    async def add_inbound(self, *, received_at: datetime, mail_from: str, rcpt_to: Sequence[str],
+                          mailbox: str, sha256: str, size: int, raw: bytes | None,
+                          raw_path: str | None, message_id: str | None) -> int:
+        return await self._insert(
+            "INSERT INTO inbound (received_at, mail_from, rcpt_to, mailbox, sha256, size, raw,"
+            " raw_path, message_id, state) VALUES (?,?,?,?,?,?,?,?,?,'received')",
+            (iso(received_at), mail_from, json.dumps(list(rcpt_to)), mailbox, sha256, size, raw,
+             raw_path, message_id))
+
+    async def set_inbound_state(self, inbound_id: int, state: str, error: str | None = None) -> None:
+        await self.db.execute("UPDATE inbound SET state = ?, error = ? WHERE id = ?",
+                              (state, error, inbound_id))
+
+    async def has_inbound_message(self, message_id: str) -> bool:
+        """Whether a received mail with this Message-ID is already on a ticket."""
+        async with self.db.execute(
+                "SELECT 1 FROM messages WHERE message_id = ? AND direction = 'in' LIMIT 1",
+                (message_id,)) as cur:
+            return await cur.fetchone() is not None
+
+    # -- threading -------------------------------------------------------
+    async def tickets_of_messages(self, message_ids: Sequence[str]) -> dict[str, int]:
+        """Message-ID -> ticket for every given ID that is a message of a ticket."""
+        if not message_ids:
+            return {}
+        ids = list(dict.fromkeys(message_ids))[:100]
+        marks = ",".join("?" * len(ids))
+        async with self.db.execute(
+                f"SELECT message_id, ticket_id FROM messages WHERE message_id IN ({marks})"
+                " ORDER BY id", ids) as cur:
+            return {mid: tid for mid, tid in await cur.fetchall()}
+
+    async def ticket(self, ticket_id: int) -> Ticket | None:
+        return await _fetch_ticket(self.db, ticket_id)
+
+    # -- tickets and messages -------------------------------------------
+    async def create_ticket(self, *, subject: str, requester: str, cc: Sequence[str], region: str,
+                            govcloud: bool, priority: int, mailbox: str,
+                            linked_ticket: int | None, now: datetime) -> int:
+        return await self._insert(
+            "INSERT INTO tickets (subject, status, requester, cc, region, govcloud, priority,"
+            " mailbox, linked_ticket, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (subject, Status.OPEN.value, requester, json.dumps(list(cc)), region, int(govcloud),
+             priority, mailbox, linked_ticket, iso(now), iso(now)))
+
+    async def update_ticket(self, ticket_id: int, now: datetime, **fields: Any) -> None:
+        allowed = {"status", "cc", "priority", "first_response_at", "resolved_at", "closed_at"}
+        assert set(fields) <= allowed, set(fields) - allowed
+        values = [json.dumps(list(v)) if k == "cc" else iso(v) if isinstance(v, datetime)
+                  else v.value if isinstance(v, Status) else v for k, v in fields.items()]
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        await self.db.execute(f"UPDATE tickets SET {sets}, updated_at = ? WHERE id = ?",
+                              (*values, iso(now), ticket_id))
+
+    async def add_message(self, *, ticket_id: int, direction: str, kind: str, sender: str,
+                          recipients: Sequence[str], cc: Sequence[str] = (), subject: str,
+                          message_id: str, body_text: str, reply_text: str, now: datetime,
+                          inbound_id: int | None = None) -> int:
+        return await self._insert(
+            "INSERT INTO messages (ticket_id, direction, kind, sender, recipients, cc, subject,"
+            " message_id, body_text, reply_text, created_at, inbound_id)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (ticket_id, direction, kind, sender, json.dumps(list(recipients)), json.dumps(list(cc)),
+             subject, message_id, body_text, reply_text, iso(now), inbound_id))
+
+    async def add_attachments(self, message_row: int, attachments: Iterable[Attachment]) -> None:
+        await self.db.executemany(
+            "INSERT INTO attachments (message_row, position, filename, content_type, size, sha256,"
+            " content_id) VALUES (?,?,?,?,?,?,?)",
+            [(message_row, i, a.filename, a.content_type, a.size, a.sha256, a.content_id)
+             for i, a in enumerate(attachments)])
+
+    # -- outbox ----------------------------------------------------------
+    async def enqueue(self, *, message_row: int, ticket_id: int, kind: str, relay: str,
+                      mail_from: str, rcpt_to: Sequence[str], content: bytes, now: datetime) -> int:
+        return await self._insert(
+            "INSERT INTO outbox (message_row, ticket_id, kind, relay, mail_from, rcpt_to, content,"
+            " state, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,'queued',?,?)",
+            (message_row, ticket_id, kind, relay, mail_from, json.dumps(list(rcpt_to)), content,
+             iso(now), iso(now)))
+
+
+async def _fetch_ticket(db: aiosqlite.Connection, ticket_id: int) -> Ticket | None:
+    async with db.execute(f"SELECT {_TICKET_COLS} FROM tickets WHERE id = ?", (ticket_id,)) as cur:
+        row = await cur.fetchone()
+    return _ticket(row) if row else None
+
+
+class Store:
+    def __init__(self, db: aiosqlite.Connection, path: Path):
+        self.db = db
+        self.path = path
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(str(path), isolation_level=None)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreUnavailable(f"cannot open {path}: {e}") from e
+        try:
+            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = FULL")
+            await db.execute("PRAGMA foreign_keys = ON")
+            await _migrate(db)
+        except sqlite3.Error as e:
+            await db.close()
+            raise StoreUnavailable(f"cannot prepare {path}: {e}") from e
+        return cls(db, path)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        """One write transaction; `StoreUnavailable` when SQLite can't take it."""
+        async with self._lock:
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise StoreUnavailable(str(e)) from e
+            try:
+                yield Tx(self.db)
+                await self.db.execute("COMMIT")
+            except BaseException as e:
+                try:
+                    await self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if isinstance(e, sqlite3.OperationalError):
+                    raise StoreUnavailable(str(e)) from e
+                raise
+
+    @asynccontextmanager
+    async def savepoint(self, tx: Tx, name: str = "mail") -> AsyncIterator[Tx]:
+        """A nested unit inside a transaction: on error only its own work is undone."""
+        await tx.db.execute(f"SAVEPOINT {name}")
+        try:
+            yield tx
+        except BaseException:
+            await tx.db.execute(f"ROLLBACK TO {name}")
+            await tx.db.execute(f"RELEASE {name}")
+            raise
+        await tx.db.execute(f"RELEASE {name}")
+
+    # -- reads -----------------------------------------------------------
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        async with self._lock:
+            async with self.db.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+
+    async def ticket(self, ticket_id: int) -> Ticket | None:
+        async with self._lock:
+            return await _fetch_ticket(self.db, ticket_id)
+
+    async def tickets(self, status: str | None = None) -> list[Ticket]:
+        where, params = ("WHERE status = ?", (status,)) if status else ("", ())
+        rows = await self._rows(f"SELECT {_TICKET_COLS} FROM tickets {where} ORDER BY id DESC", params)
+        return [_ticket(r) for r in rows]
+
+    async def messages(self, ticket_id: int) -> list[dict[str, Any]]:
+        rows = await self._rows(
+            "SELECT id, direction, kind, sender, recipients, cc, subject, message_id, body_text,"
+            " reply_text, created_at FROM messages WHERE ticket_id = ? ORDER BY id", (ticket_id,))
+        atts = await self._rows(
+            "SELECT a.message_row, a.filename, a.size, a.sha256, a.content_type FROM attachments a"
+            " JOIN messages m ON m.id = a.message_row WHERE m.ticket_id = ?"
+            " ORDER BY a.message_row, a.position", (ticket_id,))
+        by_row: dict[int, list[dict[str, Any]]] = {}
+        for row, filename, size, sha, ctype in atts:
+            by_row.setdefault(row, []).append(
+                {"filename": filename, "size": size, "sha256": sha, "content_type": ctype})
+        return [{"direction": r[1], "kind": r[2], "from": r[3], "to": json.loads(r[4]),
+                 "cc": json.loads(r[5]), "subject": r[6], "message_id": r[7], "body_text": r[8],
+                 "reply_text": r[9], "created_at": r[10], "attachments": by_row.get(r[0], [])}
+                for r in rows]
+
+    async def inbound_raw(self, inbound_id: int) -> tuple[bytes | None, str | None]:
+        rows = await self._rows("SELECT raw, raw_path FROM inbound WHERE id = ?", (inbound_id,))
+        return (rows[0][0], rows[0][1]) if rows else (None, None)
+
+    async def inbound_counts(self) -> dict[str, int]:
+        rows = await self._rows("SELECT state, count(*) FROM inbound GROUP BY state")
+        return {state: n for state, n in rows}
+
+    # -- outbox ----------------------------------------------------------
+    async def claim_due(self, now: datetime, lease_s: float, limit: int = 50) -> list[OutboxItem]:
+        """Take up to `limit` due deliveries for `lease_s` seconds.
+
+        A claim is a lease, not a lock: if this process dies, the rows become
+        due again when the lease runs out, and another sender takes them.
+        """
+        until = iso(datetime.fromtimestamp(now.timestamp() + lease_s, UTC))
+        async with self.transaction() as tx:
+            async with tx.db.execute(
+                    "SELECT id, ticket_id, kind, relay, mail_from, rcpt_to, content, attempts"
+                    " FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"
+                    " AND (claimed_until IS NULL OR claimed_until <= ?) ORDER BY next_attempt_at, id"
+                    " LIMIT ?", (iso(now), iso(now), limit)) as cur:
+                rows = list(await cur.fetchall())
+            if rows:
+                await tx.db.executemany("UPDATE outbox SET claimed_until = ? WHERE id = ?",
+                                        [(until, r[0]) for r in rows])
+        return [OutboxItem(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7]) for r in rows]
+
+    async def next_due_at(self) -> datetime | None:
+        rows = await self._rows("SELECT min(next_attempt_at) FROM outbox WHERE state = 'queued'")
+        return from_iso(rows[0][0]) if rows else None
+
+    async def mark_sent(self, outbox_id: int, now: datetime) -> None:
+        async with self.transaction() as tx:
+            await tx.db.execute(
+                "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1,"
+                " claimed_until = NULL, last_error = NULL WHERE id = ?", (iso(now), outbox_id))
+
+    async def mark_retry(self, outbox_id: int, next_at: datetime, error: str) -> None:
+        async with self.transaction() as tx:
+            await tx.db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, claimed_until = NULL,"
+                " last_error = ? WHERE id = ?", (iso(next_at), error, outbox_id))
+
+    async def mark_failed(self, outbox_id: int, now: datetime, error: str) -> None:
+        async with self.transaction() as tx:
+            await tx.db.execute(
+                "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
+                " last_error = ?, sent_at = NULL WHERE id = ?", (error, outbox_id))
+
+    async def outbox_counts(self) -> dict[str, int]:
+        rows = await self._rows("SELECT state, count(*) FROM outbox GROUP BY state")
+        return {state: n for state, n in rows}
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        async with db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            raise sqlite3.DatabaseError(
+                f"the database is at schema {version}, newer than this gateway ({len(MIGRATIONS)})")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            for statement in _statements(script):
+                await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {number}")
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements (`executescript` would commit)."""
+    out, buf = [], ""
+    for line in script.splitlines():
+        buf += line.split("--", 1)[0] + "\n"
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    return [s for s in out if s]
