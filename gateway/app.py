@@ -59,7 +59,7 @@ async def open_gateway(config: Config, clock: Clock = system_clock) -> Gateway:
         secret = load_secret(config.data_dir)
     except OSError as e:
         raise StoreUnavailable(f"data_dir {config.data_dir}: {e}") from e
-    store = await Store.open(config.db_path)
+    store = await Store.open(config.db_path, config.busy_timeout_ms)
     tokens = TicketTokens(secret)
     pipeline = Pipeline(config, Composer(ticket_tag=config.ticket_tag, tokens=tokens), tokens)
     sender = OutboxSender(store, transports(config), clock, retry_base_s=config.outbound_retry_base_s,

@@ -146,7 +146,7 @@ async def _ingest(config: Config, args: argparse.Namespace) -> int:
 # -- tickets --------------------------------------------------------------
 
 async def _tickets(config: Config, args: argparse.Namespace) -> int:
-    store = await Store.open(config.db_path)
+    store = await Store.open(config.db_path, config.busy_timeout_ms)
     try:
         if args.tickets_command == "list":
             rows = await store.tickets(args.status)

@@ -60,6 +60,7 @@ class Config:
     default_region: str
     redirects: dict[str, str] = field(default_factory=dict)
     store_url: str = ""
+    busy_timeout_ms: int = 5000
     source: str = "built-in defaults"
 
     # -- lookups used across the gateway ---------------------------------
@@ -246,6 +247,9 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None
     store_url = _prefixed(r, "store", store, "url", str, "")
     if store_url and not store_url.startswith("sqlite:///"):
         r.fail("store.url", "only sqlite:///PATH is supported by this version")
+    busy_timeout_ms = _prefixed(r, "store", store, "busy_timeout_ms", int, 5000)
+    if not 0 <= busy_timeout_ms <= 600_000:
+        r.fail("store.busy_timeout_ms", f"expected 0 to 600000 milliseconds, got {busy_timeout_ms}")
 
     if r.problems:
         raise ConfigError(r.problems)
@@ -257,6 +261,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None
         staff_addresses=staff_addresses, staff_domains=staff_domains, queues=queues,
         default_region=default_region, redirects=redirects,
         store_url=store_url or f"sqlite:///{data_dir / 'gateway.db'}", source=source,
+        busy_timeout_ms=busy_timeout_ms,
     )
 
 

@@ -65,7 +65,8 @@ class ParsedMail:
     to: tuple[str, ...]
     cc: tuple[str, ...]
     subject: str
-    date: datetime | None
+    date: datetime | None            # in UTC
+    date_offset_minutes: int | None  # the sender's UTC offset, from the Date header
     message_id: str                  # with <>; generated when the mail has none
     in_reply_to: tuple[str, ...]
     references: tuple[str, ...]

@@ -16,7 +16,7 @@ from gateway import lifecycle
 from gateway.config import Config, Mailbox
 from gateway.conversation import Placement, place, tagged_ticket_id
 from gateway.inbound.automatic import automatic_kind
-from gateway.model import Kind, ParsedMail, Ticket
+from gateway.model import Kind, ParsedMail, Ticket, normalize_address
 from gateway.outbound.compose import Composer, Outgoing
 from gateway.rules import classify
 from gateway.store import Tx
@@ -59,7 +59,11 @@ class Pipeline:
         if await tx.has_inbound_message(mail.message_id):
             return Outcome(inbound_id, "duplicate", None, mail.message_id, 0,
                            "a mail with this Message-ID is already on a ticket")
-        sender = mail.sender or (received.mail_from or "")
+        sender = mail.sender or normalize_address(received.mail_from or "")
+        if "@" not in sender:
+            # Nobody to answer and nobody to thread by: kept for ops, never ticketed blind.
+            return Outcome(inbound_id, "quarantined", None, mail.message_id, 0,
+                           "no sender address in From: or the envelope")
         by_reference = await self._ticket_answered(tx, mail)
         tag_id = tagged_ticket_id(mail.subject, self.config.ticket_tag)
         by_tag = await tx.ticket(tag_id) if tag_id is not None and by_reference is None else None

@@ -266,14 +266,14 @@ class Store:
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path) -> Store:
+    async def open(cls, path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Store:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             db = await aiosqlite.connect(str(path), isolation_level=None)
         except (OSError, sqlite3.Error) as e:
             raise StoreUnavailable(f"cannot open {path}: {e}") from e
         try:
-            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = FULL")
             await db.execute("PRAGMA foreign_keys = ON")

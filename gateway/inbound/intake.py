@@ -155,8 +155,9 @@ class Intake:
                     outcome = Outcome(inbound_id, "quarantined", None,
                                       job.parsed.message_id if job.parsed else "", 0, error or "")
                 else:
-                    state = {"duplicate": "duplicate", "automatic": "automatic"}.get(
-                        outcome.action, "processed")
-                    await tx.set_inbound_state(inbound_id, state)
+                    state = {"duplicate": "duplicate", "automatic": "automatic",
+                             "quarantined": "quarantined"}.get(outcome.action, "processed")
+                    await tx.set_inbound_state(inbound_id, state,
+                                               outcome.reason if state == "quarantined" else None)
                 outcomes.append(outcome)
         return outcomes

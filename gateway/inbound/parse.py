@@ -55,6 +55,7 @@ def parse_mail(raw: bytes) -> ParsedMail:
         cc=_addresses(p.cc),
         subject=one_line(p.subject or ""),
         date=_aware(p.date),
+        date_offset_minutes=_offset_minutes(p.date, p.timezone),
         message_id=message_id,
         in_reply_to=message_ids(headers.get("in-reply-to")),
         references=message_ids(headers.get("references")),
@@ -82,6 +83,15 @@ def _aware(value: datetime | None) -> datetime | None:
         return None
     # mail-parser gives the Date in UTC, naive
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _offset_minutes(date: datetime | None, timezone: object) -> int | None:
+    if date is None:
+        return None
+    try:
+        return round(float(str(timezone)) * 60)     # mail-parser: hours, as "+5.5"
+    except ValueError:
+        return None
 
 
 def _attachment(a: dict[str, object]) -> tuple[Attachment, bytes]:

@@ -1,0 +1,308 @@
+"""Test fixtures: a real `gateway serve` process, real SMTP sinks as relays.
+
+Everything talks over loopback with real protocols: tests send mail with
+smtplib, read tickets through the `gateway` command line, and catch outbound
+mail in aiosmtpd servers standing in for the relays. Waiting is always for
+a condition with a deadline, never a fixed sleep.
+"""
+from __future__ import annotations
+
+import contextlib
+import email
+import email.policy
+import json
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid, parseaddr
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+GATEWAY = [sys.executable, "-m", "gateway"]
+SUPPORT = "support@example.com"
+GOV = "support@examplegov.com"
+STAFF = "agent@staff.example.com"
+QUEUES = {"AMER": "amer@staff.example.com", "EMEA": "emea@staff.example.com",
+          "APAC": "apac@staff.example.com", "GOVCLOUD": "gov@staff.examplegov.com"}
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll `pred` until it returns something truthy; fail after `timeout`."""
+    end = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Sink:
+    """A real SMTP server that keeps what it is handed (or refuses it)."""
+
+    def __init__(self, port: int | None = None):
+        self.messages: list[dict[str, Any]] = []
+        self.reply = "250 2.0.0 OK"
+        self.lock = threading.Lock()
+        sink = self
+
+        class Handler:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                if not sink.reply.startswith("250"):
+                    return sink.reply
+                msg = email.message_from_bytes(envelope.original_content or envelope.content,
+                                               policy=email.policy.default)
+                with sink.lock:
+                    sink.messages.append({"rcpt": [r.lower() for r in envelope.rcpt_tos],
+                                          "mail_from": envelope.mail_from, "msg": msg,
+                                          "raw": envelope.original_content})
+                return "250 2.0.0 OK"
+
+        self.port = port or free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def to(self, addr: str) -> list[EmailMessage]:
+        with self.lock:
+            return [m["msg"] for m in self.messages if addr.lower() in m["rcpt"]]
+
+    def wait_to(self, addr: str, count: int = 1, timeout: float = 15.0) -> list[EmailMessage]:
+        return wait_for(lambda: (found := self.to(addr)) and len(found) >= count and found,
+                        timeout, f"{count} mail(s) to {addr}")
+
+
+def mail(frm: str, to: str, subject: str, body: str, *, cc: str | None = None,
+         headers: dict[str, str] | None = None, msgid: str | None = None) -> EmailMessage:
+    m = EmailMessage(policy=email.policy.SMTP)
+    m["From"] = frm
+    m["To"] = to
+    if cc:
+        m["Cc"] = cc
+    m["Subject"] = subject
+    m["Date"] = formatdate(localtime=False)
+    m["Message-ID"] = msgid or make_msgid(domain=parseaddr(frm)[1].split("@")[-1] or "test.invalid")
+    for k, v in (headers or {}).items():
+        m[k] = v
+    m.set_content(body)
+    return m
+
+
+def reply_to(original: EmailMessage, frm: str, body: str, subject: str | None = None,
+             to: str = SUPPORT) -> EmailMessage:
+    m = mail(frm, to, subject if subject is not None else "Re: " + str(original["Subject"]), body)
+    m["In-Reply-To"] = str(original["Message-ID"])
+    refs = (str(original["References"]) + " " if original["References"] else "") + str(original["Message-ID"])
+    m["References"] = refs
+    return m
+
+
+def uniq(word: str = "case") -> str:
+    return f"{word}-{uuid.uuid4().hex[:8]}"
+
+
+def smtp_send(port: int, msg: EmailMessage | bytes, rcpt: list[str] | None = None,
+              mail_from: str | None = None) -> tuple[int, str]:
+    """One real SMTP transaction; the final answer's code and text."""
+    if isinstance(msg, EmailMessage):
+        rcpt = rcpt or [a for _, a in email.utils.getaddresses([str(msg["To"])])]
+        mail_from = mail_from if mail_from is not None else parseaddr(str(msg["From"]))[1]
+        raw = msg.as_bytes()
+    else:
+        raw = msg
+    assert rcpt is not None and mail_from is not None
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        try:
+            refused = s.sendmail(mail_from, rcpt, raw)
+        except smtplib.SMTPRecipientsRefused as e:
+            code, text = list(e.recipients.values())[0]
+            return code, text.decode(errors="replace")
+        except smtplib.SMTPResponseException as e:
+            return e.smtp_code, e.smtp_error.decode(errors="replace")
+        if refused:
+            code, text = list(refused.values())[0]
+            return code, text.decode(errors="replace")
+        return 250, "OK"
+
+
+class GatewayProc:
+    """A configured gateway: its config file, its `serve` process, its CLI."""
+
+    def __init__(self, root: Path, sink: Sink, gov_sink: Sink, *, extra_toml: str = "",
+                 max_size: int = 2_000_000, transport: str = "smtp", lmtp: bool = False,
+                 relay_port: int | None = None):
+        self.root = root
+        self.port = free_port()
+        self.sink, self.gov_sink = sink, gov_sink
+        self.data_dir = root / "data"
+        self.config = root / "gateway.toml"
+        self.config.write_text(textwrap.dedent(f"""
+            [gateway]
+            data_dir = "{self.data_dir}"
+            ticket_tag = "Support"
+
+            [smtp]
+            host = "127.0.0.1"
+            port = {self.port}
+            lmtp = {str(lmtp).lower()}
+            max_message_size = {max_size}
+
+            [[mailbox]]
+            address = "{SUPPORT}"
+            govcloud = false
+
+            [[mailbox]]
+            address = "{GOV}"
+            govcloud = true
+
+            [outbound]
+            transport = "{transport}"
+            host = "127.0.0.1"
+            port = {relay_port or sink.port}
+            retry_base_seconds = 60
+            poll_seconds = 0.2
+
+            [outbound.govcloud]
+            host = "127.0.0.1"
+            port = {gov_sink.port}
+
+            [staff]
+            addresses = ["{STAFF}"]
+            domains = []
+
+            [staff.queues]
+            AMER = "{QUEUES['AMER']}"
+            EMEA = "{QUEUES['EMEA']}"
+            APAC = "{QUEUES['APAC']}"
+            GOVCLOUD = "{QUEUES['GOVCLOUD']}"
+            """) + textwrap.dedent(extra_toml))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = root / "serve.log"
+
+    # -- process ---------------------------------------------------------
+    def start(self, timeout: float = 20.0) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
+        self.proc = subprocess.Popen([*GATEWAY, "serve", "--config", str(self.config)],
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=env)
+
+        def listening() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"serve exited {self.proc.returncode}: {self.log_text()[-800:]}")
+            with contextlib.suppress(OSError):
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    return s.recv(4).startswith(b"220")
+            return False
+        wait_for(listening, timeout, "serve to listen")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if not self.proc or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise AssertionError("serve did not stop in time") from None
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log_text().splitlines() if line.strip()]
+
+    # -- talking to it ---------------------------------------------------
+    def send(self, msg: EmailMessage | bytes, rcpt: list[str] | None = None,
+             mail_from: str | None = None) -> tuple[int, str]:
+        return smtp_send(self.port, msg, rcpt, mail_from)
+
+    def cli(self, *args: str, stdin: bytes | None = None, timeout: float = 60.0,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        p = subprocess.run([*GATEWAY, *args, "--config", str(self.config)], input=stdin,
+                           capture_output=True, timeout=timeout,
+                           env={**os.environ, **(env or {})})
+        return subprocess.CompletedProcess(p.args, p.returncode, p.stdout.decode(errors="replace"),
+                                           p.stderr.decode(errors="replace"))
+
+    def tickets(self, *extra: str) -> list[dict[str, Any]]:
+        r = self.cli("tickets", "list", "--json", *extra)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def ticket(self, tid: int) -> dict[str, Any]:
+        r = self.cli("tickets", "show", str(tid), "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def ticket_by_subject(self, needle: str) -> dict[str, Any]:
+        found = [t for t in self.tickets() if needle in t["subject"]]
+        assert len(found) == 1, f"{len(found)} tickets with {needle!r}"
+        return self.ticket(found[0]["id"])
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="gw-test-"))
+    yield d
+    import shutil
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def sinks() -> Iterator[tuple[Sink, Sink]]:
+    relay, gov = Sink(), Sink()
+    yield relay, gov
+    relay.stop()
+    gov.stop()
+
+
+@pytest.fixture
+def make_gateway(workdir: Path, sinks: tuple[Sink, Sink]) -> Iterator[Callable[..., GatewayProc]]:
+    made: list[GatewayProc] = []
+
+    def make(**kwargs: Any) -> GatewayProc:
+        root = workdir / f"gw{len(made)}"
+        root.mkdir()
+        gw = GatewayProc(root, *sinks, **kwargs)
+        made.append(gw)
+        return gw
+    yield make
+    for gw in made:
+        gw.kill()
+
+
+@pytest.fixture
+def gateway(make_gateway: Callable[..., GatewayProc]) -> GatewayProc:
+    """A running `gateway serve` with both relays up."""
+    gw = make_gateway()
+    gw.start()
+    return gw
