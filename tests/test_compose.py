@@ -62,3 +62,16 @@ def test_subject_cleanup_keeps_one_tag() -> None:
     assert clean_subject("Re: AW: [Support #1042] Backup fails", "Support") == "Backup fails"
     out, msg = compose(ticket=ticket(subject="RE: [Support #1042] Backup fails"))
     assert msg["Subject"] == "[Support #1042] Backup fails"
+
+
+def test_long_message_ids_are_never_encoded_or_folded_inside() -> None:
+    long_id = "<" + "x" * 120 + "@outlook.example>"
+    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32))
+    thread = [f"<{i}-{'y' * 60}@c.example>" for i in range(40)] + [long_id]
+    out = c.compose(Kind.ACK, ticket=ticket(), mailbox="support@example.com", to=["ann@c.example"],
+                    answers=thread, now=NOW, context={"name": "Ann"})
+    msg = email.message_from_bytes(out.content, policy=email.policy.default)
+    assert msg["In-Reply-To"] == long_id
+    refs = str(msg["References"]).split()
+    assert refs[0] == thread[0] and refs[-1] == long_id and len(" ".join(refs)) <= 900
+    assert b"=?utf-8?" not in out.content.split(b"\r\n\r\n")[0]

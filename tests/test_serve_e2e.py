@@ -339,3 +339,17 @@ def test_serve_refuses_to_start_on_an_invalid_config(make_gateway: Callable[...,
     p = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(gw.config)],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 78 and "outbound.transport" in p.stderr
+
+
+def test_mail_without_message_id_is_answered_with_a_threadable_in_reply_to(gateway: GatewayProc) -> None:
+    key = uniq("no id")
+    raw = (f"From: leo@customer.example\r\nTo: {SUPPORT}\r\nSubject: {key}\r\n\r\nhello\r\n").encode()
+    assert gateway.send(raw, [SUPPORT], "leo@customer.example")[0] == 250
+    t = gateway.ticket_by_subject(key)
+    derived = t["messages"][0]["message_id"]
+    assert len(derived) > 78
+    ack = gateway.sink.wait_to("leo@customer.example")[0]
+    assert str(ack["In-Reply-To"]) == derived
+    # and a reply to that ack threads
+    gateway.send(reply_to(ack, "leo@customer.example", "thanks", subject="other"))
+    assert len([x for x in gateway.ticket(t["id"])["messages"] if x["kind"] == "customer"]) == 2

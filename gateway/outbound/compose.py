@@ -29,6 +29,11 @@ from gateway.model import Kind, Ticket
 from gateway.tokens import TicketTokens
 
 AUTO_SUBMITTED = {Kind.ACK: "auto-replied", Kind.STAFF_REPLY: None}
+# Lines up to RFC 5322's 998 characters: the default 78 makes the email package
+# RFC 2047-encode a long Message-ID in In-Reply-To/References, and no mail
+# client threads on an encoded ID.
+POLICY = email.policy.SMTP.clone(max_line_length=998)
+REFERENCES_MAX = 900
 DEFAULT_AUTO = "auto-generated"
 _SUBJECT_PREFIX = ("re:", "aw:", "fw:", "fwd:", "wg:", "antw:", "sv:", "vs:")
 
@@ -53,6 +58,20 @@ def clean_subject(subject: str, ticket_tag: str) -> str:
     while s.lower().startswith(_SUBJECT_PREFIX):
         s = s.split(":", 1)[1].strip()
     return s
+
+
+def references(thread: Sequence[str]) -> str:
+    """The References value: the whole thread, or when it is too long the
+    first ID and as many of the latest as fit (RFC 5322 §3.6.4 allows trimming)."""
+    ids = [m for m in thread if len(m) < REFERENCES_MAX // 2]
+    if not ids:
+        return thread[-1]
+    kept = [ids[-1]]
+    for mid in reversed(ids[1:-1]):
+        if len(" ".join([ids[0], mid, *kept])) > REFERENCES_MAX:
+            break
+        kept.insert(0, mid)
+    return " ".join(dict.fromkeys([ids[0], *kept]))
 
 
 def templates() -> Environment:
@@ -95,7 +114,7 @@ class Composer:
             html = self.env.get_template(f"{kind.value}.html").render(ctx)
 
         domain = mailbox.rpartition("@")[2]
-        msg = EmailMessage(policy=email.policy.SMTP)
+        msg = EmailMessage(policy=POLICY)
         msg["From"] = Address(display_name=f"{self.ticket_tag}", addr_spec=mailbox)
         msg["To"] = ", ".join(to)
         if cc:
@@ -110,7 +129,7 @@ class Composer:
         thread = [m for m in answers if m]
         if thread:
             msg["In-Reply-To"] = thread[-1]
-            msg["References"] = " ".join(thread[-20:])
+            msg["References"] = references(thread)
         auto = AUTO_SUBMITTED.get(kind, DEFAULT_AUTO)
         if auto:
             msg["Auto-Submitted"] = auto
