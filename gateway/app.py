@@ -16,12 +16,14 @@ from gateway import systemd
 from gateway.blobs import Blobs
 from gateway.clock import Clock, system_clock
 from gateway.config import Config
+from gateway.desk import Desk
 from gateway.inbound.intake import Intake
 from gateway.inbound.smtp import Listener, SupportHandler
 from gateway.outbound.compose import Composer
 from gateway.outbound.sender import OutboxSender
 from gateway.outbound.transport import MaildirDrop, SmtpRelay, Transport
 from gateway.pipeline import Pipeline
+from gateway.scheduler import Scheduler
 from gateway.store import Store, StoreUnavailable
 from gateway.tokens import TicketTokens, load_secret
 
@@ -37,6 +39,7 @@ class Gateway:
     store: Store
     intake: Intake
     sender: OutboxSender
+    scheduler: Scheduler
 
     async def close(self) -> None:
         await self.intake.stop()
@@ -61,11 +64,14 @@ async def open_gateway(config: Config, clock: Clock = system_clock) -> Gateway:
         raise StoreUnavailable(f"data_dir {config.data_dir}: {e}") from e
     store = await Store.open(config.db_path, config.busy_timeout_ms)
     tokens = TicketTokens(secret)
-    pipeline = Pipeline(config, Composer(ticket_tag=config.ticket_tag, tokens=tokens), tokens)
+    desk = Desk(config, Composer(ticket_tag=config.ticket_tag, tokens=tokens))
+    pipeline = Pipeline(config, desk, tokens)
     sender = OutboxSender(store, transports(config), clock, retry_base_s=config.outbound_retry_base_s,
                           retry_max_s=config.outbound_retry_max_s, poll_s=config.outbound_poll_s)
     intake = Intake(store, pipeline, Blobs(config.data_dir), clock, on_commit=sender.wake)
-    return Gateway(config, clock, store, intake, sender)
+    scheduler = Scheduler(store, desk, config.policy, clock, interval_s=config.scheduler_interval_s,
+                          on_queued=sender.wake)
+    return Gateway(config, clock, store, intake, sender, scheduler)
 
 
 async def serve(config: Config, clock: Clock = system_clock) -> int:
@@ -79,6 +85,7 @@ async def serve(config: Config, clock: Clock = system_clock) -> int:
         return 75
     gw.intake.start()
     sender_task = asyncio.create_task(gw.sender.run(), name="outbox-sender")
+    scheduler_task = asyncio.create_task(gw.scheduler.run(), name="scheduler")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -94,13 +101,15 @@ async def serve(config: Config, clock: Clock = system_clock) -> int:
     log.info("gateway.stopping")
     await listener.stop(STOP_GRACE_S)
     await gw.intake.stop()
+    gw.scheduler.stop()
     gw.sender.stop()
-    try:
-        await asyncio.wait_for(sender_task, STOP_GRACE_S)
-    except TimeoutError:
-        sender_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sender_task
+    for task in (scheduler_task, sender_task):
+        try:
+            await asyncio.wait_for(task, STOP_GRACE_S)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     counts = await gw.store.outbox_counts()
     await gw.close()
     log.info("gateway.stopped", outbox_queued=counts.get("queued", 0))

@@ -17,7 +17,7 @@ from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
-from gateway import app, logs, replies
+from gateway import app, logs, replies, stats
 from gateway.clock import fixed_clock, system_clock
 from gateway.config import Config, ConfigError, load
 from gateway.model import Status, Ticket
@@ -32,7 +32,8 @@ def ticket_json(t: Ticket) -> dict[str, Any]:
             "cc": list(t.cc), "region": t.region, "govcloud": t.govcloud, "priority": t.priority,
             "linked_ticket": t.linked_ticket, "mailbox": t.mailbox,
             "created_at": iso(t.created_at), "first_response_at": iso(t.first_response_at),
-            "resolved_at": iso(t.resolved_at), "closed_at": iso(t.closed_at)}
+            "resolved_at": iso(t.resolved_at), "closed_at": iso(t.closed_at),
+            "escalated": t.escalated, "undeliverable": list(t.undeliverable)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
 
     rd = sub.add_parser("run-due", parents=[common], help="run due jobs, deliver the outbox once")
     rd.add_argument("--now", help="ISO-8601 time standing in for the clock")
+    st = sub.add_parser("stats", parents=[common], help="first-response and resolution figures")
+    st.add_argument("--since", help="ISO-8601 date or time (tickets created from then)")
+    st.add_argument("--until", help="ISO-8601 date or time (tickets created before then)")
+    st.add_argument("--json", action="store_true")
     sub.add_parser("check-config", parents=[common], help="validate the configuration")
     return p
 
@@ -88,9 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_tickets(config, args))
         if command == "run-due":
             return asyncio.run(_run_due(config, args))
+        if command == "stats":
+            return asyncio.run(_stats(config, args))
     except StoreUnavailable as e:
         print(f"gateway: store unavailable: {e}", file=sys.stderr)
         return replies.EX_TEMPFAIL
+    except UsageError as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return replies.EX_USAGE
     except KeyboardInterrupt:
         return 130
     raise AssertionError(command)  # pragma: no cover - argparse restricts commands
@@ -197,27 +207,44 @@ def _print_ticket(t: Ticket, messages: list[dict[str, Any]]) -> None:
             print("   " + m["reply_text"].replace("\n", "\n   "))
 
 
-# -- run-due --------------------------------------------------------------
+# -- run-due and stats ----------------------------------------------------
+
+class UsageError(Exception):
+    pass
+
+
+def when(option: str, value: str) -> datetime:
+    """An ISO-8601 date or time from the command line; UTC when it has no offset."""
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"{option}: not an ISO-8601 date or time: {value!r}") from None
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at
+
+
+async def _stats(config: Config, args: argparse.Namespace) -> int:
+    since = when("--since", args.since) if args.since else None
+    until = when("--until", args.until) if args.until else None
+    store = await Store.open(config.db_path, config.busy_timeout_ms)
+    try:
+        rep = stats.report(await store.tickets_created(since, until))
+    finally:
+        await store.close()
+    rep = {"since": iso(since), "until": iso(until), **rep}
+    print(json.dumps(rep) if args.json else stats.table(rep))
+    return replies.EX_OK
+
 
 async def _run_due(config: Config, args: argparse.Namespace) -> int:
-    if args.now:
-        try:
-            now = datetime.fromisoformat(args.now)
-        except ValueError:
-            print(f"gateway: --now: not an ISO-8601 time: {args.now!r}", file=sys.stderr)
-            return replies.EX_USAGE
-        if now.tzinfo is None:
-            now = now.replace(tzinfo=UTC)
-        clock = fixed_clock(now)
-    else:
-        clock = system_clock
+    clock = fixed_clock(when("--now", args.now)) if args.now else system_clock
     gw = await app.open_gateway(config, clock)
     try:
+        jobs = await gw.scheduler.run_due()
         sent = await gw.sender.deliver_due()
         counts = await gw.store.outbox_counts()
     finally:
         await gw.close()
-    print(json.dumps({"now": iso(clock()), "sent": sent, "outbox": counts}))
+    print(json.dumps({"now": iso(clock()), "jobs": jobs, "sent": sent, "outbox": counts}))
     return replies.EX_OK
 
 

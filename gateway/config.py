@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from gateway.lifecycle import Policy
 from gateway.model import REGIONS, normalize_address
 
 ENV_VAR = "GATEWAY_CONFIG"
@@ -61,6 +63,8 @@ class Config:
     redirects: dict[str, str] = field(default_factory=dict)
     store_url: str = ""
     busy_timeout_ms: int = 5000
+    policy: Policy = field(default_factory=Policy)
+    scheduler_interval_s: float = 60.0
     source: str = "built-in defaults"
 
     # -- lookups used across the gateway ---------------------------------
@@ -101,6 +105,8 @@ def _defaults() -> dict[str, Any]:
         "rules": {"default_region": "AMER"},
         "redirects": {},
         "store": {},
+        "lifecycle": {"reminder_after_hours": 24, "autoclose_after_hours": 48, "reopen_days": 7},
+        "scheduler": {"interval_seconds": 60},
     }
 
 
@@ -251,6 +257,24 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None
     if not 0 <= busy_timeout_ms <= 600_000:
         r.fail("store.busy_timeout_ms", f"expected 0 to 600000 milliseconds, got {busy_timeout_ms}")
 
+    lc = r.section("lifecycle")
+    dl = d["lifecycle"]
+    reminder_h = float(_prefixed(r, "lifecycle", lc, "reminder_after_hours", (int, float),
+                                 dl["reminder_after_hours"]))
+    autoclose_h = float(_prefixed(r, "lifecycle", lc, "autoclose_after_hours", (int, float),
+                                  dl["autoclose_after_hours"]))
+    reopen_d = float(_prefixed(r, "lifecycle", lc, "reopen_days", (int, float), dl["reopen_days"]))
+    if not 0 < reminder_h < autoclose_h:
+        r.fail("lifecycle.reminder_after_hours",
+               "must be > 0 and below lifecycle.autoclose_after_hours")
+    if reopen_d <= 0:
+        r.fail("lifecycle.reopen_days", "must be > 0")
+    sch = r.section("scheduler")
+    interval = float(_prefixed(r, "scheduler", sch, "interval_seconds", (int, float),
+                               d["scheduler"]["interval_seconds"]))
+    if interval <= 0:
+        r.fail("scheduler.interval_seconds", "must be > 0")
+
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -262,6 +286,10 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None
         default_region=default_region, redirects=redirects,
         store_url=store_url or f"sqlite:///{data_dir / 'gateway.db'}", source=source,
         busy_timeout_ms=busy_timeout_ms,
+        policy=Policy(reminder_after=timedelta(hours=reminder_h),
+                      autoclose_after=timedelta(hours=autoclose_h),
+                      reopen_within=timedelta(days=reopen_d)),
+        scheduler_interval_s=interval,
     )
 
 

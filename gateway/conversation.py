@@ -9,17 +9,19 @@ The policy (README, "Threading"):
    it comes from a participant (requester, the ticket's Cc, staff).
    From anyone else it opens a new ticket linked to the old one, and nothing
    of the old ticket is sent to them.
-3. A mail for a closed ticket opens a new ticket linked to it (closed
-   tickets are never reopened).
+3. A mail for a closed ticket (or a resolved one past its reopen window)
+   opens a new ticket linked to it: closed tickets are never reopened.
 4. Anything else opens a new ticket.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 
-from gateway.model import Status, Ticket
+from gateway.lifecycle import is_closed
+from gateway.model import Ticket
 
 
 @dataclass(frozen=True)
@@ -44,22 +46,22 @@ def strip_tag(subject: str, ticket_tag: str) -> str:
 
 
 def place(*, sender: str, sender_is_staff: bool, by_reference: Ticket | None,
-          by_tag: Ticket | None) -> Placement:
+          by_tag: Ticket | None, now: datetime) -> Placement:
     """Decide where a mail goes, given the tickets its headers point at.
 
     `by_reference` is the ticket whose message (or genuine token) the mail
     answers; `by_tag` the ticket its subject tag names, if that exists.
     """
     if by_reference is not None:
-        return _join_unless_closed(by_reference, "answers a message of the ticket")
+        return _join_unless_closed(by_reference, "answers a message of the ticket", now)
     if by_tag is not None:
         if sender_is_staff or sender in by_tag.participants:
-            return _join_unless_closed(by_tag, "subject tag from a participant")
+            return _join_unless_closed(by_tag, "subject tag from a participant", now)
         return Placement(None, by_tag.id, "subject tag from a non-participant: new linked ticket")
     return Placement(None, None, "new conversation")
 
 
-def _join_unless_closed(ticket: Ticket, reason: str) -> Placement:
-    if ticket.status is Status.CLOSED:
+def _join_unless_closed(ticket: Ticket, reason: str, now: datetime) -> Placement:
+    if is_closed(ticket, now):
         return Placement(None, ticket.id, f"{reason}, but it is closed: new linked ticket")
     return Placement(ticket.id, None, reason)

@@ -1,15 +1,179 @@
-"""Ticket status transitions (pure).
+"""Ticket status transitions and their timers (pure: no I/O, `now` passed in).
 
-open → pending (staff answered) → open (customer answered). A customer's
-answer to a resolved ticket reopens it; closed tickets are never reopened
-(`gateway.conversation` opens a new linked ticket instead).
+    open ──staff reply──▶ pending ──customer reply──▶ open
+    pending ──24 h──▶ reminder (once) ──48 h──▶ closed, with an autoclose notice
+    any ──#status resolved──▶ resolved, with a closure notice
+    resolved ──customer reply within 7 days──▶ open
+    resolved ──7 days──▶ closed (quietly: the closure notice said so)
+    closed: never reopened; a reply opens a new linked ticket (gateway.conversation)
+
+Every transition returns the ticket's new timers. The timers are stored on
+the ticket, so the scheduler finds due work after a restart, and a
+transition that moves a ticket on clears the timers of the state it left:
+no stale reminder is ever sent for a ticket that has moved on.
 """
 from __future__ import annotations
 
-from gateway.model import Status
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+from gateway.model import Kind, Status, Ticket
 
 
-def after_customer_reply(status: Status) -> Status:
-    if status in (Status.PENDING, Status.RESOLVED):
-        return Status.OPEN
-    return status
+@dataclass(frozen=True)
+class Policy:
+    reminder_after: timedelta = timedelta(hours=24)
+    autoclose_after: timedelta = timedelta(hours=48)
+    reopen_within: timedelta = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Timers:
+    reminder_due_at: datetime | None = None
+    autoclose_due_at: datetime | None = None
+    close_due_at: datetime | None = None
+
+    def earliest(self) -> datetime | None:
+        due = [d for d in (self.reminder_due_at, self.autoclose_due_at, self.close_due_at) if d]
+        return min(due) if due else None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What happens to a ticket: its new status, timers, time stamps, notices."""
+
+    status: Status
+    timers: Timers
+    notices: tuple[Kind, ...] = ()
+    stamps: dict[str, datetime] = field(default_factory=dict)   # resolved_at, closed_at
+    cause: str = ""
+
+    def changes(self, ticket: Ticket) -> bool:
+        return (self.status is not ticket.status or self.timers != timers_of(ticket)
+                or bool(self.notices) or bool(self.stamps))
+
+
+def timers_of(ticket: Ticket) -> Timers:
+    return Timers(ticket.reminder_due_at, ticket.autoclose_due_at, ticket.close_due_at)
+
+
+def enter(status: Status, now: datetime, policy: Policy, *, cause: str,
+          notices: tuple[Kind, ...] = ()) -> Transition:
+    """The ticket enters `status` at `now`: the timers and stamps that go with it."""
+    if status is Status.PENDING:
+        return Transition(status, Timers(reminder_due_at=now + policy.reminder_after,
+                                         autoclose_due_at=now + policy.autoclose_after),
+                          notices, cause=cause)
+    if status is Status.RESOLVED:
+        return Transition(status, Timers(close_due_at=now + policy.reopen_within), notices,
+                          {"resolved_at": now}, cause)
+    if status is Status.CLOSED:
+        return Transition(status, Timers(), notices, {"closed_at": now}, cause)
+    return Transition(status, Timers(), notices, cause=cause)
+
+
+def is_closed(ticket: Ticket, now: datetime) -> bool:
+    """Closed, or resolved past its reopen window (the scheduler may not have run yet)."""
+    if ticket.status is Status.CLOSED:
+        return True
+    return (ticket.status is Status.RESOLVED and ticket.close_due_at is not None
+            and now >= ticket.close_due_at)
+
+
+def after_customer_reply(ticket: Ticket, now: datetime, policy: Policy) -> Transition:
+    """A customer answered: a pending or resolved ticket is open again."""
+    if ticket.status in (Status.PENDING, Status.RESOLVED):
+        return enter(Status.OPEN, now, policy, cause="customer reply")
+    return Transition(ticket.status, timers_of(ticket), cause="customer reply")
+
+
+def after_staff_reply(ticket: Ticket, requested: Status | None, relayed: bool, now: datetime,
+                      policy: Policy) -> Transition:
+    """Staff answered. A relayed answer sets the ticket pending unless
+    `#status` asked for another status; `#status resolved|closed` sends the
+    requester a closure notice."""
+    status = requested or (Status.PENDING if relayed else ticket.status)
+    if status is ticket.status and requested is None and not relayed:
+        return Transition(ticket.status, timers_of(ticket), cause="staff note")
+    notices = (Kind.CLOSURE,) if status in (Status.RESOLVED, Status.CLOSED) \
+        and ticket.status not in (Status.RESOLVED, Status.CLOSED) else ()
+    return enter(status, now, policy, cause="staff reply", notices=notices)
+
+
+def due(ticket: Ticket, now: datetime, policy: Policy) -> Transition | None:
+    """What the scheduler does for this ticket at `now`, if anything.
+
+    After downtime it catches up without stale mail: when the auto-close is
+    due too, the reminder is skipped and the ticket is closed at once.
+    """
+    t = timers_of(ticket)
+    if ticket.status is Status.PENDING:
+        if t.autoclose_due_at and now >= t.autoclose_due_at:
+            return enter(Status.CLOSED, now, policy, cause="no customer reply: auto-close",
+                         notices=(Kind.AUTOCLOSE,))
+        if t.reminder_due_at and now >= t.reminder_due_at:
+            return Transition(Status.PENDING, replace(t, reminder_due_at=None), (Kind.REMINDER,),
+                              cause="no customer reply: reminder")
+    elif ticket.status is Status.RESOLVED:
+        if t.close_due_at and now >= t.close_due_at:
+            return enter(Status.CLOSED, now, policy, cause="reopen window over")
+    elif t != Timers():
+        # timers left from a state the ticket has left: drop them, send nothing
+        return Transition(ticket.status, Timers(), cause="stale timers cleared")
+    return None
+
+
+# -- commands at the top of a staff reply -----------------------------------
+
+COMMANDS = ("note", "status", "priority", "escalate")
+
+
+@dataclass(frozen=True)
+class StaffCommands:
+    note: bool = False
+    status: Status | None = None
+    priority: int | None = None
+    escalate: bool = False
+    errors: tuple[str, ...] = ()
+    text: str = ""                 # what is left to relay, commands removed
+
+
+def staff_commands(text: str) -> StaffCommands:
+    """Read `#note`, `#status S`, `#priority N`, `#escalate` from the lines at
+    the top of a staff reply (blank lines between them allowed)."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    found: dict[str, object] = {}
+    errors: list[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        if not line:
+            i += 1
+            continue
+        if not line.startswith("#") or line.startswith("##"):
+            break
+        word, _, arg = line[1:].partition(" ")
+        word, arg = word.lower(), arg.strip()
+        if word == "note" and not arg:
+            found["note"] = True
+        elif word == "escalate" and not arg:
+            found["escalate"] = True
+        elif word == "status":
+            try:
+                found["status"] = Status(arg.lower())
+            except ValueError:
+                errors.append(f"#status needs one of open, pending, resolved, closed; got {arg!r}")
+        elif word == "priority":
+            if arg in ("1", "2", "3", "4"):
+                found["priority"] = int(arg)
+            else:
+                errors.append(f"#priority needs 1, 2, 3 or 4; got {arg!r}")
+        elif word in COMMANDS:
+            errors.append(f"#{word} takes no argument; got {arg!r}")
+        else:
+            errors.append(f"unknown command #{word} (known: {', '.join('#' + c for c in COMMANDS)})")
+        i += 1
+    rest = "\n".join(lines[i:]).strip()
+    return StaffCommands(note=bool(found.get("note")), status=found.get("status"),  # type: ignore[arg-type]
+                         priority=found.get("priority"), escalate=bool(found.get("escalate")),  # type: ignore[arg-type]
+                         errors=tuple(errors), text=rest)

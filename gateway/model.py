@@ -101,10 +101,19 @@ class Ticket:
     first_response_at: datetime | None = None
     resolved_at: datetime | None = None
     closed_at: datetime | None = None
+    escalated: bool = False
+    # the scheduler's due times (gateway.lifecycle)
+    reminder_due_at: datetime | None = None
+    autoclose_due_at: datetime | None = None
+    close_due_at: datetime | None = None
+    undeliverable: tuple[str, ...] = ()      # addresses that bounced permanently
 
     @property
     def participants(self) -> frozenset[str]:
         return frozenset((self.requester, *self.cc))
+
+    def deliverable(self, addresses: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+        return tuple(a for a in addresses if a and a not in self.undeliverable)
 
 
 @dataclass(frozen=True)

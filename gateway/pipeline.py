@@ -1,13 +1,14 @@
 """What happens to one received mail, inside the intake's transaction.
 
-parse (done before) → automatic? → duplicate? → thread → rules (new ticket)
+parse (done before) → duplicate? → thread → automatic? → rules (new ticket)
 → lifecycle → outbox. The decisions are the pure functions of
 `conversation`, `rules`, `lifecycle` and `inbound.automatic`; this module
-only fetches what they need and writes what they decide.
+only fetches what they need and writes what they decide (through `Desk`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import structlog
@@ -15,14 +16,19 @@ import structlog
 from gateway import lifecycle
 from gateway.config import Config, Mailbox
 from gateway.conversation import Placement, place, tagged_ticket_id
+from gateway.desk import Desk
 from gateway.inbound.automatic import automatic_kind
 from gateway.model import Kind, ParsedMail, Ticket, normalize_address
-from gateway.outbound.compose import Composer, Outgoing
 from gateway.rules import classify
 from gateway.store import Tx
 from gateway.tokens import TicketTokens
 
 log = structlog.get_logger("gateway.pipeline")
+
+# RFC 3464 §2.3.2: the recipient a delivery status notification is about
+_FINAL_RECIPIENT = re.compile(rb"^Final-Recipient:\s*rfc822;\s*<?([^\s<>]+@[^\s<>]+)>?\s*$",
+                              re.IGNORECASE | re.MULTILINE)
+_PERMANENT = re.compile(rb"^Status:\s*5\.\d{1,3}\.\d{1,3}", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -47,9 +53,9 @@ class Outcome:
 
 
 class Pipeline:
-    def __init__(self, config: Config, composer: Composer, tokens: TicketTokens):
+    def __init__(self, config: Config, desk: Desk, tokens: TicketTokens):
         self.config = config
-        self.composer = composer
+        self.desk = desk
         self.tokens = tokens
         self.own_addresses = frozenset(
             [mb.address for mb in config.mailboxes] + list(config.queues.values()))
@@ -64,30 +70,39 @@ class Pipeline:
             # Nobody to answer and nobody to thread by: kept for ops, never ticketed blind.
             return Outcome(inbound_id, "quarantined", None, mail.message_id, 0,
                            "no sender address in From: or the envelope")
-        by_reference = await self._ticket_answered(tx, mail)
+        auto = automatic_kind(mail.headers, sender=sender, mail_from=received.mail_from,
+                              own_addresses=self.own_addresses)
+        by_reference = await self._ticket_answered(tx, mail.thread_ids)
+        if by_reference is None and auto == "bounce":
+            # a DSN quotes our mail in its body, not in In-Reply-To
+            by_reference = await self._ticket_answered(tx, self.tokens.ids_in(received.raw))
         tag_id = tagged_ticket_id(mail.subject, self.config.ticket_tag)
         by_tag = await tx.ticket(tag_id) if tag_id is not None and by_reference is None else None
         placement = place(sender=sender, sender_is_staff=self.config.is_staff(sender),
-                          by_reference=by_reference, by_tag=by_tag)
+                          by_reference=by_reference, by_tag=by_tag, now=now)
 
-        auto = automatic_kind(mail.headers, sender=sender, mail_from=received.mail_from,
-                              own_addresses=self.own_addresses)
         if auto is not None:
-            if placement.ticket_id is None:
-                # Automatic mail about no ticket makes none (and is never answered);
-                # the raw mail stays in the inbound store.
+            ticket = by_reference or by_tag
+            if ticket is None or (by_reference is None and placement.ticket_id is None):
+                # Automatic mail about no ticket makes none and is never answered;
+                # its raw bytes stay in the inbound store.
                 return Outcome(inbound_id, "automatic", None, mail.message_id, 0,
                                f"{auto} mail that belongs to no ticket")
-            await self._record(tx, placement.ticket_id, Kind(auto), mail, inbound_id, now)
-            return Outcome(inbound_id, "joined", placement.ticket_id, mail.message_id, 0,
-                           f"{auto} mail recorded, no answer, no status change")
+            await self._record(tx, ticket.id, Kind(auto), mail, inbound_id, now)
+            if auto == "bounce":
+                await self._mark_undeliverable(tx, ticket, received.raw, now)
+            return Outcome(inbound_id, "joined", ticket.id, mail.message_id, 0,
+                           f"{auto} mail recorded: no answer, no status change")
 
         if placement.ticket_id is None:
             return await self._open_ticket(tx, inbound_id, mail, received, sender, placement)
-        return await self._join(tx, inbound_id, mail, received, sender, placement)
+        ticket = by_reference if by_reference and by_reference.id == placement.ticket_id else by_tag
+        assert ticket is not None
+        if self.config.is_staff(sender):
+            return await self._staff_reply(tx, inbound_id, mail, ticket, sender, now, placement)
+        return await self._customer_reply(tx, inbound_id, mail, ticket, sender, now, placement)
 
-    async def _ticket_answered(self, tx: Tx, mail: ParsedMail) -> Ticket | None:
-        ids = mail.thread_ids
+    async def _ticket_answered(self, tx: Tx, ids: tuple[str, ...]) -> Ticket | None:
         if not ids:
             return None
         known = await tx.tickets_of_messages(ids)
@@ -109,6 +124,17 @@ class Pipeline:
             await tx.add_attachments(row, [a for a, _ in mail.attachments])
         return row
 
+    async def _mark_undeliverable(self, tx: Tx, ticket: Ticket, raw: bytes, now: datetime) -> None:
+        """A permanent bounce flags the failed addresses of the ticket: no more mail to them."""
+        if not _PERMANENT.search(raw):
+            return
+        failed = {normalize_address(m.decode("ascii", "replace")) for m in _FINAL_RECIPIENT.findall(raw)}
+        failed &= set(ticket.participants)
+        if failed - set(ticket.undeliverable):
+            addresses = tuple(sorted(set(ticket.undeliverable) | failed))
+            await tx.update_ticket(ticket.id, now, undeliverable=addresses)
+            log.warning("ticket.undeliverable", ticket_id=ticket.id, addresses=sorted(failed))
+
     async def _open_ticket(self, tx: Tx, inbound_id: int, mail: ParsedMail, received: Received,
                            sender: str, placement: Placement) -> Outcome:
         now = received.received_at
@@ -122,57 +148,69 @@ class Pipeline:
         ticket = await tx.ticket(ticket_id)
         assert ticket is not None
         await self._record(tx, ticket_id, Kind.CUSTOMER, mail, inbound_id, now)
-        ack = self.composer.compose(
-            Kind.ACK, ticket=ticket, mailbox=ticket.mailbox, to=[sender], answers=[mail.message_id],
-            now=now, context={"name": mail.sender_name or sender})
-        notify = self._notify(ticket, mail, sender, decision.queue, is_new=True, now=now)
-        queued = 0
-        for out in (ack, notify):
-            queued += await self._enqueue(tx, ticket_id, out, now)
+        queued = await self.desk.to_customer(tx, ticket, Kind.ACK, now, include_cc=False,
+                                             context={"name": mail.sender_name or sender})
+        queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now)
         log.info("ticket.created", ticket_id=ticket_id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, region=ticket.region, govcloud=ticket.govcloud,
                  priority=ticket.priority, linked_ticket=ticket.linked_ticket, reason=placement.reason)
         return Outcome(inbound_id, "created", ticket_id, mail.message_id, queued, placement.reason)
 
-    async def _join(self, tx: Tx, inbound_id: int, mail: ParsedMail, received: Received,
-                    sender: str, placement: Placement) -> Outcome:
-        now = received.received_at
-        assert placement.ticket_id is not None
-        ticket = await tx.ticket(placement.ticket_id)
-        assert ticket is not None
-        is_staff = self.config.is_staff(sender)
-        await self._record(tx, ticket.id, Kind.STAFF if is_staff else Kind.CUSTOMER, mail,
-                           inbound_id, now)
-        queued = 0
-        if not is_staff:
-            status = lifecycle.after_customer_reply(ticket.status)
-            if status is not ticket.status:
-                await tx.update_ticket(ticket.id, now, status=status)
-                log.info("ticket.status_changed", ticket_id=ticket.id, old=ticket.status.value,
-                         new=status.value, cause="customer reply")
-                ticket = await tx.ticket(ticket.id) or ticket
-            queue = "GOVCLOUD" if ticket.govcloud else ticket.region
-            queued += await self._enqueue(
-                tx, ticket.id, self._notify(ticket, mail, sender, queue, is_new=False, now=now), now)
+    async def _customer_reply(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket,
+                              sender: str, now: datetime, placement: Placement) -> Outcome:
+        await self._record(tx, ticket.id, Kind.CUSTOMER, mail, inbound_id, now)
+        ticket, queued = await self.desk.apply(
+            tx, ticket, lifecycle.after_customer_reply(ticket, now, self.config.policy), now)
+        queued += await self._notify(tx, ticket, mail, sender, is_new=False, now=now)
         log.info("ticket.replied", ticket_id=ticket.id, message_id=mail.message_id,
-                 mailbox=ticket.mailbox, staff=is_staff, reason=placement.reason)
+                 mailbox=ticket.mailbox, staff=False, reason=placement.reason)
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, placement.reason)
 
-    def _notify(self, ticket: Ticket, mail: ParsedMail, sender: str, queue: str, *,
-                is_new: bool, now: datetime) -> Outgoing:
-        return self.composer.compose(
-            Kind.STAFF_NOTIFY, ticket=ticket, mailbox=ticket.mailbox, to=[self.config.queues[queue]],
-            answers=[mail.message_id], now=now, reply_to=ticket.mailbox,
+    async def _staff_reply(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket,
+                           sender: str, now: datetime, placement: Placement) -> Outcome:
+        """Staff answered from their mail client: commands, then relay to the customer."""
+        cmds = lifecycle.staff_commands(mail.reply_text)
+        if cmds.errors:
+            # nothing is applied or relayed; the agent is told why
+            await self._record(tx, ticket.id, Kind.NOTE, mail, inbound_id, now)
+            queued = await self.desk.to_staff(
+                tx, ticket, sender, now, answers=[mail.message_id], template="command_error",
+                context={"errors": cmds.errors, "text": mail.reply_text})
+            log.warning("staff.command_rejected", ticket_id=ticket.id, message_id=mail.message_id,
+                        errors=list(cmds.errors))
+            return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
+                           "staff commands rejected: " + "; ".join(cmds.errors))
+        relay = bool(cmds.text) and not cmds.note
+        await self._record(tx, ticket.id, Kind.STAFF if relay else Kind.NOTE, mail, inbound_id, now)
+        changes: dict[str, object] = {}
+        if cmds.priority is not None and cmds.priority != ticket.priority:
+            changes["priority"] = cmds.priority
+        if cmds.escalate and not ticket.escalated:
+            changes["escalated"] = True
+        if relay and ticket.first_response_at is None:
+            changes["first_response_at"] = now
+        if changes:
+            await tx.update_ticket(ticket.id, now, **changes)
+            ticket = replace(ticket, **changes)  # type: ignore[arg-type]
+            log.info("ticket.updated", ticket_id=ticket.id, by="staff",
+                     fields=sorted(changes))
+        queued = 0
+        if relay:
+            queued += await self.desk.to_customer(
+                tx, ticket, Kind.STAFF_REPLY, now, context={"text": cmds.text,
+                                                            "agent": mail.sender_name or "Support"},
+                from_name=mail.sender_name or None, attachments=mail.attachments)
+        ticket, more = await self.desk.apply(
+            tx, ticket, lifecycle.after_staff_reply(ticket, cmds.status, relay, now, self.config.policy),
+            now)
+        queued += more
+        log.info("ticket.replied", ticket_id=ticket.id, message_id=mail.message_id,
+                 mailbox=ticket.mailbox, staff=True, relayed=relay, reason=placement.reason)
+        return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, placement.reason)
+
+    async def _notify(self, tx: Tx, ticket: Ticket, mail: ParsedMail, sender: str, *,
+                      is_new: bool, now: datetime) -> int:
+        return await self.desk.to_staff(
+            tx, ticket, self.desk.queue_of(ticket), now, answers=[mail.message_id],
             context={"is_new": is_new, "sender": sender, "reply_text": mail.reply_text,
-                     "body_text": mail.body_text,
-                     "attachments": [a for a, _ in mail.attachments]})
-
-    async def _enqueue(self, tx: Tx, ticket_id: int, out: Outgoing, now: datetime) -> int:
-        row = await tx.add_message(
-            ticket_id=ticket_id, direction="out", kind=out.kind.value, sender=out.mail_from,
-            recipients=out.rcpt_to, subject=out.subject, message_id=out.message_id,
-            body_text=out.body_text, reply_text=out.body_text, now=now)
-        await tx.enqueue(message_row=row, ticket_id=ticket_id, kind=out.kind.value, relay=out.relay,
-                         mail_from=out.mail_from, rcpt_to=out.rcpt_to, content=out.content, now=now)
-        return 1
-
+                     "body_text": mail.body_text, "attachments": [a for a, _ in mail.attachments]})

@@ -115,6 +115,18 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX outbox_due ON outbox(next_attempt_at) WHERE state = 'queued';
     """,
+    # 2: the ticket lifecycle: scheduler timers, escalation, undeliverable addresses
+    """
+    ALTER TABLE tickets ADD COLUMN escalated INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tickets ADD COLUMN reminder_due_at TEXT;
+    ALTER TABLE tickets ADD COLUMN autoclose_due_at TEXT;
+    ALTER TABLE tickets ADD COLUMN close_due_at TEXT;
+    ALTER TABLE tickets ADD COLUMN undeliverable TEXT NOT NULL DEFAULT '[]';
+    CREATE INDEX tickets_reminder_due ON tickets(reminder_due_at) WHERE reminder_due_at IS NOT NULL;
+    CREATE INDEX tickets_autoclose_due ON tickets(autoclose_due_at) WHERE autoclose_due_at IS NOT NULL;
+    CREATE INDEX tickets_close_due ON tickets(close_due_at) WHERE close_due_at IS NOT NULL;
+    CREATE INDEX tickets_created ON tickets(created_at);
+    """,
 )
 
 
@@ -144,7 +156,8 @@ class OutboxItem:
 
 
 _TICKET_COLS = ("id, subject, status, requester, cc, region, govcloud, priority, mailbox, "
-                "linked_ticket, created_at, first_response_at, resolved_at, closed_at")
+                "linked_ticket, created_at, first_response_at, resolved_at, closed_at, escalated, "
+                "reminder_due_at, autoclose_due_at, close_due_at, undeliverable")
 
 
 def _ticket(row: Sequence[Any]) -> Ticket:
@@ -153,7 +166,9 @@ def _ticket(row: Sequence[Any]) -> Ticket:
         cc=tuple(json.loads(row[4])), region=row[5], govcloud=bool(row[6]), priority=row[7],
         mailbox=row[8], linked_ticket=row[9], created_at=from_iso(row[10]),  # type: ignore[arg-type]
         first_response_at=from_iso(row[11]), resolved_at=from_iso(row[12]),
-        closed_at=from_iso(row[13]),
+        closed_at=from_iso(row[13]), escalated=bool(row[14]), reminder_due_at=from_iso(row[15]),
+        autoclose_due_at=from_iso(row[16]), close_due_at=from_iso(row[17]),
+        undeliverable=tuple(json.loads(row[18])),
     )
 
 
@@ -206,6 +221,23 @@ class Tx:
     async def ticket(self, ticket_id: int) -> Ticket | None:
         return await _fetch_ticket(self.db, ticket_id)
 
+    async def customer_thread(self, ticket_id: int, customer_kinds: Sequence[str]) -> list[str]:
+        """Message-IDs of what the customer saw and wrote, oldest first."""
+        marks = ",".join("?" * len(customer_kinds))
+        async with self.db.execute(
+                f"SELECT message_id FROM messages WHERE ticket_id = ? AND kind IN ({marks})"
+                " ORDER BY id", (ticket_id, *customer_kinds)) as cur:
+            return [r[0] for r in await cur.fetchall()]
+
+    async def due_ticket_ids(self, now: datetime, limit: int = 500) -> list[int]:
+        t = iso(now)
+        async with self.db.execute(
+                "SELECT id FROM tickets WHERE reminder_due_at <= ? UNION"
+                " SELECT id FROM tickets WHERE autoclose_due_at <= ? UNION"
+                " SELECT id FROM tickets WHERE close_due_at <= ? ORDER BY 1 LIMIT ?",
+                (t, t, t, limit)) as cur:
+            return [r[0] for r in await cur.fetchall()]
+
     # -- tickets and messages -------------------------------------------
     async def create_ticket(self, *, subject: str, requester: str, cc: Sequence[str], region: str,
                             govcloud: bool, priority: int, mailbox: str,
@@ -217,9 +249,11 @@ class Tx:
              priority, mailbox, linked_ticket, iso(now), iso(now)))
 
     async def update_ticket(self, ticket_id: int, now: datetime, **fields: Any) -> None:
-        allowed = {"status", "cc", "priority", "first_response_at", "resolved_at", "closed_at"}
+        allowed = {"status", "cc", "priority", "first_response_at", "resolved_at", "closed_at",
+                   "escalated", "reminder_due_at", "autoclose_due_at", "close_due_at", "undeliverable"}
         assert set(fields) <= allowed, set(fields) - allowed
-        values = [json.dumps(list(v)) if k == "cc" else iso(v) if isinstance(v, datetime)
+        values = [json.dumps(list(v)) if k in ("cc", "undeliverable")
+                  else iso(v) if isinstance(v, datetime)
                   else v.value if isinstance(v, Status) else v for k, v in fields.items()]
         sets = ", ".join(f"{k} = ?" for k in fields)
         await self.db.execute(f"UPDATE tickets SET {sets}, updated_at = ? WHERE id = ?",
@@ -327,6 +361,13 @@ class Store:
     async def ticket(self, ticket_id: int) -> Ticket | None:
         async with self._lock:
             return await _fetch_ticket(self.db, ticket_id)
+
+    async def tickets_created(self, since: datetime | None, until: datetime | None) -> list[Ticket]:
+        """Tickets created in [since, until), oldest first (for stats)."""
+        rows = await self._rows(
+            f"SELECT {_TICKET_COLS} FROM tickets WHERE created_at >= ? AND created_at < ? ORDER BY id",
+            (iso(since) if since else "", iso(until) if until else "9999"))
+        return [_ticket(r) for r in rows]
 
     async def tickets(self, status: str | None = None) -> list[Ticket]:
         where, params = ("WHERE status = ?", (status,)) if status else ("", ())

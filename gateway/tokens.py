@@ -18,6 +18,7 @@ import secrets
 from pathlib import Path
 
 _OUR_ID = re.compile(r"^<[0-9a-f]{16}\.(\d{1,18})\.([0-9a-f]{20})@[^<>@\s]+>$")
+_OUR_ID_IN_TEXT = re.compile(rb"<[0-9a-f]{16}\.\d{1,18}\.[0-9a-f]{20}@[^<>@\s]{1,255}>")
 
 
 def load_secret(data_dir: Path) -> bytes:
@@ -47,6 +48,11 @@ class TicketTokens:
 
     def message_id(self, ticket_id: int, domain: str) -> str:
         return f"<{secrets.token_hex(8)}.{ticket_id}.{self.token(ticket_id)}@{domain}>"
+
+    def ids_in(self, raw: bytes) -> tuple[str, ...]:
+        """Our Message-IDs quoted anywhere in a mail (a bounce quotes them in its body)."""
+        found = dict.fromkeys(m.decode("ascii") for m in _OUR_ID_IN_TEXT.findall(raw[:2_000_000]))
+        return tuple(found)
 
     def ticket_of(self, message_id: str) -> int | None:
         """The ticket a Message-ID of ours names, if its token is genuine."""

@@ -25,7 +25,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from gateway.conversation import strip_tag
 from gateway.inbound.parse import one_line
 from gateway.inbound.reply import REPLY_MARKER
-from gateway.model import Kind, Ticket
+from gateway.model import Attachment, Kind, Ticket
 from gateway.tokens import TicketTokens
 
 AUTO_SUBMITTED = {Kind.ACK: "auto-replied", Kind.STAFF_REPLY: None}
@@ -99,23 +99,28 @@ class Composer:
 
     def compose(self, kind: Kind, *, ticket: Ticket, mailbox: str, to: Sequence[str],
                 answers: Sequence[str], now: datetime, context: Mapping[str, Any],
-                reply_to: str | None = None, cc: Sequence[str] = ()) -> Outgoing:
-        """Render template `kind` for `ticket`, as a mail from `mailbox` to `to`.
+                reply_to: str | None = None, cc: Sequence[str] = (), template: str | None = None,
+                from_name: str | None = None,
+                attachments: Sequence[tuple[Attachment, bytes]] = ()) -> Outgoing:
+        """Render template `kind` (or `template`) for `ticket`, from `mailbox` to `to`.
 
         `answers` is the thread: the Message-IDs this mail answers, oldest
-        first; the last is In-Reply-To, all of them References.
+        first; the last is In-Reply-To, all of them References. `from_name`
+        is the display name (an agent's name); the address is always the
+        mailbox's, never the agent's own.
         """
+        name = template or kind.value
         ctx = {"ticket": ticket, "mailbox": mailbox, "tag_text": self.tag_text(ticket.id),
                "subject": clean_subject(ticket.subject, self.ticket_tag) or "(no subject)",
                "team": f"{self.ticket_tag} team", "marker": REPLY_MARKER, **context}
-        text = self.env.get_template(f"{kind.value}.txt").render(ctx)
+        text = self.env.get_template(f"{name}.txt").render(ctx)
         html = None
-        if f"{kind.value}.html" in self._names:
-            html = self.env.get_template(f"{kind.value}.html").render(ctx)
+        if f"{name}.html" in self._names:
+            html = self.env.get_template(f"{name}.html").render(ctx)
 
         domain = mailbox.rpartition("@")[2]
         msg = EmailMessage(policy=POLICY)
-        msg["From"] = Address(display_name=f"{self.ticket_tag}", addr_spec=mailbox)
+        msg["From"] = Address(display_name=one_line(from_name or self.ticket_tag, 200), addr_spec=mailbox)
         msg["To"] = ", ".join(to)
         if cc:
             msg["Cc"] = ", ".join(cc)
@@ -139,6 +144,10 @@ class Composer:
         msg.set_content(text, charset="utf-8", cte="quoted-printable")
         if html is not None:
             msg.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
+        for att, content in attachments:
+            maintype, _, subtype = att.content_type.partition("/")
+            msg.add_attachment(content, maintype=maintype or "application",
+                               subtype=subtype or "octet-stream", filename=att.filename)
         return Outgoing(kind=kind, relay="govcloud" if ticket.govcloud else "default",
                         mail_from=mailbox, rcpt_to=tuple(to) + tuple(cc), message_id=message_id,
                         subject=subject, body_text=text, content=msg.as_bytes())

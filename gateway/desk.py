@@ -1,0 +1,103 @@
+"""The support desk's writing hand: apply a transition, queue mail about a ticket.
+
+Both the pipeline (mail coming in) and the scheduler (time passing) decide
+with `gateway.lifecycle`; this is where either one's decision becomes rows:
+the ticket's new status, timers and stamps, and the notices to the customer,
+rendered into the outbox in the same transaction.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from gateway.config import Config
+from gateway.lifecycle import Transition, timers_of
+from gateway.model import Attachment, Kind, Ticket
+from gateway.outbound.compose import Composer, Outgoing
+from gateway.store import Tx
+
+log = structlog.get_logger("gateway.desk")
+
+# What the customer sees of a ticket: their own mail and what we sent them.
+CUSTOMER_THREAD = tuple(k.value for k in (
+    Kind.CUSTOMER, Kind.ACK, Kind.STAFF_REPLY, Kind.REMINDER, Kind.AUTOCLOSE, Kind.CLOSURE,
+    Kind.INFO_REQUEST, Kind.REDIRECT))
+
+
+class Desk:
+    def __init__(self, config: Config, composer: Composer):
+        self.config = config
+        self.composer = composer
+
+    async def apply(self, tx: Tx, ticket: Ticket, tr: Transition, now: datetime) -> tuple[Ticket, int]:
+        """Write `tr` for `ticket`; queue its notices. Returns the ticket as it
+        is now and how many mails were queued."""
+        fields: dict[str, Any] = {}
+        if tr.status is not ticket.status:
+            fields["status"] = tr.status
+        if tr.timers != timers_of(ticket):
+            fields.update(reminder_due_at=tr.timers.reminder_due_at,
+                          autoclose_due_at=tr.timers.autoclose_due_at,
+                          close_due_at=tr.timers.close_due_at)
+        fields.update(tr.stamps)
+        if fields:
+            await tx.update_ticket(ticket.id, now, **fields)
+        after = replace(ticket, status=tr.status, reminder_due_at=tr.timers.reminder_due_at,
+                        autoclose_due_at=tr.timers.autoclose_due_at,
+                        close_due_at=tr.timers.close_due_at, **tr.stamps)
+        if tr.status is not ticket.status:
+            log.info("ticket.status_changed", ticket_id=ticket.id, old=ticket.status.value,
+                     new=tr.status.value, cause=tr.cause)
+        queued = 0
+        for kind in tr.notices:
+            queued += await self.to_customer(tx, after, kind, now, context=self._notice_context(after, kind, now))
+        return after, queued
+
+    def _notice_context(self, ticket: Ticket, kind: Kind, now: datetime) -> dict[str, Any]:
+        policy = self.config.policy
+        left = (ticket.autoclose_due_at - now).total_seconds() / 3600 if ticket.autoclose_due_at else 0
+        return {"hours_left": max(1, round(left)),
+                "hours": round(policy.autoclose_after.total_seconds() / 3600),
+                "reopen_days": round(policy.reopen_within.total_seconds() / 86400)}
+
+    async def to_customer(self, tx: Tx, ticket: Ticket, kind: Kind, now: datetime, *,
+                          context: Mapping[str, Any], template: str | None = None,
+                          from_name: str | None = None, include_cc: bool = True,
+                          attachments: Sequence[tuple[Attachment, bytes]] = ()) -> int:
+        """Queue a mail to the requester (and the ticket's Cc), on the customer's thread."""
+        to = ticket.deliverable([ticket.requester])
+        cc = ticket.deliverable(list(ticket.cc)) if include_cc else ()
+        if not to and not cc:
+            log.warning("outbox.no_recipient", ticket_id=ticket.id, kind=kind.value,
+                        undeliverable=list(ticket.undeliverable))
+            return 0
+        thread = await tx.customer_thread(ticket.id, CUSTOMER_THREAD)
+        out = self.composer.compose(kind, ticket=ticket, mailbox=ticket.mailbox, to=to or cc,
+                                    cc=cc if to else (), answers=thread, now=now, context=context,
+                                    template=template, from_name=from_name, attachments=attachments)
+        return await self.enqueue(tx, ticket.id, out, now)
+
+    async def to_staff(self, tx: Tx, ticket: Ticket, address: str, now: datetime, *,
+                       answers: Sequence[str], context: Mapping[str, Any],
+                       template: str | None = None) -> int:
+        out = self.composer.compose(Kind.STAFF_NOTIFY, ticket=ticket, mailbox=ticket.mailbox,
+                                    to=[address], answers=answers, now=now, reply_to=ticket.mailbox,
+                                    context=context, template=template)
+        return await self.enqueue(tx, ticket.id, out, now)
+
+    def queue_of(self, ticket: Ticket) -> str:
+        return self.config.queues["GOVCLOUD" if ticket.govcloud else ticket.region]
+
+    async def enqueue(self, tx: Tx, ticket_id: int, out: Outgoing, now: datetime) -> int:
+        """Record an outbound mail on its ticket and put it in the outbox."""
+        row = await tx.add_message(
+            ticket_id=ticket_id, direction="out", kind=out.kind.value, sender=out.mail_from,
+            recipients=out.rcpt_to, subject=out.subject, message_id=out.message_id,
+            body_text=out.body_text, reply_text=out.body_text, now=now)
+        await tx.enqueue(message_row=row, ticket_id=ticket_id, kind=out.kind.value, relay=out.relay,
+                         mail_from=out.mail_from, rcpt_to=out.rcpt_to, content=out.content, now=now)
+        return 1

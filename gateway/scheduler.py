@@ -1,0 +1,78 @@
+"""The scheduler: time passing, turned into reminders, auto-closes and closes.
+
+Due times live on the tickets (gateway.lifecycle), so nothing is lost by a
+restart. Each run reads the due tickets inside one write transaction,
+decides with `lifecycle.due` on the ticket as it is in that transaction,
+and clears the timer in the same commit that queues the notice: a job
+happens exactly once however often, and however many processes, run it.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime
+
+import structlog
+
+from gateway import lifecycle
+from gateway.clock import Clock
+from gateway.desk import Desk
+from gateway.store import Store
+
+log = structlog.get_logger("gateway.scheduler")
+
+BATCH = 200
+
+
+class Scheduler:
+    def __init__(self, store: Store, desk: Desk, policy: lifecycle.Policy, clock: Clock, *,
+                 interval_s: float = 60.0, on_queued: Callable[[], None] = lambda: None):
+        self.store = store
+        self.desk = desk
+        self.policy = policy
+        self.clock = clock
+        self.interval_s = interval_s
+        self.on_queued = on_queued
+        self._stop = asyncio.Event()
+
+    async def run_due(self, now: datetime | None = None) -> dict[str, int]:
+        """Run every job due at `now`; return how many of each kind ran."""
+        at = now or self.clock()
+        done: Counter[str] = Counter()
+        while True:
+            ran = 0
+            async with self.store.transaction() as tx:
+                ids = await tx.due_ticket_ids(at, BATCH)
+                for ticket_id in ids:
+                    ticket = await tx.ticket(ticket_id)
+                    tr = lifecycle.due(ticket, at, self.policy) if ticket else None
+                    if ticket is None or tr is None:
+                        continue
+                    _, queued = await self.desk.apply(tx, ticket, tr, at)
+                    ran += 1
+                    done[tr.cause] += 1
+                    log.info("scheduler.job", ticket_id=ticket.id, job=tr.cause,
+                             status=tr.status.value, queued=queued)
+            if ran:
+                self.on_queued()
+            if len(ids) < BATCH:
+                break
+        if done:
+            log.info("scheduler.ran", at=at.isoformat(), jobs=dict(done))
+        return dict(done)
+
+    async def run(self) -> None:
+        """Run due jobs every `interval_s` until stopped."""
+        while not self._stop.is_set():
+            try:
+                await self.run_due()
+            except Exception:  # noqa: BLE001 - the next run tries again
+                log.exception("scheduler.error")
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=self.interval_s)
+            except TimeoutError:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
