@@ -43,6 +43,7 @@ class Gateway:
 
     async def close(self) -> None:
         await self.intake.stop()
+        await self.sender.close()
         await self.store.close()
 
 

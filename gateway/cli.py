@@ -17,11 +17,10 @@ from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
-from gateway import app, logs, replies, stats
+from gateway import logs, replies, stats
 from gateway.clock import fixed_clock, system_clock
 from gateway.config import Config, ConfigError, load
 from gateway.model import Status, Ticket
-from gateway.pipeline import Received
 from gateway.store import Store, StoreUnavailable, iso
 
 INGEST_SEND_TIMEOUT_S = 20.0
@@ -86,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return replies.EX_OK
     try:
         if command == "serve":
+            from gateway import app     # the daemon's parts, imported only where used
             return asyncio.run(app.serve(config))
         if command == "ingest":
             return asyncio.run(_ingest(config, args))
@@ -136,6 +136,8 @@ async def _ingest(config: Config, args: argparse.Namespace) -> int:
         return replies.EX_NOUSER
     mailbox = config.mailbox_for(address)
     assert mailbox is not None
+    from gateway import app
+    from gateway.pipeline import Received
     gw = await app.open_gateway(config)
     try:
         outcome = await gw.intake.receive(Received(
@@ -237,6 +239,7 @@ async def _stats(config: Config, args: argparse.Namespace) -> int:
 
 async def _run_due(config: Config, args: argparse.Namespace) -> int:
     clock = fixed_clock(when("--now", args.now)) if args.now else system_clock
+    from gateway import app
     gw = await app.open_gateway(config, clock)
     try:
         jobs = await gw.scheduler.run_due()

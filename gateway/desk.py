@@ -67,15 +67,18 @@ class Desk:
     async def to_customer(self, tx: Tx, ticket: Ticket, kind: Kind, now: datetime, *,
                           context: Mapping[str, Any], template: str | None = None,
                           from_name: str | None = None, include_cc: bool = True,
+                          thread: Sequence[str] | None = None,
                           attachments: Sequence[tuple[Attachment, bytes]] = ()) -> int:
-        """Queue a mail to the requester (and the ticket's Cc), on the customer's thread."""
+        """Queue a mail to the requester (and the ticket's Cc), on the customer's thread
+        (`thread`, when the caller knows it, else read from the ticket)."""
         to = ticket.deliverable([ticket.requester])
         cc = ticket.deliverable(list(ticket.cc)) if include_cc else ()
         if not to and not cc:
             log.warning("outbox.no_recipient", ticket_id=ticket.id, kind=kind.value,
                         undeliverable=list(ticket.undeliverable))
             return 0
-        thread = await tx.customer_thread(ticket.id, CUSTOMER_THREAD)
+        if thread is None:
+            thread = await tx.customer_thread(ticket.id, CUSTOMER_THREAD)
         out = self.composer.compose(kind, ticket=ticket, mailbox=ticket.mailbox, to=to or cc,
                                     cc=cc if to else (), answers=thread, now=now, context=context,
                                     template=template, from_name=from_name, attachments=attachments)

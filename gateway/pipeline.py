@@ -141,14 +141,14 @@ class Pipeline:
         decision = classify(mail, received.mailbox, self.config)
         own = self.own_addresses | {sender}
         cc = tuple(a for a in mail.cc + mail.to if a not in own and not self.config.mailbox_for(a))
-        ticket_id = await tx.create_ticket(
+        ticket = await tx.create_ticket(
             subject=mail.subject or "(no subject)", requester=sender, cc=cc, region=decision.region,
             govcloud=decision.govcloud, priority=decision.priority, mailbox=received.mailbox.address,
             linked_ticket=placement.linked_ticket, now=now)
-        ticket = await tx.ticket(ticket_id)
-        assert ticket is not None
+        ticket_id = ticket.id
         await self._record(tx, ticket_id, Kind.CUSTOMER, mail, inbound_id, now)
         queued = await self.desk.to_customer(tx, ticket, Kind.ACK, now, include_cc=False,
+                                             thread=[mail.message_id],
                                              context={"name": mail.sender_name or sender})
         queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now)
         log.info("ticket.created", ticket_id=ticket_id, message_id=mail.message_id,

@@ -178,12 +178,15 @@ class Tx:
     def __init__(self, db: aiosqlite.Connection):
         self.db = db
 
+    # Each await is a hop to aiosqlite's thread: one per statement, never a
+    # separate fetch or close (the intake runs a dozen statements per mail).
     async def _insert(self, sql: str, params: Sequence[Any]) -> int:
-        cur = await self.db.execute(sql, params)
-        rowid = cur.lastrowid
-        await cur.close()
-        assert rowid is not None
-        return rowid
+        row = await self.db.execute_insert(sql, params)
+        assert row is not None
+        return int(row[0])
+
+    async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return list(await self.db.execute_fetchall(sql, params))
 
     # -- inbound ---------------------------------------------------------
     async def add_inbound(self, *, received_at: datetime, mail_from: str, rcpt_to: Sequence[str],
@@ -201,10 +204,8 @@ class Tx:
 
     async def has_inbound_message(self, message_id: str) -> bool:
         """Whether a received mail with this Message-ID is already on a ticket."""
-        async with self.db.execute(
-                "SELECT 1 FROM messages WHERE message_id = ? AND direction = 'in' LIMIT 1",
-                (message_id,)) as cur:
-            return await cur.fetchone() is not None
+        return bool(await self._all(
+            "SELECT 1 FROM messages WHERE message_id = ? AND direction = 'in' LIMIT 1", (message_id,)))
 
     # -- threading -------------------------------------------------------
     async def tickets_of_messages(self, message_ids: Sequence[str]) -> dict[str, int]:
@@ -213,10 +214,9 @@ class Tx:
             return {}
         ids = list(dict.fromkeys(message_ids))[:100]
         marks = ",".join("?" * len(ids))
-        async with self.db.execute(
-                f"SELECT message_id, ticket_id FROM messages WHERE message_id IN ({marks})"
-                " ORDER BY id", ids) as cur:
-            return {mid: tid for mid, tid in await cur.fetchall()}
+        rows = await self._all(f"SELECT message_id, ticket_id FROM messages WHERE message_id IN ({marks})"
+                               " ORDER BY id", ids)
+        return {mid: tid for mid, tid in rows}
 
     async def ticket(self, ticket_id: int) -> Ticket | None:
         return await _fetch_ticket(self.db, ticket_id)
@@ -224,29 +224,32 @@ class Tx:
     async def customer_thread(self, ticket_id: int, customer_kinds: Sequence[str]) -> list[str]:
         """Message-IDs of what the customer saw and wrote, oldest first."""
         marks = ",".join("?" * len(customer_kinds))
-        async with self.db.execute(
-                f"SELECT message_id FROM messages WHERE ticket_id = ? AND kind IN ({marks})"
-                " ORDER BY id", (ticket_id, *customer_kinds)) as cur:
-            return [r[0] for r in await cur.fetchall()]
+        rows = await self._all(f"SELECT message_id FROM messages WHERE ticket_id = ? AND kind IN ({marks})"
+                               " ORDER BY id", (ticket_id, *customer_kinds))
+        return [r[0] for r in rows]
 
     async def due_ticket_ids(self, now: datetime, limit: int = 500) -> list[int]:
         t = iso(now)
-        async with self.db.execute(
-                "SELECT id FROM tickets WHERE reminder_due_at <= ? UNION"
-                " SELECT id FROM tickets WHERE autoclose_due_at <= ? UNION"
-                " SELECT id FROM tickets WHERE close_due_at <= ? ORDER BY 1 LIMIT ?",
-                (t, t, t, limit)) as cur:
-            return [r[0] for r in await cur.fetchall()]
+        rows = await self._all("SELECT id FROM tickets WHERE reminder_due_at <= ? UNION"
+                               " SELECT id FROM tickets WHERE autoclose_due_at <= ? UNION"
+                               " SELECT id FROM tickets WHERE close_due_at <= ? ORDER BY 1 LIMIT ?",
+                               (t, t, t, limit))
+        return [r[0] for r in rows]
 
     # -- tickets and messages -------------------------------------------
     async def create_ticket(self, *, subject: str, requester: str, cc: Sequence[str], region: str,
                             govcloud: bool, priority: int, mailbox: str,
-                            linked_ticket: int | None, now: datetime) -> int:
-        return await self._insert(
+                            linked_ticket: int | None, now: datetime) -> Ticket:
+        ticket_id = await self._insert(
             "INSERT INTO tickets (subject, status, requester, cc, region, govcloud, priority,"
             " mailbox, linked_ticket, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (subject, Status.OPEN.value, requester, json.dumps(list(cc)), region, int(govcloud),
              priority, mailbox, linked_ticket, iso(now), iso(now)))
+        # the row as written (times at the stored one-second precision), without reading it back
+        return Ticket(id=ticket_id, subject=subject, status=Status.OPEN, requester=requester,
+                      cc=tuple(cc), region=region, govcloud=govcloud, priority=priority,
+                      mailbox=mailbox, linked_ticket=linked_ticket,
+                      created_at=from_iso(iso(now)))  # type: ignore[arg-type]
 
     async def update_ticket(self, ticket_id: int, now: datetime, **fields: Any) -> None:
         allowed = {"status", "cc", "priority", "first_response_at", "resolved_at", "closed_at",
@@ -288,9 +291,8 @@ class Tx:
 
 
 async def _fetch_ticket(db: aiosqlite.Connection, ticket_id: int) -> Ticket | None:
-    async with db.execute(f"SELECT {_TICKET_COLS} FROM tickets WHERE id = ?", (ticket_id,)) as cur:
-        row = await cur.fetchone()
-    return _ticket(row) if row else None
+    rows = list(await db.execute_fetchall(f"SELECT {_TICKET_COLS} FROM tickets WHERE id = ?", (ticket_id,)))
+    return _ticket(rows[0]) if rows else None
 
 
 class Store:
@@ -355,8 +357,7 @@ class Store:
     # -- reads -----------------------------------------------------------
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         async with self._lock:
-            async with self.db.execute(sql, params) as cur:
-                return list(await cur.fetchall())
+            return list(await self.db.execute_fetchall(sql, params))
 
     async def ticket(self, ticket_id: int) -> Ticket | None:
         async with self._lock:
@@ -408,12 +409,11 @@ class Store:
         """
         until = iso(datetime.fromtimestamp(now.timestamp() + lease_s, UTC))
         async with self.transaction() as tx:
-            async with tx.db.execute(
-                    "SELECT id, ticket_id, kind, relay, mail_from, rcpt_to, content, attempts"
-                    " FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"
-                    " AND (claimed_until IS NULL OR claimed_until <= ?) ORDER BY next_attempt_at, id"
-                    " LIMIT ?", (iso(now), iso(now), limit)) as cur:
-                rows = list(await cur.fetchall())
+            rows = await tx._all(
+                "SELECT id, ticket_id, kind, relay, mail_from, rcpt_to, content, attempts"
+                " FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"
+                " AND (claimed_until IS NULL OR claimed_until <= ?) ORDER BY next_attempt_at, id"
+                " LIMIT ?", (iso(now), iso(now), limit))
             if rows:
                 await tx.db.executemany("UPDATE outbox SET claimed_until = ? WHERE id = ?",
                                         [(until, r[0]) for r in rows])
@@ -423,23 +423,25 @@ class Store:
         rows = await self._rows("SELECT min(next_attempt_at) FROM outbox WHERE state = 'queued'")
         return from_iso(rows[0][0]) if rows else None
 
-    async def mark_sent(self, outbox_id: int, now: datetime) -> None:
+    async def record_deliveries(self, now: datetime, *, sent: Sequence[int] = (),
+                                retry: Sequence[tuple[int, datetime, str]] = (),
+                                failed: Sequence[tuple[int, str]] = ()) -> None:
+        """The results of one round of deliveries, in one commit."""
         async with self.transaction() as tx:
-            await tx.db.execute(
-                "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1,"
-                " claimed_until = NULL, last_error = NULL WHERE id = ?", (iso(now), outbox_id))
-
-    async def mark_retry(self, outbox_id: int, next_at: datetime, error: str) -> None:
-        async with self.transaction() as tx:
-            await tx.db.execute(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, claimed_until = NULL,"
-                " last_error = ? WHERE id = ?", (iso(next_at), error, outbox_id))
-
-    async def mark_failed(self, outbox_id: int, now: datetime, error: str) -> None:
-        async with self.transaction() as tx:
-            await tx.db.execute(
-                "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
-                " last_error = ?, sent_at = NULL WHERE id = ?", (error, outbox_id))
+            if sent:
+                await tx.db.executemany(
+                    "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1,"
+                    " claimed_until = NULL, last_error = NULL WHERE id = ?",
+                    [(iso(now), i) for i in sent])
+            if retry:
+                await tx.db.executemany(
+                    "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?,"
+                    " claimed_until = NULL, last_error = ? WHERE id = ?",
+                    [(iso(at), error, i) for i, at, error in retry])
+            if failed:
+                await tx.db.executemany(
+                    "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
+                    " last_error = ? WHERE id = ?", [(error, i) for i, error in failed])
 
     async def outbox_counts(self) -> dict[str, int]:
         rows = await self._rows("SELECT state, count(*) FROM outbox GROUP BY state")

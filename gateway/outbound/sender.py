@@ -48,42 +48,56 @@ class OutboxSender:
 
         Rounds of claims go on while they deliver something; a round that
         delivers nothing ends the pass, so a dead relay costs one try per
-        row per pass, not a loop.
+        row per pass, not a loop. Each round's results are one commit.
         """
-        sent = 0
-        batch = PARALLEL * 4
+        sent_total = 0
+        batch = PARALLEL * 8
         while True:
             items = await self.store.claim_due(now or self.clock(), CLAIM_LEASE_S, limit=batch)
+            if not items:
+                return sent_total
             sem = asyncio.Semaphore(PARALLEL)
 
-            async def one(item: OutboxItem) -> bool:
+            async def one(item: OutboxItem) -> tuple[OutboxItem, DeliveryError | None]:
                 async with sem:
-                    return await self._deliver(item)
-            delivered = sum(await asyncio.gather(*(one(i) for i in items)))
-            sent += delivered
-            if delivered == 0 or len(items) < batch:
-                return sent
+                    return item, await self._deliver(item)
+            results = await asyncio.gather(*(one(i) for i in items))
+            at = self.clock()
+            sent = [item.id for item, error in results if error is None]
+            retry = [(item.id, at + timedelta(seconds=backoff(item.attempts + 1, self.retry_base_s,
+                                                              self.retry_max_s)), str(error))
+                     for item, error in results if error is not None and not error.permanent]
+            failed = [(item.id, str(error)) for item, error in results
+                      if error is not None and error.permanent]
+            await self.store.record_deliveries(at, sent=sent, retry=retry, failed=failed)
+            for item, error in results:
+                self._log(item, error)
+            sent_total += len(sent)
+            if not sent or len(items) < batch:
+                return sent_total
 
-    async def _deliver(self, item: OutboxItem) -> bool:
+    async def _deliver(self, item: OutboxItem) -> DeliveryError | None:
         transport = self.transports.get(item.relay) or self.transports["default"]
-        bound = log.bind(outbox_id=item.id, ticket_id=item.ticket_id, kind=item.kind,
-                         relay=item.relay, attempt=item.attempts + 1)
         try:
             refused = await transport.send(item.mail_from, item.rcpt_to, item.content)
         except DeliveryError as e:
-            if e.permanent:
-                await self.store.mark_failed(item.id, self.clock(), str(e))
-                bound.error("outbox.failed", error=str(e))
-            else:
-                wait = backoff(item.attempts + 1, self.retry_base_s, self.retry_max_s)
-                await self.store.mark_retry(item.id, self.clock() + timedelta(seconds=wait), str(e))
-                bound.warning("outbox.retry", error=str(e), retry_in_s=wait)
-            return False
-        await self.store.mark_sent(item.id, self.clock())
+            return e
         if refused:
-            bound.warning("outbox.partly_refused", refused=refused)
-        bound.info("outbox.sent", recipients=len(item.rcpt_to))
-        return True
+            log.warning("outbox.partly_refused", outbox_id=item.id, ticket_id=item.ticket_id,
+                        refused=refused)
+        return None
+
+    def _log(self, item: OutboxItem, error: DeliveryError | None) -> None:
+        fields = {"outbox_id": item.id, "ticket_id": item.ticket_id, "kind": item.kind,
+                  "relay": item.relay, "attempt": item.attempts + 1}
+        if error is None:
+            log.info("outbox.sent", recipients=len(item.rcpt_to), **fields)
+        elif error.permanent:
+            log.error("outbox.failed", error=str(error), **fields)
+        else:
+            log.warning("outbox.retry", error=str(error),
+                        retry_in_s=backoff(item.attempts + 1, self.retry_base_s, self.retry_max_s),
+                        **fields)
 
     async def run(self) -> None:
         """Deliver until stopped: at once when woken, else every `poll_s`."""
@@ -101,3 +115,7 @@ class OutboxSender:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+
+    async def close(self) -> None:
+        for transport in {id(t): t for t in self.transports.values()}.values():
+            await transport.close()

@@ -1,0 +1,338 @@
+"""Ingest benchmark: a real `gateway serve` against a bare aiosmtpd server.
+
+    python bench/bench.py [--mails 5000] [--clients 8] [--store-tickets 0]
+    python bench/bench.py --memory        # 20 concurrent 20 MB mails
+
+Starts `gateway serve` on a temp data dir with a real SMTP sink as its relay,
+sends N mails from K concurrent SMTP connections (about 60 % new tickets,
+20 % replies by subject tag, 20 % replies by In-Reply-To to our
+acknowledgements, 1 in 25 with a 40 KB attachment), and prints one JSON line:
+accepted mails/s, SMTP transaction latency percentiles, seconds until every
+acknowledgement reached the sink, the gateway's peak RSS, and the same load
+against a bare aiosmtpd server (accept and discard) started in the same run,
+with the ratio. `--store-tickets N` first fills the store with N tickets.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import email
+import email.policy
+import json
+import os
+import platform
+import random
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+
+from aiosmtpd.controller import Controller
+
+SUPPORT = "support@example.com"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sink:
+    """The relay: counts acknowledgements and keeps their Message-IDs per customer."""
+
+    def __init__(self) -> None:
+        self.acks: dict[str, str] = {}        # customer -> Message-ID of the ack
+        self.tags: dict[str, int] = {}        # customer -> ticket id
+        self.count = 0
+        self.lock = threading.Lock()
+        sink = self
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+                msg = email.message_from_bytes(envelope.original_content, policy=email.policy.compat32)
+                with sink.lock:
+                    sink.count += 1
+                    if msg.get("Auto-Submitted", "").startswith("auto-replied"):
+                        rcpt = envelope.rcpt_tos[0].lower()
+                        sink.acks[rcpt] = msg["Message-ID"]
+                        sink.tags[rcpt] = int(msg["X-Support-Ticket"])
+                return "250 OK"
+
+        self.port = free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+
+class Discard:
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        return "250 OK"
+
+
+def build_mails(n: int, seed: int = 7) -> list[tuple[str, str]]:
+    """(kind, customer) per mail: the reply kinds refer to earlier customers."""
+    rnd = random.Random(seed)
+    plan: list[tuple[str, str]] = []
+    customers: list[str] = []
+    for i in range(n):
+        r = rnd.random()
+        if customers and r < 0.2:
+            plan.append(("tag", rnd.choice(customers)))
+        elif customers and r < 0.4:
+            plan.append(("in-reply-to", rnd.choice(customers)))
+        else:
+            c = f"customer{i}@client{i % 97}.example"
+            customers.append(c)
+            plan.append(("new", c))
+    return plan
+
+
+def render(kind: str, customer: str, i: int, sink: Sink | None) -> bytes:
+    m = EmailMessage(policy=email.policy.SMTP)
+    m["From"] = f"Customer {i} <{customer}>"
+    m["To"] = SUPPORT
+    m["Date"] = formatdate()
+    m["Message-ID"] = make_msgid(domain="bench.example")
+    subject = f"Backup job {i} fails with error 0x8004{i % 10000:04d}"
+    with (sink.lock if sink else threading.Lock()):
+        tid = sink.tags.get(customer) if sink else None
+        ack = sink.acks.get(customer) if sink else None
+    if kind == "tag" and tid:
+        subject = f"Re: [Support #{tid}] {subject}"
+    elif kind == "in-reply-to" and ack:
+        m["In-Reply-To"] = ack
+        m["References"] = ack
+        subject = "Re: " + subject
+    m["Subject"] = subject
+    m.set_content("Hello support,\n\n" + "our nightly backup of the mailbox fails since Monday.\n" * 12
+                  + "\nRegards\n" + customer)
+    if i % 25 == 0:
+        m.add_attachment(os.urandom(30_000), maintype="application", subtype="octet-stream",
+                         filename=f"log-{i}.bin")
+    return m.as_bytes()
+
+
+def load(port: int, plan: list[tuple[str, str]], clients: int, sink: Sink | None) -> dict[str, float]:
+    """Send the plan from `clients` threads, one SMTP connection each."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    next_i = iter(range(len(plan)))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
+            while True:
+                with lock:
+                    i = next(next_i, None)
+                if i is None:
+                    return
+                kind, customer = plan[i]
+                raw = render(kind, customer, i, sink)
+                t = time.perf_counter()
+                try:
+                    s.sendmail(customer, [SUPPORT], raw)
+                except smtplib.SMTPException as e:
+                    errors.append(repr(e))
+                    continue
+                latencies.append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(len(latencies) * p))] * 1000, 2)
+    return {"accepted": len(latencies), "errors": len(errors), "seconds": round(elapsed, 2),
+            "mails_per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": pct(0.5), "p95_ms": pct(0.95), "p99_ms": pct(0.99)}
+
+
+def bare_aiosmtpd(plan: list[tuple[str, str]], clients: int, size: int) -> dict[str, float]:
+    port = free_port()
+    c = Controller(Discard(), hostname="127.0.0.1", port=port, data_size_limit=size)
+    c.start()
+    try:
+        return load(port, plan, clients, None)
+    finally:
+        c.stop()
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def write_config(tmp: Path, port: int, relay_port: int, size: int, store: str) -> Path:
+    cfg = tmp / "gateway.toml"
+    cfg.write_text(textwrap.dedent(f"""
+        [gateway]
+        data_dir = "{tmp / 'data'}"
+        [smtp]
+        host = "127.0.0.1"
+        port = {port}
+        max_message_size = {size}
+        [[mailbox]]
+        address = "{SUPPORT}"
+        [outbound]
+        transport = "smtp"
+        host = "127.0.0.1"
+        port = {relay_port}
+        poll_seconds = 0.5
+        [staff]
+        addresses = ["agent@staff.example.com"]
+        [store]
+        url = "{store}"
+        """))
+    return cfg
+
+
+def start_gateway(cfg: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "LOG_LEVEL": "warning"})
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("gateway serve did not start: " + log.read_text()[-2000:])
+
+
+def prefill(cfg: Path, n: int) -> None:
+    """Fill the store with `n` tickets (each with a message) through the store itself."""
+    code = textwrap.dedent(f"""
+        import asyncio
+        from datetime import UTC, datetime
+        from gateway.config import load
+        from gateway.store import Store
+        async def main():
+            c = load({str(cfg)!r})
+            s = await Store.open(c.db_path)
+            now = datetime.now(UTC)
+            for start in range(0, {n}, 5000):
+                async with s.transaction() as tx:
+                    for i in range(start, min({n}, start + 5000)):
+                        t = await tx.create_ticket(subject=f"old {{i}}", requester=f"old{{i}}@x.example",
+                            cc=(), region="EMEA", govcloud=False, priority=3, mailbox="{SUPPORT}",
+                            linked_ticket=None, now=now)
+                        await tx.add_message(ticket_id=t, direction="in", kind="customer",
+                            sender=f"old{{i}}@x.example", recipients=["{SUPPORT}"], subject="old",
+                            message_id=f"<old{{i}}@x.example>", body_text="old", reply_text="old", now=now)
+            await s.close()
+        asyncio.run(main())
+        """)
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    size = 26_214_400
+    sink = Sink()
+    port = free_port()
+    cfg = write_config(tmp, port, sink.port, size, f"sqlite:///{tmp / 'data' / 'gateway.db'}")
+    if args.store_tickets:
+        prefill(cfg, args.store_tickets)
+    proc = start_gateway(cfg, port, tmp / "serve.log")
+    plan = build_mails(args.mails)
+    new_customers = {c for k, c in plan if k == "new"}
+    try:
+        t0 = time.perf_counter()
+        gw = load(port, plan, args.clients, sink)
+        sent_done = time.perf_counter()
+        deadline = sent_done + 120
+        while time.perf_counter() < deadline:
+            with sink.lock:
+                if new_customers <= set(sink.acks):
+                    break
+            time.sleep(0.05)
+        acks_after = round(time.perf_counter() - sent_done, 2)
+        with sink.lock:
+            acked = len(new_customers & set(sink.acks))
+        peak = rss_kb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        sink.controller.stop()
+    bare = bare_aiosmtpd(plan, args.clients, size)
+    return {
+        "bench": "ingest", "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, "
+        f"{platform.python_implementation()} {platform.python_version()}",
+        "mails": args.mails, "clients": args.clients, "store_tickets": args.store_tickets,
+        "gateway": gw, "acks_expected": len(new_customers), "acks_delivered": acked,
+        "acks_delivered_s_after_last_mail": acks_after, "total_s": round(time.perf_counter() - t0, 2),
+        "gateway_peak_rss_mb": round(peak / 1024, 1), "bare_aiosmtpd": bare,
+        "ratio_to_bare": round(gw["mails_per_s"] / bare["mails_per_s"], 3),
+    }
+
+
+def memory_run(args: argparse.Namespace) -> dict[str, object]:
+    """20 concurrent 20 MB mails: peak RSS of the gateway."""
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-mem-"))
+    sink = Sink()
+    port = free_port()
+    cfg = write_config(tmp, port, sink.port, 26_214_400, f"sqlite:///{tmp / 'data' / 'gateway.db'}")
+    proc = start_gateway(cfg, port, tmp / "serve.log")
+    blob = os.urandom(20 * 1024 * 1024 * 3 // 4)          # 15 MB of bytes: 20 MB base64 on the wire
+    results: list[float] = []
+
+    def one(i: int) -> None:
+        m = EmailMessage(policy=email.policy.SMTP)
+        m["From"], m["To"], m["Subject"] = f"big{i}@c.example", SUPPORT, f"big {i}"
+        m["Message-ID"] = make_msgid(domain="bench.example")
+        m.set_content("see attachment")
+        m.add_attachment(blob, maintype="application", subtype="octet-stream", filename="dump.bin")
+        raw = m.as_bytes()
+        t = time.perf_counter()
+        with smtplib.SMTP("127.0.0.1", port, timeout=300) as s:
+            s.sendmail(f"big{i}@c.example", [SUPPORT], raw)
+        results.append(time.perf_counter() - t)
+
+    try:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(args.memory_mails)]
+        t0 = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        peak = rss_kb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        sink.controller.stop()
+    return {"bench": "memory", "date": time.strftime("%Y-%m-%d"), "mails": args.memory_mails,
+            "mail_mb": round(len(blob) * 4 / 3 / 1024 / 1024, 1), "accepted": len(results),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "gateway_peak_rss_mb": round(peak / 1024, 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mails", type=int, default=5000)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--store-tickets", type=int, default=0)
+    p.add_argument("--memory", action="store_true", help="the 20 x 20 MB memory run")
+    p.add_argument("--memory-mails", type=int, default=20)
+    args = p.parse_args()
+    print(json.dumps(memory_run(args) if args.memory else run(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
