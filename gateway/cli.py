@@ -32,7 +32,9 @@ def ticket_json(t: Ticket) -> dict[str, Any]:
             "linked_ticket": t.linked_ticket, "mailbox": t.mailbox,
             "created_at": iso(t.created_at), "first_response_at": iso(t.first_response_at),
             "resolved_at": iso(t.resolved_at), "closed_at": iso(t.closed_at),
-            "escalated": t.escalated, "undeliverable": list(t.undeliverable)}
+            "escalated": t.escalated, "undeliverable": list(t.undeliverable),
+            "plan": t.plan, "response_due_at": iso(t.response_due_at), "missing": list(t.missing),
+            "redirect": t.redirect}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
 
     rd = sub.add_parser("run-due", parents=[common], help="run due jobs, deliver the outbox once")
     rd.add_argument("--now", help="ISO-8601 time standing in for the clock")
+    ex = sub.add_parser("explain", parents=[common],
+                        help="dry run: what the rules decide for a message, and why")
+    ex.add_argument("file", help="RFC 5322 message")
+    ex.add_argument("--recipient", help="the mailbox it was sent to (default: from its headers)")
+    ex.add_argument("--json", action="store_true")
     st = sub.add_parser("stats", parents=[common], help="first-response and resolution figures")
     st.add_argument("--since", help="ISO-8601 date or time (tickets created from then)")
     st.add_argument("--until", help="ISO-8601 date or time (tickets created before then)")
@@ -95,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_run_due(config, args))
         if command == "stats":
             return asyncio.run(_stats(config, args))
+        if command == "explain":
+            return _explain(config, args)
     except StoreUnavailable as e:
         print(f"gateway: store unavailable: {e}", file=sys.stderr)
         return replies.EX_TEMPFAIL
@@ -152,6 +161,58 @@ async def _ingest(config: Config, args: argparse.Namespace) -> int:
     finally:
         await gw.close()
     print(json.dumps({"action": outcome.action, "ticket_id": outcome.ticket_id}))
+    return replies.EX_OK
+
+
+# -- explain --------------------------------------------------------------
+
+def _explain(config: Config, args: argparse.Namespace) -> int:
+    """The rules stage on one message, with its evidence. Opens no store:
+    it cannot write anything or send anything."""
+    from gateway.inbound.automatic import automatic_kind
+    from gateway.inbound.parse import parse_mail
+    from gateway.conversation import tagged_ticket_id
+    from gateway.rules import decide
+    try:
+        raw = Path(args.file).read_bytes()
+    except OSError as e:
+        print(f"gateway: cannot read message: {e}", file=sys.stderr)
+        return replies.EX_DATAERR
+    address = ingest_recipient(config, raw, args.recipient) or config.mailboxes[0].address
+    mailbox = config.mailbox_for(address)
+    assert mailbox is not None
+    mail = parse_mail(raw)
+    now = datetime.now(UTC)
+    decision = decide(mail, mailbox_address=mailbox.address, mailbox_govcloud=mailbox.govcloud,
+                      rules=config.rules, directory=config.rules.directory, now=now)
+    out = {"message_id": mail.message_id, "from": mail.sender, "subject": mail.subject,
+           "mailbox": mailbox.address, "at": iso(now),
+           "automatic": automatic_kind(mail.headers, sender=mail.sender, mail_from=None),
+           "ticket_tag": tagged_ticket_id(mail.subject, config.ticket_tag),
+           "answers": list(mail.thread_ids),
+           "redirect_to": config.redirects.get(decision.redirect) if decision.redirect else None,
+           "decision": decision.to_json()}
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False))
+        return replies.EX_OK
+    d = decision
+    print(f"Message {mail.message_id} from {mail.sender or '(none)'} to {mailbox.address}")
+    print(f"  subject: {mail.subject}")
+    if out["automatic"]:
+        print(f"  automatic mail ({out['automatic']}): never answered; makes no ticket unless it belongs to one")
+    if out["ticket_tag"] is not None or mail.thread_ids:
+        print(f"  threading: tag #{out['ticket_tag']}, answers {len(mail.thread_ids)} message(s)"
+              " (a reply joins its ticket when it answers one of its messages, or carries the"
+              " tag from a participant)")
+    print(f"  region    {d.region:<10} queue {d.queue}")
+    print(f"  govcloud  {str(d.govcloud).lower():<10}")
+    print(f"  priority  P{d.priority}")
+    print(f"  plan      {d.plan:<10} first response due {iso(d.response_due) or 'no target'}")
+    print(f"  redirect  {d.redirect or '-':<10} {('to ' + out['redirect_to']) if out['redirect_to'] else ''}")
+    print(f"  missing   {', '.join(d.missing) or '-'}")
+    print("evidence (the first line of each part decided it):")
+    for e in d.evidence:
+        print(f"  {e.part:<9} {e.rule:<28} {e.detail}")
     return replies.EX_OK
 
 

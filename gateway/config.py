@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.lifecycle import Policy
+from gateway.rules_config import RulesConfig, default_rules, parse_rules
 from gateway.model import REGIONS, normalize_address
 
 ENV_VAR = "GATEWAY_CONFIG"
@@ -64,6 +65,7 @@ class Config:
     store_url: str = ""
     busy_timeout_ms: int = 5000
     policy: Policy = field(default_factory=Policy)
+    rules: RulesConfig = field(default_factory=default_rules)
     scheduler_interval_s: float = 60.0
     source: str = "built-in defaults"
 
@@ -170,6 +172,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None
     if base_dir is not None and not data_dir.is_absolute():
         data_dir = base_dir / data_dir
     tag = _prefixed(r, "gateway", g, "ticket_tag", str, d["gateway"]["ticket_tag"])
+    _prefixed(r, "gateway", g, "rules_file", str, "")          # read by load()
     if not tag or any(c in tag for c in "[]#\r\n") or len(tag) > 40:
         r.fail("gateway.ticket_tag", "must be 1-40 characters without '[', ']', '#' or line breaks")
 
@@ -275,6 +278,9 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None
     if interval <= 0:
         r.fail("scheduler.interval_seconds", "must be > 0")
 
+    rules, rule_problems = parse_rules(data)
+    r.problems.extend(rule_problems)
+
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -289,7 +295,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None
         policy=Policy(reminder_after=timedelta(hours=reminder_h),
                       autoclose_after=timedelta(hours=autoclose_h),
                       reopen_within=timedelta(days=reopen_d)),
-        scheduler_interval_s=interval,
+        scheduler_interval_s=interval, rules=rules,
     )
 
 
@@ -323,12 +329,22 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     if not chosen:
         return parse({}, source="built-in defaults")
     p = Path(chosen)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError([f"config: no such file {str(p)!r}"]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([f"config: cannot read {str(p)!r}: {e}"]) from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError([f"config: {p} is not valid TOML: {e}"]) from None
+    data = _read_toml(p, "config")
+    rules_file = data.get("gateway", {}).get("rules_file") if isinstance(data.get("gateway"), dict) else None
+    if isinstance(rules_file, str) and rules_file:
+        # The routing rules may live in a file of their own (support leads edit
+        # it; ops own the rest); its [rules] replaces the main file's.
+        rp = Path(rules_file) if Path(rules_file).is_absolute() else p.parent / rules_file
+        data = {**data, "rules": _read_toml(rp, "gateway.rules_file").get("rules", {})}
     return parse(data, source=str(p))
+
+
+def _read_toml(p: Path, key: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{key}: no such file {str(p)!r}"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{key}: cannot read {str(p)!r}: {e}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{key}: {p} is not valid TOML: {e}"]) from None

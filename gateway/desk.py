@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 from typing import Any
 
 import structlog
@@ -86,11 +87,25 @@ class Desk:
 
     async def to_staff(self, tx: Tx, ticket: Ticket, address: str, now: datetime, *,
                        answers: Sequence[str], context: Mapping[str, Any],
-                       template: str | None = None) -> int:
+                       template: str | None = None, reply_to: str | None = None,
+                       attachments: Sequence[tuple[Attachment, bytes]] = ()) -> int:
         out = self.composer.compose(Kind.STAFF_NOTIFY, ticket=ticket, mailbox=ticket.mailbox,
-                                    to=[address], answers=answers, now=now, reply_to=ticket.mailbox,
-                                    context=context, template=template)
+                                    to=[address], answers=answers, now=now,
+                                    reply_to=reply_to or ticket.mailbox, context=context,
+                                    template=template, attachments=attachments)
         return await self.enqueue(tx, ticket.id, out, now)
+
+    def target_text(self, ticket: Ticket, due: datetime | None) -> str | None:
+        """The first-response promise, honestly: the plan's target and when it falls due."""
+        plan = self.config.rules.plans.get(ticket.plan)
+        target = plan.target(ticket.priority) if plan else None
+        if target is None or due is None:
+            return None
+        calendar = None if target.around_the_clock else self.config.rules.hours.get(ticket.region)
+        zone = ZoneInfo(calendar.timezone) if calendar else UTC
+        when = due.astimezone(zone).strftime("%a %d %b %Y, %H:%M %Z")
+        hours = f" ({calendar.describe()})" if calendar else ""
+        return f"within {target.describe()}{hours}: by {when}"
 
     def queue_of(self, ticket: Ticket) -> str:
         return self.config.queues["GOVCLOUD" if ticket.govcloud else ticket.region]

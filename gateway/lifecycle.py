@@ -123,6 +123,13 @@ def due(ticket: Ticket, now: datetime, policy: Policy) -> Transition | None:
     return None
 
 
+def sla_warning_due(ticket: Ticket, now: datetime) -> bool:
+    """The first-response target passed with no staff answer: warn the queue, once."""
+    return (ticket.response_due_at is not None and now >= ticket.response_due_at
+            and ticket.first_response_at is None and ticket.sla_warned_at is None
+            and ticket.status not in (Status.RESOLVED, Status.CLOSED))
+
+
 # -- commands at the top of a staff reply -----------------------------------
 
 COMMANDS = ("note", "status", "priority", "escalate")

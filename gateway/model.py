@@ -107,6 +107,12 @@ class Ticket:
     autoclose_due_at: datetime | None = None
     close_due_at: datetime | None = None
     undeliverable: tuple[str, ...] = ()      # addresses that bounced permanently
+    # the rules stage's decision (gateway.rules)
+    plan: str = ""
+    response_due_at: datetime | None = None  # first-response target; None: the plan has none
+    sla_warned_at: datetime | None = None
+    missing: tuple[str, ...] = ()            # form fields the customer did not give
+    redirect: str | None = None              # "billing", "sales": handed elsewhere
 
     @property
     def participants(self) -> frozenset[str]:
@@ -114,13 +120,3 @@ class Ticket:
 
     def deliverable(self, addresses: tuple[str, ...] | list[str]) -> tuple[str, ...]:
         return tuple(a for a in addresses if a and a not in self.undeliverable)
-
-
-@dataclass(frozen=True)
-class Classification:
-    """What the rules stage decides for a new ticket."""
-
-    region: str
-    govcloud: bool
-    priority: int
-    queue: str                       # key of [staff.queues]

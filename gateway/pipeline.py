@@ -18,12 +18,16 @@ from gateway.config import Config, Mailbox
 from gateway.conversation import Placement, place, tagged_ticket_id
 from gateway.desk import Desk
 from gateway.inbound.automatic import automatic_kind
-from gateway.model import Kind, ParsedMail, Ticket, normalize_address
-from gateway.rules import classify
+from gateway.model import Attachment, Kind, ParsedMail, Status, Ticket, normalize_address
+from gateway.rules import Decision, decide
 from gateway.store import Tx
 from gateway.tokens import TicketTokens
 
 log = structlog.get_logger("gateway.pipeline")
+
+# What the acknowledgement asks for when the rules found a form field missing
+MISSING_LABELS = {"account_email": "the email address of your account with us",
+                  "organisation": "your organisation (company name)"}
 
 # RFC 3464 §2.3.2: the recipient a delivery status notification is about
 _FINAL_RECIPIENT = re.compile(rb"^Final-Recipient:\s*rfc822;\s*<?([^\s<>]+@[^\s<>]+)>?\s*$",
@@ -135,26 +139,75 @@ class Pipeline:
             await tx.update_ticket(ticket.id, now, undeliverable=addresses)
             log.warning("ticket.undeliverable", ticket_id=ticket.id, addresses=sorted(failed))
 
+    def decide(self, mail: ParsedMail, mailbox: Mailbox, now: datetime) -> Decision:
+        """The rules stage for a new ticket (also what `gateway explain` shows)."""
+        return decide(mail, mailbox_address=mailbox.address, mailbox_govcloud=mailbox.govcloud,
+                      rules=self.config.rules, directory=self.config.rules.directory, now=now)
+
     async def _open_ticket(self, tx: Tx, inbound_id: int, mail: ParsedMail, received: Received,
                            sender: str, placement: Placement) -> Outcome:
         now = received.received_at
-        decision = classify(mail, received.mailbox, self.config)
+        decision = self.decide(mail, received.mailbox, now)
+        redirect_to = self.config.redirects.get(decision.redirect) if decision.redirect else None
+        if decision.redirect and not redirect_to:
+            log.warning("ticket.redirect_unconfigured", redirect=decision.redirect,
+                        message_id=mail.message_id)
+        mailbox = self._answering_mailbox(received.mailbox, decision.govcloud)
         own = self.own_addresses | {sender}
         cc = tuple(a for a in mail.cc + mail.to if a not in own and not self.config.mailbox_for(a))
         ticket = await tx.create_ticket(
             subject=mail.subject or "(no subject)", requester=sender, cc=cc, region=decision.region,
-            govcloud=decision.govcloud, priority=decision.priority, mailbox=received.mailbox.address,
-            linked_ticket=placement.linked_ticket, now=now)
-        ticket_id = ticket.id
-        await self._record(tx, ticket_id, Kind.CUSTOMER, mail, inbound_id, now)
-        queued = await self.desk.to_customer(tx, ticket, Kind.ACK, now, include_cc=False,
-                                             thread=[mail.message_id],
-                                             context={"name": mail.sender_name or sender})
-        queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now)
-        log.info("ticket.created", ticket_id=ticket_id, message_id=mail.message_id,
+            govcloud=decision.govcloud, priority=decision.priority, mailbox=mailbox,
+            linked_ticket=placement.linked_ticket, now=now, plan=decision.plan,
+            response_due_at=decision.response_due if redirect_to is None else None,
+            missing=decision.missing, redirect=decision.redirect if redirect_to else None,
+            decision=decision.to_json())
+        await self._record(tx, ticket.id, Kind.CUSTOMER, mail, inbound_id, now)
+        if redirect_to:
+            queued = await self._redirect(tx, ticket, mail, received, redirect_to, now)
+        else:
+            queued = await self.desk.to_customer(
+                tx, ticket, Kind.ACK, now, include_cc=False, thread=[mail.message_id],
+                context={"name": mail.sender_name or sender,
+                         "target": self.desk.target_text(ticket, decision.response_due),
+                         "missing": [MISSING_LABELS.get(f, f) for f in decision.missing]})
+            queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now)
+        log.info("ticket.created", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, region=ticket.region, govcloud=ticket.govcloud,
-                 priority=ticket.priority, linked_ticket=ticket.linked_ticket, reason=placement.reason)
-        return Outcome(inbound_id, "created", ticket_id, mail.message_id, queued, placement.reason)
+                 priority=ticket.priority, plan=ticket.plan, queue=decision.queue,
+                 redirect=ticket.redirect, missing=list(ticket.missing),
+                 linked_ticket=ticket.linked_ticket, reason=placement.reason,
+                 rules=sorted({e.rule for e in decision.evidence if not e.rule.endswith(".none")}))
+        return Outcome(inbound_id, "created", ticket.id, mail.message_id, queued, placement.reason)
+
+    def _answering_mailbox(self, reached: Mailbox, govcloud: bool) -> str:
+        """GovCloud tickets are answered from a GovCloud mailbox, even when the
+        mail reached the commercial one (the rules found it belongs to GovCloud)."""
+        if govcloud and not reached.govcloud:
+            gov = next((m for m in self.config.mailboxes if m.govcloud), None)
+            if gov is not None:
+                return gov.address
+        return reached.address
+
+    async def _redirect(self, tx: Tx, ticket: Ticket, mail: ParsedMail, received: Received,
+                        address: str, now: datetime) -> int:
+        """Not for support: forward the mail there, tell the customer where it went, resolve."""
+        original = (Attachment("original-message.eml", "application/octet-stream",
+                               len(received.raw), ""), received.raw)
+        queued = await self.desk.to_staff(
+            tx, ticket, address, now, answers=[mail.message_id], template="forward",
+            reply_to=ticket.requester, attachments=[original],
+            context={"sender": ticket.requester, "department": ticket.redirect,
+                     "body_text": mail.body_text})
+        queued += await self.desk.to_customer(
+            tx, ticket, Kind.REDIRECT, now, include_cc=False, thread=[mail.message_id],
+            context={"name": mail.sender_name or ticket.requester, "department": ticket.redirect,
+                     "address": address})
+        _, more = await self.desk.apply(
+            tx, ticket, lifecycle.enter(Status.RESOLVED, now, self.config.policy,
+                                        cause=f"redirected to {ticket.redirect}"), now)
+        log.info("ticket.redirected", ticket_id=ticket.id, redirect=ticket.redirect, to=address)
+        return queued + more
 
     async def _customer_reply(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket,
                               sender: str, now: datetime, placement: Placement) -> Outcome:

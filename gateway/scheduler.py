@@ -18,7 +18,8 @@ import structlog
 from gateway import lifecycle
 from gateway.clock import Clock
 from gateway.desk import Desk
-from gateway.store import Store
+from gateway.model import Ticket
+from gateway.store import Store, Tx
 
 log = structlog.get_logger("gateway.scheduler")
 
@@ -46,8 +47,14 @@ class Scheduler:
                 ids = await tx.due_ticket_ids(at, BATCH)
                 for ticket_id in ids:
                     ticket = await tx.ticket(ticket_id)
-                    tr = lifecycle.due(ticket, at, self.policy) if ticket else None
-                    if ticket is None or tr is None:
+                    if ticket is None:
+                        continue
+                    if lifecycle.sla_warning_due(ticket, at):
+                        await self._sla_warning(tx, ticket, at)
+                        ran += 1
+                        done["first-response target missed: SLA warning"] += 1
+                    tr = lifecycle.due(ticket, at, self.policy)
+                    if tr is None:
                         continue
                     _, queued = await self.desk.apply(tx, ticket, tr, at)
                     ran += 1
@@ -61,6 +68,15 @@ class Scheduler:
         if done:
             log.info("scheduler.ran", at=at.isoformat(), jobs=dict(done))
         return dict(done)
+
+    async def _sla_warning(self, tx: Tx, ticket: Ticket, at: datetime) -> None:
+        await tx.update_ticket(ticket.id, at, sla_warned_at=at)
+        due = self.desk.target_text(ticket, ticket.response_due_at) or str(ticket.response_due_at)
+        await self.desk.to_staff(tx, ticket, self.desk.queue_of(ticket), at, answers=[],
+                                 template="sla_warning", context={"due": due})
+        log.warning("ticket.sla_missed", ticket_id=ticket.id, priority=ticket.priority,
+                    plan=ticket.plan, due=ticket.response_due_at.isoformat()
+                    if ticket.response_due_at else None)
 
     async def run(self) -> None:
         """Run due jobs every `interval_s` until stopped."""

@@ -127,6 +127,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tickets_close_due ON tickets(close_due_at) WHERE close_due_at IS NOT NULL;
     CREATE INDEX tickets_created ON tickets(created_at);
     """,
+    # 3: the rules stage's decision, and the first-response (SLA) timer
+    """
+    ALTER TABLE tickets ADD COLUMN plan TEXT NOT NULL DEFAULT '';
+    ALTER TABLE tickets ADD COLUMN response_due_at TEXT;
+    ALTER TABLE tickets ADD COLUMN sla_warned_at TEXT;
+    ALTER TABLE tickets ADD COLUMN missing TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE tickets ADD COLUMN redirect TEXT;
+    ALTER TABLE tickets ADD COLUMN decision TEXT;      -- JSON: the decision with its evidence
+    CREATE INDEX tickets_response_due ON tickets(response_due_at)
+        WHERE sla_warned_at IS NULL AND first_response_at IS NULL AND response_due_at IS NOT NULL;
+    """,
 )
 
 
@@ -157,7 +168,8 @@ class OutboxItem:
 
 _TICKET_COLS = ("id, subject, status, requester, cc, region, govcloud, priority, mailbox, "
                 "linked_ticket, created_at, first_response_at, resolved_at, closed_at, escalated, "
-                "reminder_due_at, autoclose_due_at, close_due_at, undeliverable")
+                "reminder_due_at, autoclose_due_at, close_due_at, undeliverable, plan, "
+                "response_due_at, sla_warned_at, missing, redirect")
 
 
 def _ticket(row: Sequence[Any]) -> Ticket:
@@ -168,7 +180,8 @@ def _ticket(row: Sequence[Any]) -> Ticket:
         first_response_at=from_iso(row[11]), resolved_at=from_iso(row[12]),
         closed_at=from_iso(row[13]), escalated=bool(row[14]), reminder_due_at=from_iso(row[15]),
         autoclose_due_at=from_iso(row[16]), close_due_at=from_iso(row[17]),
-        undeliverable=tuple(json.loads(row[18])),
+        undeliverable=tuple(json.loads(row[18])), plan=row[19], response_due_at=from_iso(row[20]),
+        sla_warned_at=from_iso(row[21]), missing=tuple(json.loads(row[22])), redirect=row[23],
     )
 
 
@@ -232,28 +245,38 @@ class Tx:
         t = iso(now)
         rows = await self._all("SELECT id FROM tickets WHERE reminder_due_at <= ? UNION"
                                " SELECT id FROM tickets WHERE autoclose_due_at <= ? UNION"
-                               " SELECT id FROM tickets WHERE close_due_at <= ? ORDER BY 1 LIMIT ?",
-                               (t, t, t, limit))
+                               " SELECT id FROM tickets WHERE close_due_at <= ? UNION"
+                               " SELECT id FROM tickets WHERE response_due_at <= ? AND sla_warned_at IS NULL"
+                               " AND first_response_at IS NULL AND response_due_at IS NOT NULL"
+                               " ORDER BY 1 LIMIT ?", (t, t, t, t, limit))
         return [r[0] for r in rows]
 
     # -- tickets and messages -------------------------------------------
     async def create_ticket(self, *, subject: str, requester: str, cc: Sequence[str], region: str,
                             govcloud: bool, priority: int, mailbox: str,
-                            linked_ticket: int | None, now: datetime) -> Ticket:
+                            linked_ticket: int | None, now: datetime, plan: str = "",
+                            response_due_at: datetime | None = None, missing: Sequence[str] = (),
+                            redirect: str | None = None,
+                            decision: dict[str, Any] | None = None) -> Ticket:
         ticket_id = await self._insert(
             "INSERT INTO tickets (subject, status, requester, cc, region, govcloud, priority,"
-            " mailbox, linked_ticket, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " mailbox, linked_ticket, created_at, updated_at, plan, response_due_at, missing,"
+            " redirect, decision) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (subject, Status.OPEN.value, requester, json.dumps(list(cc)), region, int(govcloud),
-             priority, mailbox, linked_ticket, iso(now), iso(now)))
+             priority, mailbox, linked_ticket, iso(now), iso(now), plan, iso(response_due_at),
+             json.dumps(list(missing)), redirect, json.dumps(decision) if decision else None))
         # the row as written (times at the stored one-second precision), without reading it back
         return Ticket(id=ticket_id, subject=subject, status=Status.OPEN, requester=requester,
                       cc=tuple(cc), region=region, govcloud=govcloud, priority=priority,
                       mailbox=mailbox, linked_ticket=linked_ticket,
-                      created_at=from_iso(iso(now)))  # type: ignore[arg-type]
+                      created_at=from_iso(iso(now)), plan=plan,  # type: ignore[arg-type]
+                      response_due_at=from_iso(iso(response_due_at)), missing=tuple(missing),
+                      redirect=redirect)
 
     async def update_ticket(self, ticket_id: int, now: datetime, **fields: Any) -> None:
         allowed = {"status", "cc", "priority", "first_response_at", "resolved_at", "closed_at",
-                   "escalated", "reminder_due_at", "autoclose_due_at", "close_due_at", "undeliverable"}
+                   "escalated", "reminder_due_at", "autoclose_due_at", "close_due_at", "undeliverable",
+                   "sla_warned_at"}
         assert set(fields) <= allowed, set(fields) - allowed
         values = [json.dumps(list(v)) if k in ("cc", "undeliverable")
                   else iso(v) if isinstance(v, datetime)
@@ -362,6 +385,10 @@ class Store:
     async def ticket(self, ticket_id: int) -> Ticket | None:
         async with self._lock:
             return await _fetch_ticket(self.db, ticket_id)
+
+    async def decision(self, ticket_id: int) -> dict[str, Any] | None:
+        rows = await self._rows("SELECT decision FROM tickets WHERE id = ?", (ticket_id,))
+        return json.loads(rows[0][0]) if rows and rows[0][0] else None
 
     async def tickets_created(self, since: datetime | None, until: datetime | None) -> list[Ticket]:
         """Tickets created in [since, until), oldest first (for stats)."""

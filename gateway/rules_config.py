@@ -1,0 +1,745 @@
+"""The rules stage's configuration: built-in defaults and the `[rules]` TOML tables.
+
+Support teams change routing here, not in code. `config/rules.example.toml`
+documents every key in the order the rules apply. Merging is per key: a key
+left out keeps its built-in default, a key given replaces it wholly (a list
+is not appended to). `parse_rules` never raises for bad input: it returns the
+defaults in place of every bad value, plus one "rules.key.path: what is
+wrong" string per problem, the style of `gateway.config`.
+
+Word lists are phrases, not regular expressions, so that nobody has to
+escape a dot: matching ignores case, a space or hyphen matches any run of
+spaces and hyphens ("how to" finds "How-to"), and a leading or trailing `*`
+lets the word continue ("invoice*" finds "invoices", "*ausfall" finds
+"Totalausfall").
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import date, time
+from types import MappingProxyType
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import holidays
+
+from gateway.model import REGIONS, normalize_address
+from gateway.sla import WEEKDAY_NAMES, BusinessCalendar
+
+Wording = Mapping[str, tuple[str, ...]]      # language ("en", "de") → phrases
+
+REGION_SOURCES = ("field", "mailbox", "directory", "country", "date_offset")
+PRIORITY_SOURCES = ("field", "subject_tag", "wording")
+WORDING_LEVELS = (1, 2, 4)                   # 3 is the default, never "worded"
+FIELD_NAMES = ("region", "priority", "account_email", "organisation")
+REQUIRABLE = ("account_email", "organisation")
+CLOCKS = ("business", "24/7")
+
+
+# -- the configuration as data ---------------------------------------------
+
+@dataclass(frozen=True)
+class FieldLabels:
+    """Labels of the `Label: value` lines that the public ticket forms write."""
+
+    region: tuple[str, ...]
+    priority: tuple[str, ...]
+    account_email: tuple[str, ...]
+    organisation: tuple[str, ...]
+
+    def labels(self, name: str) -> tuple[str, ...]:
+        labels: tuple[str, ...] = getattr(self, name)
+        return labels
+
+
+@dataclass(frozen=True)
+class OffsetBand:
+    """UTC offsets (minutes, inclusive) of a `Date` header that suggest a region."""
+
+    region: str
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
+class RegionRules:
+    sources: tuple[str, ...]                 # evidence sources, strongest first
+    values: Mapping[str, str]                # normalised form value → region
+    mailboxes: Mapping[str, str]             # mailbox address → region
+    mailbox_tokens: Mapping[str, str]        # word in a mailbox's local part → region
+    offsets: tuple[OffsetBand, ...]
+    ignore_utc: bool                         # +0000 is what servers write: no evidence
+
+
+@dataclass(frozen=True)
+class GovCloudRules:
+    domains: tuple[str, ...]                 # sender domains (and their subdomains)
+    accounts: tuple[str, ...]                # account ids that, quoted in a mail, mean GovCloud
+    mentions: tuple[str, ...]                # phrases
+
+
+@dataclass(frozen=True)
+class PriorityRules:
+    sources: tuple[str, ...]
+    values: Mapping[str, int]                # normalised form value → priority
+    wording: Mapping[int, Wording]           # 1, 2, 4 → language → phrases
+    negations: tuple[str, ...]               # words that cancel a phrase right after them
+    default: int
+
+
+@dataclass(frozen=True)
+class Target:
+    hours: float
+    around_the_clock: bool = False           # True: 24/7, else the region's business hours
+
+    def describe(self) -> str:
+        unit = "hour" if self.hours == 1 else "hours"
+        return f"{self.hours:g} {unit} 24/7" if self.around_the_clock \
+            else f"{self.hours:g} business {unit}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    targets: Mapping[int, Target]            # priority → first-response target; absent = none
+    description: str = ""
+
+    def target(self, priority: int) -> Target | None:
+        return self.targets.get(priority)
+
+
+@dataclass(frozen=True)
+class Customer:
+    organisation: str
+    domains: tuple[str, ...]
+    region: str | None = None
+    plan: str | None = None
+    govcloud: bool = False
+
+
+@dataclass(frozen=True)
+class CustomerDirectory:
+    customers: tuple[Customer, ...] = ()
+
+    def lookup(self, domain: str) -> tuple[Customer, str] | None:
+        """The customer owning `domain` or its nearest parent domain, and the domain matched."""
+        labels = domain.strip().strip(".").lower().split(".")
+        for i in range(len(labels) - 1):
+            candidate = ".".join(labels[i:])
+            for customer in self.customers:
+                if candidate in customer.domains:
+                    return customer, candidate
+        return None
+
+
+@dataclass(frozen=True)
+class RulesConfig:
+    default_region: str
+    default_plan: str
+    fields: FieldLabels
+    region: RegionRules
+    govcloud: GovCloudRules
+    priority: PriorityRules
+    technical: Wording                       # technical-problem wording: keeps a mail in support
+    redirects: Mapping[str, Wording]         # destination ("billing", "sales") → wording
+    required: tuple[str, ...]                # fields whose absence is reported as missing
+    plans: Mapping[str, Plan]
+    hours: Mapping[str, BusinessCalendar]    # region → desk calendar
+    directory: CustomerDirectory = field(default_factory=CustomerDirectory)
+
+
+# -- built-in defaults -------------------------------------------------------
+
+def default_rules() -> RulesConfig:
+    """The rules a gateway without a `[rules]` section runs with."""
+    return RulesConfig(
+        default_region="AMER",
+        default_plan="basic",
+        fields=FieldLabels(
+            region=("Region", "Anmeldung Region", "Signup region", "Sign-up region",
+                    "Registration region", "Data region", "Datenregion", "Registrierungsregion"),
+            priority=("Priority", "Priorität", "Prioritaet", "Prio", "Severity", "Dringlichkeit"),
+            account_email=("Account email", "Account e-mail address", "Account email address",
+                           "Konto-E-Mail", "Konto-E-Mail-Adresse", "E-Mail", "E-Mail-Adresse",
+                           "Email address", "Login email", "Login"),
+            organisation=("Organisation", "Organization", "Organisation name", "Organization name",
+                          "Company", "Company name", "Firma", "Firmenname", "Unternehmen"),
+        ),
+        region=RegionRules(
+            sources=REGION_SOURCES,
+            values=_frozen({normalise_value(k): v for k, v in _region_values().items()}),
+            mailboxes=_frozen({}),
+            mailbox_tokens=_frozen({"amer": "AMER", "americas": "AMER", "emea": "EMEA",
+                                    "eu": "EMEA", "europe": "EMEA", "apac": "APAC",
+                                    "asia": "APAC"}),
+            # Bands by where customers actually are: Hawaii to Brazil (-10..-3, and
+            # Newfoundland's -2:30 in summer) is AMER; the Atlantic islands, Europe,
+            # Africa, the Middle East and the Gulf (-2..+4:30) EMEA; Pakistan and
+            # India eastwards (+5..+14) APAC. -12..-10:30 (Samoa, Niue) is left out:
+            # too few senders to be worth a guess.
+            offsets=(OffsetBand("AMER", -600, -150), OffsetBand("EMEA", -120, 270),
+                     OffsetBand("APAC", 300, 840)),
+            ignore_utc=True,
+        ),
+        govcloud=GovCloudRules(domains=(), accounts=(),
+                               mentions=("govcloud", "gov cloud", "fedramp", "fed ramp")),
+        priority=PriorityRules(
+            sources=PRIORITY_SOURCES,
+            values=_frozen({normalise_value(k): v for k, v in _priority_values().items()}),
+            wording=_frozen({1: _frozen(_P1), 2: _frozen(_P2), 4: _frozen(_P4)}),
+            negations=("not", "no", "never", "without", "nicht", "kein", "keine", "keinen",
+                       "keinem", "keiner", "keines", "nie", "niemals", "ohne"),
+            default=3,
+        ),
+        technical=_frozen(_TECHNICAL),
+        redirects=_frozen({"billing": _frozen(_BILLING), "sales": _frozen(_SALES)}),
+        required=REQUIRABLE,
+        plans=_frozen({
+            "basic": Plan("basic", _frozen({}), "community support, no response target"),
+            "professional": Plan("professional", _frozen({
+                1: Target(3), 2: Target(6), 3: Target(9)}), "business hours"),
+            "advanced": Plan("advanced", _frozen({
+                1: Target(1, around_the_clock=True), 2: Target(3), 3: Target(6)}),
+                "P1 around the clock, otherwise business hours"),
+        }),
+        hours=_frozen({
+            "AMER": BusinessCalendar("America/New_York", holiday_country="US"),
+            "EMEA": BusinessCalendar("Europe/Berlin", holiday_country="DE"),
+            "APAC": BusinessCalendar("Asia/Singapore", holiday_country="SG"),
+        }),
+    )
+
+
+def _region_values() -> dict[str, str]:
+    amer = ("AMER", "Americas", "America", "North America", "South America", "Latin America",
+            "LATAM", "US", "USA", "United States", "Canada", "Amerika", "Nordamerika",
+            "Südamerika", "Lateinamerika")
+    emea = ("EMEA", "EU", "Europe", "Europa", "European Union", "UK", "Middle East", "Africa",
+            "Afrika", "Naher Osten")
+    apac = ("APAC", "AP", "Asia", "Asien", "Asia Pacific", "Asien-Pazifik", "Pacific",
+            "Australia", "Australien", "Japan", "Singapore", "Singapur", "India", "Indien")
+    return {**dict.fromkeys(amer, "AMER"), **dict.fromkeys(emea, "EMEA"),
+            **dict.fromkeys(apac, "APAC")}
+
+
+def _priority_values() -> dict[str, int]:
+    # "1".."4" and "P1".."P4" are understood without being listed.
+    return {"critical": 1, "business critical": 1, "urgent": 1, "emergency": 1,
+            "kritisch": 1, "dringend": 1, "Notfall": 1, "geschäftskritisch": 1,
+            "high": 2, "major": 2, "hoch": 2,
+            "normal": 3, "medium": 3, "mittel": 3, "general": 3,
+            "low": 4, "minor": 4, "niedrig": 4, "gering": 4}
+
+
+# Wording. "down" alone is not a P1 phrase: "slow down", "drop-down" and "shut
+# down the VM" are not outages; the listed forms are.
+_P1: Mapping[str, tuple[str, ...]] = {
+    "en": ("outage", "outages", "is down", "are down", "went down", "down since",
+           "completely down", "production down", "production stopped", "production has stopped",
+           "production is stopped", "not working at all", "nothing works", "nothing is working",
+           "total failure", "data loss", "business critical"),
+    "de": ("*ausfall", "ausgefallen", "Produktion steht", "Produktionsstillstand",
+           "geht nicht mehr", "geht gar nichts mehr", "geht nichts mehr",
+           "funktioniert überhaupt nicht", "funktioniert gar nicht", "nichts funktioniert",
+           "Datenverlust", "geschäftskritisch"),
+}
+_P2: Mapping[str, tuple[str, ...]] = {
+    "en": ("slow", "slowly", "slowness", "degraded", "degradation", "intermittent*",
+           "sporadic*", "partial outage", "partially down", "partly working", "sometimes fails"),
+    "de": ("langsam", "verlangsamt", "eingeschränkt", "Einschränkung*", "sporadisch",
+           "zeitweise", "zeitweilig", "teilweise ausgefallen", "teilweiser Ausfall",
+           "Teilausfall"),
+}
+_P4: Mapping[str, tuple[str, ...]] = {
+    "en": ("how to", "how do I", "how do we", "how can I", "how can we", "is it possible",
+           "question*", "documentation", "how-to guide"),
+    "de": ("wie kann ich", "wie können wir", "wie kann man", "wie richte ich", "ist es möglich",
+           "Frage*", "Anleitung*", "Dokumentation"),
+}
+_TECHNICAL: Mapping[str, tuple[str, ...]] = {
+    "en": ("error*", "fail*", "crash*", "bug", "bugs", "broken", "exception*", "stack trace",
+           "timeout*", "timed out", "not working", "doesn't work", "does not work",
+           "stopped working", "can't log in", "cannot log in"),
+    "de": ("*fehler*", "Absturz", "abgestürzt", "stürzt", "defekt", "kaputt",
+           "funktioniert nicht", "geht nicht", "Störung*", "Zeitüberschreitung"),
+}
+_BILLING: Mapping[str, tuple[str, ...]] = {
+    "en": ("invoice*", "billing", "billed", "refund*", "payment*", "credit card", "receipt*",
+           "VAT", "purchase order", "charged", "overcharged", "direct debit"),
+    "de": ("Rechnung*", "Abrechnung*", "Jahresrechnung", "Erstattung*", "Rückerstattung*",
+           "Zahlung*", "Gutschrift*", "Mahnung*", "Lastschrift*", "Kreditkarte",
+           "Umsatzsteuer"),
+}
+_SALES: Mapping[str, tuple[str, ...]] = {
+    "en": ("pricing", "price*", "quote", "quotes", "quotation*", "demo", "demos", "onboarding",
+           "licence*", "license*", "cost", "costs", "purchase", "sales"),
+    "de": ("Preis*", "Angebot*", "Lizenz*", "Demo", "Vorführung", "Onboarding", "Kosten",
+           "kaufen", "Vertrieb"),
+}
+
+
+def _frozen(d: Mapping[Any, Any]) -> Mapping[Any, Any]:
+    return MappingProxyType(dict(d))
+
+
+def normalise_value(value: str) -> str:
+    """The comparable form of a form value: lower case, words joined by one space.
+
+    "Asia-Pacific", "asia pacific" and " ASIA / Pacific " are one key.
+    """
+    return " ".join(re.findall(r"\w+", value.lower()))
+
+
+# -- validation ----------------------------------------------------------------
+
+class _Problems:
+    """Collects "key: what is wrong" strings; every check returns None when bad."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def fail(self, key: str, what: str) -> None:
+        self.items.append(f"{key}: {what}")
+
+    def table(self, key: str, value: Any) -> dict[str, Any] | None:
+        if not isinstance(value, dict):
+            self.fail(key, f"expected a table, got {value!r}")
+            return None
+        return value
+
+    def unknown(self, key: str, table: Mapping[str, Any], known: tuple[str, ...]) -> None:
+        for name in table:
+            if name not in known:
+                self.fail(f"{key}.{name}", f"unknown key; expected one of {', '.join(known)}")
+
+    def string(self, key: str, value: Any) -> str | None:
+        if not isinstance(value, str):
+            self.fail(key, f"expected a string, got {value!r}")
+            return None
+        return value
+
+    def boolean(self, key: str, value: Any) -> bool | None:
+        if not isinstance(value, bool):
+            self.fail(key, f"expected true or false, got {value!r}")
+            return None
+        return value
+
+    def strings(self, key: str, value: Any) -> tuple[str, ...] | None:
+        if not isinstance(value, list) or not all(isinstance(x, str) and x.strip() for x in value):
+            self.fail(key, f"expected a list of non-empty strings, got {value!r}")
+            return None
+        return tuple(x.strip() for x in value)
+
+    def phrases(self, key: str, value: Any) -> tuple[str, ...] | None:
+        items = self.strings(key, value)
+        if items is None:
+            return None
+        bad = [p for p in items if "*" in p.strip("*") or not re.search(r"\w", p)]
+        if bad:
+            self.fail(key, f"'*' may only start or end a phrase, and a phrase needs a letter: {bad!r}")
+            return None
+        return items
+
+    def region(self, key: str, value: Any) -> str | None:
+        if value not in REGIONS:
+            self.fail(key, f"expected one of {', '.join(REGIONS)}, got {value!r}")
+            return None
+        return str(value)
+
+    def priority(self, key: str, value: Any) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4:
+            self.fail(key, f"expected a priority from 1 to 4, got {value!r}")
+            return None
+        return value
+
+    def sources(self, key: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...] | None:
+        items = self.strings(key, value)
+        if items is None:
+            return None
+        bad = [s for s in items if s not in allowed]
+        if bad or len(set(items)) != len(items):
+            self.fail(key, f"expected distinct names from {', '.join(allowed)}, got {value!r}")
+            return None
+        return items
+
+
+def parse_rules(data: Mapping[str, Any]) -> tuple[RulesConfig, list[str]]:
+    """The rules from a whole TOML tree (only its `rules` table is read).
+
+    Returns the rules and the problems; with problems the rules hold the
+    defaults in place of each bad value, and the caller should refuse to start.
+    """
+    p = _Problems()
+    d = default_rules()
+    raw = data.get("rules", {})
+    ru = p.table("rules", raw) or {}
+    p.unknown("rules", ru, ("default_region", "default_plan", "fields", "region", "govcloud",
+                            "priority", "technical", "redirect", "missing", "plans", "hours",
+                            "customer"))
+    default_region = d.default_region
+    if "default_region" in ru:
+        default_region = p.region("rules.default_region", ru["default_region"]) or default_region
+    plans = _plans(p, ru.get("plans", {}), d.plans)
+    default_plan = d.default_plan
+    if "default_plan" in ru:
+        default_plan = p.string("rules.default_plan", ru["default_plan"]) or default_plan
+    if default_plan not in plans:
+        p.fail("rules.default_plan", f"no such plan {default_plan!r}; plans: {', '.join(plans)}")
+        default_plan = d.default_plan if d.default_plan in plans else next(iter(plans))
+    rules = replace(
+        d,
+        default_region=default_region,
+        default_plan=default_plan,
+        fields=_fields(p, ru.get("fields", {}), d.fields),
+        region=_region_rules(p, ru.get("region", {}), d.region),
+        govcloud=_govcloud(p, ru.get("govcloud", {}), d.govcloud),
+        priority=_priority(p, ru.get("priority", {}), d.priority),
+        technical=_wording(p, "rules.technical", ru.get("technical", {}), d.technical),
+        redirects=_redirects(p, ru.get("redirect", {}), d.redirects),
+        required=_required(p, ru.get("missing", {}), d.required),
+        plans=plans,
+        hours=_hours(p, ru.get("hours", {}), d.hours),
+        directory=_directory(p, ru.get("customer", []), plans),
+    )
+    return rules, p.items
+
+
+def _fields(p: _Problems, raw: Any, d: FieldLabels) -> FieldLabels:
+    t = p.table("rules.fields", raw) or {}
+    p.unknown("rules.fields", t, FIELD_NAMES)
+    changed = {name: labels for name in FIELD_NAMES if name in t
+               if (labels := p.strings(f"rules.fields.{name}", t[name])) is not None}
+    return replace(d, **changed)
+
+
+def _region_rules(p: _Problems, raw: Any, d: RegionRules) -> RegionRules:
+    key = "rules.region"
+    t = p.table(key, raw) or {}
+    p.unknown(key, t, ("sources", "values", "mailboxes", "mailbox_tokens", "offsets", "ignore_utc"))
+    out = d
+    if "sources" in t and (s := p.sources(f"{key}.sources", t["sources"], REGION_SOURCES)) is not None:
+        out = replace(out, sources=s)
+    if "values" in t:
+        out = replace(out, values=_region_map(p, f"{key}.values", t["values"], normalise_value))
+    if "mailboxes" in t:
+        out = replace(out, mailboxes=_region_map(p, f"{key}.mailboxes", t["mailboxes"],
+                                                 normalize_address))
+    if "mailbox_tokens" in t:
+        out = replace(out, mailbox_tokens=_region_map(p, f"{key}.mailbox_tokens",
+                                                      t["mailbox_tokens"], str.lower))
+    if "offsets" in t:
+        out = replace(out, offsets=_offsets(p, f"{key}.offsets", t["offsets"], d.offsets))
+    if "ignore_utc" in t and (b := p.boolean(f"{key}.ignore_utc", t["ignore_utc"])) is not None:
+        out = replace(out, ignore_utc=b)
+    return out
+
+
+def _region_map(p: _Problems, key: str, raw: Any, norm: Callable[[str], str]) -> Mapping[str, str]:
+    t = p.table(key, raw) or {}
+    return _frozen({norm(name): region for name, value in t.items()
+                    if (region := p.region(f"{key}.{name}", value)) is not None})
+
+
+_OFFSET = re.compile(r"^([+-])(\d{1,2}):(\d{2})$")
+
+
+def _offset_minutes(p: _Problems, key: str, value: Any) -> int | None:
+    m = _OFFSET.match(value) if isinstance(value, str) else None
+    if not m or int(m[2]) > 14 or int(m[3]) >= 60:
+        p.fail(key, f"expected a UTC offset like \"-05:00\" or \"+09:30\", got {value!r}")
+        return None
+    minutes = int(m[2]) * 60 + int(m[3])
+    return -minutes if m[1] == "-" else minutes
+
+
+def _offsets(p: _Problems, key: str, raw: Any, d: tuple[OffsetBand, ...]) -> tuple[OffsetBand, ...]:
+    t = p.table(key, raw) or {}
+    bands = {b.region: b for b in d}
+    for name, value in t.items():
+        k = f"{key}.{name}"
+        if p.region(k, name) is None:
+            continue
+        if value == []:          # an empty list switches the band off
+            bands.pop(name, None)
+            continue
+        if not isinstance(value, list) or len(value) != 2:
+            p.fail(k, f"expected [\"from\", \"to\"] offsets, got {value!r}")
+            continue
+        low, high = (_offset_minutes(p, k, v) for v in value)
+        if low is None or high is None:
+            continue
+        if low > high:
+            p.fail(k, f"the first offset must not be after the second, got {value!r}")
+            continue
+        bands[name] = OffsetBand(name, low, high)
+    ordered = sorted(bands.values(), key=lambda b: b.low)
+    for a, b in zip(ordered, ordered[1:]):
+        if b.low <= a.high:
+            p.fail(key, f"the {a.region} and {b.region} bands overlap")
+    return tuple(ordered)
+
+
+def _govcloud(p: _Problems, raw: Any, d: GovCloudRules) -> GovCloudRules:
+    key = "rules.govcloud"
+    t = p.table(key, raw) or {}
+    p.unknown(key, t, ("domains", "accounts", "mentions"))
+    out = d
+    if "domains" in t and (s := p.strings(f"{key}.domains", t["domains"])) is not None:
+        out = replace(out, domains=tuple(x.lower().strip(".") for x in s))
+    if "accounts" in t and (s := p.strings(f"{key}.accounts", t["accounts"])) is not None:
+        out = replace(out, accounts=s)
+    if "mentions" in t and (s := p.phrases(f"{key}.mentions", t["mentions"])) is not None:
+        out = replace(out, mentions=s)
+    return out
+
+
+def _priority(p: _Problems, raw: Any, d: PriorityRules) -> PriorityRules:
+    key = "rules.priority"
+    t = p.table(key, raw) or {}
+    p.unknown(key, t, ("sources", "default", "values", "negations", "wording"))
+    out = d
+    if "sources" in t and (s := p.sources(f"{key}.sources", t["sources"], PRIORITY_SOURCES)) is not None:
+        out = replace(out, sources=s)
+    if "default" in t and (n := p.priority(f"{key}.default", t["default"])) is not None:
+        out = replace(out, default=n)
+    if "values" in t:
+        vt = p.table(f"{key}.values", t["values"]) or {}
+        out = replace(out, values=_frozen({
+            normalise_value(name): n for name, value in vt.items()
+            if (n := p.priority(f"{key}.values.{name}", value)) is not None}))
+    if "negations" in t and (s := p.strings(f"{key}.negations", t["negations"])) is not None:
+        out = replace(out, negations=tuple(x.lower() for x in s))
+    if "wording" in t:
+        out = replace(out, wording=_priority_wording(p, f"{key}.wording", t["wording"], d.wording))
+    return out
+
+
+def _priority_wording(p: _Problems, key: str, raw: Any,
+                      d: Mapping[int, Wording]) -> Mapping[int, Wording]:
+    # TOML: [rules.priority.wording.LANG] p1 = [...], p2 = [...], p4 = [...]
+    levels = {n: dict(d.get(n, {})) for n in WORDING_LEVELS}
+    t = p.table(key, raw) or {}
+    for lang, per_lang in t.items():
+        lt = p.table(f"{key}.{lang}", per_lang) or {}
+        p.unknown(f"{key}.{lang}", lt, tuple(f"p{n}" for n in WORDING_LEVELS))
+        for n in WORDING_LEVELS:
+            if f"p{n}" in lt and (s := p.phrases(f"{key}.{lang}.p{n}", lt[f"p{n}"])) is not None:
+                levels[n][lang] = s
+    return _frozen({n: _frozen(w) for n, w in levels.items()})
+
+
+def _wording(p: _Problems, key: str, raw: Any, d: Wording) -> Wording:
+    # TOML: [rules.technical] en = [...], de = [...]
+    t = p.table(key, raw) or {}
+    out = dict(d)
+    for lang, value in t.items():
+        if (s := p.phrases(f"{key}.{lang}", value)) is not None:
+            out[lang] = s
+    return _frozen(out)
+
+
+def _redirects(p: _Problems, raw: Any, d: Mapping[str, Wording]) -> Mapping[str, Wording]:
+    t = p.table("rules.redirect", raw) or {}
+    out = dict(d)
+    for name, value in t.items():
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+            p.fail(f"rules.redirect.{name}", "a destination name is lower-case letters, digits, - or _")
+            continue
+        out[name] = _wording(p, f"rules.redirect.{name}", value, d.get(name, {}))
+    return _frozen(out)
+
+
+def _required(p: _Problems, raw: Any, d: tuple[str, ...]) -> tuple[str, ...]:
+    t = p.table("rules.missing", raw) or {}
+    p.unknown("rules.missing", t, ("required",))
+    if "required" not in t:
+        return d
+    value = t["required"]
+    if not isinstance(value, list) or any(x not in REQUIRABLE for x in value):
+        p.fail("rules.missing.required", f"expected names from {', '.join(REQUIRABLE)}, got {value!r}")
+        return d
+    return tuple(dict.fromkeys(value))
+
+
+def _plans(p: _Problems, raw: Any, d: Mapping[str, Plan]) -> Mapping[str, Plan]:
+    t = p.table("rules.plans", raw) or {}
+    out = dict(d)
+    for name, value in t.items():
+        key = f"rules.plans.{name}"
+        pt = p.table(key, value)
+        if pt is None:
+            continue
+        p.unknown(key, pt, ("description", "p1", "p2", "p3", "p4"))
+        targets = {}
+        for n in range(1, 5):
+            if f"p{n}" in pt and (target := _target(p, f"{key}.p{n}", pt[f"p{n}"])) is not None:
+                targets[n] = target
+        description = pt.get("description", "")
+        if not isinstance(description, str):
+            p.fail(f"{key}.description", f"expected a string, got {description!r}")
+            description = ""
+        out[name] = Plan(name, _frozen(targets), description)
+    return _frozen(out)
+
+
+def _target(p: _Problems, key: str, raw: Any) -> Target | None:
+    t = p.table(key, raw)
+    if t is None:
+        return None
+    p.unknown(key, t, ("hours", "clock"))
+    hours = t.get("hours")
+    if isinstance(hours, bool) or not isinstance(hours, (int, float)) or not 0 < hours <= 24 * 90:
+        p.fail(f"{key}.hours", f"expected a number of hours above 0, got {hours!r}")
+        return None
+    clock = t.get("clock", "business")
+    if clock not in CLOCKS:
+        p.fail(f"{key}.clock", f"expected \"business\" or \"24/7\", got {clock!r}")
+        return None
+    return Target(float(hours), around_the_clock=clock == "24/7")
+
+
+def _hours(p: _Problems, raw: Any, d: Mapping[str, BusinessCalendar]) -> Mapping[str, BusinessCalendar]:
+    t = p.table("rules.hours", raw) or {}
+    out = dict(d)
+    for region, value in t.items():
+        key = f"rules.hours.{region}"
+        if p.region(key, region) is None:
+            continue
+        ht = p.table(key, value)
+        if ht is not None:
+            out[region] = _calendar(p, key, ht, d[region])
+    return _frozen(out)
+
+
+def _calendar(p: _Problems, key: str, t: Mapping[str, Any], d: BusinessCalendar) -> BusinessCalendar:
+    p.unknown(key, t, ("timezone", "days", "start", "end", "holidays", "subdivision", "closed"))
+    cal = d
+    if "timezone" in t and (tz := p.string(f"{key}.timezone", t["timezone"])) is not None:
+        if _known_timezone(tz):
+            cal = replace(cal, timezone=tz)
+        else:
+            p.fail(f"{key}.timezone", f"unknown IANA time zone {tz!r}")
+    if "days" in t:
+        days = t["days"]
+        if not isinstance(days, list) or not days or any(x not in WEEKDAY_NAMES for x in days):
+            p.fail(f"{key}.days",
+                   f"expected a non-empty list of {', '.join(WEEKDAY_NAMES)}, got {days!r}")
+        else:
+            cal = replace(cal, weekdays=frozenset(WEEKDAY_NAMES.index(x) for x in days))
+    start = _clock_time(p, f"{key}.start", t["start"]) if "start" in t else cal.start
+    end = _clock_time(p, f"{key}.end", t["end"]) if "end" in t else cal.end
+    if start is not None and end is not None:
+        if start < end:
+            cal = replace(cal, start=start, end=end)
+        else:
+            p.fail(f"{key}.end", f"must be after start ({start:%H:%M}); "
+                                 "hours across midnight are not supported")
+    if "holidays" in t or "subdivision" in t:
+        cal = _holiday_settings(p, key, t, cal)
+    if "closed" in t:
+        closed = _dates(p, f"{key}.closed", t["closed"])
+        if closed is not None:
+            cal = replace(cal, closed=closed)
+    return cal
+
+
+def _known_timezone(name: str) -> bool:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _clock_time(p: _Problems, key: str, value: Any) -> time | None:
+    if isinstance(value, time):         # TOML local time: start = 09:00:00
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\d{1,2}:\d{2}", value):
+        h, m = (int(x) for x in value.split(":"))
+        if h < 24 and m < 60:
+            return time(h, m)
+    p.fail(key, f"expected a time like \"09:00\", got {value!r}")
+    return None
+
+
+def _holiday_settings(p: _Problems, key: str, t: Mapping[str, Any],
+                      cal: BusinessCalendar) -> BusinessCalendar:
+    country = t.get("holidays", cal.holiday_country or "")
+    subdiv = t.get("subdivision", cal.holiday_subdivision or "")
+    if not isinstance(country, str) or not isinstance(subdiv, str):
+        p.fail(f"{key}.holidays",
+               f"expected country and subdivision strings, got {country!r}, {subdiv!r}")
+        return cal
+    country, subdiv = country.strip().upper(), subdiv.strip().upper()
+    if not country:
+        return replace(cal, holiday_country=None, holiday_subdivision=None)
+    supported = holidays.list_supported_countries()
+    if country not in supported:
+        p.fail(f"{key}.holidays", f"the holidays library has no country {country!r}")
+        return cal
+    if subdiv and subdiv not in supported[country]:
+        p.fail(f"{key}.subdivision", f"{country} has no subdivision {subdiv!r}; "
+                                     f"known: {', '.join(supported[country])}")
+        return cal
+    return replace(cal, holiday_country=country, holiday_subdivision=subdiv or None)
+
+
+def _dates(p: _Problems, key: str, value: Any) -> frozenset[date] | None:
+    if not isinstance(value, list):
+        p.fail(key, f"expected a list of dates, got {value!r}")
+        return None
+    out = set()
+    for item in value:
+        if isinstance(item, date):
+            out.add(item)
+            continue
+        try:
+            out.add(date.fromisoformat(item))
+        except (TypeError, ValueError):
+            p.fail(key, f"expected dates like 2026-12-24, got {item!r}")
+            return None
+    return frozenset(out)
+
+
+def _directory(p: _Problems, raw: Any, plans: Mapping[str, Plan]) -> CustomerDirectory:
+    if not isinstance(raw, list):
+        p.fail("rules.customer", "expected [[rules.customer]] tables")
+        return CustomerDirectory()
+    customers: list[Customer] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(raw):
+        key = f"rules.customer[{i}]"
+        customer = _customer(p, key, entry, plans)
+        if customer is None:
+            continue
+        for domain in customer.domains:
+            if domain in seen:
+                p.fail(f"{key}.domains",
+                       f"{domain!r} is already listed by rules.customer[{seen[domain]}]")
+            seen.setdefault(domain, i)
+        customers.append(customer)
+    return CustomerDirectory(tuple(customers))
+
+
+def _customer(p: _Problems, key: str, raw: Any, plans: Mapping[str, Plan]) -> Customer | None:
+    t = p.table(key, raw)
+    if t is None:
+        return None
+    p.unknown(key, t, ("organisation", "domains", "region", "plan", "govcloud"))
+    before = len(p.items)
+    organisation = p.string(f"{key}.organisation", t.get("organisation"))
+    domains = p.strings(f"{key}.domains", t.get("domains"))
+    if domains == ():
+        p.fail(f"{key}.domains", "list at least one domain")
+    region = p.region(f"{key}.region", t["region"]) if "region" in t else None
+    plan = p.string(f"{key}.plan", t["plan"]) if "plan" in t else None
+    if plan is not None and plan not in plans:
+        p.fail(f"{key}.plan", f"no such plan {plan!r}; plans: {', '.join(plans)}")
+    govcloud = p.boolean(f"{key}.govcloud", t.get("govcloud", False))
+    if len(p.items) > before or organisation is None or not domains:
+        return None
+    return Customer(organisation=organisation.strip(),
+                    domains=tuple(x.lower().strip(".") for x in domains),
+                    region=region, plan=plan, govcloud=bool(govcloud))

@@ -1,0 +1,202 @@
+"""The rules stage through a running gateway: routing, GovCloud, redirects,
+missing information, response targets and SLA warnings, and `explain`."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from conftest import GOV, QUEUES, STAFF, SUPPORT, GatewayProc, mail, reply_to, uniq
+
+RULES = """
+[redirects]
+billing = "billing@example.com"
+sales = "sales@example.com"
+
+[rules]
+default_region = "AMER"
+default_plan = "basic"
+
+[rules.govcloud]
+domains = ["agency.example.gov"]
+
+[[rules.customer]]
+organisation = "Beispiel Maschinenbau GmbH"
+domains = ["beispiel-maschinenbau.de"]
+region = "EMEA"
+plan = "professional"
+
+[[rules.customer]]
+organisation = "Around The Clock Inc"
+domains = ["atc.example.com"]
+region = "AMER"
+plan = "advanced"
+"""
+
+
+@pytest.fixture
+def ruled(make_gateway: Callable[..., GatewayProc]) -> GatewayProc:
+    gw = make_gateway(extra_toml=RULES)
+    gw.start()
+    return gw
+
+
+def run_due(gw: GatewayProc, at: datetime) -> dict[str, int]:
+    r = gw.cli("run-due", "--now", at.isoformat())
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["jobs"]
+
+
+def test_region_from_the_sender_country_routes_to_that_queue(ruled: GatewayProc) -> None:
+    key = uniq("Backup läuft nicht")
+    ruled.send(mail("it@kunde.de", SUPPORT, key, "Seit heute Nacht läuft kein Backup."))
+    t = ruled.ticket_by_subject(key)
+    assert t["region"] == "EMEA"
+    ruled.sink.wait_to(QUEUES["EMEA"])
+    assert ruled.sink.to(QUEUES["AMER"]) == []
+
+
+def test_explicit_region_line_beats_the_country(ruled: GatewayProc) -> None:
+    key = uniq("Restore")
+    ruled.send(mail("it@kunde.de", SUPPORT, key, "Region: APAC\nPlease restore yesterday's backup."))
+    assert ruled.ticket_by_subject(key)["region"] == "APAC"
+    ruled.sink.wait_to(QUEUES["APAC"])
+
+
+def test_govcloud_customer_at_the_commercial_mailbox_never_touches_the_commercial_path(
+        ruled: GatewayProc) -> None:
+    key = uniq("Tenant backup late")
+    ruled.send(mail("ops@agency.example.gov", SUPPORT, key, "Our backup is six hours late."))
+    t = ruled.ticket_by_subject(key)
+    assert t["govcloud"] is True and t["mailbox"] == GOV
+    ack = ruled.gov_sink.wait_to("ops@agency.example.gov")[0]
+    assert GOV in str(ack["From"])
+    ruled.gov_sink.wait_to(QUEUES["GOVCLOUD"])
+    # the customer answers the GovCloud ack: still GovCloud only
+    ruled.send(reply_to(ack, "ops@agency.example.gov", "Any news?"))
+    ruled.gov_sink.wait_to(QUEUES["GOVCLOUD"], count=2)
+    assert ruled.sink.messages == []
+
+
+def test_billing_mail_is_forwarded_and_the_customer_told_where(ruled: GatewayProc) -> None:
+    key = uniq("Invoice question")
+    m = mail("Carla <carla@shop.example>", SUPPORT, key,
+             "Hello, please send me a corrected invoice for November and refund the double payment.")
+    ruled.send(m)
+    t = ruled.ticket_by_subject(key)
+    assert t["status"] == "resolved" and t["redirect"] == "billing"
+    forwarded = ruled.sink.wait_to("billing@example.com")[0]
+    assert str(forwarded["Reply-To"]) == "carla@shop.example"
+    (original,) = list(forwarded.iter_attachments())
+    assert original.get_content() == m.as_bytes()
+    notice = ruled.sink.wait_to("carla@shop.example")[0]
+    text = notice.get_body(("plain",)).get_content()
+    assert "billing@example.com" in text and "forwarded" in text
+    assert [k["kind"] for k in ruled.ticket(t["id"])["messages"]] == ["customer", "staff_notify", "redirect"]
+    # no acknowledgement, and support's queues are not bothered
+    assert len(ruled.sink.to("carla@shop.example")) == 1
+    assert all(ruled.sink.to(q) == [] for q in QUEUES.values())
+
+
+def test_a_technical_problem_that_mentions_an_invoice_stays_with_support(ruled: GatewayProc) -> None:
+    key = uniq("Export")
+    ruled.send(mail("dan@shop.example", SUPPORT, key,
+                    "The invoice PDF export crashes with error 500 since the update."))
+    t = ruled.ticket_by_subject(key)
+    assert t["redirect"] is None and t["status"] == "open"
+    assert ruled.sink.to("billing@example.com") == []
+
+
+def test_acknowledgement_asks_for_exactly_what_is_missing(ruled: GatewayProc) -> None:
+    key = uniq("Login")
+    ruled.send(mail("eve@shop.example", SUPPORT, key, "I cannot log in.\nOrganisation: Shop Ltd"))
+    t = ruled.ticket_by_subject(key)
+    assert t["missing"] == ["account_email"]
+    text = ruled.sink.wait_to("eve@shop.example")[0].get_body(("plain",)).get_content()
+    assert "email address of your account" in text and "organisation (company name)" not in text
+    # a directory customer is missing nothing
+    key2 = uniq("Login2")
+    ruled.send(mail("it@beispiel-maschinenbau.de", SUPPORT, key2, "Login geht nicht."))
+    assert ruled.ticket_by_subject(key2)["missing"] == []
+
+
+def test_response_target_is_stated_and_an_sla_warning_sent_once(ruled: GatewayProc) -> None:
+    key = uniq("Everything down")
+    ruled.send(mail("noc@atc.example.com", SUPPORT, key, "Total outage, production stopped."))
+    t = ruled.ticket_by_subject(key)
+    assert (t["plan"], t["priority"]) == ("advanced", 1)
+    due = datetime.fromisoformat(t["response_due_at"])
+    created = datetime.fromisoformat(t["created_at"])
+    assert timedelta(minutes=59) <= due - created <= timedelta(minutes=61)       # P1: 1 hour 24/7
+    ack = ruled.sink.wait_to("noc@atc.example.com")[0].get_body(("plain",)).get_content()
+    assert "1 hour 24/7" in ack
+
+    assert run_due(ruled, due - timedelta(minutes=1)) == {}
+    assert run_due(ruled, due + timedelta(minutes=1)) == {"first-response target missed: SLA warning": 1}
+    assert run_due(ruled, due + timedelta(hours=2)) == {}
+    warnings = [m for m in ruled.sink.wait_to(QUEUES["AMER"], count=2)
+                if "SLA warning" in m.get_body(("plain",)).get_content()]
+    assert len(warnings) == 1
+
+
+def test_no_sla_warning_once_staff_answered(ruled: GatewayProc) -> None:
+    key = uniq("Down again")
+    ruled.send(mail("noc@atc.example.com", SUPPORT, key, "Total outage again."))
+    t = ruled.ticket_by_subject(key)
+    note = [m for m in ruled.sink.wait_to(QUEUES["AMER"]) if key in str(m["Subject"])][0]
+    ruled.send(reply_to(note, STAFF, "Looking at it right now."))
+    assert ruled.ticket(t["id"])["first_response_at"] is not None
+    jobs = run_due(ruled, datetime.fromisoformat(t["response_due_at"]) + timedelta(hours=1))
+    assert "first-response target missed: SLA warning" not in jobs
+    assert not [m for m in ruled.sink.to(QUEUES["AMER"]) if "SLA warning" in m.as_string()]
+
+
+def test_business_hours_target_skips_the_weekend(ruled: GatewayProc) -> None:
+    """A Professional P1 (3 business hours, Mon-Fri 09-17 Europe/Berlin)."""
+    key = uniq("Produktion steht")
+    ruled.send(mail("it@beispiel-maschinenbau.de", SUPPORT, key, "Produktion steht, Totalausfall."))
+    t = ruled.ticket_by_subject(key)
+    due = datetime.fromisoformat(t["response_due_at"]).astimezone(__import__("zoneinfo").ZoneInfo("Europe/Berlin"))
+    assert due.weekday() < 5 and 9 <= due.hour <= 17
+    ack = ruled.sink.wait_to("it@beispiel-maschinenbau.de")[0].get_body(("plain",)).get_content()
+    assert "3 business hours" in ack and "Europe/Berlin" in ack
+
+
+def test_explain_shows_the_decision_and_writes_nothing(make_gateway: Callable[..., GatewayProc],
+                                                       workdir: Path) -> None:
+    gw = make_gateway(extra_toml=RULES)            # never started: no store exists
+    f = workdir / "m.eml"
+    f.write_bytes(mail("ops@agency.example.gov", SUPPORT, "slow restores",
+                       "Priority: 2\nRestores are slow.").as_bytes())
+    r = gw.cli("explain", str(f), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    d = out["decision"]
+    assert d["govcloud"] is True and d["queue"] == "GOVCLOUD" and d["priority"] == 2
+    assert any(e["rule"] == "govcloud.domain" for e in d["evidence"])
+    human = gw.cli("explain", str(f)).stdout
+    assert "govcloud.domain" in human and "evidence" in human
+    assert not gw.data_dir.exists()
+
+
+def test_rules_problems_are_reported_by_key(make_gateway: Callable[..., GatewayProc],
+                                            workdir: Path) -> None:
+    gw = make_gateway(extra_toml='[rules]\ndefault_region = "MARS"\n')
+    r = gw.cli("check-config")
+    assert r.returncode == 78 and "rules.default_region" in r.stderr
+
+
+def test_rules_can_live_in_their_own_file(make_gateway: Callable[..., GatewayProc]) -> None:
+    gw = make_gateway()
+    rules = gw.root / "rules.toml"
+    rules.write_text('[rules]\ndefault_region = "APAC"\n')
+    gw.config.write_text(gw.config.read_text().replace(
+        'ticket_tag = "Support"', 'ticket_tag = "Support"\nrules_file = "rules.toml"'))
+    assert gw.cli("check-config").returncode == 0
+    gw.start()
+    key = uniq("where")
+    gw.send(mail("x@shop.example", SUPPORT, key, "hello"))
+    assert gw.ticket_by_subject(key)["region"] == "APAC"
