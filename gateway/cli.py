@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Email-driven support ticket gateway")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("serve", parents=[common], help="run the daemon (SMTP/LMTP listener, sender)")
+    sv = sub.add_parser("serve", parents=[common], help="run the daemon (SMTP/LMTP listener, sender)")
+    sv.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)   # set by the primary
     ing = sub.add_parser("ingest", parents=[common], help="take one message from FILE or stdin")
     ing.add_argument("file", nargs="?", help="RFC 5322 message (default: stdin)")
     ing.add_argument("--recipient", help="envelope recipient, as the MTA passes it")
@@ -59,6 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     ts = tsub.add_parser("show", parents=[common], help="one ticket with all its messages")
     ts.add_argument("id", type=int)
     ts.add_argument("--json", action="store_true")
+
+    qu = sub.add_parser("quarantine", parents=[common], help="mail set aside: list, show, retry")
+    qsub = qu.add_subparsers(dest="quarantine_command", required=True, metavar="list|show|retry")
+    ql = qsub.add_parser("list", parents=[common], help="one row per quarantined mail, oldest first")
+    ql.add_argument("--json", action="store_true")
+    qs = qsub.add_parser("show", parents=[common], help="the raw mail on stdout (--json: error, metadata)")
+    qs.add_argument("id", type=int)
+    qs.add_argument("--json", action="store_true")
+    qr = qsub.add_parser("retry", parents=[common], help="process the stored mail again")
+    qr.add_argument("id", type=int)
 
     rd = sub.add_parser("run-due", parents=[common], help="run due jobs, deliver the outbox once")
     rd.add_argument("--now", help="ISO-8601 time standing in for the clock")
@@ -86,6 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"gateway: invalid configuration: {problem}", file=sys.stderr)
         return replies.EX_CONFIG
     if command == "check-config":
+        from gateway.outbound.compose import check_templates, templates
+        template_problems = check_templates(templates(config.templates_dir))
+        if template_problems:
+            for problem in template_problems:
+                print(f"gateway: template error: {problem}", file=sys.stderr)
+            return replies.EX_CONFIG
         print(f"configuration OK ({config.source}): {len(config.mailboxes)} mailbox(es), "
               f"data in {config.data_dir}, {'LMTP' if config.lmtp else 'SMTP'} on "
               f"{config.smtp_host}:{config.smtp_port}, outbound via {config.outbound_transport}")
@@ -93,11 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command == "serve":
             from gateway import app     # the daemon's parts, imported only where used
-            return asyncio.run(app.serve(config))
+            return asyncio.run(app.serve(config, worker=args.worker))
         if command == "ingest":
             return asyncio.run(_ingest(config, args))
         if command == "tickets":
             return asyncio.run(_tickets(config, args))
+        if command == "quarantine":
+            return asyncio.run(_quarantine(config, args))
         if command == "run-due":
             return asyncio.run(_run_due(config, args))
         if command == "stats":
@@ -112,6 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return replies.EX_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - for ingest, anything unexpected is "try again later"
+        if command == "ingest":
+            # An MTA bounces mail on any other status: a bug here must not send
+            # the customer's mail back to them (sysexits EX_TEMPFAIL defers it).
+            print(f"gateway: ingest failed, try again later: {type(e).__name__}: {e}", file=sys.stderr)
+            return replies.EX_TEMPFAIL
+        raise
     raise AssertionError(command)  # pragma: no cover - argparse restricts commands
 
 
@@ -145,6 +171,12 @@ async def _ingest(config: Config, args: argparse.Namespace) -> int:
         return replies.EX_NOUSER
     mailbox = config.mailbox_for(address)
     assert mailbox is not None
+    from gateway.inbound.intake import structure_problem
+    problem = structure_problem(raw, config.limits)
+    if problem is not None:
+        # [limits]: what serve refuses with 554 5.6.0 (gateway.inbound.smtp)
+        print(f"gateway: message refused: {problem}", file=sys.stderr)
+        return replies.EX_DATAERR
     from gateway import app
     from gateway.pipeline import Received
     gw = await app.open_gateway(config)
@@ -213,6 +245,46 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     print("evidence (the first line of each part decided it):")
     for e in d.evidence:
         print(f"  {e.part:<9} {e.rule:<28} {e.detail}")
+    return replies.EX_OK
+
+
+# -- quarantine -----------------------------------------------------------
+
+async def _quarantine(config: Config, args: argparse.Namespace) -> int:
+    """`quarantine list|show|retry` (gateway.quarantine). Exit 1: no such quarantined
+    mail; retry exits 65 (EX_DATAERR) when the mail fails again and stays quarantined."""
+    from gateway import app, quarantine
+    from gateway.blobs import Blobs
+    if args.quarantine_command == "retry":
+        gw = await app.open_gateway(config)
+        try:
+            result = await quarantine.retry(gw, args.id)
+        except quarantine.NotQuarantined as e:
+            print(f"gateway: no quarantined mail {e}", file=sys.stderr)
+            return 1
+        finally:
+            await gw.close()
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+        return replies.EX_OK if result.processed else replies.EX_DATAERR
+    store = await Store.open(config.db_path, config.busy_timeout_ms)
+    try:
+        if args.quarantine_command == "list":
+            rows = await quarantine.entries(store)
+            print(json.dumps(rows, ensure_ascii=False) if args.json else quarantine.table(rows))
+            return replies.EX_OK
+        try:
+            entry = await quarantine.entry(store, args.id)
+            raw = None if args.json else await quarantine.raw_bytes(store, Blobs(config.data_dir), args.id)
+        except (quarantine.NotQuarantined, OSError) as e:
+            print(f"gateway: no quarantined mail {args.id}: {e}", file=sys.stderr)
+            return 1
+    finally:
+        await store.close()
+    if raw is None:
+        print(json.dumps(entry, ensure_ascii=False))
+    else:
+        sys.stdout.buffer.write(raw)
+        sys.stdout.buffer.flush()
     return replies.EX_OK
 
 

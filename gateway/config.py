@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.lifecycle import Policy
-from gateway.rules_config import RulesConfig, default_rules, parse_rules
+from gateway.dkim import DkimKey, parse_dkim
+from gateway.rules_config import SUPPORTED_LANGUAGES, RulesConfig, default_rules, parse_rules
 from gateway.model import REGIONS, normalize_address
 
+if TYPE_CHECKING:
+    from gateway.inbound.imap import ImapAccount
+
 ENV_VAR = "GATEWAY_CONFIG"
+AUTO_WORKERS_MAX = 4
 QUEUE_NAMES = (*REGIONS, "GOVCLOUD")
 
 
@@ -34,12 +40,23 @@ class ConfigError(Exception):
 class Mailbox:
     address: str
     govcloud: bool = False
+    language: str = "en"          # answers when nothing tells the customer's language
 
 
 @dataclass(frozen=True)
 class Relay:
     host: str
     port: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    """`[limits]`: what one sender or one mail may cost the gateway (hostile input, floods)."""
+
+    max_recipients: int = 50              # RCPT TO per transaction; more get 452 4.5.3
+    max_attachments: int = 100            # MIME leaf parts besides the text; more get 554 5.6.0
+    max_nesting: int = 10                 # multipart / message/rfc822 depth; deeper gets 554 5.6.0
+    auto_answers_per_sender_per_hour: int = 10   # acknowledgements to one address per hour
 
 
 @dataclass(frozen=True)
@@ -67,7 +84,19 @@ class Config:
     policy: Policy = field(default_factory=Policy)
     rules: RulesConfig = field(default_factory=default_rules)
     scheduler_interval_s: float = 60.0
+    workers: int = 1
+    metrics_enabled: bool = False
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9325
+    metrics_probe_s: float = 5.0
     source: str = "built-in defaults"
+    limits: Limits = field(default_factory=Limits)
+    # staff mail is trusted only when the MTA authenticated it (gateway.inbound.authres)
+    staff_require_authenticated: bool = False
+    staff_trusted_authserv_ids: frozenset[str] = frozenset()
+    templates_dir: Path | None = None         # operators' overrides of gateway/templates
+    dkim_keys: Mapping[str, DkimKey] = field(default_factory=dict)
+    imap: tuple[ImapAccount, ...] = ()
 
     # -- lookups used across the gateway ---------------------------------
     def mailbox_for(self, address: str) -> Mailbox | None:
@@ -158,11 +187,12 @@ def _check_address(r: _Reader, key: str, value: str) -> str:
     return addr
 
 
-def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None = None) -> Config:
+def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None = None,
+          config_dir: Path | None = None) -> Config:
     """Validate a TOML tree (already merged over nothing: missing keys take defaults)."""
     d = _defaults()
     r = _Reader(data)
-    known = set(d) | {"imap", "metrics"}
+    known = set(d) | {"imap", "metrics", "limits", "dkim"}
     for key in data:
         if key not in known:
             r.fail(key, "unknown section")
@@ -173,6 +203,14 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None
         data_dir = base_dir / data_dir
     tag = _prefixed(r, "gateway", g, "ticket_tag", str, d["gateway"]["ticket_tag"])
     _prefixed(r, "gateway", g, "rules_file", str, "")          # read by load()
+    templates_value = _prefixed(r, "gateway", g, "templates_dir", str, "")
+    templates_dir = None
+    if templates_value:
+        templates_dir = Path(templates_value)
+        if not templates_dir.is_absolute() and config_dir is not None:
+            templates_dir = config_dir / templates_dir
+        if not templates_dir.is_dir():
+            r.fail("gateway.templates_dir", f"no such directory: {str(templates_dir)!r}")
     if not tag or any(c in tag for c in "[]#\r\n") or len(tag) > 40:
         r.fail("gateway.ticket_tag", "must be 1-40 characters without '[', ']', '#' or line breaks")
 
@@ -181,6 +219,12 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None
     smtp_port = _port_of(r, "smtp", s, d["smtp"]["port"])
     lmtp = _prefixed(r, "smtp", s, "lmtp", bool, False)
     max_size = _prefixed(r, "smtp", s, "max_message_size", int, d["smtp"]["max_message_size"])
+    workers = _prefixed(r, "smtp", s, "workers", int, 0)
+    if not 0 <= workers <= 64:
+        r.fail("smtp.workers", f"expected 0 (one per CPU, at most {AUTO_WORKERS_MAX}) to 64, got {workers}")
+        workers = 0
+    if workers == 0:
+        workers = max(1, min(os.cpu_count() or 1, AUTO_WORKERS_MAX))
     if max_size < 1024:
         r.fail("smtp.max_message_size", f"must be at least 1024 bytes, got {max_size}")
 
@@ -197,7 +241,11 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None
         if not isinstance(gov, bool):
             r.fail(f"mailbox[{i}].govcloud", f"expected true or false, got {gov!r}")
             gov = False
-        boxes.append(Mailbox(_check_address(r, f"mailbox[{i}].address", mb["address"]), gov))
+        language = mb.get("language", "en")
+        if language not in SUPPORTED_LANGUAGES:
+            r.fail(f"mailbox[{i}].language", f"expected one of {', '.join(SUPPORTED_LANGUAGES)}, got {language!r}")
+            language = "en"
+        boxes.append(Mailbox(_check_address(r, f"mailbox[{i}].address", mb["address"]), gov, language))
     if len({b.address for b in boxes}) != len(boxes):
         r.fail("mailbox", "the same address is configured twice")
 
@@ -278,6 +326,25 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None
     if interval <= 0:
         r.fail("scheduler.interval_seconds", "must be > 0")
 
+    limits, require_auth, authserv_ids = _limits_and_staff_auth(r, data)
+
+    me = r.section("metrics")
+    metrics_enabled = _prefixed(r, "metrics", me, "enabled", bool, False)
+    metrics_host = _prefixed(r, "metrics", me, "host", str, "127.0.0.1")
+    metrics_port = _port_of(r, "metrics", me, 9325)
+    metrics_probe_s = float(_prefixed(r, "metrics", me, "probe_seconds", (int, float), 5.0))
+    if metrics_probe_s <= 0:
+        r.fail("metrics.probe_seconds", "must be > 0")
+
+    dkim_keys, dkim_problems = parse_dkim(data.get("dkim", []), config_dir)
+    r.problems.extend(dkim_problems)
+    imap_accounts: tuple[ImapAccount, ...] = ()
+    if "imap" in data:
+        from gateway.inbound.imap import parse_imap   # imapclient only where IMAP is configured
+        imap_accounts, imap_problems = parse_imap(data["imap"], {b.address for b in boxes},
+                                                  base_dir=config_dir)
+        r.problems.extend(imap_problems)
+
     rules, rule_problems = parse_rules(data)
     r.problems.extend(rule_problems)
 
@@ -295,8 +362,38 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None
         policy=Policy(reminder_after=timedelta(hours=reminder_h),
                       autoclose_after=timedelta(hours=autoclose_h),
                       reopen_within=timedelta(days=reopen_d)),
-        scheduler_interval_s=interval, rules=rules,
+        scheduler_interval_s=interval, rules=rules, workers=workers,
+        metrics_enabled=metrics_enabled, metrics_host=metrics_host, metrics_port=metrics_port,
+        metrics_probe_s=metrics_probe_s,
+        limits=limits, staff_require_authenticated=require_auth,
+        staff_trusted_authserv_ids=authserv_ids, templates_dir=templates_dir, dkim_keys=dkim_keys,
+        imap=imap_accounts,
     )
+
+
+def _limits_and_staff_auth(r: _Reader, data: dict[str, Any]) -> tuple[Limits, bool, frozenset[str]]:
+    """`[limits]`, and `[staff] require_authenticated` / `trusted_authserv_ids`."""
+    lim = r.section("limits")
+    dflt = Limits()
+    values: dict[str, int] = {}
+    for key, low in (("max_recipients", 1), ("max_attachments", 0), ("max_nesting", 1),
+                     ("auto_answers_per_sender_per_hour", 0)):
+        value = _prefixed(r, "limits", lim, key, int, getattr(dflt, key))
+        if value < low:
+            r.fail(f"limits.{key}", f"must be at least {low}, got {value}")
+        values[key] = value
+    for key in lim:
+        if key not in values:
+            r.fail(f"limits.{key}", "unknown key")
+    st = r.section("staff")
+    require = _prefixed(r, "staff", st, "require_authenticated", bool, False)
+    ids = _prefixed(r, "staff", st, "trusted_authserv_ids", list, [])
+    trusted = frozenset(x.strip().lower() for x in ids
+                        if _is_str(r, "staff.trusted_authserv_ids", x) and x.strip())
+    if require and not trusted:
+        r.fail("staff.trusted_authserv_ids",
+               "name at least one authserv-id when staff.require_authenticated = true")
+    return Limits(**values), require, trusted
 
 
 def _prefixed(r: _Reader, prefix: str, sect: dict[str, Any], key: str,
@@ -336,7 +433,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         # it; ops own the rest); its [rules] replaces the main file's.
         rp = Path(rules_file) if Path(rules_file).is_absolute() else p.parent / rules_file
         data = {**data, "rules": _read_toml(rp, "gateway.rules_file").get("rules", {})}
-    return parse(data, source=str(p))
+    return parse(data, source=str(p), config_dir=p.parent)
 
 
 def _read_toml(p: Path, key: str) -> dict[str, Any]:

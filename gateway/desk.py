@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
-from zoneinfo import ZoneInfo
+from datetime import datetime
 from typing import Any
 
 import structlog
 
+from gateway import language
 from gateway.config import Config
 from gateway.lifecycle import Transition, timers_of
 from gateway.model import Attachment, Kind, Ticket
@@ -82,7 +82,8 @@ class Desk:
             thread = await tx.customer_thread(ticket.id, CUSTOMER_THREAD)
         out = self.composer.compose(kind, ticket=ticket, mailbox=ticket.mailbox, to=to or cc,
                                     cc=cc if to else (), answers=thread, now=now, context=context,
-                                    template=template, from_name=from_name, attachments=attachments)
+                                    template=template, from_name=from_name, attachments=attachments,
+                                    language=ticket.language)
         return await self.enqueue(tx, ticket.id, out, now)
 
     async def to_staff(self, tx: Tx, ticket: Ticket, address: str, now: datetime, *,
@@ -102,10 +103,7 @@ class Desk:
         if target is None or due is None:
             return None
         calendar = None if target.around_the_clock else self.config.rules.hours.get(ticket.region)
-        zone = ZoneInfo(calendar.timezone) if calendar else UTC
-        when = due.astimezone(zone).strftime("%a %d %b %Y, %H:%M %Z")
-        hours = f" ({calendar.describe()})" if calendar else ""
-        return f"within {target.describe()}{hours}: by {when}"
+        return language.target_text(ticket.language, target, due, calendar)
 
     def queue_of(self, ticket: Ticket) -> str:
         return self.config.queues["GOVCLOUD" if ticket.govcloud else ticket.region]

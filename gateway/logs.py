@@ -11,26 +11,41 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
+import structlog.tracebacks
+from structlog.typing import EventDict, Processor
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-          "error": logging.ERROR}
+          "error": logging.ERROR, "exception": logging.ERROR, "critical": logging.CRITICAL}
 
 
-def configure(stream: TextIO | None = None, level: str | None = None) -> None:
+def configure(stream: TextIO | None = None, level: str | None = None,
+              count: Processor | None = None) -> None:
+    """JSON lines to `stream`; `count` (gateway.metrics) sees every event,
+    whatever the level, before the level filter drops any."""
     name = (level or os.environ.get("LOG_LEVEL") or "info").lower()
+    threshold = LEVELS.get(name, logging.INFO)
+
+    def by_level(logger: Any, method: str, event: EventDict) -> EventDict:
+        if LEVELS.get("warning" if method == "warn" else method, logging.ERROR) < threshold:
+            raise structlog.DropEvent
+        return event
+
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            *([count, by_level] if count else []),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks,
-            structlog.processors.EventRenamer("event"),
+            # Tracebacks as data, without frame locals: locals hold message
+            # bytes and addresses, which must never reach the logs.
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
             structlog.processors.JSONRenderer(sort_keys=False),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(name, logging.INFO)),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if count else threshold),
         logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stdout),
         cache_logger_on_first_use=False,
     )

@@ -75,6 +75,8 @@ class ParsedMail:
     attachments: tuple[tuple[Attachment, bytes], ...] = ()
     headers: dict[str, str] = field(default_factory=dict)   # first value of each, lower-case names
     defects: tuple[str, ...] = ()
+    # MIME types of every part, in order (finds reports wrapped in multipart/mixed)
+    content_types: tuple[str, ...] = ()
 
     @property
     def thread_ids(self) -> tuple[str, ...]:
@@ -113,6 +115,7 @@ class Ticket:
     sla_warned_at: datetime | None = None
     missing: tuple[str, ...] = ()            # form fields the customer did not give
     redirect: str | None = None              # "billing", "sales": handed elsewhere
+    language: str = "en"                     # the language the customer is answered in
 
     @property
     def participants(self) -> frozenset[str]:

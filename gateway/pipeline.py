@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -17,7 +17,9 @@ from gateway import lifecycle
 from gateway.config import Config, Mailbox
 from gateway.conversation import Placement, place, tagged_ticket_id
 from gateway.desk import Desk
+from gateway.inbound import authres
 from gateway.inbound.automatic import automatic_kind
+from gateway.language import choose_language
 from gateway.model import Attachment, Kind, ParsedMail, Status, Ticket, normalize_address
 from gateway.rules import Decision, decide
 from gateway.store import Tx
@@ -25,14 +27,16 @@ from gateway.tokens import TicketTokens
 
 log = structlog.get_logger("gateway.pipeline")
 
-# What the acknowledgement asks for when the rules found a form field missing
-MISSING_LABELS = {"account_email": "the email address of your account with us",
-                  "organisation": "your organisation (company name)"}
-
 # RFC 3464 §2.3.2: the recipient a delivery status notification is about
 _FINAL_RECIPIENT = re.compile(rb"^Final-Recipient:\s*rfc822;\s*<?([^\s<>]+@[^\s<>]+)>?\s*$",
                               re.IGNORECASE | re.MULTILINE)
 _PERMANENT = re.compile(rb"^Status:\s*5\.\d{1,3}\.\d{1,3}", re.IGNORECASE | re.MULTILINE)
+# An address we could answer: a local part and a domain (RFC 5321 §4.1.2), no space,
+# control character or bracket, no empty domain label. `@customer.example`, `ann@` or
+# `ann@customer.` is no sender (found by
+# tests/test_fuzz.py): answering it only makes the relay bounce our mail.
+_ANSWERABLE = re.compile(r"[^\s@<>()\[\],;:\\\x00-\x1f\x7f]+"
+                         r"@[^\s@<>()\[\],;:\\.\x00-\x1f\x7f]+(?:\.[^\s@<>()\[\],;:\\.\x00-\x1f\x7f]+)*")
 
 
 @dataclass(frozen=True)
@@ -70,12 +74,14 @@ class Pipeline:
             return Outcome(inbound_id, "duplicate", None, mail.message_id, 0,
                            "a mail with this Message-ID is already on a ticket")
         sender = mail.sender or normalize_address(received.mail_from or "")
-        if "@" not in sender:
+        auto = automatic_kind(mail.headers, sender=sender, mail_from=received.mail_from,
+                              own_addresses=self.own_addresses, content_types=mail.content_types)
+        if auto is None and not _ANSWERABLE.fullmatch(sender):
             # Nobody to answer and nobody to thread by: kept for ops, never ticketed blind.
+            # (Automatic mail goes on: a bounce from a bare MAILER-DAEMON, as IMAP
+            # delivers it without an envelope, still belongs on its ticket.)
             return Outcome(inbound_id, "quarantined", None, mail.message_id, 0,
                            "no sender address in From: or the envelope")
-        auto = automatic_kind(mail.headers, sender=sender, mail_from=received.mail_from,
-                              own_addresses=self.own_addresses)
         by_reference = await self._ticket_answered(tx, mail.thread_ids)
         if by_reference is None and auto == "bounce":
             # a DSN quotes our mail in its body, not in In-Reply-To
@@ -103,7 +109,10 @@ class Pipeline:
         ticket = by_reference if by_reference and by_reference.id == placement.ticket_id else by_tag
         assert ticket is not None
         if self.config.is_staff(sender):
-            return await self._staff_reply(tx, inbound_id, mail, ticket, sender, now, placement)
+            unverified = self._staff_unverified(received, sender)
+            if unverified is None:
+                return await self._staff_reply(tx, inbound_id, mail, ticket, sender, now, placement)
+            return await self._unverified_staff(tx, inbound_id, mail, ticket, sender, now, unverified)
         return await self._customer_reply(tx, inbound_id, mail, ticket, sender, now, placement)
 
     async def _ticket_answered(self, tx: Tx, ids: tuple[str, ...]) -> Ticket | None:
@@ -155,30 +164,42 @@ class Pipeline:
         mailbox = self._answering_mailbox(received.mailbox, decision.govcloud)
         own = self.own_addresses | {sender}
         cc = tuple(a for a in mail.cc + mail.to if a not in own and not self.config.mailbox_for(a))
+        lang, lang_why = self.language(mail, received.mailbox, sender)
         ticket = await tx.create_ticket(
             subject=mail.subject or "(no subject)", requester=sender, cc=cc, region=decision.region,
             govcloud=decision.govcloud, priority=decision.priority, mailbox=mailbox,
             linked_ticket=placement.linked_ticket, now=now, plan=decision.plan,
             response_due_at=decision.response_due if redirect_to is None else None,
             missing=decision.missing, redirect=decision.redirect if redirect_to else None,
-            decision=decision.to_json())
+            language=lang, decision={**decision.to_json(), "language": {"value": lang, "why": lang_why}})
         await self._record(tx, ticket.id, Kind.CUSTOMER, mail, inbound_id, now)
         if redirect_to:
             queued = await self._redirect(tx, ticket, mail, received, redirect_to, now)
         else:
-            queued = await self.desk.to_customer(
-                tx, ticket, Kind.ACK, now, include_cc=False, thread=[mail.message_id],
-                context={"name": mail.sender_name or sender,
-                         "target": self.desk.target_text(ticket, decision.response_due),
-                         "missing": [MISSING_LABELS.get(f, f) for f in decision.missing]})
+            queued = 0
+            if await self._auto_answer_allowed(tx, ticket, sender, now):
+                queued = await self.desk.to_customer(
+                    tx, ticket, Kind.ACK, now, include_cc=False, thread=[mail.message_id],
+                    context={"name": mail.sender_name or sender,
+                             "target": self.desk.target_text(ticket, decision.response_due),
+                             "missing": list(decision.missing)})
             queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now)
         log.info("ticket.created", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, region=ticket.region, govcloud=ticket.govcloud,
                  priority=ticket.priority, plan=ticket.plan, queue=decision.queue,
                  redirect=ticket.redirect, missing=list(ticket.missing),
-                 linked_ticket=ticket.linked_ticket, reason=placement.reason,
+                 linked_ticket=ticket.linked_ticket, reason=placement.reason, language=lang,
                  rules=sorted({e.rule for e in decision.evidence if not e.rule.endswith(".none")}))
         return Outcome(inbound_id, "created", ticket.id, mail.message_id, queued, placement.reason)
+
+    def language(self, mail: ParsedMail, mailbox: Mailbox, sender: str) -> tuple[str, str]:
+        """The language the customer is answered in, and why (gateway.language)."""
+        found = self.config.rules.directory.lookup(sender.rpartition("@")[2])
+        return choose_language(
+            directory_language=found[0].language if found else None,
+            content_language=mail.headers.get("content-language"),
+            accept_language=mail.headers.get("accept-language"),
+            text=f"{mail.subject}\n{mail.reply_text}", default=mailbox.language)
 
     def _answering_mailbox(self, reached: Mailbox, govcloud: bool) -> str:
         """GovCloud tickets are answered from a GovCloud mailbox, even when the
@@ -267,3 +288,61 @@ class Pipeline:
             tx, ticket, self.desk.queue_of(ticket), now, answers=[mail.message_id],
             context={"is_new": is_new, "sender": sender, "reply_text": mail.reply_text,
                      "body_text": mail.body_text, "attachments": [a for a, _ in mail.attachments]})
+
+    # -- loops, floods and forged staff mail -----------------------------
+    async def _auto_answer_allowed(self, tx: Tx, ticket: Ticket, sender: str, now: datetime) -> bool:
+        """At most `[limits] auto_answers_per_sender_per_hour` automatic answers to one address.
+
+        A flood from one sender (or a responder that sets none of RFC 3834's
+        headers, so that `automatic_kind` can't tell) still makes its tickets
+        and reaches staff, but is not answered mail for mail: RFC 3834 §2
+        asks automatic responders to limit how often they answer one sender.
+        The window slides over the injected clock (`now`).
+        """
+        limit = self.config.limits.auto_answers_per_sender_per_hour
+        sent = await tx.auto_answers_to(sender, now - timedelta(hours=1), AUTO_ANSWER_KINDS)
+        if sent < limit:
+            return True
+        log.warning("ticket.ack_suppressed", ticket_id=ticket.id, requester=sender,
+                    sent_last_hour=sent, limit=limit)
+        return False
+
+    def _staff_unverified(self, received: Received, sender: str) -> str | None:
+        """Why a staff address's mail can't be taken as staff, or None when it can.
+
+        With `[staff] require_authenticated`, only mail that the receiving MTA
+        authenticated for the From domain (RFC 8601 Authentication-Results from
+        a trusted authserv-id: `gateway.inbound.authres`) is relayed or obeyed.
+        """
+        if not self.config.staff_require_authenticated:
+            return None
+        verdict = authres.verify(authres.header_values(received.raw),
+                                 from_domain=sender.rpartition("@")[2],
+                                 trusted_ids=self.config.staff_trusted_authserv_ids)
+        return None if verdict.authenticated else verdict.reason
+
+    async def _unverified_staff(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket,
+                                sender: str, now: datetime, reason: str) -> Outcome:
+        """Mail from a staff address that the MTA did not authenticate.
+
+        Kept on the ticket as a `note`: staff see it, the customer never does
+        (notes are not relayed and are not on the customer's thread), no
+        command is applied and the status does not change. The staff address
+        is told why, so a real agent whose mail setup broke learns of it, and
+        an agent being impersonated learns that too.
+        """
+        await self._record(tx, ticket.id, Kind.NOTE, mail, inbound_id, now)
+        queued = await self.desk.to_staff(
+            tx, ticket, sender, now, answers=[mail.message_id], template="command_error",
+            context={"errors": [f"our mail server did not authenticate your mail as coming from "
+                                f"{sender.rpartition('@')[2]} ({reason}); it was kept as an internal "
+                                f"note only"],
+                     "text": mail.reply_text})
+        log.warning("staff.unauthenticated", ticket_id=ticket.id, message_id=mail.message_id,
+                    sender=sender, reason=reason)
+        return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
+                       f"staff mail not authenticated, kept as a note: {reason}")
+
+
+# Our automatic answers to a customer, counted by the per-sender hourly cap
+AUTO_ANSWER_KINDS = (Kind.ACK.value, Kind.REDIRECT.value)

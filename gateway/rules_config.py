@@ -30,6 +30,7 @@ from gateway.sla import WEEKDAY_NAMES, BusinessCalendar
 
 Wording = Mapping[str, tuple[str, ...]]      # language ("en", "de") → phrases
 
+SUPPORTED_LANGUAGES = ("en", "de", "ja")     # gateway.language.SUPPORTED
 REGION_SOURCES = ("field", "mailbox", "directory", "country", "date_offset")
 PRIORITY_SOURCES = ("field", "subject_tag", "wording")
 WORDING_LEVELS = (1, 2, 4)                   # 3 is the default, never "worded"
@@ -117,6 +118,7 @@ class Customer:
     region: str | None = None
     plan: str | None = None
     govcloud: bool = False
+    language: str | None = None              # en, de, ja: the language support answers in
 
 
 @dataclass(frozen=True)
@@ -475,7 +477,7 @@ def _offsets(p: _Problems, key: str, raw: Any, d: tuple[OffsetBand, ...]) -> tup
             continue
         bands[name] = OffsetBand(name, low, high)
     ordered = sorted(bands.values(), key=lambda b: b.low)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in zip(ordered, ordered[1:], strict=False):
         if b.low <= a.high:
             p.fail(key, f"the {a.region} and {b.region} bands overlap")
     return tuple(ordered)
@@ -727,7 +729,7 @@ def _customer(p: _Problems, key: str, raw: Any, plans: Mapping[str, Plan]) -> Cu
     t = p.table(key, raw)
     if t is None:
         return None
-    p.unknown(key, t, ("organisation", "domains", "region", "plan", "govcloud"))
+    p.unknown(key, t, ("organisation", "domains", "region", "plan", "govcloud", "language"))
     before = len(p.items)
     organisation = p.string(f"{key}.organisation", t.get("organisation"))
     domains = p.strings(f"{key}.domains", t.get("domains"))
@@ -738,8 +740,11 @@ def _customer(p: _Problems, key: str, raw: Any, plans: Mapping[str, Plan]) -> Cu
     if plan is not None and plan not in plans:
         p.fail(f"{key}.plan", f"no such plan {plan!r}; plans: {', '.join(plans)}")
     govcloud = p.boolean(f"{key}.govcloud", t.get("govcloud", False))
+    language = p.string(f"{key}.language", t["language"]) if "language" in t else None
+    if language is not None and language not in SUPPORTED_LANGUAGES:
+        p.fail(f"{key}.language", f"expected one of {', '.join(SUPPORTED_LANGUAGES)}, got {language!r}")
     if len(p.items) > before or organisation is None or not domains:
         return None
     return Customer(organisation=organisation.strip(),
                     domains=tuple(x.lower().strip(".") for x in domains),
-                    region=region, plan=plan, govcloud=bool(govcloud))
+                    region=region, plan=plan, govcloud=bool(govcloud), language=language)

@@ -8,7 +8,6 @@ happens exactly once however often, and however many processes, run it.
 """
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
@@ -18,6 +17,7 @@ import structlog
 from gateway import lifecycle
 from gateway.clock import Clock
 from gateway.desk import Desk
+from gateway.loops import Repeater
 from gateway.model import Ticket
 from gateway.store import Store, Tx
 
@@ -35,7 +35,7 @@ class Scheduler:
         self.clock = clock
         self.interval_s = interval_s
         self.on_queued = on_queued
-        self._stop = asyncio.Event()
+        self._loop = Repeater(self.run_due, interval_s, lambda: log.exception("scheduler.error"))
 
     async def run_due(self, now: datetime | None = None) -> dict[str, int]:
         """Run every job due at `now`; return how many of each kind ran."""
@@ -80,15 +80,7 @@ class Scheduler:
 
     async def run(self) -> None:
         """Run due jobs every `interval_s` until stopped."""
-        while not self._stop.is_set():
-            try:
-                await self.run_due()
-            except Exception:  # noqa: BLE001 - the next run tries again
-                log.exception("scheduler.error")
-            try:
-                await asyncio.wait_for(self._stop.wait(), timeout=self.interval_s)
-            except TimeoutError:
-                pass
+        await self._loop.run()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._loop.stop()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -138,6 +139,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tickets_response_due ON tickets(response_due_at)
         WHERE sla_warned_at IS NULL AND first_response_at IS NULL AND response_due_at IS NOT NULL;
     """,
+    # 4: the language the customer is answered in
+    """
+    ALTER TABLE tickets ADD COLUMN language TEXT NOT NULL DEFAULT 'en';
+    """,
 )
 
 
@@ -169,7 +174,7 @@ class OutboxItem:
 _TICKET_COLS = ("id, subject, status, requester, cc, region, govcloud, priority, mailbox, "
                 "linked_ticket, created_at, first_response_at, resolved_at, closed_at, escalated, "
                 "reminder_due_at, autoclose_due_at, close_due_at, undeliverable, plan, "
-                "response_due_at, sla_warned_at, missing, redirect")
+                "response_due_at, sla_warned_at, missing, redirect, language")
 
 
 def _ticket(row: Sequence[Any]) -> Ticket:
@@ -182,6 +187,7 @@ def _ticket(row: Sequence[Any]) -> Ticket:
         autoclose_due_at=from_iso(row[16]), close_due_at=from_iso(row[17]),
         undeliverable=tuple(json.loads(row[18])), plan=row[19], response_due_at=from_iso(row[20]),
         sla_warned_at=from_iso(row[21]), missing=tuple(json.loads(row[22])), redirect=row[23],
+        language=row[24],
     )
 
 
@@ -243,9 +249,13 @@ class Tx:
 
     async def due_ticket_ids(self, now: datetime, limit: int = 500) -> list[int]:
         t = iso(now)
-        rows = await self._all("SELECT id FROM tickets WHERE reminder_due_at <= ? UNION"
-                               " SELECT id FROM tickets WHERE autoclose_due_at <= ? UNION"
-                               " SELECT id FROM tickets WHERE close_due_at <= ? UNION"
+        # The IS NOT NULL terms match the partial indexes: without them SQLite scans tickets.
+        rows = await self._all("SELECT id FROM tickets WHERE reminder_due_at <= ?"
+                               " AND reminder_due_at IS NOT NULL UNION"
+                               " SELECT id FROM tickets WHERE autoclose_due_at <= ?"
+                               " AND autoclose_due_at IS NOT NULL UNION"
+                               " SELECT id FROM tickets WHERE close_due_at <= ?"
+                               " AND close_due_at IS NOT NULL UNION"
                                " SELECT id FROM tickets WHERE response_due_at <= ? AND sla_warned_at IS NULL"
                                " AND first_response_at IS NULL AND response_due_at IS NOT NULL"
                                " ORDER BY 1 LIMIT ?", (t, t, t, t, limit))
@@ -256,22 +266,23 @@ class Tx:
                             govcloud: bool, priority: int, mailbox: str,
                             linked_ticket: int | None, now: datetime, plan: str = "",
                             response_due_at: datetime | None = None, missing: Sequence[str] = (),
-                            redirect: str | None = None,
+                            redirect: str | None = None, language: str = "en",
                             decision: dict[str, Any] | None = None) -> Ticket:
         ticket_id = await self._insert(
             "INSERT INTO tickets (subject, status, requester, cc, region, govcloud, priority,"
             " mailbox, linked_ticket, created_at, updated_at, plan, response_due_at, missing,"
-            " redirect, decision) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " redirect, decision, language) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (subject, Status.OPEN.value, requester, json.dumps(list(cc)), region, int(govcloud),
              priority, mailbox, linked_ticket, iso(now), iso(now), plan, iso(response_due_at),
-             json.dumps(list(missing)), redirect, json.dumps(decision) if decision else None))
+             json.dumps(list(missing)), redirect, json.dumps(decision) if decision else None,
+             language))
         # the row as written (times at the stored one-second precision), without reading it back
         return Ticket(id=ticket_id, subject=subject, status=Status.OPEN, requester=requester,
                       cc=tuple(cc), region=region, govcloud=govcloud, priority=priority,
                       mailbox=mailbox, linked_ticket=linked_ticket,
                       created_at=from_iso(iso(now)), plan=plan,  # type: ignore[arg-type]
                       response_due_at=from_iso(iso(response_due_at)), missing=tuple(missing),
-                      redirect=redirect)
+                      redirect=redirect, language=language)
 
     async def update_ticket(self, ticket_id: int, now: datetime, **fields: Any) -> None:
         allowed = {"status", "cc", "priority", "first_response_at", "resolved_at", "closed_at",
@@ -312,6 +323,30 @@ class Tx:
             (message_row, ticket_id, kind, relay, mail_from, json.dumps(list(rcpt_to)), content,
              iso(now), iso(now)))
 
+    # -- limits ----------------------------------------------------------
+    async def auto_answers_to(self, address: str, since: datetime,
+                              kinds: Sequence[str] = ("ack",)) -> int:
+        """Automatic answers (`kinds`) sent since `since` on tickets `address` opened.
+
+        An acknowledgement is only ever queued when a ticket is created, to its
+        requester, so the tickets_created index narrows this to the tickets of
+        the window and messages_ticket finds their answers: cheap per new ticket.
+        """
+        marks = ",".join("?" * len(kinds))
+        rows = await self._all(
+            f"SELECT count(*) FROM messages WHERE direction = 'out' AND kind IN ({marks})"
+            " AND created_at >= ? AND ticket_id IN"
+            " (SELECT id FROM tickets WHERE created_at >= ? AND requester = ?)",
+            (*kinds, iso(since), iso(since), address))
+        return int(rows[0][0])
+
+    # -- quarantine ------------------------------------------------------
+    async def is_quarantined(self, inbound_id: int) -> bool:
+        """Inside a retry's transaction: whether the mail is (still) quarantined,
+        so that two retries of one mail never process it twice."""
+        rows = await self._all("SELECT state FROM inbound WHERE id = ?", (inbound_id,))
+        return bool(rows) and rows[0][0] == "quarantined"
+
 
 async def _fetch_ticket(db: aiosqlite.Connection, ticket_id: int) -> Ticket | None:
     rows = list(await db.execute_fetchall(f"SELECT {_TICKET_COLS} FROM tickets WHERE id = ?", (ticket_id,)))
@@ -319,9 +354,10 @@ async def _fetch_ticket(db: aiosqlite.Connection, ticket_id: int) -> Ticket | No
 
 
 class Store:
-    def __init__(self, db: aiosqlite.Connection, path: Path):
+    def __init__(self, db: aiosqlite.Connection, path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS):
         self.db = db
         self.path = path
+        self.busy_timeout_s = busy_timeout_ms / 1000
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -337,10 +373,13 @@ class Store:
             await db.execute("PRAGMA synchronous = FULL")
             await db.execute("PRAGMA foreign_keys = ON")
             await _migrate(db)
+            # From here on a busy database is waited for in `_begin`, in the event
+            # loop, not by SQLite's busy handler (see there).
+            await db.execute("PRAGMA busy_timeout = 0")
         except sqlite3.Error as e:
             await db.close()
             raise StoreUnavailable(f"cannot prepare {path}: {e}") from e
-        return cls(db, path)
+        return cls(db, path, busy_timeout_ms)
 
     async def close(self) -> None:
         await self.db.close()
@@ -349,10 +388,7 @@ class Store:
     async def transaction(self) -> AsyncIterator[Tx]:
         """One write transaction; `StoreUnavailable` when SQLite can't take it."""
         async with self._lock:
-            try:
-                await self.db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as e:
-                raise StoreUnavailable(str(e)) from e
+            await self._begin()
             try:
                 yield Tx(self.db)
                 await self.db.execute("COMMIT")
@@ -364,6 +400,31 @@ class Store:
                 if isinstance(e, sqlite3.OperationalError):
                     raise StoreUnavailable(str(e)) from e
                 raise
+
+    async def _begin(self) -> None:
+        """BEGIN IMMEDIATE, waiting up to the busy timeout for another writer.
+
+        SQLite's own busy handler sleeps in growing steps (1, 2, 5, 10 ... 100
+        ms) in the database thread, so a lock released after 1 ms was often
+        taken 10-25 ms later when several processes write (the workers of
+        one gateway, or several gateways). Retrying here with short sleeps
+        hands the lock over within about a millisecond.
+        """
+        deadline = time.monotonic() + self.busy_timeout_s
+        delay = 0.0005
+        while True:
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise StoreUnavailable(str(e)) from e
+                if time.monotonic() >= deadline:
+                    raise StoreUnavailable(f"{e} (waited {self.busy_timeout_s:g} s)") from e
+            except sqlite3.Error as e:
+                raise StoreUnavailable(str(e)) from e
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.005)
 
     @asynccontextmanager
     async def savepoint(self, tx: Tx, name: str = "mail") -> AsyncIterator[Tx]:
@@ -473,6 +534,72 @@ class Store:
     async def outbox_counts(self) -> dict[str, int]:
         rows = await self._rows("SELECT state, count(*) FROM outbox GROUP BY state")
         return {state: n for state, n in rows}
+
+    # -- delivery failures -----------------------------------------------
+    async def record_failures(self, now: datetime,
+                              failed: Sequence[tuple[int, str]]) -> list[tuple[int, list[str]]]:
+        """Permanent delivery failures (relay `5xx`), each in the same commit as its effects.
+
+        The outbox row becomes `failed`; the ticket gets a `bounce` message that
+        says what the relay answered, as a DSN would (RFC 3464); the refused
+        participants are marked `undeliverable`, so nothing more is sent to them.
+        Only rows still queued are taken: recording twice changes nothing.
+        Returns (ticket id, newly undeliverable addresses) for the log.
+        """
+        marked: list[tuple[int, list[str]]] = []
+        async with self.transaction() as tx:
+            for outbox_id, error in failed:
+                rows = await tx._all(
+                    "SELECT o.ticket_id, o.kind, o.mail_from, o.rcpt_to, m.message_id, m.subject"
+                    " FROM outbox o JOIN messages m ON m.id = o.message_row"
+                    " WHERE o.id = ? AND o.state = 'queued'", (outbox_id,))
+                if not rows:
+                    continue
+                ticket_id, kind, mail_from, rcpt_json, message_id, subject = rows[0]
+                rcpt = list(json.loads(rcpt_json))
+                await tx.db.execute(
+                    "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
+                    " last_error = ? WHERE id = ?", (error, outbox_id))
+                domain = str(mail_from).rpartition("@")[2] or "localhost"
+                text = (f"The relay refused our {kind} mail {message_id} to {', '.join(rcpt)} "
+                        f"permanently; it will not be retried.\n\nThe relay answered: {error}\n")
+                await tx.add_message(
+                    ticket_id=ticket_id, direction="in", kind="bounce",
+                    sender=f"mailer-daemon@{domain}", recipients=[mail_from],
+                    subject=f"Undelivered: {subject}"[:998],
+                    message_id=f"<outbox-{outbox_id}.failed@{domain}>",
+                    body_text=text, reply_text=text, now=now)
+                ticket = await _fetch_ticket(tx.db, ticket_id)
+                if ticket is None:
+                    continue
+                new = sorted((set(rcpt) & ticket.participants) - set(ticket.undeliverable))
+                if new:
+                    await tx.update_ticket(ticket_id, now,
+                                           undeliverable=sorted({*ticket.undeliverable, *new}))
+                    marked.append((ticket_id, new))
+        return marked
+
+    # -- quarantine ------------------------------------------------------
+    _INBOUND_COLS = ("id, received_at, mail_from, rcpt_to, mailbox, sha256, size, message_id,"
+                     " state, error, raw_path")
+
+    @staticmethod
+    def _inbound_row(r: Sequence[Any]) -> dict[str, Any]:
+        return {"id": r[0], "received_at": r[1], "mail_from": r[2], "rcpt_to": json.loads(r[3]),
+                "mailbox": r[4], "sha256": r[5], "size": r[6], "message_id": r[7],
+                "state": r[8], "error": r[9], "raw_path": r[10]}
+
+    async def quarantined(self, limit: int = 10_000) -> list[dict[str, Any]]:
+        """Quarantined mails, oldest first (the inbound_state index covers this)."""
+        rows = await self._rows(f"SELECT {self._INBOUND_COLS} FROM inbound"
+                                " WHERE state = 'quarantined' ORDER BY id LIMIT ?", (limit,))
+        return [self._inbound_row(r) for r in rows]
+
+    async def inbound(self, inbound_id: int) -> dict[str, Any] | None:
+        """One received mail's metadata (without its bytes: see `inbound_raw`)."""
+        rows = await self._rows(f"SELECT {self._INBOUND_COLS} FROM inbound WHERE id = ?",
+                                (inbound_id,))
+        return self._inbound_row(rows[0]) if rows else None
 
 
 async def _migrate(db: aiosqlite.Connection) -> None:

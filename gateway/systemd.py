@@ -1,4 +1,4 @@
-"""sd_notify(3) over $NOTIFY_SOCKET: READY=1, STATUS=..., STOPPING=1.
+"""sd_notify(3) over $NOTIFY_SOCKET: READY=1, STATUS=..., STOPPING=1, WATCHDOG=1.
 
 The protocol is one datagram per notification to a unix socket (an abstract
 one when the name starts with '@'); outside systemd it does nothing.
@@ -21,3 +21,15 @@ def notify(message: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def watchdog_interval() -> float | None:
+    """Half of $WATCHDOG_USEC in seconds (sd_watchdog_enabled(3)), if it is meant for us."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(0.05, int(usec) / 2_000_000)
+    except ValueError:
+        return None

@@ -90,3 +90,19 @@ def test_non_ascii_subject_and_agent_name_are_encoded_and_decode_back() -> None:
     assert "das ist behoben" in msg.get_body(("plain",)).get_content()
     (att,) = list(msg.iter_attachments())
     assert att.get_filename() == "anleitung ä.pdf" and att.get_content() == b"%PD"
+
+
+def test_language_picks_templates_and_sets_content_language() -> None:
+    out, msg = compose(language="de")
+    assert msg["Content-Language"] == "de"
+    assert "Guten Tag Ann" in msg.get_body(("plain",)).get_content()
+    out, msg = compose()
+    assert msg["Content-Language"] == "en" and "Hello Ann" in msg.get_body(("plain",)).get_content()
+
+
+def test_staff_mail_stays_english_whatever_the_ticket_language() -> None:
+    _, msg = compose(Kind.STAFF_NOTIFY, language="ja",
+                     context={"is_new": False, "sender": "ann@c.example", "reply_text": "hi",
+                              "body_text": "hi", "attachments": []})
+    assert msg["Content-Language"] == "en"
+    assert "Customer reply on ticket #1042" in msg.get_body(("plain",)).get_content()

@@ -200,3 +200,22 @@ def test_rules_can_live_in_their_own_file(make_gateway: Callable[..., GatewayPro
     key = uniq("where")
     gw.send(mail("x@shop.example", SUPPORT, key, "hello"))
     assert gw.ticket_by_subject(key)["region"] == "APAC"
+
+
+def test_a_german_customer_is_answered_in_german(ruled: GatewayProc) -> None:
+    key = uniq("Sicherung")
+    ruled.send(mail("it@kunde.de", SUPPORT, key,
+                    "Hallo, seit gestern läuft die Sicherung nicht mehr. Können Sie uns bitte helfen?"))
+    t = ruled.ticket_by_subject(key)
+    assert t["messages"][0]["kind"] == "customer"
+    ack = ruled.sink.wait_to("it@kunde.de")[0]
+    assert str(ack["Content-Language"]) == "de"
+    text = ack.get_body(("plain",)).get_content()
+    assert f"#{t['id']}" in text and "Ticket" in text and "Antwort" in text
+    # a Japanese customer in Japanese, an English one in English
+    key2 = uniq("バックアップ")
+    ruled.send(mail("it@kaisha.co.jp", SUPPORT, key2, "昨日からバックアップが失敗しています。確認をお願いします。"))
+    assert str(ruled.sink.wait_to("it@kaisha.co.jp")[0]["Content-Language"]) == "ja"
+    key3 = uniq("Backup")
+    ruled.send(mail("it@shop.example", SUPPORT, key3, "Our backup has failed since yesterday, please help."))
+    assert str(ruled.sink.wait_to("it@shop.example")[0]["Content-Language"]) == "en"

@@ -9,13 +9,22 @@ after that commit, so the caller may answer `250` (or exit 0); if the commit
 fails it raises `StoreUnavailable` and the caller answers `451` (exit 75).
 
 A mail that can't be parsed or processed is not lost: its raw bytes are
-committed with state `quarantined` and the error, and the other mails of
-the batch go on (each mail's work runs in its own savepoint).
+committed with state `quarantined` and the error, logged as
+`mail.quarantined` with its Message-ID, and the other mails of the batch go
+on (each mail's work runs in its own savepoint). `reprocess` gives such a
+mail another try on its stored bytes (`gateway quarantine retry`).
+
+`structure_problem` is the edges' guard against hostile MIME (`[limits]`
+max_attachments, max_nesting): a linear scan that never recurses, run before
+any parser sees the mail, because the parsers recurse once per nesting level
+(about 1 000 levels of message/rfc822 raise RecursionError in both the
+stdlib and mail-parser).
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -25,6 +34,7 @@ import structlog
 
 from gateway.blobs import Blobs
 from gateway.clock import Clock
+from gateway.config import Limits
 from gateway.inbound.parse import parse_mail
 from gateway.model import ParsedMail
 from gateway.pipeline import Outcome, Pipeline, Received
@@ -34,6 +44,9 @@ log = structlog.get_logger("gateway.intake")
 
 RAW_INLINE_MAX = 1 << 20   # raw mail up to 1 MiB is kept in the database row
 BATCH_MAX = 128
+# Larger mail is parsed (and scanned) in a thread: a 25 MB parse must not stall
+# every other SMTP session on the event loop.
+PARSE_IN_THREAD = 256 * 1024
 
 
 @dataclass
@@ -44,6 +57,7 @@ class _Job:
     error: str | None
     raw_path: str | None
     started: float
+    inbound_id: int | None = None   # set when a stored (quarantined) mail is tried again
     done: asyncio.Future[Outcome] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -75,12 +89,28 @@ class Intake:
         self._worker = None
 
     async def receive(self, received: Received) -> Outcome:
+        return await self._submit(received, None)
+
+    async def reprocess(self, inbound_id: int, received: Received) -> Outcome:
+        """Run a stored, quarantined mail through parse and pipeline again.
+
+        It keeps its inbound row (no second copy); on success the row becomes
+        `processed` (or `duplicate`, `automatic`) like any mail; on failure it
+        stays `quarantined` with the new error. A mail no longer quarantined
+        (another retry won) is left alone: action `not_quarantined`.
+        """
+        return await self._submit(received, inbound_id)
+
+    async def _submit(self, received: Received, inbound_id: int | None) -> Outcome:
         started = time.perf_counter()
         raw = received.raw
         sha = hashlib.sha256(raw).hexdigest()
         parsed, error = None, None
         try:
-            parsed = parse_mail(raw)
+            if len(raw) > PARSE_IN_THREAD:
+                parsed = await asyncio.to_thread(parse_mail, raw)
+            else:
+                parsed = parse_mail(raw)
         except Exception as e:  # noqa: BLE001 - any parser failure quarantines, never drops
             error = f"parse failed: {type(e).__name__}: {e}"[:2000]
         raw_path = None
@@ -96,7 +126,7 @@ class Intake:
                         self.blobs.put("attachments", content, "", att.sha256)
         except OSError as e:
             raise StoreUnavailable(f"cannot write mail files: {e}") from e
-        job = _Job(received, sha, parsed, error, raw_path, started)
+        job = _Job(received, sha, parsed, error, raw_path, started, inbound_id)
         self.start()
         await self._queue.put(job)
         return await asyncio.shield(job.done)
@@ -133,11 +163,22 @@ class Intake:
         async with self.store.transaction() as tx:
             for job in batch:
                 r = job.received
-                inbound_id = await tx.add_inbound(
-                    received_at=r.received_at, mail_from=r.mail_from or "", rcpt_to=r.rcpt_to,
-                    mailbox=r.mailbox.address, sha256=job.sha256, size=len(r.raw),
-                    raw=None if job.raw_path else r.raw, raw_path=job.raw_path,
-                    message_id=job.parsed.message_id if job.parsed else None)
+                if job.inbound_id is not None:
+                    inbound_id = job.inbound_id
+                    if not await tx.is_quarantined(inbound_id):
+                        outcomes.append(Outcome(inbound_id, "not_quarantined", None,
+                                                job.parsed.message_id if job.parsed else "", 0,
+                                                "the mail is no longer quarantined"))
+                        continue
+                else:
+                    # the null sender is kept as "<>", an unknown envelope (ingest without
+                    # --sender) as "": a retry from quarantine must see the same envelope
+                    inbound_id = await tx.add_inbound(
+                        received_at=r.received_at, mail_from=stored_mail_from(r.mail_from),
+                        rcpt_to=r.rcpt_to,
+                        mailbox=r.mailbox.address, sha256=job.sha256, size=len(r.raw),
+                        raw=None if job.raw_path else r.raw, raw_path=job.raw_path,
+                        message_id=job.parsed.message_id if job.parsed else header_message_id(r.raw) or None)
                 outcome = None
                 error = job.error
                 if job.parsed is not None:
@@ -149,15 +190,159 @@ class Intake:
                     except Exception as e:  # noqa: BLE001 - poison mail is quarantined
                         error = f"processing failed: {type(e).__name__}: {e}"[:2000]
                         log.exception("mail.quarantined", inbound_id=inbound_id,
-                                      message_id=job.parsed.message_id)
+                                      message_id=job.parsed.message_id, exception=error)
                 if outcome is None:
                     await tx.set_inbound_state(inbound_id, "quarantined", error)
-                    outcome = Outcome(inbound_id, "quarantined", None,
-                                      job.parsed.message_id if job.parsed else "", 0, error or "")
+                    message_id = job.parsed.message_id if job.parsed else header_message_id(r.raw)
+                    if job.parsed is None:
+                        log.error("mail.quarantined", inbound_id=inbound_id, message_id=message_id,
+                                  exception=error)
+                    outcome = Outcome(inbound_id, "quarantined", None, message_id, 0, error or "")
                 else:
+                    if outcome.action == "quarantined":
+                        log.warning("mail.quarantined", inbound_id=inbound_id,
+                                    message_id=outcome.message_id, exception=outcome.reason)
                     state = {"duplicate": "duplicate", "automatic": "automatic",
                              "quarantined": "quarantined"}.get(outcome.action, "processed")
                     await tx.set_inbound_state(inbound_id, state,
                                                outcome.reason if state == "quarantined" else None)
                 outcomes.append(outcome)
         return outcomes
+
+
+_MESSAGE_ID_HEADER = re.compile(rb"^message-id:[ \t]*(<[^<>\s]{1,900}>)", re.IGNORECASE | re.MULTILINE)
+
+
+def header_message_id(raw: bytes) -> str:
+    """The Message-ID of a mail no parser could read, for the log (or "")."""
+    head = raw[:raw.find(b"\r\n\r\n") if b"\r\n\r\n" in raw[:1 << 20] else 1 << 20]
+    m = _MESSAGE_ID_HEADER.search(head)
+    return m.group(1).decode("ascii", "replace") if m else ""
+
+
+# -- MIME structure limits ---------------------------------------------------
+
+_CTYPE = re.compile(rb"^content-type[ \t]*:[ \t]*([!-~]+?)[ \t]*/[ \t]*([!-~]+?)[ \t]*(?:;|\r?$)",
+                    re.IGNORECASE | re.MULTILINE)
+_BOUNDARY = re.compile(rb"""boundary[ \t]*=[ \t]*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))""",
+                       re.IGNORECASE)
+_CTE = re.compile(rb"^content-transfer-encoding[ \t]*:[ \t]*([!-~]+)", re.IGNORECASE | re.MULTILINE)
+_ATTACHMENT = re.compile(rb"^content-disposition[ \t]*:[ \t]*attachment", re.IGNORECASE | re.MULTILINE)
+_IDENTITY = (b"", b"7bit", b"8bit", b"binary")
+
+
+def structure_problem(raw: bytes, limits: Limits) -> str | None:
+    """Why this mail's MIME structure is over `[limits]`, or None.
+
+    Counts, in one pass over the lines and without recursion (RFC 2046 §5.1
+    boundaries, §5.2.1 message/rfc822):
+    - nesting: how many multipart or message/rfc822 containers enclose the
+      deepest part (an ordinary mail with text, HTML and an attachment: 2);
+    - attachments: leaf parts other than the message's text (the first
+      text/plain and first text/html that are not `Content-Disposition:
+      attachment`).
+    Malformed structure is read the way a lenient parser would and never
+    raises; the scan stops at the first limit exceeded.
+    """
+    stack: list[tuple[bytes, int]] = []   # open multiparts: (b"--" + boundary, depth of their parts)
+    depth = 0                             # containers around the entity being read
+    attachments = 0
+    body_seen: set[bytes] = set()
+    pos, end = 0, len(raw)
+    in_headers = True
+    header: list[bytes] = []
+
+    def boundary_of(line: bytes) -> tuple[int, bool] | None:
+        """Index in `stack` of the multipart this line delimits, and whether it closes it."""
+        if not stack or not line.startswith(b"--"):
+            return None
+        text = line.rstrip(b" \t\r")
+        for i in range(len(stack) - 1, -1, -1):
+            delimiter = stack[i][0]
+            if text == delimiter:
+                return i, False
+            if text == delimiter + b"--":
+                return i, True
+        return None
+
+    def at_boundary(hit: tuple[int, bool]) -> None:
+        nonlocal depth, in_headers, header
+        i, closing = hit
+        if closing:
+            del stack[i:]                 # the multipart and anything left open inside it
+            in_headers = False            # its epilogue: body text of the parent
+        else:
+            del stack[i + 1:]
+            depth = stack[i][1]
+            in_headers, header = True, []
+
+    while pos < end:
+        if in_headers:
+            nl = raw.find(b"\n", pos)
+            nl = end if nl < 0 else nl
+            line = raw[pos:nl]
+            pos = nl + 1
+            hit = boundary_of(line)
+            if hit is not None:           # a part with no blank line after its headers
+                attachments += 1
+                at_boundary(hit)
+                continue
+            if line.rstrip(b"\r"):
+                header.append(line)
+                continue
+            # end of this entity's header block: what is it?
+            block = b"\n".join(header)
+            m = _CTYPE.search(block)
+            main, sub = (m.group(1).lower(), m.group(2).lower()) if m else (b"text", b"plain")
+            cte = _CTE.search(block)
+            encoding = cte.group(1).lower() if cte else b""
+            b = _BOUNDARY.search(block) if main == b"multipart" else None
+            if b is not None:
+                if depth + 1 > limits.max_nesting:
+                    return f"MIME nesting deeper than {limits.max_nesting} levels"
+                stack.append((b"--" + (b.group(1) or b.group(2)), depth + 1))
+                in_headers = False        # its preamble, up to the first boundary
+            elif main == b"message" and sub in (b"rfc822", b"global") and encoding in _IDENTITY:
+                if depth + 1 > limits.max_nesting:
+                    return f"MIME nesting deeper than {limits.max_nesting} levels"
+                depth += 1                # the enclosed message's own header block follows
+                header = []
+            else:
+                if main == b"text" and sub in (b"plain", b"html") and sub not in body_seen \
+                        and not _ATTACHMENT.search(block):
+                    body_seen.add(sub)
+                else:
+                    attachments += 1
+                    if attachments > limits.max_attachments:
+                        return f"more than {limits.max_attachments} attachments"
+                in_headers = False
+        else:
+            if not stack:
+                return None               # a leaf body or an epilogue, to the end: nothing more
+            # the next line that starts with "--" (a boundary candidate)
+            at = 0 if pos == 0 and raw.startswith(b"--") else raw.find(b"\n--", pos - 1 if pos else 0)
+            if at < 0:
+                return None
+            start = at if raw[at:at + 1] != b"\n" else at + 1
+            nl = raw.find(b"\n", start)
+            nl = end if nl < 0 else nl
+            pos = nl + 1
+            hit = boundary_of(raw[start:nl])
+            if hit is not None:
+                at_boundary(hit)
+    return None
+
+
+def stored_mail_from(mail_from: str | None) -> str:
+    """The envelope sender as the inbound row keeps it: "<>" for the null
+    sender (RFC 5321 §4.5.5), "" when unknown, else the address."""
+    if mail_from is None:
+        return ""
+    return "<>" if mail_from.strip() in ("", "<>") else mail_from
+
+
+def envelope_mail_from(stored: str) -> str | None:
+    """`stored_mail_from` read back: "" for the null sender, None when unknown."""
+    if stored == "<>":
+        return ""
+    return stored or None

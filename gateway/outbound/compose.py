@@ -8,13 +8,22 @@ to the message answered, and `Auto-Submitted` on everything automatic
 (RFC 3834 §5: `auto-replied` for a direct answer, `auto-generated` for the
 rest), with `X-Auto-Response-Suppress` and `Precedence: bulk` so that
 Exchange and vacation programs don't answer it.
+
+Templates live in `gateway/templates/<language>/<kind>.txt` (and `.html`
+for the HTML alternative): English, German and Japanese, English standing in
+for a file a language lacks (staff mail is English only). Operators override
+any file from a folder of their own with the same layout (`override_dir`),
+and `check_templates` renders every one with sample data before they go
+live. A mailbox domain with a DKIM key gets its mail signed right after
+rendering (`gateway.dkim`), so the outbox holds the signed bytes.
 """
 from __future__ import annotations
 
 import email.policy
+import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from email import encoders
 from email.charset import QP, Charset
 from email.header import Header
@@ -23,14 +32,19 @@ from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.utils import format_datetime, formataddr
+from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from jinja2 import (ChoiceLoader, Environment, FileSystemLoader, PackageLoader, StrictUndefined,
+                    Template, TemplateError, TemplateSyntaxError, select_autoescape)
 
 from gateway.conversation import strip_tag
+from gateway.dkim import DkimKey, DkimSigner, signer_for
 from gateway.inbound.parse import one_line
 from gateway.inbound.reply import REPLY_MARKER
-from gateway.model import Attachment, Kind, Ticket
+from gateway.language import primary
+from gateway.model import Attachment, Kind, Status, Ticket
 from gateway.tokens import TicketTokens
 
 AUTO_SUBMITTED = {Kind.ACK: "auto-replied", Kind.STAFF_REPLY: None}
@@ -44,6 +58,11 @@ POLICY = email.policy.compat32.clone(linesep="\r\n", max_line_length=998)
 _UTF8 = Charset("utf-8")
 _UTF8.body_encoding = QP
 _UTF8.header_encoding = QP
+# Text that is mostly not ASCII (Japanese) goes base64: quoted-printable would
+# make it three times its size, unreadable either way, and takes three times
+# as long to encode. English and German stay quoted-printable, readable raw.
+_UTF8_BASE64 = Charset("utf-8")
+_UTF8_BASE64.header_encoding = QP
 REFERENCES_MAX = 900
 DEFAULT_AUTO = "auto-generated"
 _SUBJECT_PREFIX = ("re:", "aw:", "fw:", "fwd:", "wg:", "antw:", "sv:", "vs:")
@@ -88,7 +107,8 @@ def _address(name: str, address: str) -> str:
 
 
 def _text_part(text: str, subtype: str) -> Message:
-    part = MIMEText(text, subtype, _UTF8)
+    extra = len(text.encode("utf-8")) - len(text)      # 2 bytes more per kana or kanji
+    part = MIMEText(text, subtype, _UTF8_BASE64 if extra > len(text) // 2 else _UTF8)
     del part["MIME-Version"]          # once, on the whole message
     return part
 
@@ -123,22 +143,51 @@ def references(thread: Sequence[str]) -> str:
     return " ".join(dict.fromkeys([ids[0], *kept]))
 
 
-def templates() -> Environment:
-    """The template environment, built once per process (templates compile once)."""
+FALLBACK_LANGUAGE = "en"
+_NO_KEYS: Mapping[str, DkimKey] = MappingProxyType({})
+
+
+def templates(override_dir: Path | None = None) -> Environment:
+    """The template environment, built once per process (templates compile once).
+
+    With `override_dir`, a file there (same layout: `de/ack.txt`) wins over
+    the package's. Templates are read once: after editing one, run
+    `gateway check-config` and restart, so that what runs is what was checked.
+    """
+    package = PackageLoader("gateway", "templates")
+    loader = package if override_dir is None else \
+        ChoiceLoader([FileSystemLoader(str(override_dir)), package])
     return Environment(
-        loader=PackageLoader("gateway", "templates"),
+        loader=loader,
         autoescape=select_autoescape(enabled_extensions=("html",), default=False),
         undefined=StrictUndefined,
         keep_trailing_newline=True,
+        auto_reload=False,
     )
 
 
+def _override_loader(env: Environment) -> FileSystemLoader | None:
+    loader = env.loader
+    if isinstance(loader, ChoiceLoader) and loader.loaders and isinstance(loader.loaders[0], FileSystemLoader):
+        return loader.loaders[0]
+    return None
+
+
 class Composer:
-    def __init__(self, *, ticket_tag: str, tokens: TicketTokens, env: Environment | None = None):
+    def __init__(self, *, ticket_tag: str, tokens: TicketTokens, env: Environment | None = None,
+                 override_dir: Path | None = None, dkim_keys: Mapping[str, DkimKey] = _NO_KEYS):
+        """`override_dir`: the operators' template folder; `dkim_keys`: signing keys by
+        domain (`gateway.dkim.parse_dkim`). A key that can't be used raises ValueError."""
+        if env is not None and override_dir is not None:
+            raise ValueError("give the template folder either as env or as override_dir")
         self.ticket_tag = ticket_tag
         self.tokens = tokens
-        self.env = env or templates()
+        self.env = env or templates(override_dir)
         self._names = frozenset(self.env.list_templates())
+        override = _override_loader(self.env)
+        self._overridden = frozenset(override.list_templates()) if override else frozenset()
+        self._chosen: dict[tuple[str, str], tuple[str, Template, Template | None]] = {}
+        self._signers = {domain.lower().rstrip("."): DkimSigner(key) for domain, key in dkim_keys.items()}
 
     def tag_text(self, ticket_id: int) -> str:
         return f"[{self.ticket_tag} #{ticket_id}]"
@@ -146,26 +195,57 @@ class Composer:
     def subject(self, ticket: Ticket) -> str:
         return one_line(f"{self.tag_text(ticket.id)} {clean_subject(ticket.subject, self.ticket_tag)}")
 
+    def templates_for(self, name: str, language: str) -> tuple[str, Template, Template | None]:
+        """The language used, the text template and the HTML one (None: text only) for
+        template `name` in `language`, English when that language has no such file.
+
+        The text decides: an operator who overrides `de/ack.txt` without
+        `de/ack.html` gets text-only mail, not the package's HTML with
+        wording they replaced (most clients would show only that HTML).
+        """
+        key = (name, language)
+        found = self._chosen.get(key)
+        if found is None:
+            lang = primary(language) or FALLBACK_LANGUAGE
+            for candidate in dict.fromkeys((lang, FALLBACK_LANGUAGE)):
+                text_name, html_name = f"{candidate}/{name}.txt", f"{candidate}/{name}.html"
+                if text_name in self._names:
+                    break
+            else:
+                raise LookupError(f"no template {name}.txt for {language!r} or {FALLBACK_LANGUAGE!r}")
+            html = html_name in self._names and \
+                (text_name not in self._overridden or html_name in self._overridden)
+            found = (candidate, self.env.get_template(text_name),
+                     self.env.get_template(html_name) if html else None)
+            self._chosen[key] = found
+        return found
+
+    def context(self, ticket: Ticket, mailbox: str, language: str,
+                context: Mapping[str, Any]) -> dict[str, Any]:
+        """What every template gets, then the caller's `context`."""
+        return {"ticket": ticket, "mailbox": mailbox, "tag_text": self.tag_text(ticket.id),
+                "subject": clean_subject(ticket.subject, self.ticket_tag) or "(no subject)",
+                "team": f"{self.ticket_tag} team", "ticket_tag": self.ticket_tag,
+                "marker": REPLY_MARKER, "language": language, **context}
+
     def compose(self, kind: Kind, *, ticket: Ticket, mailbox: str, to: Sequence[str],
                 answers: Sequence[str], now: datetime, context: Mapping[str, Any],
                 reply_to: str | None = None, cc: Sequence[str] = (), template: str | None = None,
                 from_name: str | None = None,
-                attachments: Sequence[tuple[Attachment, bytes]] = ()) -> Outgoing:
+                attachments: Sequence[tuple[Attachment, bytes]] = (),
+                language: str = FALLBACK_LANGUAGE) -> Outgoing:
         """Render template `kind` (or `template`) for `ticket`, from `mailbox` to `to`.
 
         `answers` is the thread: the Message-IDs this mail answers, oldest
         first; the last is In-Reply-To, all of them References. `from_name`
         is the display name (an agent's name); the address is always the
-        mailbox's, never the agent's own.
+        mailbox's, never the agent's own. `language` picks the templates
+        (English where that language has none) and `Content-Language`.
         """
-        name = template or kind.value
-        ctx = {"ticket": ticket, "mailbox": mailbox, "tag_text": self.tag_text(ticket.id),
-               "subject": clean_subject(ticket.subject, self.ticket_tag) or "(no subject)",
-               "team": f"{self.ticket_tag} team", "marker": REPLY_MARKER, **context}
-        text = self.env.get_template(f"{name}.txt").render(ctx)
-        html = None
-        if f"{name}.html" in self._names:
-            html = self.env.get_template(f"{name}.html").render(ctx)
+        used, text_template, html_template = self.templates_for(template or kind.value, language)
+        ctx = self.context(ticket, mailbox, used, context)
+        text = text_template.render(ctx)
+        html = html_template.render(ctx) if html_template is not None else None
 
         domain = mailbox.rpartition("@")[2]
         body: Message = _text_part(text, "plain") if html is None else \
@@ -189,12 +269,120 @@ class Composer:
         if thread:
             headers["In-Reply-To"] = thread[-1]
             headers["References"] = references(thread)
+        # RFC 3282: the language of the text, for screen readers and clients
+        # that offer translation; an agent's relayed text may be in another
+        headers["Content-Language"] = used
         auto = AUTO_SUBMITTED.get(kind, DEFAULT_AUTO)
         if auto:
             headers["Auto-Submitted"] = auto
             headers["X-Auto-Response-Suppress"] = "All"
             headers["Precedence"] = "bulk"
         headers["X-Support-Ticket"] = str(ticket.id)
+        content = msg.as_bytes(policy=POLICY)
+        signer = signer_for(self._signers, domain) if self._signers else None
+        if signer is not None:
+            content = signer.sign(content, timestamp=int(now.timestamp()))
         return Outgoing(kind=kind, relay="govcloud" if ticket.govcloud else "default",
                         mail_from=mailbox, rcpt_to=tuple(to) + tuple(cc), message_id=message_id,
-                        subject=subject, body_text=text, content=msg.as_bytes(policy=POLICY))
+                        subject=subject, body_text=text, content=content)
+
+
+# -- checking templates before they go live -----------------------------------
+
+_SAMPLE_TICKET = Ticket(
+    id=1042, subject="Re: Backup fails with error 0x80040115 <script>", status=Status.RESOLVED,
+    requester="ann@customer.example", cc=("bob@customer.example",), region="EMEA", govcloud=True,
+    priority=2, mailbox="support@example.com", linked_ticket=1041,
+    created_at=datetime(2026, 11, 23, 9, 0, tzinfo=UTC), plan="Professional",
+    missing=("account_email", "organisation"))
+_LEAN_TICKET = replace(_SAMPLE_TICKET, status=Status.CLOSED, cc=(), govcloud=False, linked_ticket=None,
+                       subject="", plan="", missing=())
+_NOTICE = {"hours_left": 24, "hours": 48, "reopen_days": 7}
+_ATTACHMENT = Attachment("backup log.txt", "text/plain", 1200, "0" * 64)
+
+# Per template, the contexts its callers pass (desk.py, pipeline.py,
+# scheduler.py): a rich one and a lean one, so that both sides of an `if` run.
+# A template that uses a variable its caller does not give fails here, as it
+# would in production.
+SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "ack": ({"name": "Ann Müller", "target": "within 3 business hours: by Mon 23 Nov 2026, 10:00 CET",
+             "missing": ["account_email", "organisation"]},
+            {"name": "ann@customer.example", "target": None, "missing": []}),
+    "staff_notify": ({"is_new": True, "sender": "ann@customer.example", "reply_text": "It fails again.",
+                      "body_text": "It fails again.\n\n> earlier text", "attachments": [_ATTACHMENT]},
+                     {"is_new": False, "sender": "ann@customer.example", "reply_text": "x",
+                      "body_text": "x", "attachments": []}),
+    "staff_reply": ({"text": "Please run the backup again.\n\nJörg", "agent": "Jörg Müller"},
+                    {"text": "", "agent": "Support"}),
+    "reminder": (_NOTICE, _NOTICE),
+    "autoclose": (_NOTICE, _NOTICE),
+    "closure": (_NOTICE, _NOTICE),
+    "info_request": ({"name": "Ann", "missing": ["account_email", "organisation"]},
+                     {"missing": ["organisation"]}),
+    "redirect": ({"name": "Ann", "department": "billing", "address": "billing@example.com"},
+                 {"name": "ann@customer.example", "department": "sales", "address": "sales@example.com"}),
+    "sla_warning": ({"due": "within 1 hour 24/7: by Mon 23 Nov 2026, 10:00 UTC"}, {"due": "None"}),
+    "forward": ({"sender": "ann@customer.example", "department": "billing", "body_text": "Invoice 7 is wrong."},
+                {"sender": "ann@customer.example", "department": "sales", "body_text": ""}),
+    "command_error": ({"errors": ["unknown command #stauts"], "text": "#stauts closed\nDone."},
+                      {"errors": [], "text": ""}),
+}
+
+
+def check_templates(target: Environment | Composer) -> list[str]:
+    """Render every template once (twice: rich and lean sample data) and say what fails,
+    as `file:line: message`. For `gateway check-config`; an empty list means all good.
+
+    Also reported: an override folder that does not exist, and files in it the
+    gateway would never use (a typo in a name, or a file outside a language folder).
+    """
+    composer = target if isinstance(target, Composer) else \
+        Composer(ticket_tag="Support", tokens=TicketTokens(b"\0" * 32), env=target)
+    env = composer.env
+    problems: list[str] = []
+    override = _override_loader(env)
+    overridden: set[str] = set()
+    if override is not None:
+        for folder in override.searchpath:
+            if not Path(folder).is_dir():
+                problems.append(f"{folder}: no such template folder")
+        overridden = set(override.list_templates())
+    files: set[str] = set()
+    compiled: dict[str, Template] = {}
+    for name in sorted(env.list_templates()):
+        try:
+            compiled[name] = env.get_template(name)
+            files.add(compiled[name].filename or name)
+        except TemplateSyntaxError as e:
+            problems.append(f"{e.filename or name}:{e.lineno}: {e.message}")
+        except TemplateError as e:
+            problems.append(f"{name}: {e}")
+    for name, tmpl in compiled.items():
+        language, _, file = name.rpartition("/")
+        kind, _, ext = file.rpartition(".")
+        if file.startswith("_"):
+            continue                # a partial: compiled above, rendered by its users
+        if kind not in SAMPLE_CONTEXTS or ext not in ("txt", "html") or "/" in language or not language:
+            if name in overridden:
+                problems.append(f"{tmpl.filename or name}: not used: the gateway reads <language>/<kind>.txt "
+                                f"and .html, kinds {', '.join(SAMPLE_CONTEXTS)}")
+            continue
+        for ticket, sample in zip((_SAMPLE_TICKET, _LEAN_TICKET), SAMPLE_CONTEXTS[kind], strict=True):
+            try:
+                tmpl.render(composer.context(ticket, "support@example.com", language, sample))
+            except TemplateSyntaxError as e:
+                problems.append(f"{e.filename or name}:{e.lineno}: {e.message}")
+                break
+            except Exception as e:  # noqa: BLE001 - any failure is the template's, report it
+                problems.append(f"{_where(e, files, tmpl.filename or name)}: {type(e).__name__}: {e}")
+                break
+    return list(dict.fromkeys(problems))
+
+
+def _where(error: BaseException, files: set[str], default: str) -> str:
+    """`file:line` of the innermost template frame of `error`'s traceback (jinja2
+    rewrites tracebacks so that template frames carry the template's file and line)."""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if frame.filename in files:
+            return f"{frame.filename}:{frame.lineno}"
+    return default

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 import structlog
 
 from gateway.clock import Clock
+from gateway.loops import Repeater
 from gateway.outbound.transport import DeliveryError, Transport
 from gateway.store import OutboxItem, Store
 
@@ -37,11 +38,10 @@ class OutboxSender:
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
         self.poll_s = poll_s
-        self._wake = asyncio.Event()
-        self._stopping = False
+        self._loop = Repeater(self.deliver_due, poll_s, lambda: log.exception("outbox.loop_error"))
 
     def wake(self) -> None:
-        self._wake.set()
+        self._loop.wake()
 
     async def deliver_due(self, now: datetime | None = None) -> int:
         """Deliver everything due at `now` (default: the clock); return how many were sent.
@@ -57,11 +57,7 @@ class OutboxSender:
             if not items:
                 return sent_total
             sem = asyncio.Semaphore(PARALLEL)
-
-            async def one(item: OutboxItem) -> tuple[OutboxItem, DeliveryError | None]:
-                async with sem:
-                    return item, await self._deliver(item)
-            results = await asyncio.gather(*(one(i) for i in items))
+            results = await asyncio.gather(*(self._deliver_within(sem, i) for i in items))
             at = self.clock()
             sent = [item.id for item, error in results if error is None]
             retry = [(item.id, at + timedelta(seconds=backoff(item.attempts + 1, self.retry_base_s,
@@ -69,12 +65,22 @@ class OutboxSender:
                      for item, error in results if error is not None and not error.permanent]
             failed = [(item.id, str(error)) for item, error in results
                       if error is not None and error.permanent]
-            await self.store.record_deliveries(at, sent=sent, retry=retry, failed=failed)
+            await self.store.record_deliveries(at, sent=sent, retry=retry)
+            if failed:
+                # A permanent refusal is recorded on the ticket like a bounce, and the
+                # address marked undeliverable, in the same commit as the row's `failed`.
+                for ticket_id, addresses in await self.store.record_failures(at, failed):
+                    log.warning("ticket.undeliverable", ticket_id=ticket_id, addresses=addresses)
             for item, error in results:
                 self._log(item, error)
             sent_total += len(sent)
             if not sent or len(items) < batch:
                 return sent_total
+
+    async def _deliver_within(self, sem: asyncio.Semaphore,
+                              item: OutboxItem) -> tuple[OutboxItem, DeliveryError | None]:
+        async with sem:
+            return item, await self._deliver(item)
 
     async def _deliver(self, item: OutboxItem) -> DeliveryError | None:
         transport = self.transports.get(item.relay) or self.transports["default"]
@@ -101,20 +107,10 @@ class OutboxSender:
 
     async def run(self) -> None:
         """Deliver until stopped: at once when woken, else every `poll_s`."""
-        while not self._stopping:
-            try:
-                await self.deliver_due()
-            except Exception:  # noqa: BLE001 - the sender must outlive a bad moment
-                log.exception("outbox.loop_error")
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
-            except TimeoutError:
-                pass
+        await self._loop.run()
 
     def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
+        self._loop.stop()
 
     async def close(self) -> None:
         for transport in {id(t): t for t in self.transports.values()}.values():

@@ -81,7 +81,7 @@ class SmtpRelay:
                 await _drop(client)
                 raise DeliveryError(f"relay said {e.code} {e.message}",
                                     permanent=is_permanent(e.code)) from e
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiosmtplib.SMTPException, OSError) as e:
                 await _drop(client)
                 raise DeliveryError(f"relay {self.relay.host}:{self.relay.port} unreachable: "
                                     f"{type(e).__name__}: {e}", permanent=False) from e
@@ -94,7 +94,7 @@ class SmtpRelay:
             client = self._idle.pop()
             try:
                 await client.quit()
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+            except (TimeoutError, aiosmtplib.SMTPException, OSError):
                 client.close()
 
 

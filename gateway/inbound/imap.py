@@ -1,0 +1,456 @@
+"""IMAP ingestion: mailboxes the gateway fetches instead of being sent to.
+
+One `ImapPoller` per `[[imap]]` account. It waits for mail with IDLE where
+the server offers it (RFC 2177), else polls every `poll_seconds`, and for
+each message in `folder`, oldest UID first:
+
+1. fetches its bytes with `BODY.PEEK[]`, which does not set `\\Seen`
+   (RFC 3501 §6.4.5): nothing is marked read before it is safe;
+2. hands them to `Intake.receive`, which returns only after the commit
+   (a mail that cannot be parsed or processed is committed to quarantine);
+3. records the UID as committed (a small JSON state file, written
+   atomically), and only then
+4. moves the message to `processed_folder` (MOVE, RFC 6851; else COPY,
+   `\\Deleted` and UID EXPUNGE, RFC 4315 §2.1, or EXPUNGE without UIDPLUS).
+
+When the store cannot take the mail (`StoreUnavailable`) the message stays
+where it is and is tried again after a backoff. A message the server cannot
+deliver to us (FETCH fails) is skipped for this round and does not block the
+others. Connection failures reconnect with exponential backoff.
+
+Positions are UIDs under the folder's UIDVALIDITY (RFC 3501 §2.3.1.1): a
+message at or below the last committed UID still in the folder was committed
+but not moved (the move or the process failed in between) and is only moved.
+When UIDVALIDITY changes, UIDs mean nothing any more: the folder is read
+again from the start; mail already stored comes back as a duplicate by its
+Message-ID (the intake's dedup), so nothing is ticketed twice.
+
+imapclient is synchronous: each of its calls runs in a worker thread
+(`asyncio.to_thread`), one at a time per account.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import ssl
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import structlog
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientError
+
+from gateway.clock import Clock
+from gateway.config import Mailbox
+from gateway.model import normalize_address
+from gateway.pipeline import Received
+from gateway.store import StoreUnavailable
+
+log = structlog.get_logger("gateway.imap")
+
+T = TypeVar("T")
+
+STATE_FILE = "imap-state.json"
+# RFC 2177 §3: clients should re-issue IDLE at least every 29 minutes
+IDLE_MAX_S = 29 * 60
+CONNECT_TIMEOUT_S = 30.0
+
+
+class Receiver(Protocol):
+    """What the poller needs of `gateway.inbound.intake.Intake`."""
+
+    async def receive(self, received: Received) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ImapAccount:
+    """One `[[imap]]` table."""
+
+    host: str
+    port: int
+    tls: bool                       # implicit TLS (IMAPS); see also starttls
+    user: str
+    mailbox: str                    # the support address this mail counts as delivered to
+    password: str | None = None
+    password_file: Path | None = None
+    folder: str = "INBOX"
+    processed_folder: str = "Processed"
+    poll_seconds: float = 60.0
+    starttls: bool = False          # plain connection upgraded with STARTTLS (RFC 3501 §6.2.1)
+    ca_file: Path | None = None     # trust this CA instead of the system's
+
+    @property
+    def name(self) -> str:
+        """How logs and the state file name the account (no secrets)."""
+        return f"{self.user}@{self.host}:{self.port}"
+
+    def secret(self) -> str:
+        if self.password is not None:
+            return self.password
+        assert self.password_file is not None
+        return self.password_file.read_text(encoding="utf-8").strip("\r\n")
+
+
+# -- configuration ------------------------------------------------------------
+
+_KEYS = {"host", "port", "tls", "starttls", "ca_file", "user", "password", "password_file",
+         "folder", "processed_folder", "mailbox", "poll_seconds"}
+
+
+def parse_imap(data: list[dict[str, Any]] | Any, mailbox_addresses: set[str],
+               base_dir: Path | None = None) -> tuple[tuple[ImapAccount, ...], list[str]]:
+    """Validate `[[imap]]` tables: the accounts, and every problem as
+    "imap[0].host: what is wrong" (nothing raised, so check-config can list
+    all problems at once)."""
+    problems: list[str] = []
+    if data is None:
+        return (), []
+    if not isinstance(data, list):
+        return (), ["imap: expected [[imap]] tables"]
+    known = {normalize_address(a) for a in mailbox_addresses}
+    accounts: list[ImapAccount] = []
+    for i, table in enumerate(data):
+        key = f"imap[{i}]"
+        if not isinstance(table, dict):
+            problems.append(f"{key}: expected a table")
+            continue
+        before = len(problems)
+
+        def fail(field: str, what: str, key: str = key) -> None:
+            problems.append(f"{key}.{field}: {what}")
+
+        for unknown in sorted(set(table) - _KEYS):
+            fail(unknown, "unknown key")
+        host = table.get("host")
+        if not isinstance(host, str) or not host.strip():
+            fail("host", f"expected a host name, got {host!r}")
+        tls = table.get("tls", True)
+        if not isinstance(tls, bool):
+            fail("tls", f"expected true or false, got {tls!r}")
+            tls = True
+        starttls = table.get("starttls", False)
+        if not isinstance(starttls, bool):
+            fail("starttls", f"expected true or false, got {starttls!r}")
+            starttls = False
+        if tls and starttls:
+            fail("starttls", "tls = true already encrypts the connection; set one of them")
+        port = table.get("port", 993 if tls else 143)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            fail("port", f"expected an integer from 1 to 65535, got {port!r}")
+        user = table.get("user")
+        if not isinstance(user, str) or not user:
+            fail("user", f"expected the login name, got {user!r}")
+        password, password_file = table.get("password"), table.get("password_file")
+        pw_path: Path | None = None
+        if (password is None) == (password_file is None):
+            fail("password", "set exactly one of password and password_file")
+        elif password is not None and not isinstance(password, str):
+            fail("password", "expected a string")
+        elif password_file is not None:
+            if not isinstance(password_file, str) or not password_file:
+                fail("password_file", f"expected a file name, got {password_file!r}")
+            else:
+                pw_path = _resolve(password_file, base_dir)
+                if not os.access(pw_path, os.R_OK):
+                    fail("password_file", f"cannot read {str(pw_path)!r}")
+        ca_file = table.get("ca_file")
+        ca_path: Path | None = None
+        if ca_file is not None:
+            if not isinstance(ca_file, str) or not ca_file:
+                fail("ca_file", f"expected a file name, got {ca_file!r}")
+            else:
+                ca_path = _resolve(ca_file, base_dir)
+                if not os.access(ca_path, os.R_OK):
+                    fail("ca_file", f"cannot read {str(ca_path)!r}")
+        folder = table.get("folder", "INBOX")
+        processed = table.get("processed_folder", "Processed")
+        for field, value in (("folder", folder), ("processed_folder", processed)):
+            if not isinstance(value, str) or not value.strip():
+                fail(field, f"expected a folder name, got {value!r}")
+        if isinstance(folder, str) and folder == processed:
+            fail("processed_folder", "must differ from folder, or mail would be fetched again")
+        mailbox = table.get("mailbox")
+        if not isinstance(mailbox, str) or normalize_address(mailbox) not in known:
+            fail("mailbox", f"expected one of the [[mailbox]] addresses "
+                            f"({', '.join(sorted(known))}), got {mailbox!r}")
+        poll = table.get("poll_seconds", 60)
+        if isinstance(poll, bool) or not isinstance(poll, int | float) or poll <= 0:
+            fail("poll_seconds", f"expected a number of seconds > 0, got {poll!r}")
+        if len(problems) == before:
+            accounts.append(ImapAccount(
+                host=str(host).strip(), port=int(port), tls=tls, starttls=starttls, user=str(user),
+                password=password, password_file=pw_path, ca_file=ca_path, folder=str(folder),
+                processed_folder=str(processed), mailbox=normalize_address(str(mailbox)),
+                poll_seconds=float(poll)))
+    names = [(a.name, a.folder) for a in accounts]
+    if len(set(names)) != len(names):
+        problems.append("imap: the same account and folder are configured twice")
+    return tuple(accounts), problems
+
+
+def _resolve(name: str, base_dir: Path | None) -> Path:
+    path = Path(name).expanduser()
+    return path if path.is_absolute() or base_dir is None else base_dir / path
+
+
+# -- state ------------------------------------------------------------------
+
+class ImapState:
+    """Per account and folder: UIDVALIDITY and the last committed UID.
+
+    One JSON file for all accounts of a data_dir, replaced atomically
+    (write a temporary file, fsync, rename, fsync the directory), so a crash
+    leaves either the old or the new state, never half a file.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> tuple[int | None, int]:
+        with self._lock:
+            entry = self._load().get(key) or {}
+        validity = entry.get("uidvalidity")
+        return (int(validity) if isinstance(validity, int) else None,
+                int(entry.get("last_uid", 0)) if isinstance(entry.get("last_uid", 0), int) else 0)
+
+    def set(self, key: str, uidvalidity: int, last_uid: int) -> None:
+        with self._lock:
+            data = self._load()
+            data[key] = {"uidvalidity": uidvalidity, "last_uid": last_uid}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".imap-state.", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(data, f, indent=1, sort_keys=True)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            # unreadable state only costs a re-scan (the intake dedupes): go on
+            log.warning("imap.state_unreadable", path=str(self.path), error=str(e))
+            return {}
+        return data if isinstance(data, dict) else {}
+
+
+# -- the poller ---------------------------------------------------------------
+
+class ImapPoller:
+    def __init__(self, account: ImapAccount, intake: Receiver, mailbox: Mailbox, state: ImapState,
+                 clock: Clock, *, backoff_base_s: float = 1.0, backoff_max_s: float = 60.0,
+                 connect: Callable[[ImapAccount], IMAPClient] | None = None):
+        self.account = account
+        self.intake = intake
+        self.mailbox = mailbox
+        self.state = state
+        self.clock = clock
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self._connect = connect or _connect
+        self._stop = asyncio.Event()
+        self._client: IMAPClient | None = None
+        self._idle = self._move = self._uidplus = False
+        self._uidvalidity = 0
+        self.key = f"{account.name}/{account.folder}"
+
+    def stop(self) -> None:
+        """Ask `run` to return; an IDLE in progress is broken off at once."""
+        self._stop.set()
+        client = self._client
+        if client is not None:
+            # the worker thread blocks in IDLE on this socket: shutting it
+            # down makes that call return (closing is left to the thread)
+            with contextlib.suppress(OSError, AttributeError):
+                client.socket().shutdown(socket.SHUT_RDWR)
+
+    async def run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                await self._session()
+                failures = 0
+            except Exception as e:
+                if self._stop.is_set():
+                    break
+                if not isinstance(e, IMAPClientError | OSError | StoreUnavailable | EOFError):
+                    log.exception("imap.error", account=self.account.name, folder=self.account.folder)
+                failures += 1
+                delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (failures - 1))
+                log.warning("imap.retry", account=self.account.name, folder=self.account.folder,
+                            error=f"{type(e).__name__}: {e}"[:500], retry_in_s=delay)
+                await self._close()
+                await self._sleep(delay)
+            finally:
+                if self._stop.is_set():
+                    await self._close()
+        log.info("imap.stopped", account=self.account.name, folder=self.account.folder)
+
+    async def _session(self) -> None:
+        """One connection: log in, then process and wait until stopped."""
+        if self._client is None:
+            client = await self._call(self._connect, self.account)
+            self._client = client
+            caps = {c.upper() for c in await self._call(client.capabilities)}
+            self._idle, self._move, self._uidplus = b"IDLE" in caps, b"MOVE" in caps, b"UIDPLUS" in caps
+            if not await self._call(client.folder_exists, self.account.processed_folder):
+                with contextlib.suppress(IMAPClientError):     # another poller may have made it
+                    await self._call(client.create_folder, self.account.processed_folder)
+            info = await self._call(client.select_folder, self.account.folder)
+            self._uidvalidity = int(info[b"UIDVALIDITY"])
+            stored, _ = self.state.get(self.key)
+            if stored is not None and stored != self._uidvalidity:
+                # RFC 3501 §2.3.1.1: the old UIDs are void; start over (the
+                # intake recognises mail it already has by its Message-ID)
+                log.warning("imap.uidvalidity_changed", account=self.account.name,
+                            folder=self.account.folder, old=stored, new=self._uidvalidity)
+                await asyncio.to_thread(self.state.set, self.key, self._uidvalidity, 0)
+            elif stored is None:
+                await asyncio.to_thread(self.state.set, self.key, self._uidvalidity, 0)
+            log.info("imap.connected", account=self.account.name, folder=self.account.folder,
+                     idle=self._idle, move=self._move, uidvalidity=self._uidvalidity)
+        while not self._stop.is_set():
+            if await self._process_folder():
+                # Mail that came in meanwhile was announced (EXISTS) in the
+                # responses to those commands, not to the IDLE that would come
+                # next: look again before waiting.
+                continue
+            await self._wait_for_mail()
+
+    async def _process_folder(self) -> int:
+        """Handle what is in the folder; how many messages left it."""
+        client = self._client
+        assert client is not None
+        uids = sorted(await self._call(client.search, "ALL"))
+        _, last_uid = self.state.get(self.key)
+        contiguous = True            # every UID below this one was committed
+        moved = 0
+        for uid in uids:
+            if self._stop.is_set():
+                break
+            if uid <= last_uid:
+                # committed earlier, but the move did not happen (crash or lost connection)
+                await self._move_to_processed(uid)
+                moved += 1
+                continue
+            raw = await self._fetch(uid)
+            if raw is None:
+                contiguous = False
+                continue
+            outcome = await self.intake.receive(Received(
+                raw=raw, mail_from=None, rcpt_to=(self.account.mailbox,), mailbox=self.mailbox,
+                received_at=self.clock()))
+            # committed: from here on the message may leave the folder
+            if contiguous:
+                last_uid = uid
+                await asyncio.to_thread(self.state.set, self.key, self._uidvalidity, uid)
+            await self._move_to_processed(uid)
+            moved += 1
+            log.info("imap.processed", account=self.account.name, folder=self.account.folder, uid=uid,
+                     action=getattr(outcome, "action", None), ticket_id=getattr(outcome, "ticket_id", None))
+        return moved
+
+    async def _fetch(self, uid: int) -> bytes | None:
+        client = self._client
+        assert client is not None
+        try:
+            # BODY.PEEK[]: the whole message without setting \Seen (RFC 3501 §6.4.5)
+            data = await self._call(client.fetch, [uid], [b"BODY.PEEK[]"])
+        except IMAPClient.Error as e:
+            log.error("imap.fetch_failed", account=self.account.name, folder=self.account.folder,
+                      uid=uid, error=str(e)[:500])
+            return None
+        item: Mapping[bytes, Any] = data.get(uid) or {}
+        raw = item.get(b"BODY[]")
+        if not isinstance(raw, bytes):
+            # the message went away meanwhile (another client moved it)
+            return None
+        return raw
+
+    async def _move_to_processed(self, uid: int) -> None:
+        client = self._client
+        assert client is not None
+        target = self.account.processed_folder
+        if self._move:
+            await self._call(client.move, [uid], target)
+            return
+        await self._call(client.copy, [uid], target)
+        await self._call(client.delete_messages, [uid])
+        if self._uidplus:
+            await self._call(client.uid_expunge, [uid])   # only this message (RFC 4315 §2.1)
+        else:
+            await self._call(client.expunge)
+
+    async def _wait_for_mail(self) -> None:
+        client = self._client
+        assert client is not None
+        timeout = min(self.account.poll_seconds, IDLE_MAX_S)
+        if not self._idle:
+            await self._sleep(self.account.poll_seconds)
+            return
+        # imaplib keeps every untagged response it was not asked for (EXISTS,
+        # EXPUNGE...): over weeks of one connection that only grows
+        untagged = getattr(getattr(client, "_imap", None), "untagged_responses", None)
+        if isinstance(untagged, dict):
+            untagged.clear()
+        await self._call(client.idle)
+        try:
+            await self._call(client.idle_check, timeout)
+        finally:
+            if not self._stop.is_set():
+                await self._call(client.idle_done)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _close(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        if self._stop.is_set():
+            # the socket may be shut down already: just close it
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(client.shutdown)
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.to_thread(client.logout), 5)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+
+def _connect(account: ImapAccount) -> IMAPClient:
+    context = ssl.create_default_context(cafile=str(account.ca_file) if account.ca_file else None)
+    client = IMAPClient(account.host, port=account.port, ssl=account.tls, ssl_context=context,
+                        timeout=CONNECT_TIMEOUT_S)
+    try:
+        if account.starttls:
+            client.starttls(context)
+        client.login(account.user, account.secret())
+    except BaseException:
+        with contextlib.suppress(Exception):
+            client.shutdown()
+        raise
+    return client

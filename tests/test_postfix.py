@@ -1,0 +1,296 @@
+"""Behind a real Postfix (Debian's postfix 3.7), started here per RECIPES.md §2.
+
+Mail is submitted by SMTP to Postfix, which delivers it to the gateway
+(a) over LMTP to `gateway serve` with `lmtp = true`, or
+(b) through pipe(8) running `gateway ingest --recipient ${recipient}`,
+exactly as the README's "Behind Postfix" section configures it. When the
+gateway cannot store the mail (its database is locked: `451 4.3.0`, exit 75)
+Postfix keeps it deferred, and `postqueue -f` delivers it once the gateway
+can take it again.
+
+pipe(8) runs the command as `nobody`, who cannot run the pyenv Python under
+/root: the tests build a venv with Debian's /usr/bin/python3 under /var/tmp,
+once per machine and dependency set, and copy the current `gateway` package
+into it at the start of every session.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SUPPORT, GatewayProc, free_port, mail, smtp_send, uniq, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_CACHE = Path("/var/tmp/gw-test-pipe-venv")
+
+
+# -- a private Postfix ----------------------------------------------------------
+
+class Postfix:
+    def __init__(self, transport: str, master_extra: str = ""):
+        self.dir = Path(tempfile.mkdtemp(prefix="gw-postfix-"))
+        os.chmod(self.dir, 0o755)
+        self.etc = self.dir / "etc"
+        for sub in ("etc", "spool", "data"):
+            (self.dir / sub).mkdir()
+        shutil.chown(self.dir / "data", "postfix")
+        self.port = free_port()
+        (self.etc / "main.cf").write_text(textwrap.dedent(f"""\
+            compatibility_level = 3.6
+            queue_directory = {self.dir}/spool
+            data_directory = {self.dir}/data
+            mail_owner = postfix
+            setgid_group = postdrop
+            maillog_file = {self.dir}/postfix.log
+            maillog_file_prefixes = {self.dir}
+            myhostname = mx.test.invalid
+            mydestination =
+            local_recipient_maps =
+            alias_maps =
+            alias_database =
+            inet_interfaces = 127.0.0.1
+            inet_protocols = ipv4
+            mynetworks = 127.0.0.0/8
+            smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+            relay_domains = example.com, examplegov.com
+            transport_maps = inline:{{ support@example.com={transport}, support@examplegov.com={transport} }}
+            default_transport = error:5.7.0 no outbound mail from the test MTA
+            gateway_destination_recipient_limit = 1
+            """))
+        (self.etc / "master.cf").write_text(textwrap.dedent(f"""\
+            127.0.0.1:{self.port} inet n - n - - smtpd
+            pickup    unix  n - n 60 1 pickup
+            cleanup   unix  n - n -  0 cleanup
+            qmgr      unix  n - n 300 1 qmgr
+            rewrite   unix  - - n -  - trivial-rewrite
+            bounce    unix  - - n -  0 bounce
+            defer     unix  - - n -  0 bounce
+            trace     unix  - - n -  0 bounce
+            verify    unix  - - n -  1 verify
+            flush     unix  n - n 1000? 0 flush
+            proxymap  unix  - - n -  - proxymap
+            showq     unix  n - n -  - showq
+            error     unix  - - n -  - error
+            retry     unix  - - n -  - error
+            discard   unix  - - n -  - discard
+            smtp      unix  - - n -  - smtp
+            lmtp      unix  - - n -  - lmtp
+            anvil     unix  - - n -  1 anvil
+            scache    unix  - - n -  1 scache
+            postlog   unix-dgram n - n - 1 postlogd
+            """) + master_extra)
+        # Postfix re-reads a main.cf younger than ~2 s in 300 ms naps (RECIPES.md)
+        past = time.time() - 60
+        for name in ("main.cf", "master.cf"):
+            os.utime(self.etc / name, (past, past))
+
+    def start(self) -> None:
+        subprocess.run(["postfix", "-c", str(self.etc), "start"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 15
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1) as s:
+                if s.recv(64).startswith(b"220"):
+                    return
+            if time.monotonic() > end:
+                raise AssertionError(f"postfix did not start: {self.log()[-1500:]}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        subprocess.run(["postfix", "-c", str(self.etc), "stop"], check=False, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+
+    def log(self) -> str:
+        path = self.dir / "postfix.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def queue(self) -> list[dict[str, Any]]:
+        """`postqueue -j`: one JSON object per queued message."""
+        out = subprocess.run(["postqueue", "-c", str(self.etc), "-j"], capture_output=True, text=True,
+                             check=True).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def flush(self) -> None:
+        subprocess.run(["postqueue", "-c", str(self.etc), "-f"], check=True)
+
+    def deferred(self) -> list[str]:
+        """The delay reasons of the deferred messages."""
+        return [r.get("delay_reason", "") for m in self.queue() if m.get("queue_name") == "deferred"
+                for r in m.get("recipients", [])]
+
+
+@pytest.fixture
+def postfixes() -> Iterator[list[Postfix]]:
+    made: list[Postfix] = []
+    yield made
+    for p in made:
+        p.stop()
+        shutil.rmtree(p.dir, ignore_errors=True)
+
+
+class DbLock:
+    """Holds SQLite's write lock, as a busy or stuck writer would."""
+
+    def __init__(self, db: Path, user: str | None = None, python: str = sys.executable):
+        script = ("import sqlite3, sys\n"
+                  "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+                  "c.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\nsys.stdin.read()\n")
+        argv = [python, "-c", script, str(db)]
+        if user:
+            # as the gateway's own user, so no file SQLite creates belongs to root
+            argv = ["runuser", "-u", user, "--", *argv]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == b"locked"
+
+    def release(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+# -- (a) LMTP to `gateway serve` --------------------------------------------------
+
+def test_postfix_delivers_over_lmtp_and_retries_after_a_451(
+        make_gateway: Callable[..., GatewayProc], postfixes: list[Postfix]) -> None:
+    gw = make_gateway(lmtp=True, extra_toml="[store]\nbusy_timeout_ms = 200\n")
+    gw.start()                      # LMTP greets with 220 too (RFC 2033 §4)
+    pf = Postfix(f"lmtp:inet:127.0.0.1:{gw.port}")
+    postfixes.append(pf)
+    pf.start()
+
+    first = uniq("Backup fails via Postfix")
+    assert smtp_send(pf.port, mail("Ann <ann@customer.example>", SUPPORT, first, "It fails."))[0] == 250
+    ticket = wait_for(lambda: [t for t in gw.tickets() if t["subject"] == first], 15, "the LMTP ticket")[0]
+    shown = gw.ticket(ticket["id"])
+    assert shown["messages"][0]["from"] == "ann@customer.example"
+    wait_for(lambda: not pf.queue(), 15, "Postfix to finish the delivery")
+
+    # the gateway cannot store the mail: 451 4.3.0 over LMTP, Postfix defers it
+    lock = DbLock(gw.data_dir / "gateway.db")
+    second = uniq("Deferred by the gateway")
+    try:
+        assert smtp_send(pf.port, mail("Bob <bob@customer.example>", SUPPORT, second, "Later."))[0] == 250
+        reasons = wait_for(lambda: pf.deferred(), 15, "a deferred message")
+        assert any("451 4.3.0" in r for r in reasons), reasons
+    finally:
+        lock.release()
+    pf.flush()
+    wait_for(lambda: not pf.queue(), 15, "the queue to empty after postqueue -f")
+    assert [t for t in gw.tickets() if t["subject"] == second]
+
+
+# -- (b) pipe(8) running `gateway ingest` ------------------------------------------
+
+@pytest.fixture(scope="session")
+def pipe_venv() -> Path:
+    """A venv of Debian's Python that `nobody` can run, holding this checkout's gateway
+    and the same packages, at the same versions, as the venv running the tests."""
+    deps = installed_packages()
+    key = hashlib.sha256(json.dumps(sorted(deps)).encode()).hexdigest()[:12]
+    venv = VENV_CACHE / key
+    VENV_CACHE.mkdir(parents=True, exist_ok=True)
+    os.chmod(VENV_CACHE, 0o755)
+    with open(VENV_CACHE / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)          # two sessions at once build it once
+        if not (venv / "ready").exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
+            subprocess.run([str(venv / "bin/pip"), "install", "-q", "--disable-pip-version-check",
+                            *deps], check=True)
+            (venv / "ready").touch()
+        # this checkout's code, fresh for every session (no build needed for that)
+        site = next((venv / "lib").glob("python3*/site-packages"))
+        shutil.rmtree(site / "gateway", ignore_errors=True)
+        shutil.copytree(REPO / "gateway", site / "gateway",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        script = venv / "bin/gateway"
+        script.write_text(f"#!{venv}/bin/python\nimport sys\nfrom gateway.cli import main\n"
+                          "sys.exit(main())\n")
+        script.chmod(0o755)
+    return venv
+
+
+def installed_packages() -> list[str]:
+    """`pip freeze` of the test venv, without the project itself (copied in, not installed)."""
+    out = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable",
+                          "--disable-pip-version-check"], capture_output=True, text=True, check=True).stdout
+    return sorted(line for line in out.splitlines()
+                  if line and not line.startswith(("-e", "#")) and " @ " not in line
+                  and not line.lower().startswith("support-gateway"))
+
+
+def test_postfix_pipes_to_gateway_ingest_and_retries_after_exit_75(
+        pipe_venv: Path, postfixes: list[Postfix]) -> None:
+    root = Path(tempfile.mkdtemp(prefix="gw-pipe-"))
+    os.chmod(root, 0o755)
+    data = root / "data"
+    data.mkdir()
+    shutil.chown(data, "nobody", "nogroup")
+    config = root / "gateway.toml"
+    config.write_text(textwrap.dedent(f"""\
+        [gateway]
+        data_dir = "{data}"
+        [[mailbox]]
+        address = "{SUPPORT}"
+        [outbound]
+        transport = "maildir"
+        [store]
+        busy_timeout_ms = 200
+        """))
+    gateway_cmd = f"{pipe_venv}/bin/gateway ingest --config {config}"
+    pf = Postfix("gateway:", textwrap.dedent(f"""\
+        gateway   unix  - n n -  - pipe
+          flags=DRq user=nobody null_sender= argv={gateway_cmd} --recipient ${{recipient}} --sender=${{sender}}
+        """))
+    postfixes.append(pf)
+    pf.start()
+
+    def tickets() -> list[dict[str, Any]]:
+        out = subprocess.run(["runuser", "-u", "nobody", "--", f"{pipe_venv}/bin/gateway", "tickets",
+                              "list", "--json", "--config", str(config)],
+                             capture_output=True, text=True, check=True).stdout
+        return json.loads(out)
+
+    try:
+        first = uniq("Piped to ingest")
+        assert smtp_send(pf.port, mail("Ann <ann@customer.example>", SUPPORT, first, "Via pipe."))[0] == 250
+        try:
+            wait_for(lambda: [t for t in tickets() if t["subject"] == first], 20, "the piped ticket")
+        except AssertionError:
+            raise AssertionError(f"not delivered; postfix log:\n{pf.log()[-2000:]}") from None
+        wait_for(lambda: not pf.queue(), 20, "Postfix to finish the delivery")   # ingest exits after it
+
+        lock = DbLock(data / "gateway.db", user="nobody", python=f"{pipe_venv}/bin/python")
+        second = uniq("Deferred by ingest")
+        try:
+            assert smtp_send(pf.port, mail("Bob <bob@customer.example>", SUPPORT, second, "Later."))[0] == 250
+            reasons = wait_for(lambda: pf.deferred(), 20, "a deferred message")
+            assert any("temporary failure" in r for r in reasons), reasons     # exit 75
+        finally:
+            lock.release()
+        pf.flush()
+        wait_for(lambda: not pf.queue(), 20, "the queue to empty after postqueue -f")
+        assert [t for t in tickets() if t["subject"] == second]
+        # the null sender (a bounce) reaches ingest as --sender= and makes no ticket
+        bounce = mail("MAILER-DAEMON <mailer-daemon@mx.other.example>", SUPPORT,
+                      "Undelivered Mail Returned to Sender", "gone")
+        assert smtp_send(pf.port, bounce, mail_from="")[0] == 250
+        wait_for(lambda: pf.log().count("status=sent") == 3, 20, "the bounce to be delivered")
+        assert len(tickets()) == 2
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

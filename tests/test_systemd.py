@@ -1,0 +1,58 @@
+"""`serve` under systemd: READY=1 once it listens, STOPPING=1 when it stops."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import GATEWAY, GatewayProc
+
+
+def test_serve_notifies_systemd(make_gateway: Callable[..., GatewayProc]) -> None:
+    gw = make_gateway()
+    sock_dir = Path(tempfile.mkdtemp())
+    path = sock_dir / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        server.settimeout(20)
+        env = {**os.environ, "NOTIFY_SOCKET": str(path)}
+        proc = subprocess.Popen([*GATEWAY, "serve", "--config", str(gw.config)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            ready = server.recv(4096).decode()
+            assert "READY=1" in ready and "STATUS=listening" in ready
+            # READY comes only once the listener accepts
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as c:
+                assert c.recv(3) == b"220"
+            proc.send_signal(signal.SIGTERM)
+            assert "STOPPING=1" in server.recv(4096).decode()
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_watchdog_pings_when_systemd_asks_for_them(make_gateway: Callable[..., GatewayProc]) -> None:
+    gw = make_gateway()
+    path = Path(tempfile.mkdtemp()) / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        server.settimeout(20)
+        env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"}
+        proc = subprocess.Popen([*GATEWAY, "serve", "--config", str(gw.config)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            got = [server.recv(4096).decode() for _ in range(4)]
+            assert "READY=1" in got[0] and sum("WATCHDOG=1" in m for m in got) >= 2
+        finally:
+            proc.terminate()
+            assert proc.wait(20) == 0
+
+
+def test_unit_file_is_type_notify_with_a_watchdog() -> None:
+    unit = (Path(__file__).resolve().parents[1] / "config" / "gateway.service").read_text()
+    assert "Type=notify" in unit and "WatchdogSec=" in unit and "gateway serve" in unit
