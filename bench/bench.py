@@ -190,7 +190,7 @@ def rss_kb(pid: int) -> int:
     return total
 
 
-def write_config(tmp: Path, port: int, relay_port: int, size: int, store: str) -> Path:
+def write_config(tmp: Path, port: int, relay_port: int, size: int, store: str, workers: int = 0) -> Path:
     cfg = tmp / "gateway.toml"
     cfg.write_text(textwrap.dedent(f"""
         [gateway]
@@ -199,6 +199,7 @@ def write_config(tmp: Path, port: int, relay_port: int, size: int, store: str) -
         host = "127.0.0.1"
         port = {port}
         max_message_size = {size}
+        workers = {workers}
         [[mailbox]]
         address = "{SUPPORT}"
         [outbound]
@@ -238,10 +239,12 @@ def prefill(cfg: Path, n: int) -> None:
         async def main():
             c = load({str(cfg)!r})
             s = await Store.open(c.db_path)
-            now = datetime.now(UTC)
+            from datetime import timedelta
+            start_at = datetime.now(UTC) - timedelta(days=365)
             for start in range(0, {n}, 5000):
                 async with s.transaction() as tx:
                     for i in range(start, min({n}, start + 5000)):
+                        now = start_at + timedelta(minutes=5 * i)     # a year of tickets
                         t = (await tx.create_ticket(subject=f"old {{i}}", requester=f"old{{i}}@x.example",
                             cc=(), region="EMEA", govcloud=False, priority=3, mailbox="{SUPPORT}",
                             linked_ticket=None, now=now)).id
@@ -259,7 +262,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     size = 26_214_400
     sink = Sink()
     port = free_port()
-    cfg = write_config(tmp, port, sink.port, size, f"sqlite:///{tmp / 'data' / 'gateway.db'}")
+    cfg = write_config(tmp, port, sink.port, size, f"sqlite:///{tmp / 'data' / 'gateway.db'}",
+                       args.workers)
     if args.store_tickets:
         prefill(cfg, args.store_tickets)
     proc = start_gateway(cfg, port, tmp / "serve.log")
@@ -288,6 +292,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "bench": "ingest", "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, "
         f"{platform.python_implementation()} {platform.python_version()}",
         "mails": args.mails, "clients": args.clients, "store_tickets": args.store_tickets,
+        "workers": args.workers,
         "gateway": gw, "acks_expected": len(new_customers), "acks_delivered": acked,
         "acks_delivered_s_after_last_mail": acks_after, "total_s": round(time.perf_counter() - t0, 2),
         "gateway_peak_rss_mb": round(peak / 1024, 1), "bare_aiosmtpd": bare,
@@ -340,6 +345,7 @@ def main() -> None:
     p.add_argument("--mails", type=int, default=5000)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--store-tickets", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="[smtp] workers (the gateway's default: 1)")
     p.add_argument("--memory", action="store_true", help="the 20 x 20 MB memory run")
     p.add_argument("--memory-mails", type=int, default=20)
     args = p.parse_args()

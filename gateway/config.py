@@ -219,10 +219,13 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None
     smtp_port = _port_of(r, "smtp", s, d["smtp"]["port"])
     lmtp = _prefixed(r, "smtp", s, "lmtp", bool, False)
     max_size = _prefixed(r, "smtp", s, "max_message_size", int, d["smtp"]["max_message_size"])
-    workers = _prefixed(r, "smtp", s, "workers", int, 0)
+    # Default 1: measured, two workers contend for SQLite's write lock (each
+    # holds it through a batch, rendering included) and lose more than they
+    # gain (README, "Measured"); 0 means one per CPU, at most AUTO_WORKERS_MAX.
+    workers = _prefixed(r, "smtp", s, "workers", int, 1)
     if not 0 <= workers <= 64:
         r.fail("smtp.workers", f"expected 0 (one per CPU, at most {AUTO_WORKERS_MAX}) to 64, got {workers}")
-        workers = 0
+        workers = 1
     if workers == 0:
         workers = max(1, min(os.cpu_count() or 1, AUTO_WORKERS_MAX))
     if max_size < 1024:
