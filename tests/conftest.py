@@ -203,11 +203,11 @@ class GatewayProc:
         self.log = root / "serve.log"
 
     # -- process ---------------------------------------------------------
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 20.0, preexec_fn: Callable[[], None] | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
         self.proc = subprocess.Popen([*GATEWAY, "serve", "--config", str(self.config)],
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=env)
+                                     start_new_session=True, env=env, preexec_fn=preexec_fn)
 
         def listening() -> bool:
             if self.proc is not None and self.proc.poll() is not None:

@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import smtplib
-import socket
 import subprocess
 import threading
 import time
@@ -142,24 +141,6 @@ def without_dac_override() -> None:
     for cap in (1, 2):            # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
         if libc.prctl(24, cap, 0, 0, 0) != 0:     # PR_CAPBSET_DROP
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
-def start_with(gw: GatewayProc, preexec_fn: Callable[[], None], timeout: float = 20.0) -> None:
-    """GatewayProc.start, with a preexec_fn for the serve process."""
-    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
-    gw.proc = subprocess.Popen([*GATEWAY, "serve", "--config", str(gw.config)],
-                               stdout=open(gw.log, "ab"), stderr=subprocess.STDOUT,
-                               start_new_session=True, env=env, preexec_fn=preexec_fn)
-
-    def listening() -> bool:
-        assert gw.proc is not None
-        if gw.proc.poll() is not None:
-            raise AssertionError(f"serve exited {gw.proc.returncode}: {gw.log_text()[-800:]}")
-        with contextlib.suppress(OSError):
-            with socket.create_connection(("127.0.0.1", gw.port), timeout=1) as s:
-                return s.recv(4).startswith(b"220")
-        return False
-    wait_for(listening, timeout, "serve to listen")
 
 
 def ingest(gw: GatewayProc, msg: EmailMessage, preexec_fn: Callable[[], None] | None = None
@@ -379,7 +360,7 @@ def test_disk_full_answers_451_ingest_75_and_recovers_by_itself(
 def test_unwritable_data_dir_answers_451_ingest_75_and_recovers_by_itself(
         make_gateway: Callable[..., GatewayProc]) -> None:
     gw = make_gateway()
-    start_with(gw, without_dac_override)
+    gw.start(preexec_fn=without_dac_override)
     assert gw.send(mail("warm@customer.example", SUPPORT, uniq("warm"), "x"))[0] == 250
     modes = {p: p.stat().st_mode & 0o7777 for p in [gw.data_dir, *gw.data_dir.rglob("*")]}
     try:

@@ -30,7 +30,6 @@ import os
 import re
 import resource
 import smtplib
-import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
