@@ -265,6 +265,11 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
         finally:
             await gw.close()
         print(json.dumps(result.to_json(), ensure_ascii=False))
+        if result.outcome.action == "not_quarantined":
+            # another retry won the race inside its transaction: the same answer as
+            # finding it no longer quarantined before starting
+            print(f"gateway: no quarantined mail {args.id}: already processed", file=sys.stderr)
+            return 1
         return replies.EX_OK if result.processed else replies.EX_DATAERR
     store = await Store.open(config.db_path, config.busy_timeout_ms)
     try:
