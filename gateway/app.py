@@ -124,8 +124,8 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
                  asyncio.create_task(gw.scheduler.run(), name="scheduler")]
         if config.imap:
             # IMAP mailboxes are polled by the primary only: one poller per account
-            from gateway.inbound.imap import ImapPoller, ImapState
-            state = ImapState(config.data_dir / "imap-state.json")
+            from gateway.inbound.imap import STATE_FILE, ImapPoller, ImapState
+            state = ImapState(config.data_dir / STATE_FILE)
             for account in config.imap:
                 mailbox = config.mailbox_for(account.mailbox)
                 assert mailbox is not None      # parse_imap checked it

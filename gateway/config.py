@@ -187,8 +187,7 @@ def _check_address(r: _Reader, key: str, value: str) -> str:
     return addr
 
 
-def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None = None,
-          config_dir: Path | None = None) -> Config:
+def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | None = None) -> Config:
     """Validate a TOML tree (already merged over nothing: missing keys take defaults)."""
     d = _defaults()
     r = _Reader(data)
@@ -199,8 +198,6 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None
 
     g = r.section("gateway")
     data_dir = Path(_prefixed(r, "gateway", g, "data_dir", str, d["gateway"]["data_dir"]))
-    if base_dir is not None and not data_dir.is_absolute():
-        data_dir = base_dir / data_dir
     tag = _prefixed(r, "gateway", g, "ticket_tag", str, d["gateway"]["ticket_tag"])
     _prefixed(r, "gateway", g, "rules_file", str, "")          # read by load()
     templates_value = _prefixed(r, "gateway", g, "templates_dir", str, "")

@@ -33,9 +33,6 @@ class Timers:
     autoclose_due_at: datetime | None = None
     close_due_at: datetime | None = None
 
-    def earliest(self) -> datetime | None:
-        due = [d for d in (self.reminder_due_at, self.autoclose_due_at, self.close_due_at) if d]
-        return min(due) if due else None
 
 
 @dataclass(frozen=True)
@@ -48,9 +45,6 @@ class Transition:
     stamps: dict[str, datetime] = field(default_factory=dict)   # resolved_at, closed_at
     cause: str = ""
 
-    def changes(self, ticket: Ticket) -> bool:
-        return (self.status is not ticket.status or self.timers != timers_of(ticket)
-                or bool(self.notices) or bool(self.stamps))
 
 
 def timers_of(ticket: Ticket) -> Timers:

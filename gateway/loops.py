@@ -5,6 +5,11 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 
+def backoff(attempts: int, base_s: float, max_s: float) -> float:
+    """Seconds to wait after the `attempts`-th failed try (1, 2, ...)."""
+    return min(max_s, base_s * 2 ** max(0, attempts - 1))
+
+
 class Repeater:
     """Runs `job` until stopped: again at once when woken, else every `every_s`.
 

@@ -452,10 +452,6 @@ class Store:
         async with self._lock:
             return await _fetch_ticket(self.db, ticket_id)
 
-    async def decision(self, ticket_id: int) -> dict[str, Any] | None:
-        rows = await self._rows("SELECT decision FROM tickets WHERE id = ?", (ticket_id,))
-        return json.loads(rows[0][0]) if rows and rows[0][0] else None
-
     async def tickets_created(self, since: datetime | None, until: datetime | None) -> list[Ticket]:
         """Tickets created in [since, until), oldest first (for stats)."""
         rows = await self._rows(
@@ -511,10 +507,6 @@ class Store:
                 await tx.db.executemany("UPDATE outbox SET claimed_until = ? WHERE id = ?",
                                         [(until, r[0]) for r in rows])
         return [OutboxItem(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7]) for r in rows]
-
-    async def next_due_at(self) -> datetime | None:
-        rows = await self._rows("SELECT min(next_attempt_at) FROM outbox WHERE state = 'queued'")
-        return from_iso(rows[0][0]) if rows else None
 
     async def record_deliveries(self, now: datetime, *, sent: Sequence[int] = (),
                                 retry: Sequence[tuple[int, datetime, str]] = (),

@@ -58,6 +58,22 @@ def wait_for(pred: Callable[[], Any], timeout: float = 15.0, what: str = "condit
         time.sleep(0.02)
 
 
+def wait_banner(port: int, greeting: bytes, *, died: Callable[[], str | None] = lambda: None,
+                timeout: float = 15.0, what: str = "server") -> None:
+    """Wait until a server on `port` greets with `greeting` (`220`, `* OK`).
+
+    `died` says why the server is gone (its exit and log), or None while it runs.
+    """
+    def greets() -> bool:
+        if (why := died()) is not None:
+            raise AssertionError(f"{what} did not start: {why}")
+        with contextlib.suppress(OSError):
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                return s.recv(64).startswith(greeting)
+        return False
+    wait_for(greets, timeout, f"{what} to greet")
+
+
 class Sink:
     """A real SMTP server that keeps what it is handed (or refuses it)."""
 
@@ -208,15 +224,10 @@ class GatewayProc:
         self.proc = subprocess.Popen([*GATEWAY, "serve", "--config", str(self.config)],
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True, env=env, preexec_fn=preexec_fn)
-
-        def listening() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"serve exited {self.proc.returncode}: {self.log_text()[-800:]}")
-            with contextlib.suppress(OSError):
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    return s.recv(4).startswith(b"220")
-            return False
-        wait_for(listening, timeout, "serve to listen")
+        proc = self.proc
+        wait_banner(self.port, b"220", timeout=timeout, what="gateway serve",
+                    died=lambda: None if proc.poll() is None
+                    else f"exited {proc.returncode}: {self.log_text()[-800:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
         if not self.proc or self.proc.poll() is not None:

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import smtplib
-import socket
 import sqlite3
 import subprocess
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SUPPORT, free_port, mail, uniq
+from conftest import SUPPORT, free_port, mail, uniq, wait_banner
 from imapclient import IMAPClient
 from structlog.testing import capture_logs
 
@@ -89,16 +88,10 @@ class Dovecot:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["dovecot", "-F", "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        end = time.monotonic() + 15
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1) as s:
-                if s.recv(64).startswith(b"* OK"):
-                    return
-            if self.proc.poll() is not None or time.monotonic() > end:
-                raise AssertionError(f"dovecot did not start: {self.log()[-1000:]}")
-            time.sleep(0.02)
+        proc = self.proc = subprocess.Popen(["dovecot", "-F", "-c", str(self.conf)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_banner(self.port, b"* OK", what="dovecot",
+                    died=lambda: None if proc.poll() is None else self.log()[-1000:])
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

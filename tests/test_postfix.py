@@ -15,13 +15,11 @@ into it at the start of every session.
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SUPPORT, GatewayProc, free_port, mail, smtp_send, uniq, wait_for
+from conftest import SUPPORT, GatewayProc, free_port, mail, smtp_send, uniq, wait_banner, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_CACHE = Path("/var/tmp/gw-test-pipe-venv")
@@ -101,14 +99,11 @@ class Postfix:
     def start(self) -> None:
         subprocess.run(["postfix", "-c", str(self.etc), "start"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        end = time.monotonic() + 15
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1) as s:
-                if s.recv(64).startswith(b"220"):
-                    return
-            if time.monotonic() > end:
-                raise AssertionError(f"postfix did not start: {self.log()[-1500:]}")
-            time.sleep(0.02)
+        # `postfix start` daemonizes: there is no process of ours to watch, only the log
+        try:
+            wait_banner(self.port, b"220", what="postfix")
+        except AssertionError as e:
+            raise AssertionError(f"postfix did not start: {self.log()[-1500:]}") from e
 
     def stop(self) -> None:
         subprocess.run(["postfix", "-c", str(self.etc), "stop"], check=False, stdout=subprocess.DEVNULL,

@@ -49,6 +49,7 @@ from imapclient.exceptions import IMAPClientError
 
 from gateway.clock import Clock
 from gateway.config import Mailbox
+from gateway.loops import backoff
 from gateway.model import normalize_address
 from gateway.pipeline import Received
 from gateway.store import StoreUnavailable
@@ -147,28 +148,28 @@ def parse_imap(data: list[dict[str, Any]] | Any, mailbox_addresses: set[str],
         user = table.get("user")
         if not isinstance(user, str) or not user:
             fail("user", f"expected the login name, got {user!r}")
+        def readable(key: str) -> Path | None:
+            """An optional file name: None when absent, else a readable path."""
+            value = table.get(key)
+            if value is None:
+                return None
+            if not isinstance(value, str) or not value:
+                fail(key, f"expected a file name, got {value!r}")
+                return None
+            path = _resolve(value, base_dir)
+            if not os.access(path, os.R_OK):
+                fail(key, f"cannot read {str(path)!r}")
+            return path
+
         password, password_file = table.get("password"), table.get("password_file")
         pw_path: Path | None = None
         if (password is None) == (password_file is None):
             fail("password", "set exactly one of password and password_file")
         elif password is not None and not isinstance(password, str):
             fail("password", "expected a string")
-        elif password_file is not None:
-            if not isinstance(password_file, str) or not password_file:
-                fail("password_file", f"expected a file name, got {password_file!r}")
-            else:
-                pw_path = _resolve(password_file, base_dir)
-                if not os.access(pw_path, os.R_OK):
-                    fail("password_file", f"cannot read {str(pw_path)!r}")
-        ca_file = table.get("ca_file")
-        ca_path: Path | None = None
-        if ca_file is not None:
-            if not isinstance(ca_file, str) or not ca_file:
-                fail("ca_file", f"expected a file name, got {ca_file!r}")
-            else:
-                ca_path = _resolve(ca_file, base_dir)
-                if not os.access(ca_path, os.R_OK):
-                    fail("ca_file", f"cannot read {str(ca_path)!r}")
+        else:
+            pw_path = readable("password_file")
+        ca_path = readable("ca_file")
         folder = table.get("folder", "INBOX")
         processed = table.get("processed_folder", "Processed")
         for field, value in (("folder", folder), ("processed_folder", processed)):
@@ -297,7 +298,7 @@ class ImapPoller:
                 if not isinstance(e, IMAPClientError | OSError | StoreUnavailable | EOFError):
                     log.exception("imap.error", account=self.account.name, folder=self.account.folder)
                 failures += 1
-                delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (failures - 1))
+                delay = backoff(failures, self.backoff_base_s, self.backoff_max_s)
                 log.warning("imap.retry", account=self.account.name, folder=self.account.folder,
                             error=f"{type(e).__name__}: {e}"[:500], retry_in_s=delay)
                 await self._close()

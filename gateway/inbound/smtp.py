@@ -57,10 +57,6 @@ class _SMTP(SMTP):
 class _LMTP(LMTP):
     line_length_limit = LINE_LENGTH_LIMIT
 
-# [limits] answers (see the module docstring for the codes chosen)
-TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients (at most {limit} per message)"
-CONTENT_REFUSED = "554 5.6.0 Message refused: {reason}"
-
 
 class SupportHandler:
     def __init__(self, config: Config, intake: Intake, clock: Clock):
@@ -88,7 +84,7 @@ class SupportHandler:
         limit = self.config.limits.max_recipients
         if len(envelope.rcpt_tos) >= limit:
             log.info("smtp.rcpt_refused", recipient=address, reason="too many recipients")
-            return TOO_MANY_RECIPIENTS.format(limit=limit)
+            return replies.TOO_MANY_RECIPIENTS.format(limit=limit)
         envelope.rcpt_tos.append(address)
         return replies.RCPT_OK
 
@@ -106,7 +102,7 @@ class SupportHandler:
             if problem is not None:
                 log.warning("smtp.refused", mailbox=mailbox.address, reason=problem,
                             mail_from=received.mail_from[:200])
-                status = CONTENT_REFUSED.format(reason=problem)
+                status = replies.CONTENT_REFUSED.format(reason=problem)
             else:
                 outcome = await self.intake.receive(received)
                 status = replies.accepted(outcome.ticket_id, outcome.action)

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 import structlog
 
 from gateway.clock import Clock
-from gateway.loops import Repeater
+from gateway.loops import Repeater, backoff
 from gateway.outbound.transport import DeliveryError, Transport
 from gateway.store import OutboxItem, Store
 
@@ -22,11 +22,6 @@ log = structlog.get_logger("gateway.outbox")
 
 CLAIM_LEASE_S = 300.0
 PARALLEL = 8
-
-
-def backoff(attempts: int, base_s: float, max_s: float) -> float:
-    """Seconds to wait after the `attempts`-th failed try (1, 2, ...)."""
-    return min(max_s, base_s * 2 ** max(0, attempts - 1))
 
 
 class OutboxSender:
