@@ -69,13 +69,21 @@ async def open_gateway(config: Config, clock: Clock = system_clock) -> Gateway:
         secret = load_secret(config.data_dir)
     except OSError as e:
         raise StoreUnavailable(f"data_dir {config.data_dir}: {e}") from e
-    store = await Store.open(config.db_path, config.busy_timeout_ms)
+    store = await Store.open(config.store_url, config.busy_timeout_ms)
+    # Every instance on one database signs and checks ticket tokens with the
+    # same key: the first one stored (this data_dir's, on a single instance).
+    try:
+        secret = bytes.fromhex(await store.shared_setting("ticket_token_secret", secret.hex()))
+    except BaseException:
+        await store.close()
+        raise
     tokens = TicketTokens(secret)
     desk = Desk(config, Composer(ticket_tag=config.ticket_tag, tokens=tokens,
                                  override_dir=config.templates_dir, dkim_keys=config.dkim_keys))
     pipeline = Pipeline(config, desk, tokens)
     sender = OutboxSender(store, transports(config), clock, retry_base_s=config.outbound_retry_base_s,
-                          retry_max_s=config.outbound_retry_max_s, poll_s=config.outbound_poll_s)
+                          retry_max_s=config.outbound_retry_max_s, poll_s=config.outbound_poll_s,
+                          lease_s=config.lease_s)
     intake = Intake(store, pipeline, Blobs(config.data_dir), clock, on_commit=sender.wake)
     scheduler = Scheduler(store, desk, config.policy, clock, interval_s=config.scheduler_interval_s,
                           on_queued=sender.wake)

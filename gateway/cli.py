@@ -271,7 +271,7 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
             print(f"gateway: no quarantined mail {args.id}: already processed", file=sys.stderr)
             return 1
         return replies.EX_OK if result.processed else replies.EX_DATAERR
-    store = await Store.open(config.db_path, config.busy_timeout_ms)
+    store = await Store.open(config.store_url, config.busy_timeout_ms)
     try:
         if args.quarantine_command == "list":
             rows = await quarantine.entries(store)
@@ -296,7 +296,7 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
 # -- tickets --------------------------------------------------------------
 
 async def _tickets(config: Config, args: argparse.Namespace) -> int:
-    store = await Store.open(config.db_path, config.busy_timeout_ms)
+    store = await Store.open(config.store_url, config.busy_timeout_ms)
     try:
         if args.tickets_command == "list":
             rows = await store.tickets(args.status)
@@ -365,7 +365,7 @@ def when(option: str, value: str) -> datetime:
 async def _stats(config: Config, args: argparse.Namespace) -> int:
     since = when("--since", args.since) if args.since else None
     until = when("--until", args.until) if args.until else None
-    store = await Store.open(config.db_path, config.busy_timeout_ms)
+    store = await Store.open(config.store_url, config.busy_timeout_ms)
     try:
         rep = stats.report(await store.tickets_created(since, until))
     finally:

@@ -81,6 +81,9 @@ class Config:
     redirects: dict[str, str] = field(default_factory=dict)
     store_url: str = ""
     busy_timeout_ms: int = 5000
+    # how long an instance's claim (a delivery being sent, the IMAP poller) lasts
+    # unless renewed: a dead instance's claims pass to the others after it
+    lease_s: float = 60.0
     policy: Policy = field(default_factory=Policy)
     rules: RulesConfig = field(default_factory=default_rules)
     scheduler_interval_s: float = 60.0
@@ -116,6 +119,7 @@ class Config:
     @property
     def db_path(self) -> Path:
         """The SQLite file named by `[store] url` (default: data_dir/gateway.db)."""
+        assert self.store_url.startswith("sqlite:///"), "not a SQLite store"
         return Path(self.store_url[len("sqlite:///"):])
 
 
@@ -302,8 +306,11 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
 
     store = r.section("store")
     store_url = _prefixed(r, "store", store, "url", str, "")
-    if store_url and not store_url.startswith("sqlite:///"):
-        r.fail("store.url", "only sqlite:///PATH is supported by this version")
+    if store_url and not store_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        r.fail("store.url", f"expected sqlite:///PATH or postgresql://..., got {store_url!r}")
+    lease_s = _prefixed(r, "store", store, "lease_seconds", (int, float), 60)
+    if isinstance(lease_s, bool) or not 1 <= lease_s <= 86_400:
+        r.fail("store.lease_seconds", f"expected 1 to 86400 seconds, got {lease_s!r}")
     busy_timeout_ms = _prefixed(r, "store", store, "busy_timeout_ms", int, 5000)
     if not 0 <= busy_timeout_ms <= 600_000:
         r.fail("store.busy_timeout_ms", f"expected 0 to 600000 milliseconds, got {busy_timeout_ms}")
@@ -358,7 +365,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         staff_addresses=staff_addresses, staff_domains=staff_domains, queues=queues,
         default_region=default_region, redirects=redirects,
         store_url=store_url or f"sqlite:///{data_dir / 'gateway.db'}", source=source,
-        busy_timeout_ms=busy_timeout_ms,
+        busy_timeout_ms=busy_timeout_ms, lease_s=float(lease_s),
         policy=Policy(reminder_after=timedelta(hours=reminder_h),
                       autoclose_after=timedelta(hours=autoclose_h),
                       reopen_within=timedelta(days=reopen_d)),

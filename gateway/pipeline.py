@@ -70,9 +70,9 @@ class Pipeline:
 
     async def handle(self, tx: Tx, inbound_id: int, mail: ParsedMail, received: Received) -> Outcome:
         now = received.received_at
-        if await tx.has_inbound_message(mail.message_id):
+        if not await tx.claim_inbound_message(mail.message_id):
             return Outcome(inbound_id, "duplicate", None, mail.message_id, 0,
-                           "a mail with this Message-ID is already on a ticket")
+                           "a mail with this Message-ID was already received")
         sender = mail.sender or normalize_address(received.mail_from or "")
         auto = automatic_kind(mail.headers, sender=sender, mail_from=received.mail_from,
                               own_addresses=self.own_addresses, content_types=mail.content_types)

@@ -54,7 +54,7 @@ async def test_every_statement_of_a_real_run_uses_an_index(tmp_path: Path) -> No
                     "outbound": {"transport": "maildir"}})
     gw = await open_gateway(config)
     statements: list[str] = []
-    await gw.store.db.set_trace_callback(statements.append)
+    await gw.store.db.connection.set_trace_callback(statements.append)
     mailbox = config.mailboxes[0]
     now = datetime.now(UTC)
 
@@ -75,7 +75,7 @@ async def test_every_statement_of_a_real_run_uses_an_index(tmp_path: Path) -> No
     await gw.sender.deliver_due()
     await gw.scheduler.run_due(now + timedelta(days=9))
     await gw.store.tickets_created(now - timedelta(days=1), now + timedelta(days=1))
-    await gw.store.db.set_trace_callback(None)
+    await gw.store.db.connection.set_trace_callback(None)
     plans: dict[str, str] = {}
     for sql in dict.fromkeys(statements):
         head = sql.lstrip().split(None, 1)[0].upper()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from gateway.config import Limits
 from gateway.inbound.parse import parse_mail
 from gateway.model import ParsedMail
 from gateway.pipeline import Outcome, Pipeline, Received
-from gateway.store import Store, StoreUnavailable
+from gateway.store import Store, StoreUnavailable, Tx
 
 log = structlog.get_logger("gateway.intake")
 
@@ -115,7 +114,9 @@ class Intake:
             error = f"parse failed: {type(e).__name__}: {e}"[:2000]
         raw_path = None
         try:
-            if len(raw) > RAW_INLINE_MAX:
+            # on PostgreSQL every instance must reach the bytes (a quarantine retry
+            # may run anywhere): they stay in the row whatever their size
+            if len(raw) > RAW_INLINE_MAX and self.store.dialect == "sqlite":
                 path = await asyncio.to_thread(self.blobs.put, "raw", raw, ".eml", sha)
                 raw_path = str(path.relative_to(self.blobs.root))
             if parsed is not None:
@@ -137,7 +138,8 @@ class Intake:
             while len(batch) < BATCH_MAX and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                outcomes = await self._commit(batch)
+                # a batch that lost a deadlock to another instance is simply run again
+                outcomes = await self.store.run(lambda tx: self._commit(tx, batch))
             except Exception as e:  # noqa: BLE001 - every caller gets the failure, the writer lives on
                 error = e if isinstance(e, StoreUnavailable) else StoreUnavailable(f"{type(e).__name__}: {e}")
                 log.error("intake.commit_failed", error=str(e), mails=len(batch))
@@ -158,55 +160,59 @@ class Intake:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _commit(self, batch: list[_Job]) -> list[Outcome]:
+    async def _commit(self, tx: Tx, batch: list[_Job]) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        async with self.store.transaction() as tx:
-            for job in batch:
-                r = job.received
-                if job.inbound_id is not None:
-                    inbound_id = job.inbound_id
-                    if not await tx.is_quarantined(inbound_id):
-                        outcomes.append(Outcome(inbound_id, "not_quarantined", None,
-                                                job.parsed.message_id if job.parsed else "", 0,
-                                                "the mail is no longer quarantined"))
-                        continue
-                else:
-                    # the null sender is kept as "<>", an unknown envelope (ingest without
-                    # --sender) as "": a retry from quarantine must see the same envelope
-                    inbound_id = await tx.add_inbound(
-                        received_at=r.received_at, mail_from=stored_mail_from(r.mail_from),
-                        rcpt_to=r.rcpt_to,
-                        mailbox=r.mailbox.address, sha256=job.sha256, size=len(r.raw),
-                        raw=None if job.raw_path else r.raw, raw_path=job.raw_path,
-                        message_id=job.parsed.message_id if job.parsed else header_message_id(r.raw) or None)
-                outcome = None
-                error = job.error
-                if job.parsed is not None:
-                    try:
-                        async with self.store.savepoint(tx):
-                            outcome = await self.pipeline.handle(tx, inbound_id, job.parsed, r)
-                    except sqlite3.OperationalError:
-                        raise          # the store itself failed: the whole batch gets 451
-                    except Exception as e:  # noqa: BLE001 - poison mail is quarantined
-                        error = f"processing failed: {type(e).__name__}: {e}"[:2000]
-                        log.exception("mail.quarantined", inbound_id=inbound_id,
-                                      message_id=job.parsed.message_id, exception=error)
-                if outcome is None:
-                    await tx.set_inbound_state(inbound_id, "quarantined", error)
-                    message_id = job.parsed.message_id if job.parsed else header_message_id(r.raw)
-                    if job.parsed is None:
-                        log.error("mail.quarantined", inbound_id=inbound_id, message_id=message_id,
-                                  exception=error)
-                    outcome = Outcome(inbound_id, "quarantined", None, message_id, 0, error or "")
-                else:
-                    if outcome.action == "quarantined":
-                        log.warning("mail.quarantined", inbound_id=inbound_id,
-                                    message_id=outcome.message_id, exception=outcome.reason)
-                    state = {"duplicate": "duplicate", "automatic": "automatic",
-                             "quarantined": "quarantined"}.get(outcome.action, "processed")
-                    await tx.set_inbound_state(inbound_id, state,
-                                               outcome.reason if state == "quarantined" else None)
-                outcomes.append(outcome)
+        for job in batch:
+            r = job.received
+            if job.inbound_id is not None:
+                inbound_id = job.inbound_id
+                if not await tx.is_quarantined(inbound_id):
+                    outcomes.append(Outcome(inbound_id, "not_quarantined", None,
+                                            job.parsed.message_id if job.parsed else "", 0,
+                                            "the mail is no longer quarantined"))
+                    continue
+            else:
+                # the null sender is kept as "<>", an unknown envelope (ingest without
+                # --sender) as "": a retry from quarantine must see the same envelope
+                inbound_id = await tx.add_inbound(
+                    received_at=r.received_at, mail_from=stored_mail_from(r.mail_from),
+                    rcpt_to=r.rcpt_to,
+                    mailbox=r.mailbox.address, sha256=job.sha256, size=len(r.raw),
+                    raw=None if job.raw_path else r.raw, raw_path=job.raw_path,
+                    message_id=job.parsed.message_id if job.parsed else header_message_id(r.raw) or None)
+            outcome = None
+            error = job.error
+            if job.parsed is not None:
+                try:
+                    async with self.store.savepoint(tx):
+                        outcome = await self.pipeline.handle(tx, inbound_id, job.parsed, r)
+                except StoreUnavailable:
+                    raise          # the store itself failed: the whole batch gets 451 (or a rerun)
+                except Exception as e:  # noqa: BLE001 - poison mail is quarantined
+                    error = f"processing failed: {type(e).__name__}: {e}"[:2000]
+                    log.exception("mail.quarantined", inbound_id=inbound_id,
+                                  message_id=job.parsed.message_id, exception=error)
+            if outcome is None or outcome.action == "quarantined":
+                # a quarantined mail is not on a ticket: its Message-ID is free again
+                msgid = job.parsed.message_id if job.parsed else ""
+                if msgid:
+                    await tx.release_inbound_message(msgid)
+            if outcome is None:
+                await tx.set_inbound_state(inbound_id, "quarantined", error)
+                message_id = job.parsed.message_id if job.parsed else header_message_id(r.raw)
+                if job.parsed is None:
+                    log.error("mail.quarantined", inbound_id=inbound_id, message_id=message_id,
+                              exception=error)
+                outcome = Outcome(inbound_id, "quarantined", None, message_id, 0, error or "")
+            else:
+                if outcome.action == "quarantined":
+                    log.warning("mail.quarantined", inbound_id=inbound_id,
+                                message_id=outcome.message_id, exception=outcome.reason)
+                state = {"duplicate": "duplicate", "automatic": "automatic",
+                         "quarantined": "quarantined"}.get(outcome.action, "processed")
+                await tx.set_inbound_state(inbound_id, state,
+                                           outcome.reason if state == "quarantined" else None)
+            outcomes.append(outcome)
         return outcomes
 
 

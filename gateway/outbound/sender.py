@@ -1,7 +1,9 @@
 """The outbox sender: delivers what the pipeline queued, retrying with backoff.
 
-It claims due rows (a lease, so two processes never send the same row at
-once), hands each to its relay's transport, and marks it sent, due again
+It claims due rows (a lease of `[store] lease_seconds`, so two processes or
+instances never send the same row at once, and a dead one's rows pass to
+the others when its lease runs out; a row not handed to its relay within
+half the lease is given back rather than sent late under an expired claim), hands each to its relay's transport, and marks it sent, due again
 later (temporary failure: exponential backoff from `retry_base_seconds` up
 to `retry_max_seconds`), or failed (permanent `5xx`, recorded and logged,
 not retried forever). It runs in its own task: intake never waits on it.
@@ -9,7 +11,9 @@ not retried forever). It runs in its own task: intake never waits on it.
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 
@@ -20,19 +24,20 @@ from gateway.store import OutboxItem, Store
 
 log = structlog.get_logger("gateway.outbox")
 
-CLAIM_LEASE_S = 300.0
 PARALLEL = 8
+NOT_TRIED = object()     # a claimed row not handed to the relay before half its lease was gone
 
 
 class OutboxSender:
     def __init__(self, store: Store, transports: dict[str, Transport], clock: Clock, *,
-                 retry_base_s: float, retry_max_s: float, poll_s: float):
+                 retry_base_s: float, retry_max_s: float, poll_s: float, lease_s: float = 60.0):
         self.store = store
         self.transports = transports
         self.clock = clock
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
         self.poll_s = poll_s
+        self.lease_s = lease_s
         self._loop = Repeater(self.deliver_due, poll_s, lambda: log.exception("outbox.loop_error"))
 
     def wake(self) -> None:
@@ -48,11 +53,14 @@ class OutboxSender:
         sent_total = 0
         batch = PARALLEL * 8
         while True:
-            items = await self.store.claim_due(now or self.clock(), CLAIM_LEASE_S, limit=batch)
+            items = await self.store.claim_due(now or self.clock(), self.lease_s, limit=batch)
             if not items:
                 return sent_total
             sem = asyncio.Semaphore(PARALLEL)
-            results = await asyncio.gather(*(self._deliver_within(sem, i) for i in items))
+            send_by = time.monotonic() + self.lease_s / 2
+            tried = await asyncio.gather(*(self._deliver_within(sem, i, send_by) for i in items))
+            released = [item.id for item, error in tried if error is NOT_TRIED]
+            results = [(item, error) for item, error in tried if error is not NOT_TRIED]
             at = self.clock()
             sent = [item.id for item, error in results if error is None]
             retry = [(item.id, at + timedelta(seconds=backoff(item.attempts + 1, self.retry_base_s,
@@ -60,7 +68,7 @@ class OutboxSender:
                      for item, error in results if error is not None and not error.permanent]
             failed = [(item.id, str(error)) for item, error in results
                       if error is not None and error.permanent]
-            await self.store.record_deliveries(at, sent=sent, retry=retry)
+            await self.store.record_deliveries(at, sent=sent, retry=retry, released=released)
             if failed:
                 # A permanent refusal is recorded on the ticket like a bounce, and the
                 # address marked undeliverable, in the same commit as the row's `failed`.
@@ -68,13 +76,17 @@ class OutboxSender:
                     log.warning("ticket.undeliverable", ticket_id=ticket_id, addresses=addresses)
             for item, error in results:
                 self._log(item, error)
+            if released:
+                log.warning("outbox.released", rows=len(released), lease_s=self.lease_s)
             sent_total += len(sent)
             if not sent or len(items) < batch:
                 return sent_total
 
-    async def _deliver_within(self, sem: asyncio.Semaphore,
-                              item: OutboxItem) -> tuple[OutboxItem, DeliveryError | None]:
+    async def _deliver_within(self, sem: asyncio.Semaphore, item: OutboxItem,
+                              send_by: float) -> tuple[OutboxItem, Any]:
         async with sem:
+            if time.monotonic() > send_by:
+                return item, NOT_TRIED
             return item, await self._deliver(item)
 
     async def _deliver(self, item: OutboxItem) -> DeliveryError | None:

@@ -1,30 +1,35 @@
 """The one module that owns the SQL.
 
-SQLite through aiosqlite, in WAL mode with `synchronous=FULL`: a commit is on
-disk when `commit()` returns, which is what lets the SMTP listener answer
-`250` right after it. The schema is created and migrated by version number
-(`PRAGMA user_version`) when the store opens.
+Its statements run on SQLite (the default: one file, `[store] url =
+"sqlite:///PATH"`) or on PostgreSQL (`postgresql://...`, several gateway
+instances on one database) through the drivers in `gateway.store.drivers`;
+they are written once, in the SQL both share. On SQLite a commit is on disk
+when it returns (WAL, `synchronous=FULL`), which is what lets the SMTP
+listener answer `250` right after it; on PostgreSQL, when the server says
+so. The schema is created and migrated by version number when the store opens.
 
 All writes go through `Store.transaction()`, which holds an asyncio lock
-around `BEGIN IMMEDIATE ... COMMIT` on the single connection: one writer per
+around `BEGIN ... COMMIT` on the process's one connection: one writer per
 process, many statements per commit (the intake commits a whole batch of
-mails at once). Other processes (`gateway ingest`, `tickets list`) open their
-own connection; SQLite's busy timeout orders them.
+mails at once). Between processes and instances the database orders them:
+SQLite's write lock, PostgreSQL's row locks. Every read in a write
+transaction of a row another instance may change at the same time locks it
+(`FOR UPDATE`), and queues are claimed with `SKIP LOCKED` and a lease, so
+that two instances never both act on one ticket, delivery or timer.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
-import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import aiosqlite
+from gateway.store.drivers import (PostgresDriver, SQLiteDriver, StoreConflict, StoreUnavailable,
+                                   connect)
 
 from gateway.model import Attachment, Status, Ticket
 
@@ -148,6 +153,23 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX tickets_requester ON tickets(requester, created_at);
     """,
+    # 6: several instances on one database: inbound dedupe by a unique key (the
+    # same mail delivered to two instances is one message), leases (the IMAP
+    # poller), and settings every instance must share (the ticket-token secret)
+    """
+    CREATE TABLE inbound_message_ids (message_id TEXT PRIMARY KEY);
+    INSERT INTO inbound_message_ids (message_id)
+        SELECT DISTINCT message_id FROM messages WHERE direction = 'in';
+    CREATE TABLE leases (
+        name   TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until  TEXT NOT NULL
+    );
+    CREATE TABLE settings (
+        name  TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
 )
 
 
@@ -158,10 +180,6 @@ def iso(dt: datetime | None) -> str | None:
 
 def from_iso(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
-
-
-class StoreUnavailable(Exception):
-    """The store cannot take a write right now (locked, disk full, read-only)."""
 
 
 @dataclass(frozen=True)
@@ -196,21 +214,22 @@ def _ticket(row: Sequence[Any]) -> Ticket:
     )
 
 
+Driver = SQLiteDriver | PostgresDriver
+T = TypeVar("T")
+
+
 class Tx:
     """The statements of one write transaction."""
 
-    def __init__(self, db: aiosqlite.Connection):
+    def __init__(self, db: Driver):
         self.db = db
 
-    # Each await is a hop to aiosqlite's thread: one per statement, never a
-    # separate fetch or close (the intake runs a dozen statements per mail).
     async def _insert(self, sql: str, params: Sequence[Any]) -> int:
-        row = await self.db.execute_insert(sql, params)
-        assert row is not None
-        return int(row[0])
+        rows = await self.db.fetch(sql + " RETURNING id", params)
+        return int(rows[0][0])
 
     async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        return list(await self.db.execute_fetchall(sql, params))
+        return await self.db.fetch(sql, params)
 
     # -- inbound ---------------------------------------------------------
     async def add_inbound(self, *, received_at: datetime, mail_from: str, rcpt_to: Sequence[str],
@@ -226,10 +245,19 @@ class Tx:
         await self.db.execute("UPDATE inbound SET state = ?, error = ? WHERE id = ?",
                               (state, error, inbound_id))
 
-    async def has_inbound_message(self, message_id: str) -> bool:
-        """Whether a received mail with this Message-ID is already on a ticket."""
+    async def claim_inbound_message(self, message_id: str) -> bool:
+        """Take this Message-ID for the mail being processed: False when a mail
+        with it was already taken (a duplicate). Unique in the database, so two
+        instances handed the same mail at once process it once: the second
+        waits for the first's commit and finds it taken."""
         return bool(await self._all(
-            "SELECT 1 FROM messages WHERE message_id = ? AND direction = 'in' LIMIT 1", (message_id,)))
+            "INSERT INTO inbound_message_ids (message_id) VALUES (?)"
+            " ON CONFLICT (message_id) DO NOTHING RETURNING message_id", (message_id,)))
+
+    async def release_inbound_message(self, message_id: str) -> None:
+        """A mail that ended in quarantine gives its Message-ID back: a retry,
+        or the sender's next attempt, is not a duplicate."""
+        await self.db.execute("DELETE FROM inbound_message_ids WHERE message_id = ?", (message_id,))
 
     # -- threading -------------------------------------------------------
     async def tickets_of_messages(self, message_ids: Sequence[str]) -> dict[str, int]:
@@ -243,7 +271,9 @@ class Tx:
         return {mid: tid for mid, tid in rows}
 
     async def ticket(self, ticket_id: int) -> Ticket | None:
-        return await _fetch_ticket(self.db, ticket_id)
+        """The ticket, locked until this transaction ends (another instance's
+        transaction on it waits, then sees what this one wrote)."""
+        return await _fetch_ticket(self.db, ticket_id, lock=True)
 
     async def customer_thread(self, ticket_id: int, customer_kinds: Sequence[str]) -> list[str]:
         """Message-IDs of what the customer saw and wrote, oldest first."""
@@ -349,87 +379,70 @@ class Tx:
     async def is_quarantined(self, inbound_id: int) -> bool:
         """Inside a retry's transaction: whether the mail is (still) quarantined,
         so that two retries of one mail never process it twice."""
-        rows = await self._all("SELECT state FROM inbound WHERE id = ?", (inbound_id,))
+        rows = await self._all("SELECT state FROM inbound WHERE id = ?" + self.db.for_update,
+                               (inbound_id,))
         return bool(rows) and rows[0][0] == "quarantined"
 
 
-async def _fetch_ticket(db: aiosqlite.Connection, ticket_id: int) -> Ticket | None:
-    rows = list(await db.execute_fetchall(f"SELECT {_TICKET_COLS} FROM tickets WHERE id = ?", (ticket_id,)))
+async def _fetch_ticket(db: Driver, ticket_id: int, lock: bool = False) -> Ticket | None:
+    rows = await db.fetch(f"SELECT {_TICKET_COLS} FROM tickets WHERE id = ?"
+                          + (db.for_update if lock else ""), (ticket_id,))
     return _ticket(rows[0]) if rows else None
 
 
 class Store:
-    def __init__(self, db: aiosqlite.Connection, path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS):
+    def __init__(self, db: Driver):
         self.db = db
-        self.path = path
-        self.busy_timeout_s = busy_timeout_ms / 1000
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Store:
+    async def open(cls, target: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Store:
+        """Open (and migrate) the store at a `[store] url`, or a SQLite file path."""
+        url = f"sqlite:///{target}" if isinstance(target, Path) else target
+        db = await connect(url, busy_timeout_ms)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(str(path), isolation_level=None)
-        except (OSError, sqlite3.Error) as e:
-            raise StoreUnavailable(f"cannot open {path}: {e}") from e
-        try:
-            await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            await db.execute("PRAGMA journal_mode = WAL")
-            await db.execute("PRAGMA synchronous = FULL")
-            await db.execute("PRAGMA foreign_keys = ON")
-            await _migrate(db)
-            # From here on a busy database is waited for in `_begin`, in the event
-            # loop, not by SQLite's busy handler (see there).
-            await db.execute("PRAGMA busy_timeout = 0")
-        except sqlite3.Error as e:
+            await db.migrate(MIGRATIONS)
+        except BaseException:
             await db.close()
-            raise StoreUnavailable(f"cannot prepare {path}: {e}") from e
-        return cls(db, path, busy_timeout_ms)
+            raise
+        return cls(db)
+
+    @property
+    def dialect(self) -> str:
+        return self.db.dialect
+
+    def describe(self) -> str:
+        """Where the store is, without credentials (for logs and errors)."""
+        return self.db.describe()
 
     async def close(self) -> None:
         await self.db.close()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
-        """One write transaction; `StoreUnavailable` when SQLite can't take it."""
+        """One write transaction; `StoreUnavailable` when the database can't take it."""
         async with self._lock:
-            await self._begin()
+            await self.db.begin()
             try:
                 yield Tx(self.db)
-                await self.db.execute("COMMIT")
-            except BaseException as e:
-                try:
-                    await self.db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                if isinstance(e, sqlite3.OperationalError):
-                    raise StoreUnavailable(str(e)) from e
+                await self.db.commit()
+            except BaseException:
+                await self.db.rollback()
                 raise
 
-    async def _begin(self) -> None:
-        """BEGIN IMMEDIATE, waiting up to the busy timeout for another writer.
-
-        SQLite's own busy handler sleeps in growing steps (1, 2, 5, 10 ... 100
-        ms) in the database thread, so a lock released after 1 ms was often
-        taken 10-25 ms later when several processes write (the workers of
-        one gateway, or several gateways). Retrying here with short sleeps
-        hands the lock over within about a millisecond.
-        """
-        deadline = time.monotonic() + self.busy_timeout_s
-        delay = 0.0005
-        while True:
+    async def run(self, work: Callable[[Tx], Awaitable[T]], attempts: int = 5) -> T:
+        """`work` in one transaction, run again when a concurrent one won
+        (`StoreConflict`: a deadlock between instances); `work` must be
+        repeatable, with no effect outside the transaction."""
+        for attempt in range(1, attempts + 1):
             try:
-                await self.db.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e):
-                    raise StoreUnavailable(str(e)) from e
-                if time.monotonic() >= deadline:
-                    raise StoreUnavailable(f"{e} (waited {self.busy_timeout_s:g} s)") from e
-            except sqlite3.Error as e:
-                raise StoreUnavailable(str(e)) from e
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.005)
+                async with self.transaction() as tx:
+                    return await work(tx)
+            except StoreConflict:
+                if attempt == attempts:
+                    raise
+                await asyncio.sleep(0.001 * attempt)
+        raise AssertionError("unreachable")
 
     @asynccontextmanager
     async def savepoint(self, tx: Tx, name: str = "mail") -> AsyncIterator[Tx]:
@@ -444,9 +457,9 @@ class Store:
         await tx.db.execute(f"RELEASE {name}")
 
     # -- reads -----------------------------------------------------------
-    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         async with self._lock:
-            return list(await self.db.execute_fetchall(sql, params))
+            return await self.db.fetch(sql, params)
 
     async def ticket(self, ticket_id: int) -> Ticket | None:
         async with self._lock:
@@ -497,22 +510,30 @@ class Store:
         due again when the lease runs out, and another sender takes them.
         """
         until = iso(datetime.fromtimestamp(now.timestamp() + lease_s, UTC))
-        async with self.transaction() as tx:
+
+        async def claim(tx: Tx) -> list[Any]:
             rows = await tx._all(
                 "SELECT id, ticket_id, kind, relay, mail_from, rcpt_to, content, attempts"
                 " FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"
                 " AND (claimed_until IS NULL OR claimed_until <= ?) ORDER BY next_attempt_at, id"
-                " LIMIT ?", (iso(now), iso(now), limit))
+                " LIMIT ?" + self.db.skip_locked, (iso(now), iso(now), limit))
             if rows:
                 await tx.db.executemany("UPDATE outbox SET claimed_until = ? WHERE id = ?",
                                         [(until, r[0]) for r in rows])
+            return rows
+        rows = await self.run(claim)
         return [OutboxItem(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7]) for r in rows]
 
     async def record_deliveries(self, now: datetime, *, sent: Sequence[int] = (),
                                 retry: Sequence[tuple[int, datetime, str]] = (),
-                                failed: Sequence[tuple[int, str]] = ()) -> None:
-        """The results of one round of deliveries, in one commit."""
+                                failed: Sequence[tuple[int, str]] = (),
+                                released: Sequence[int] = ()) -> None:
+        """The results of one round of deliveries, in one commit; `released`:
+        claimed rows given back untried."""
         async with self.transaction() as tx:
+            if released:
+                await tx.db.executemany("UPDATE outbox SET claimed_until = NULL WHERE id = ?",
+                                        [(i,) for i in released])
             if sent:
                 await tx.db.executemany(
                     "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1,"
@@ -532,6 +553,36 @@ class Store:
         rows = await self._rows("SELECT state, count(*) FROM outbox GROUP BY state")
         return {state: n for state, n in rows}
 
+    # -- several instances ----------------------------------------------
+    async def take_lease(self, name: str, holder: str, now: datetime, lease_s: float) -> bool:
+        """Take or renew the lease `name` for `holder` until `now + lease_s`.
+
+        True when `holder` has it: it was free, expired, or already `holder`'s.
+        An instance that dies stops renewing; another takes it once it expires.
+        """
+        def at(t: datetime) -> str:
+            return t.astimezone(UTC).isoformat(timespec="milliseconds")
+
+        async def take(tx: Tx) -> bool:
+            return bool(await tx._all(
+                "INSERT INTO leases (name, holder, until) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until"
+                " WHERE leases.holder = excluded.holder OR leases.until <= ? RETURNING holder",
+                (name, holder, at(now + timedelta(seconds=lease_s)), at(now))))
+        return await self.run(take)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        async with self.transaction() as tx:
+            await tx.db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+    async def shared_setting(self, name: str, offered: str) -> str:
+        """The value of setting `name` every instance uses: the first one offered."""
+        async def put(tx: Tx) -> str:
+            await tx.db.execute("INSERT INTO settings (name, value) VALUES (?, ?)"
+                                " ON CONFLICT (name) DO NOTHING", (name, offered))
+            return str((await tx._all("SELECT value FROM settings WHERE name = ?", (name,)))[0][0])
+        return await self.run(put)
+
     # -- delivery failures -----------------------------------------------
     async def record_failures(self, now: datetime,
                               failed: Sequence[tuple[int, str]]) -> list[tuple[int, list[str]]]:
@@ -549,7 +600,8 @@ class Store:
                 rows = await tx._all(
                     "SELECT o.ticket_id, o.kind, o.mail_from, o.rcpt_to, m.message_id, m.subject"
                     " FROM outbox o JOIN messages m ON m.id = o.message_row"
-                    " WHERE o.id = ? AND o.state = 'queued'", (outbox_id,))
+                    " WHERE o.id = ? AND o.state = 'queued'" + tx.db.for_update.replace(
+                        "UPDATE", "UPDATE OF o"), (outbox_id,))
                 if not rows:
                     continue
                 ticket_id, kind, mail_from, rcpt_json, message_id, subject = rows[0]
@@ -566,7 +618,7 @@ class Store:
                     subject=f"Undelivered: {subject}"[:998],
                     message_id=f"<outbox-{outbox_id}.failed@{domain}>",
                     body_text=text, reply_text=text, now=now)
-                ticket = await _fetch_ticket(tx.db, ticket_id)
+                ticket = await tx.ticket(ticket_id)
                 if ticket is None:
                     continue
                 new = sorted((set(rcpt) & ticket.participants) - set(ticket.undeliverable))
@@ -597,33 +649,3 @@ class Store:
         rows = await self._rows(f"SELECT {self._INBOUND_COLS} FROM inbound WHERE id = ?",
                                 (inbound_id,))
         return self._inbound_row(rows[0]) if rows else None
-
-
-async def _migrate(db: aiosqlite.Connection) -> None:
-    await db.execute("BEGIN IMMEDIATE")
-    try:
-        async with db.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        version = int(row[0]) if row else 0
-        if version > len(MIGRATIONS):
-            raise sqlite3.DatabaseError(
-                f"the database is at schema {version}, newer than this gateway ({len(MIGRATIONS)})")
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            for statement in _statements(script):
-                await db.execute(statement)
-            await db.execute(f"PRAGMA user_version = {number}")
-        await db.execute("COMMIT")
-    except BaseException:
-        await db.execute("ROLLBACK")
-        raise
-
-
-def _statements(script: str) -> list[str]:
-    """Split a migration script into statements (`executescript` would commit)."""
-    out, buf = [], ""
-    for line in script.splitlines():
-        buf += line.split("--", 1)[0] + "\n"
-        if sqlite3.complete_statement(buf):
-            out.append(buf.strip())
-            buf = ""
-    return [s for s in out if s]
