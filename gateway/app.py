@@ -131,13 +131,18 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
         tasks = [asyncio.create_task(gw.sender.run(), name="outbox-sender"),
                  asyncio.create_task(gw.scheduler.run(), name="scheduler")]
         if config.imap:
-            # IMAP mailboxes are polled by the primary only: one poller per account
+            # IMAP mailboxes are polled by the primary only: one poller per account,
             from gateway.inbound.imap import STATE_FILE, ImapPoller, ImapState
+            # and by one instance at a time among those sharing the store (a lease)
+            from gateway.leases import StoreLease, holder_id
             state = ImapState(config.data_dir / STATE_FILE)
+            holder = holder_id()
             for account in config.imap:
                 mailbox = config.mailbox_for(account.mailbox)
                 assert mailbox is not None      # parse_imap checked it
-                poller = ImapPoller(account, gw.intake, mailbox, state, clock)
+                lease = StoreLease(gw.store, f"imap:{account.name}/{account.folder}", holder,
+                                   config.lease_s, clock)
+                poller = ImapPoller(account, gw.intake, mailbox, state, clock, lease=lease)
                 pollers.append(poller)
                 tasks.append(asyncio.create_task(poller.run(), name=f"imap-{account.user}"))
         if config.metrics_enabled:

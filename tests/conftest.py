@@ -28,6 +28,7 @@ from email.utils import formatdate, make_msgid, parseaddr
 from pathlib import Path
 from typing import Any
 
+import pg
 import pytest
 from aiosmtpd.controller import Controller
 
@@ -169,13 +170,20 @@ class GatewayProc:
 
     def __init__(self, root: Path, sink: Sink, gov_sink: Sink, *, extra_toml: str = "",
                  max_size: int = 2_000_000, transport: str = "smtp", lmtp: bool = False,
-                 relay_port: int | None = None):
+                 relay_port: int | None = None, store_url: str | None = None):
         self.root = root
         self.port = free_port()
         self.sink, self.gov_sink = sink, gov_sink
         self.data_dir = root / "data"
         self.config = root / "gateway.toml"
-        self.config.write_text(textwrap.dedent(f"""
+        self.store_url = store_url or pg.store_url()
+        store = ""
+        if self.store_url:
+            if "[store]" in extra_toml:
+                extra_toml = extra_toml.replace("[store]", f'[store]\nurl = "{self.store_url}"', 1)
+            else:
+                store = f'[store]\nurl = "{self.store_url}"\n'
+        self.config.write_text(store + textwrap.dedent(f"""
             [gateway]
             data_dir = "{self.data_dir}"
             ticket_tag = "Support"
@@ -217,6 +225,15 @@ class GatewayProc:
             """) + textwrap.dedent(extra_toml))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "serve.log"
+
+    @property
+    def db_url(self) -> str:
+        """The store this gateway uses (the default SQLite file when not configured)."""
+        return self.store_url or f"sqlite:///{self.data_dir / 'gateway.db'}"
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """One statement on this gateway's store, from outside, as ops would run it."""
+        return pg.query(self.db_url, sql, params)
 
     # -- process ---------------------------------------------------------
     def start(self, timeout: float = 20.0, preexec_fn: Callable[[], None] | None = None) -> None:
@@ -317,3 +334,27 @@ def gateway(make_gateway: Callable[..., GatewayProc]) -> GatewayProc:
     gw = make_gateway()
     gw.start()
     return gw
+
+
+# -- the store the suite runs on (tests/pg.py) ------------------------------
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sqlite_only: about SQLite itself (its file, its locks,"
+                            " its query plans): not run when GATEWAY_TEST_STORE=postgresql")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"store: {pg.STORE} (GATEWAY_TEST_STORE)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not pg.ON_POSTGRES:
+        return
+    about_sqlite = [i for i in items if i.get_closest_marker("sqlite_only")]
+    if about_sqlite:
+        config.hook.pytest_deselected(items=about_sqlite)
+        items[:] = [i for i in items if not i.get_closest_marker("sqlite_only")]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    pg.CLUSTER.stop()

@@ -49,10 +49,7 @@ def test_ingest_keeps_unparseable_mail_in_quarantine_and_exits_0(
     junk = b"\xff\xfe\x00garbage that is no mail at all\r\n" * 3
     r = gw.cli("ingest", "--recipient", SUPPORT, stdin=junk)
     assert r.returncode == 0, r.stderr
-    import sqlite3
-    db = sqlite3.connect(gw.data_dir / "gateway.db")
-    rows = db.execute("SELECT raw, state, error FROM inbound").fetchall()
-    db.close()
+    rows = gw.query("SELECT raw, state, error FROM inbound")
     assert rows == [(junk, "quarantined", "no sender address in From: or the envelope")]
     assert gw.tickets() == []
     # nobody was answered

@@ -36,6 +36,7 @@ from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
+import pg
 import yaml
 
 from gateway.inbound.automatic import automatic_kind

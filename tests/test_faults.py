@@ -347,7 +347,8 @@ def test_disk_full_answers_451_ingest_75_and_recovers_by_itself(
 
             filler.unlink()                     # the fault clears; no restart, no operator
             assert gw.send(with_attachment("dora@customer.example", key_att))[0] == 250
-            assert gw.send(mail("dora@customer.example", SUPPORT, key_plain, "short"))[0] == 250
+            if code_plain != 250:       # (on PostgreSQL it never needed this disk)
+                assert gw.send(mail("dora@customer.example", SUPPORT, key_plain, "short"))[0] == 250
             assert ingest(gw, with_attachment("pipe@customer.example", uniq("piped"))).returncode == 0
             assert len([t for t in gw.tickets() if key_att in t["subject"]]) == 1
             assert len([t for t in gw.tickets() if key_plain in t["subject"]]) == 1
@@ -369,7 +370,7 @@ def test_unwritable_data_dir_answers_451_ingest_75_and_recovers_by_itself(
         key = uniq("read-only")
         code, text = gw.send(with_attachment("erin@customer.example", key))
         assert code == 451 and text.startswith("4.3.0"), (code, text)
-        r = ingest(gw, mail("pipe@customer.example", SUPPORT, uniq("piped"), "x"), without_dac_override)
+        r = ingest(gw, with_attachment("pipe@customer.example", uniq("piped")), without_dac_override)
         assert r.returncode == 75, r.stderr
         assert gw.proc is not None and gw.proc.poll() is None
         assert [t for t in gw.tickets() if key in t["subject"]] == []

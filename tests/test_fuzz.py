@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pg
 from conftest import QUEUES, SUPPORT, GatewayProc, mail, smtp_send, uniq, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -287,7 +288,8 @@ def test_fuzzed_mime_through_parse_and_pipeline_never_crashes_hangs_or_leaks(
         """A gateway of its own per example: a failure replays (and shrinks) the same way."""
         counter[0] += 1
         data_dir = tmp_path / f"data{counter[0]}"
-        config = parse({"gateway": {"data_dir": str(data_dir)}, "outbound": {"transport": "maildir"}})
+        config = parse({"gateway": {"data_dir": str(data_dir)}, "outbound": {"transport": "maildir"},
+                        **pg.store_section()})
         return config, runner.run(open_gateway(config)), data_dir
 
     def receive(gw: Any, config: Any, raw: bytes, mail_from: str) -> Any:

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import smtplib
-import sqlite3
 import subprocess
 import tempfile
 import textwrap
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pg
 from conftest import SUPPORT, free_port, mail, uniq, wait_banner
 from imapclient import IMAPClient
 from structlog.testing import capture_logs
@@ -193,7 +193,7 @@ async def rig() -> AsyncIterator[Rig]:
     config = parse_config({"gateway": {"data_dir": str(root / "data")},
                            "outbound": {"transport": "maildir"},
                            "mailbox": [{"address": SUPPORT}],
-                           "store": {"busy_timeout_ms": 100}})
+                           "store": {"busy_timeout_ms": 100, **pg.store_section().get("store", {})}})
     gw = await open_gateway(config)
     r = Rig(gw, root)
     yield r
@@ -233,9 +233,8 @@ def folder(server: Dovecot, user: str, name: str) -> Callable[[], Awaitable[dict
 async def test_imap_mail_becomes_tickets_and_moves_only_after_the_commit(dovecot: Dovecot, rig: Rig) -> None:
     user = dovecot.add_user()
     await asyncio.to_thread(dovecot.append, user, *(customer_mail(i) for i in range(3)))
-    # the store cannot commit: hold SQLite's write lock (busy_timeout is 100 ms)
-    db = sqlite3.connect(rig.gw.config.db_path, isolation_level=None)
-    db.execute("BEGIN EXCLUSIVE")
+    # the store cannot commit: hold its write lock (busy_timeout is 100 ms)
+    lock = pg.WriteLock(rig.gw.config.store_url)
     with capture_logs() as logs:
         poller = rig.start(rig.account(dovecot, user))
         await until(lambda: any(e["event"] == "imap.retry" and "StoreUnavailable" in e["error"]
@@ -244,8 +243,7 @@ async def test_imap_mail_becomes_tickets_and_moves_only_after_the_commit(dovecot
         # nothing committed: everything still there, nothing marked read or deleted
         assert len(inbox) == 3 and all(not flags for flags in inbox.values()), inbox
         assert await asyncio.to_thread(dovecot.folder, user, "Processed") == {}
-        db.execute("ROLLBACK")
-        db.close()
+        lock.release()
         processed = await until(lambda: _when(folder(dovecot, user, "Processed"), lambda f: len(f) == 3),
                                 what="3 mails in Processed")
     assert await asyncio.to_thread(dovecot.folder, user, "INBOX") == {}
@@ -399,3 +397,48 @@ def test_parse_imap_names_every_wrong_key() -> None:
                     "imap[1].password_file", "imap[2]"], problems
     assert parse_imap(None, set()) == ((), [])
     assert parse_imap({"host": "x"}, set())[1] == ["imap: expected [[imap]] tables"]
+
+
+async def test_one_instance_at_a_time_polls_a_mailbox_and_another_takes_over_when_it_dies(
+        dovecot: Dovecot, rig: Rig) -> None:
+    """Two instances configured with the same account (each its own state file,
+    as on two hosts): the lease holder polls, the other stands by; when the
+    holder dies (no release, no logout) the other takes over once the lease
+    has run out, and no mail is fetched twice."""
+    from gateway.leases import StoreLease
+    user = dovecot.add_user()
+    account = rig.account(dovecot, user, poll_seconds=0.3)
+    lease_s = 1.5
+
+    def instance(holder: str, state: ImapState) -> tuple[ImapPoller, asyncio.Task[None]]:
+        lease = StoreLease(rig.gw.store, f"imap:{account.name}", holder, lease_s, system_clock)
+        poller = ImapPoller(account, rig.gw.intake, rig.gw.config.mailboxes[0], state, system_clock,
+                            backoff_base_s=0.05, backoff_max_s=0.3, lease=lease)
+        task = asyncio.create_task(poller.run())
+        rig.tasks.append((poller, task))
+        return poller, task
+
+    with capture_logs() as logs:
+        def takers() -> list[str]:
+            return [e["holder"] for e in logs if e["event"] == "imap.lease_taken"]
+        _, a_task = instance("A", rig.state)
+        await until(lambda: takers() == ["A"], what="A to take the lease")
+        instance("B", ImapState(rig.root / "b" / "imap-state.json"))
+        await asyncio.to_thread(dovecot.append, user, *(customer_mail(i) for i in range(3)))
+        await until(lambda: _when(folder(dovecot, user, "Processed"), lambda f: len(f) == 3),
+                    what="3 mails in Processed")
+        assert await rig.inbound() == {"processed": 3}      # fetched once: B stood by
+        assert takers() == ["A"]
+
+        a_task.cancel()                                     # A dies holding the lease
+        died = time.monotonic()
+        with contextlib.suppress(asyncio.CancelledError):
+            await a_task
+        rig.tasks = [(p, t) for p, t in rig.tasks if t is not a_task]
+        await asyncio.to_thread(dovecot.append, user, *(customer_mail(i) for i in range(3, 5)))
+        await until(lambda: _when(folder(dovecot, user, "Processed"), lambda f: len(f) == 5),
+                    what="B to take over")
+        took = time.monotonic() - died
+    assert takers() == ["A", "B"]
+    assert await rig.inbound() == {"processed": 5} and await rig.tickets() == 5
+    assert took < lease_s * 4, f"took over after {took:.1f} s with a {lease_s} s lease"

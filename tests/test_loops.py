@@ -19,6 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 
+import pg
 import pytest
 from conftest import QUEUES, STAFF, SUPPORT, GatewayProc, mail, reply_to, uniq, wait_for
 
@@ -177,7 +178,8 @@ def test_ack_cap_window_slides_with_the_injected_clock() -> None:
     async def scenario(data_dir: str) -> list[bool]:
         config = parse_config({"gateway": {"data_dir": data_dir},
                                "outbound": {"transport": "maildir"},
-                               "limits": {"auto_answers_per_sender_per_hour": 2}})
+                               "limits": {"auto_answers_per_sender_per_hour": 2},
+                               **pg.store_section()})
         t0 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
         gw = await open_gateway(config, clock=lambda: t0)
         acked = []

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pg
 import pytest
 from conftest import SUPPORT, GatewayProc, free_port, mail, smtp_send, uniq, wait_banner, wait_for
 
@@ -137,27 +138,6 @@ def postfixes() -> Iterator[list[Postfix]]:
         shutil.rmtree(p.dir, ignore_errors=True)
 
 
-class DbLock:
-    """Holds SQLite's write lock, as a busy or stuck writer would."""
-
-    def __init__(self, db: Path, user: str | None = None, python: str = sys.executable):
-        script = ("import sqlite3, sys\n"
-                  "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-                  "c.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\nsys.stdin.read()\n")
-        argv = [python, "-c", script, str(db)]
-        if user:
-            # as the gateway's own user, so no file SQLite creates belongs to root
-            argv = ["runuser", "-u", user, "--", *argv]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline().strip() == b"locked"
-
-    def release(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(10)
-
-
 # -- (a) LMTP to `gateway serve` --------------------------------------------------
 
 def test_postfix_delivers_over_lmtp_and_retries_after_a_451(
@@ -176,7 +156,7 @@ def test_postfix_delivers_over_lmtp_and_retries_after_a_451(
     wait_for(lambda: not pf.queue(), 15, "Postfix to finish the delivery")
 
     # the gateway cannot store the mail: 451 4.3.0 over LMTP, Postfix defers it
-    lock = DbLock(gw.data_dir / "gateway.db")
+    lock = pg.WriteLock(gw.db_url)
     second = uniq("Deferred by the gateway")
     try:
         assert smtp_send(pf.port, mail("Bob <bob@customer.example>", SUPPORT, second, "Later."))[0] == 250
@@ -237,6 +217,7 @@ def test_postfix_pipes_to_gateway_ingest_and_retries_after_exit_75(
     data.mkdir()
     shutil.chown(data, "nobody", "nogroup")
     config = root / "gateway.toml"
+    store_url = pg.store_url() or f"sqlite:///{data / 'gateway.db'}"
     config.write_text(textwrap.dedent(f"""\
         [gateway]
         data_dir = "{data}"
@@ -246,6 +227,7 @@ def test_postfix_pipes_to_gateway_ingest_and_retries_after_exit_75(
         transport = "maildir"
         [store]
         busy_timeout_ms = 200
+        url = "{store_url}"
         """))
     gateway_cmd = f"{pipe_venv}/bin/gateway ingest --config {config}"
     pf = Postfix("gateway:", textwrap.dedent(f"""\
@@ -270,7 +252,7 @@ def test_postfix_pipes_to_gateway_ingest_and_retries_after_exit_75(
             raise AssertionError(f"not delivered; postfix log:\n{pf.log()[-2000:]}") from None
         wait_for(lambda: not pf.queue(), 20, "Postfix to finish the delivery")   # ingest exits after it
 
-        lock = DbLock(data / "gateway.db", user="nobody", python=f"{pipe_venv}/bin/python")
+        lock = pg.WriteLock(store_url, user="nobody", python=f"{pipe_venv}/bin/python")
         second = uniq("Deferred by ingest")
         try:
             assert smtp_send(pf.port, mail("Bob <bob@customer.example>", SUPPORT, second, "Later."))[0] == 250

@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import sqlite3
 import subprocess
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import cache
 
+import pg
 from conftest import GATEWAY, SUPPORT, GatewayProc, mail, smtp_send, uniq, wait_for
 
 LIMITS = "[limits]\nmax_nesting = 100000\n"
@@ -66,7 +66,7 @@ def poison_maker() -> tuple[str, Callable[[str], bytes]]:
     async def quarantined(raw: bytes) -> bool:
         with tempfile.TemporaryDirectory() as d:
             config = parse({"gateway": {"data_dir": d}, "outbound": {"transport": "maildir"},
-                            "limits": {"max_nesting": 100000}})
+                            "limits": {"max_nesting": 100000}, **pg.store_section()})
             gw = await open_gateway(config)
             try:
                 outcome = await gw.intake.receive(Received(
@@ -194,17 +194,14 @@ def test_retry_of_mail_that_still_fails_keeps_it_quarantined(
 def _quarantine_as_an_old_defect_did(gw: GatewayProc, raw: bytes, mail_from: str) -> int:
     """A good mail left quarantined by a defect since fixed (say, a parser bug an
     upgrade removed): the row as the intake writes it, state `quarantined`."""
-    db = sqlite3.connect(gw.data_dir / "gateway.db", isolation_level=None, timeout=10)
-    try:
-        cur = db.execute(
-            "INSERT INTO inbound (received_at, mail_from, rcpt_to, mailbox, sha256, size, raw,"
-            " raw_path, message_id, state, error) VALUES (?,?,?,?,?,?,?,NULL,?,'quarantined',?)",
-            (datetime.now(UTC).isoformat(timespec="seconds"), mail_from, json.dumps([SUPPORT]),
-             SUPPORT, hashlib.sha256(raw).hexdigest(), len(raw), raw, None,
-             "processing failed: KeyError: 'x-old-defect'"))
-        return int(cur.lastrowid)  # type: ignore[arg-type]
-    finally:
-        db.close()
+    rows = gw.query(
+        "INSERT INTO inbound (received_at, mail_from, rcpt_to, mailbox, sha256, size, raw,"
+        " raw_path, message_id, state, error) VALUES (?,?,?,?,?,?,?,NULL,?,'quarantined',?)"
+        " RETURNING id",
+        (datetime.now(UTC).isoformat(timespec="seconds"), mail_from, json.dumps([SUPPORT]),
+         SUPPORT, hashlib.sha256(raw).hexdigest(), len(raw), raw, None,
+         "processing failed: KeyError: 'x-old-defect'"))
+    return int(rows[0][0])
 
 
 def test_retry_after_the_fault_is_gone_makes_it_a_normal_processed_mail(

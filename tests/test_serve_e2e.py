@@ -6,12 +6,12 @@ import json
 import signal
 import smtplib
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 
+import pg
 from conftest import (GOV, QUEUES, STAFF, SUPPORT, GatewayProc, Sink, mail, reply_to, uniq,
                       wait_for)
 
@@ -133,8 +133,7 @@ def test_locked_store_answers_451_and_nothing_is_half_stored(
     gw = make_gateway(extra_toml="[store]\nbusy_timeout_ms = 200\n")
     gw.start()
     gw.send(mail("warm@customer.example", SUPPORT, uniq("warm-up"), "creates the database"))
-    db = sqlite3.connect(gw.data_dir / "gateway.db", isolation_level=None)
-    db.execute("BEGIN EXCLUSIVE")
+    lock = pg.WriteLock(gw.db_url)
     try:
         key = uniq("while locked")
         code, text = gw.send(mail("lock@customer.example", SUPPORT, key, "try later"))
@@ -144,8 +143,7 @@ def test_locked_store_answers_451_and_nothing_is_half_stored(
                    env={"GATEWAY_CONFIG": ""})
         assert r.returncode == 75, r.stderr
     finally:
-        db.execute("ROLLBACK")
-        db.close()
+        lock.release()
     # the fault clears: the same mail now goes through, and once
     code, _ = gw.send(mail("lock@customer.example", SUPPORT, key, "try later"))
     assert code == 250
@@ -232,9 +230,7 @@ def test_raw_mail_is_kept_and_data_survives_restart(gateway: GatewayProc) -> Non
     gateway.send(m)
     before = gateway.tickets()
     assert gateway.stop() == 0
-    db = sqlite3.connect(gateway.data_dir / "gateway.db")
-    raws = [r[0] for r in db.execute("SELECT raw FROM inbound")]
-    db.close()
+    raws = [r[0] for r in gateway.query("SELECT raw FROM inbound")]
     assert m.as_bytes() in raws
     gateway.start()
     assert gateway.tickets() == before

@@ -4,12 +4,14 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pg
 import pytest
 
 from gateway.blobs import Blobs
 from gateway.store import MIGRATIONS, Store
 
 
+@pg.sqlite_only
 async def test_schema_is_created_and_versioned_and_reopening_keeps_it(tmp_path: Path) -> None:
     db = tmp_path / "g.db"
     s = await Store.open(db)
@@ -23,6 +25,7 @@ async def test_schema_is_created_and_versioned_and_reopening_keeps_it(tmp_path: 
     assert {"inbound", "tickets", "messages", "attachments", "outbox"} <= tables
 
 
+@pg.sqlite_only
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "g.db"
     con = sqlite3.connect(db)
@@ -39,6 +42,7 @@ WHOLE_TABLE_OK = (
 )
 
 
+@pg.sqlite_only
 async def test_every_statement_of_a_real_run_uses_an_index(tmp_path: Path) -> None:
     """Ingest with 100 000 tickets must cost what it costs with none: every
     statement the gateway runs for mail, replies, deliveries, timers and stats

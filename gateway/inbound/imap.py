@@ -38,6 +38,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,11 +259,38 @@ class ImapState:
 
 # -- the poller ---------------------------------------------------------------
 
+class Lease(Protocol):
+    """A claim that one holder at a time has (gateway.leases.StoreLease)."""
+    holder: str
+    renew_s: float
+
+    async def take(self) -> bool: ...
+
+    async def release(self) -> None: ...
+
+
+class LeaseLost(Exception):
+    """Another instance holds the mailbox now: this poller stands by."""
+
+
 class ImapPoller:
+    """Polls one account's folder into the intake.
+
+    With a `lease`, only the instance holding it polls: the others stand by
+    and try to take it every `lease.renew_s`; the holder renews it at that
+    interval (IDLE is broken off to do so) and, should it lose it, hangs up
+    before touching the folder again. An instance that dies stops renewing;
+    another takes over when the lease runs out.
+    """
+
     def __init__(self, account: ImapAccount, intake: Receiver, mailbox: Mailbox, state: ImapState,
                  clock: Clock, *, backoff_base_s: float = 1.0, backoff_max_s: float = 60.0,
-                 connect: Callable[[ImapAccount], IMAPClient] | None = None):
+                 connect: Callable[[ImapAccount], IMAPClient] | None = None,
+                 lease: Lease | None = None):
         self.account = account
+        self.lease = lease
+        self._renewed_at = -1e9
+        self._holding = False
         self.intake = intake
         self.mailbox = mailbox
         self.state = state
@@ -290,8 +318,15 @@ class ImapPoller:
         failures = 0
         while not self._stop.is_set():
             try:
+                if not await self._hold():
+                    await self._sleep(self.lease.renew_s if self.lease else 1.0)
+                    continue
                 await self._session()
                 failures = 0
+            except LeaseLost:
+                log.warning("imap.lease_lost", account=self.account.name, folder=self.account.folder)
+                await self._close()
+                continue
             except Exception as e:
                 if self._stop.is_set():
                     break
@@ -306,7 +341,34 @@ class ImapPoller:
             finally:
                 if self._stop.is_set():
                     await self._close()
+        if self.lease is not None and self._holding:
+            with contextlib.suppress(Exception):
+                await self.lease.release()      # the next instance need not wait for it to run out
         log.info("imap.stopped", account=self.account.name, folder=self.account.folder)
+
+    async def _hold(self) -> bool:
+        """Whether this poller holds the lease (renewed when due); always, without one."""
+        if self.lease is None:
+            return True
+        if self._holding and time.monotonic() - self._renewed_at < self.lease.renew_s:
+            return True
+        try:
+            held = await self.lease.take()
+        except StoreUnavailable:
+            held = False        # unknown: another instance may take it when it runs out
+        was, self._holding = self._holding, held
+        if held:
+            self._renewed_at = time.monotonic()
+            if not was:
+                log.info("imap.lease_taken", account=self.account.name, folder=self.account.folder,
+                         holder=self.lease.holder)
+        elif was:
+            raise LeaseLost()
+        return held
+
+    async def _still_held(self) -> None:
+        if not await self._hold():
+            raise LeaseLost()
 
     async def _session(self) -> None:
         """One connection: log in, then process and wait until stopped."""
@@ -332,6 +394,7 @@ class ImapPoller:
             log.info("imap.connected", account=self.account.name, folder=self.account.folder,
                      idle=self._idle, move=self._move, uidvalidity=self._uidvalidity)
         while not self._stop.is_set():
+            await self._still_held()
             if await self._process_folder():
                 # Mail that came in meanwhile was announced (EXISTS) in the
                 # responses to those commands, not to the IDLE that would come
@@ -350,6 +413,7 @@ class ImapPoller:
         for uid in uids:
             if self._stop.is_set():
                 break
+            await self._still_held()
             if uid <= last_uid:
                 # committed earlier, but the move did not happen (crash or lost connection)
                 await self._move_to_processed(uid)
@@ -406,9 +470,15 @@ class ImapPoller:
     async def _wait_for_mail(self) -> None:
         client = self._client
         assert client is not None
-        timeout = min(self.account.poll_seconds, IDLE_MAX_S)
+        renew = self.lease.renew_s if self.lease else IDLE_MAX_S
+        timeout = min(self.account.poll_seconds, IDLE_MAX_S, renew)
         if not self._idle:
-            await self._sleep(self.account.poll_seconds)
+            waited = 0.0
+            while waited < self.account.poll_seconds and not self._stop.is_set():
+                step = min(renew, self.account.poll_seconds - waited)
+                await self._sleep(step)
+                waited += step
+                await self._still_held()
             return
         # imaplib keeps every untagged response it was not asked for (EXISTS,
         # EXPUNGE...): over weeks of one connection that only grows
@@ -418,9 +488,16 @@ class ImapPoller:
         await self._call(client.idle)
         try:
             await self._call(client.idle_check, timeout)
-        finally:
+        except asyncio.CancelledError:
+            # the idle_check thread still reads the socket: leave it alone. (Ending
+            # the IDLE here once raised from the race and swallowed the cancel.)
+            raise
+        except BaseException:
             if not self._stop.is_set():
                 await self._call(client.idle_done)
+            raise
+        if not self._stop.is_set():
+            await self._call(client.idle_done)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

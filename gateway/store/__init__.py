@@ -178,6 +178,12 @@ def iso(dt: datetime | None) -> str | None:
     return None if dt is None else dt.astimezone(UTC).isoformat(timespec="seconds")
 
 
+def iso_ms(dt: datetime) -> str:
+    """Lease ends, to the millisecond: a lease of a few seconds must not lose
+    most of a second to rounding (compared only with each other)."""
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
 def from_iso(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
 
@@ -509,14 +515,14 @@ class Store:
         A claim is a lease, not a lock: if this process dies, the rows become
         due again when the lease runs out, and another sender takes them.
         """
-        until = iso(datetime.fromtimestamp(now.timestamp() + lease_s, UTC))
+        until = iso_ms(now + timedelta(seconds=lease_s))
 
         async def claim(tx: Tx) -> list[Any]:
             rows = await tx._all(
                 "SELECT id, ticket_id, kind, relay, mail_from, rcpt_to, content, attempts"
                 " FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"
                 " AND (claimed_until IS NULL OR claimed_until <= ?) ORDER BY next_attempt_at, id"
-                " LIMIT ?" + self.db.skip_locked, (iso(now), iso(now), limit))
+                " LIMIT ?" + self.db.skip_locked, (iso(now), iso_ms(now), limit))
             if rows:
                 await tx.db.executemany("UPDATE outbox SET claimed_until = ? WHERE id = ?",
                                         [(until, r[0]) for r in rows])
@@ -560,15 +566,12 @@ class Store:
         True when `holder` has it: it was free, expired, or already `holder`'s.
         An instance that dies stops renewing; another takes it once it expires.
         """
-        def at(t: datetime) -> str:
-            return t.astimezone(UTC).isoformat(timespec="milliseconds")
-
         async def take(tx: Tx) -> bool:
             return bool(await tx._all(
                 "INSERT INTO leases (name, holder, until) VALUES (?, ?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until"
                 " WHERE leases.holder = excluded.holder OR leases.until <= ? RETURNING holder",
-                (name, holder, at(now + timedelta(seconds=lease_s)), at(now))))
+                (name, holder, iso_ms(now + timedelta(seconds=lease_s)), iso_ms(now))))
         return await self.run(take)
 
     async def release_lease(self, name: str, holder: str) -> None:
