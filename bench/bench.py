@@ -2,6 +2,7 @@
 
     python bench/bench.py [--mails 5000] [--clients 8] [--store-tickets 0]
     python bench/bench.py --memory        # 20 concurrent 20 MB mails
+    python bench/bench.py --store postgresql --instances 3
 
 Starts `gateway serve` on a temp data dir with a real SMTP sink as its relay,
 sends N mails from K concurrent SMTP connections (about 60 % new tickets,
@@ -11,6 +12,14 @@ accepted mails/s, SMTP transaction latency percentiles, seconds until every
 acknowledgement reached the sink, the gateway's peak RSS, and the same load
 against a bare aiosmtpd server (accept and discard) started in the same run,
 with the ratio. `--store-tickets N` first fills the store with N tickets.
+
+`--store` picks the database: `sqlite` (the default, a file in the temp data
+dir), `postgresql` (a throwaway cluster from Debian's postgresql package,
+started and removed by the bench, as the tests do: tests/pg.py), or a
+`postgresql://` URL of a database of yours (its tables are left behind).
+`--instances N` starts N `gateway serve` processes on the one store, each
+with its own port and data dir, as on N hosts; the clients are spread over
+them (client k talks to instance k mod N).
 """
 from __future__ import annotations
 
@@ -124,8 +133,11 @@ def render(kind: str, customer: str, i: int, sink: Sink | None) -> bytes:
             "Content-Transfer-Encoding: base64\r\n\r\n").encode() + ATTACHMENT + b"\r\n--b--\r\n"
 
 
-def load(port: int, plan: list[tuple[str, str]], clients: int, sink: Sink | None) -> dict[str, float]:
-    """Send the plan from `clients` threads, one SMTP connection each."""
+def load(ports: int | list[int], plan: list[tuple[str, str]], clients: int,
+         sink: Sink | None) -> dict[str, float]:
+    """Send the plan from `clients` threads, one SMTP connection each (client k
+    to port k mod len(ports))."""
+    ports = [ports] if isinstance(ports, int) else ports
     latencies: list[float] = []
     errors: list[str] = []
     next_i = iter(range(len(plan)))
@@ -133,7 +145,7 @@ def load(port: int, plan: list[tuple[str, str]], clients: int, sink: Sink | None
 
     ready = {i: render(k, c, i, None) for i, (k, c) in enumerate(plan) if k == "new" or sink is None}
 
-    def worker() -> None:
+    def worker(port: int) -> None:
         with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
             while True:
                 with lock:
@@ -150,7 +162,7 @@ def load(port: int, plan: list[tuple[str, str]], clients: int, sink: Sink | None
                     continue
                 latencies.append(time.perf_counter() - t)
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    threads = [threading.Thread(target=worker, args=(ports[k % len(ports)],)) for k in range(clients)]
     start = time.perf_counter()
     for th in threads:
         th.start()
@@ -238,7 +250,7 @@ def prefill(cfg: Path, n: int) -> None:
         from gateway.store import Store
         async def main():
             c = load({str(cfg)!r})
-            s = await Store.open(c.db_path)
+            s = await Store.open(c.store_url)
             from datetime import timedelta
             start_at = datetime.now(UTC) - timedelta(days=365)
             for start in range(0, {n}, 5000):
@@ -257,21 +269,41 @@ def prefill(cfg: Path, n: int) -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def store_url(args: argparse.Namespace, tmp: Path) -> tuple[str, object]:
+    """The `[store] url` to bench, and the throwaway cluster to stop after (or None)."""
+    if args.store == "sqlite":
+        return f"sqlite:///{tmp / 'data' / 'gateway.db'}", None
+    if args.store == "postgresql":
+        sys.path.insert(0, str(ROOT / "tests"))
+        import pg          # tests/pg.py: a throwaway cluster, as the tests start it
+        cluster = pg.Cluster(durable=True)
+        cluster.start()
+        return cluster.new_database(), cluster
+    return args.store, None
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     size = 26_214_400
     sink = Sink()
-    port = free_port()
-    cfg = write_config(tmp, port, sink.port, size, f"sqlite:///{tmp / 'data' / 'gateway.db'}",
-                       args.workers)
+    url, cluster = store_url(args, tmp)
+    ports = [free_port() for _ in range(args.instances)]
+    cfgs = []
+    for n, port in enumerate(ports):
+        (tmp / f"i{n}").mkdir()
+        cfgs.append(write_config(tmp / f"i{n}", port, sink.port, size, url, args.workers))
     if args.store_tickets:
-        prefill(cfg, args.store_tickets)
-    proc = start_gateway(cfg, port, tmp / "serve.log")
+        prefill(cfgs[0], args.store_tickets)
+    procs = []
+    for n, (cfg, port) in enumerate(zip(cfgs, ports, strict=True)):
+        procs.append(start_gateway(cfg, port, tmp / f"serve{n}.log"))
+        if n == 0:
+            time.sleep(0.5)     # the first one migrates the schema; the others find it done
     plan = build_mails(args.mails)
     new_customers = {c for k, c in plan if k == "new"}
     try:
         t0 = time.perf_counter()
-        gw = load(port, plan, args.clients, sink)
+        gw = load(ports, plan, args.clients, sink)
         sent_done = time.perf_counter()
         deadline = sent_done + 120
         while time.perf_counter() < deadline:
@@ -282,17 +314,21 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         acks_after = round(time.perf_counter() - sent_done, 2)
         with sink.lock:
             acked = len(new_customers & set(sink.acks))
-        peak = rss_kb(proc.pid)
+        peak = max(rss_kb(proc.pid) for proc in procs)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
         sink.controller.stop()
+        if cluster is not None:
+            cluster.stop()      # type: ignore[attr-defined]
     bare = bare_aiosmtpd(plan, args.clients, size)
     return {
         "bench": "ingest", "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, "
         f"{platform.python_implementation()} {platform.python_version()}",
         "mails": args.mails, "clients": args.clients, "store_tickets": args.store_tickets,
-        "workers": args.workers,
+        "workers": args.workers, "store": url.split(":", 1)[0], "instances": args.instances,
         "gateway": gw, "acks_expected": len(new_customers), "acks_delivered": acked,
         "acks_delivered_s_after_last_mail": acks_after, "total_s": round(time.perf_counter() - t0, 2),
         "gateway_peak_rss_mb": round(peak / 1024, 1), "bare_aiosmtpd": bare,
@@ -348,6 +384,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="[smtp] workers (the gateway's default: 1)")
     p.add_argument("--memory", action="store_true", help="the 20 x 20 MB memory run")
     p.add_argument("--memory-mails", type=int, default=20)
+    p.add_argument("--store", default="sqlite",
+                   help="sqlite (default) | postgresql (a throwaway cluster) | postgresql://URL")
+    p.add_argument("--instances", type=int, default=1, help="gateway serve processes on the one store")
     args = p.parse_args()
     print(json.dumps(memory_run(args) if args.memory else run(args)), flush=True)
 

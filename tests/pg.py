@@ -38,9 +38,13 @@ def _bin() -> Path:
 
 
 class Cluster:
-    def __init__(self) -> None:
+    """`durable=True` (the benchmark) keeps PostgreSQL's defaults: a commit is
+    flushed to disk before it returns, as SQLite's is with synchronous=FULL."""
+
+    def __init__(self, durable: bool = False) -> None:
         self.dir: Path | None = None
         self.port = 0
+        self.durable = durable
 
     def _as_postgres(self) -> list[str]:
         # initdb and postgres refuse to run as root
@@ -61,8 +65,9 @@ class Cluster:
                         "--no-sync"], **run)  # type: ignore[call-overload]
         subprocess.run([*self._as_postgres(), str(b / "pg_ctl"), "-D", str(self.dir / "data"),
                         "-l", str(self.dir / "log"), "-w", "-o",
-                        f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-                        " -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
+                        f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
+                        " -c max_connections=300" + ("" if self.durable else
+                        " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"),
                         "start"], **run)  # type: ignore[call-overload]
 
     def stop(self) -> None:
