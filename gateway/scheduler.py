@@ -24,6 +24,7 @@ from gateway.store import Store, Tx
 log = structlog.get_logger("gateway.scheduler")
 
 BATCH = 200
+SLA_WARNING = "first-response target missed: SLA warning"
 
 
 class Scheduler:
@@ -42,32 +43,38 @@ class Scheduler:
         at = now or self.clock()
         done: Counter[str] = Counter()
         while True:
-            ran = 0
-            async with self.store.transaction() as tx:
-                ids = await tx.due_ticket_ids(at, BATCH)
-                for ticket_id in ids:
-                    ticket = await tx.ticket(ticket_id)
-                    if ticket is None:
-                        continue
-                    if lifecycle.sla_warning_due(ticket, at):
-                        await self._sla_warning(tx, ticket, at)
-                        ran += 1
-                        done["first-response target missed: SLA warning"] += 1
-                    tr = lifecycle.due(ticket, at, self.policy)
-                    if tr is None:
-                        continue
-                    _, queued = await self.desk.apply(tx, ticket, tr, at)
-                    ran += 1
-                    done[tr.cause] += 1
-                    log.info("scheduler.job", ticket_id=ticket.id, job=tr.cause,
-                             status=tr.status.value, queued=queued)
-            if ran:
+            # one batch, one transaction; run again whole if it lost a deadlock to
+            # another instance (nothing of it is counted or logged before the commit)
+            ids, jobs = await self.store.run(lambda tx: self._batch(tx, at))
+            for ticket_id, cause, status, queued in jobs:
+                done[cause] += 1
+                if cause != SLA_WARNING:
+                    log.info("scheduler.job", ticket_id=ticket_id, job=cause, status=status,
+                             queued=queued)
+            if jobs:
                 self.on_queued()
             if len(ids) < BATCH:
                 break
         if done:
             log.info("scheduler.ran", at=at.isoformat(), jobs=dict(done))
         return dict(done)
+
+    async def _batch(self, tx: Tx, at: datetime) -> tuple[list[int], list[tuple[int, str, str, int]]]:
+        jobs: list[tuple[int, str, str, int]] = []
+        ids = await tx.due_ticket_ids(at, BATCH)
+        for ticket_id in ids:
+            ticket = await tx.ticket(ticket_id)      # locked: one instance does each job
+            if ticket is None:
+                continue
+            if lifecycle.sla_warning_due(ticket, at):
+                await self._sla_warning(tx, ticket, at)
+                jobs.append((ticket.id, SLA_WARNING, ticket.status.value, 1))
+            tr = lifecycle.due(ticket, at, self.policy)
+            if tr is None:
+                continue
+            _, queued = await self.desk.apply(tx, ticket, tr, at)
+            jobs.append((ticket.id, tr.cause, tr.status.value, queued))
+        return ids, jobs
 
     async def _sla_warning(self, tx: Tx, ticket: Ticket, at: datetime) -> None:
         await tx.update_ticket(ticket.id, at, sla_warned_at=at)

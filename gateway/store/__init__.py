@@ -536,24 +536,29 @@ class Store:
                                 released: Sequence[int] = ()) -> None:
         """The results of one round of deliveries, in one commit; `released`:
         claimed rows given back untried."""
-        async with self.transaction() as tx:
-            if released:
-                await tx.db.executemany("UPDATE outbox SET claimed_until = NULL WHERE id = ?",
-                                        [(i,) for i in released])
-            if sent:
-                await tx.db.executemany(
-                    "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1,"
-                    " claimed_until = NULL, last_error = NULL WHERE id = ?",
-                    [(iso(now), i) for i in sent])
-            if retry:
-                await tx.db.executemany(
-                    "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?,"
-                    " claimed_until = NULL, last_error = ? WHERE id = ?",
-                    [(iso(at), error, i) for i, at, error in retry])
-            if failed:
-                await tx.db.executemany(
-                    "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
-                    " last_error = ? WHERE id = ?", [(error, i) for i, error in failed])
+        await self.run(lambda tx: self._record_deliveries(tx, now, sent, retry, failed, released))
+
+    @staticmethod
+    async def _record_deliveries(tx: Tx, now: datetime, sent: Sequence[int],
+                                 retry: Sequence[tuple[int, datetime, str]],
+                                 failed: Sequence[tuple[int, str]], released: Sequence[int]) -> None:
+        if released:
+            await tx.db.executemany("UPDATE outbox SET claimed_until = NULL WHERE id = ?",
+                                    [(i,) for i in released])
+        if sent:
+            await tx.db.executemany(
+                "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1,"
+                " claimed_until = NULL, last_error = NULL WHERE id = ?",
+                [(iso(now), i) for i in sent])
+        if retry:
+            await tx.db.executemany(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?,"
+                " claimed_until = NULL, last_error = ? WHERE id = ?",
+                [(iso(at), error, i) for i, at, error in retry])
+        if failed:
+            await tx.db.executemany(
+                "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
+                " last_error = ? WHERE id = ?", [(error, i) for i, error in failed])
 
     async def outbox_counts(self) -> dict[str, int]:
         rows = await self._rows("SELECT state, count(*) FROM outbox GROUP BY state")
@@ -597,8 +602,8 @@ class Store:
         Only rows still queued are taken: recording twice changes nothing.
         Returns (ticket id, newly undeliverable addresses) for the log.
         """
-        marked: list[tuple[int, list[str]]] = []
-        async with self.transaction() as tx:
+        async def record(tx: Tx) -> list[tuple[int, list[str]]]:
+            marked: list[tuple[int, list[str]]] = []
             for outbox_id, error in failed:
                 rows = await tx._all(
                     "SELECT o.ticket_id, o.kind, o.mail_from, o.rcpt_to, m.message_id, m.subject"
@@ -629,7 +634,8 @@ class Store:
                     await tx.update_ticket(ticket_id, now,
                                            undeliverable=sorted({*ticket.undeliverable, *new}))
                     marked.append((ticket_id, new))
-        return marked
+            return marked
+        return await self.run(record)
 
     # -- quarantine ------------------------------------------------------
     _INBOUND_COLS = ("id, received_at, mail_from, rcpt_to, mailbox, sha256, size, message_id,"
