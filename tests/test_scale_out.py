@@ -116,6 +116,38 @@ async def test_a_lease_has_one_holder_and_passes_on_when_it_runs_out(db_url: str
         await b.close()
 
 
+async def test_a_deadlock_between_instances_is_run_again_not_failed(db_url: str) -> None:
+    """Two instances lock two tickets in opposite orders: PostgreSQL aborts one
+    (deadlock); the store runs its work again, and both succeed."""
+    a, b = await Store.open(db_url), await Store.open(db_url)
+    now = datetime.now(UTC)
+    try:
+        async with a.transaction() as tx:
+            ids = [(await tx.create_ticket(subject=f"t{i}", requester="x@customer.example", cc=(),
+                                           region="AMER", govcloud=False, priority=3, mailbox=SUPPORT,
+                                           linked_ticket=None, now=now)).id for i in range(2)]
+        attempts = {"A": 0, "B": 0}
+        both_hold_one = asyncio.Barrier(2)
+
+        def work(name: str, first: int, second: int) -> Callable[[Any], Any]:
+            async def body(tx: Any) -> str:
+                attempts[name] += 1
+                await tx.ticket(first)                  # FOR UPDATE
+                if attempts[name] == 1:
+                    await both_hold_one.wait()
+                await tx.ticket(second)
+                await tx.update_ticket(first, now, priority=1)
+                return name
+            return body
+        done = await asyncio.wait_for(asyncio.gather(a.run(work("A", ids[0], ids[1])),
+                                                     b.run(work("B", ids[1], ids[0]))), 30)
+        assert done == ["A", "B"]
+        assert sorted(attempts.values()) == [1, 2]      # the deadlock's loser ran again
+    finally:
+        await a.close()
+        await b.close()
+
+
 # -- instances -------------------------------------------------------------------------
 
 def test_the_same_mail_at_two_instances_is_one_message_and_replies_thread_across(
