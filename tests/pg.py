@@ -63,12 +63,22 @@ class Cluster:
         subprocess.run([*self._as_postgres(), str(b / "initdb"), "-D", str(self.dir / "data"),
                         "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8",
                         "--no-sync"], **run)  # type: ignore[call-overload]
-        subprocess.run([*self._as_postgres(), str(b / "pg_ctl"), "-D", str(self.dir / "data"),
-                        "-l", str(self.dir / "log"), "-w", "-o",
-                        f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
-                        " -c max_connections=300" + ("" if self.durable else
-                        " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"),
-                        "start"], **run)  # type: ignore[call-overload]
+        self.resume()
+
+    def _ctl(self, *args: str) -> None:
+        assert self.dir is not None
+        subprocess.run([*self._as_postgres(), str(_bin() / "pg_ctl"), "-D", str(self.dir / "data"),
+                        "-l", str(self.dir / "log"), "-w", *args], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def pause(self) -> None:
+        """Shut the server down (fast: connections are closed), keeping its data."""
+        self._ctl("-m", "fast", "stop")
+
+    def resume(self) -> None:
+        self._ctl("-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
+                  " -c max_connections=300" + ("" if self.durable else
+                  " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"), "start")
 
     def stop(self) -> None:
         if self.dir is None:

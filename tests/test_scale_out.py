@@ -260,3 +260,22 @@ def test_kill_9_of_one_of_three_instances_loses_nothing_and_its_claims_pass_on(
     print(f"\nkill -9 of 1 of 3 instances: {len(items)} mails; {len(accepted_before)} accepted "
           f"before the kill, {len(cut_off)} retried at another instance; lost 0; "
           f"acks repeated with the same Message-ID: {repeats}")
+
+
+def test_postgresql_restarting_under_a_running_instance_costs_451s_then_nothing(
+        instances: Callable[[int], list[GatewayProc]]) -> None:
+    (gw,) = instances(1)
+    assert gw.send(mail("ann@customer.example", SUPPORT, uniq("before"), "x"))[0] == 250
+    pg.CLUSTER.pause()
+    try:
+        key = uniq("while PostgreSQL is down")
+        code, text = gw.send(mail("bob@customer.example", SUPPORT, key, "later"))
+        assert code == 451 and text.startswith("4.3.0"), (code, text)
+        assert gw.proc is not None and gw.proc.poll() is None           # serve lives on
+    finally:
+        pg.CLUSTER.resume()
+    # back without a restart of the gateway: the sender's retry goes through, once
+    assert gw.send(mail("bob@customer.example", SUPPORT, key, "later"))[0] == 250
+    assert len([t for t in gw.tickets() if key in t["subject"]]) == 1
+    assert len(gw.sink.wait_to("bob@customer.example")) == 1
+    assert gw.stop() == 0
