@@ -188,18 +188,42 @@ def bare_aiosmtpd(plan: list[tuple[str, str]], clients: int, size: int) -> dict[
         c.stop()
 
 
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants."""
+    pids = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    pids += process_tree(int(child))
+    except FileNotFoundError:
+        pass
+    return pids
+
+
 def rss_kb(pid: int) -> int:
     """Peak resident memory (VmHWM) of a process and all its descendants."""
     total = 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            total += next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                total += sum(rss_kb(int(c)) for c in f.read().split())
-    except FileNotFoundError:
-        pass
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+        except FileNotFoundError:
+            pass
     return total
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its descendants."""
+    ticks = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])       # utime, stime
+        except FileNotFoundError:
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def write_config(tmp: Path, port: int, relay_port: int, size: int, store: str, workers: int = 0) -> Path:
@@ -302,6 +326,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     plan = build_mails(args.mails)
     new_customers = {c for k, c in plan if k == "new"}
     try:
+        cpu0 = sum(cpu_s(proc.pid) for proc in procs)
         t0 = time.perf_counter()
         gw = load(ports, plan, args.clients, sink)
         sent_done = time.perf_counter()
@@ -315,6 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         with sink.lock:
             acked = len(new_customers & set(sink.acks))
         peak = max(rss_kb(proc.pid) for proc in procs)
+        cpu = sum(cpu_s(proc.pid) for proc in procs) - cpu0
     finally:
         for proc in procs:
             proc.terminate()
@@ -331,7 +357,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "workers": args.workers, "store": url.split(":", 1)[0], "instances": args.instances,
         "gateway": gw, "acks_expected": len(new_customers), "acks_delivered": acked,
         "acks_delivered_s_after_last_mail": acks_after, "total_s": round(time.perf_counter() - t0, 2),
-        "gateway_peak_rss_mb": round(peak / 1024, 1), "bare_aiosmtpd": bare,
+        "gateway_peak_rss_mb": round(peak / 1024, 1),
+        # what one mail costs the gateway in CPU (intake, answers, deliveries): one
+        # process can take at most about 1000 / this many mails per second
+        "gateway_cpu_ms_per_mail": round(cpu * 1000 / max(gw["accepted"], 1), 2),
+        "bare_aiosmtpd": bare,
         "ratio_to_bare": round(gw["mails_per_s"] / bare["mails_per_s"], 3),
     }
 
