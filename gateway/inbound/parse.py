@@ -40,8 +40,8 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.feedparser import BytesFeedParser
 from email.message import Message
-from email.parser import BytesParser
 from email.policy import compat32
 
 from inscriptis import get_text
@@ -177,15 +177,30 @@ def _newlines(text: str) -> str:
 
 
 def _message(raw: bytes) -> Message:
-    msg = BytesParser(policy=compat32).parsebytes(raw)
+    msg = _parse_bytes(raw)
     if not msg.keys() or any(isinstance(d, email.errors.MissingHeaderBodySeparatorDefect)
                              for d in msg.defects):
         repaired = _repair_header_block(raw)
         if repaired is not None:
-            fixed = BytesParser(policy=compat32).parsebytes(repaired)
+            fixed = _parse_bytes(repaired)
             if len(fixed.keys()) > len(msg.keys()):
                 return fixed
     return msg
+
+
+def _parse_bytes(raw: bytes, chunk: int = 65536) -> Message:
+    """`BytesParser(policy=compat32).parsebytes(raw)`, fed in pieces.
+
+    parsebytes decodes the whole mail into one str and reads it through a
+    StringIO, which holds 4 bytes per character: a 20 MB mail took 160 MB
+    to parse, 56 MB this way (project issue 7). The feed parser takes any
+    split of its input, and ASCII with surrogateescape decodes byte by byte,
+    so the result is the same.
+    """
+    parser = BytesFeedParser(policy=compat32)
+    for start in range(0, len(raw), chunk):
+        parser.feed(raw[start:start + chunk])
+    return parser.close()
 
 
 def _repair_header_block(raw: bytes) -> bytes | None:
@@ -666,7 +681,8 @@ def _payload(part: Message) -> bytes:
     """
     cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
     try:
-        data = part.get_payload(decode=True)
+        clean = _clean_base64(part)
+        data = part.get_payload(decode=True) if clean is None else clean
     except (ValueError, binascii.Error, AssertionError, LookupError):
         data = None
     if not isinstance(data, bytes):
@@ -683,6 +699,25 @@ def _payload(part: Message) -> bytes:
         # CRLF of the content, RFC 2045 §6.7 rule 4)
         data = data.replace(b"\r\n", b"\n")
     return data
+
+
+_CLEAN_BASE64 = re.compile(r"[A-Za-z0-9+/\r\n]*(?:=[\r\n]*){0,2}")
+
+
+def _clean_base64(part: Message) -> bytes | None:
+    """`part.get_payload(decode=True)` of well-formed base64 (only the
+    alphabet and line breaks, complete groups), without the stdlib's copies
+    of the payload (encoded, split into lines, joined): a 15 MB attachment
+    took 90 MB to decode (project issue 7). The same bytes and no defects,
+    as the stdlib gives for such a payload; None for anything else, which
+    goes the stdlib's way with its defects."""
+    if part.is_multipart() or str(part.get("content-transfer-encoding", "")).lower() != "base64":
+        return None
+    payload = part.get_payload()
+    if not isinstance(payload, str) or not _CLEAN_BASE64.fullmatch(payload) \
+            or (len(payload) - payload.count("\r") - payload.count("\n")) % 4:
+        return None
+    return binascii.a2b_base64(payload)
 
 
 def _lenient_base64(part: Message) -> bytes:
