@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import smtplib
 import socket
 import subprocess
@@ -349,6 +350,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         sink.controller.stop()
         if cluster is not None:
             cluster.stop()      # type: ignore[attr-defined]
+        shutil.rmtree(tmp, ignore_errors=True)
     bare = bare_aiosmtpd(plan, args.clients, size)
     return {
         "bench": "ingest", "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, "
@@ -400,6 +402,7 @@ def memory_run(args: argparse.Namespace) -> dict[str, object]:
         proc.terminate()
         proc.wait(60)
         sink.controller.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"bench": "memory", "date": time.strftime("%Y-%m-%d"), "mails": args.memory_mails,
             "mail_mb": round(len(blob) * 4 / 3 / 1024 / 1024, 1), "accepted": len(results),
             "seconds": round(time.perf_counter() - t0, 2),
