@@ -131,9 +131,9 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
         tasks = [asyncio.create_task(gw.sender.run(), name="outbox-sender"),
                  asyncio.create_task(gw.scheduler.run(), name="scheduler")]
         if config.imap:
-            # IMAP mailboxes are polled by the primary only: one poller per account,
-            from gateway.inbound.imap import STATE_FILE, ImapPoller, ImapState
+            # IMAP mailboxes are polled by the primary only, one poller per account,
             # and by one instance at a time among those sharing the store (a lease)
+            from gateway.inbound.imap import STATE_FILE, ImapPoller, ImapState
             from gateway.leases import StoreLease, holder_id
             state = ImapState(config.data_dir / STATE_FILE)
             holder = holder_id()

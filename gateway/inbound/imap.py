@@ -356,14 +356,12 @@ class ImapPoller:
             held = await self.lease.take()
         except StoreUnavailable:
             held = False        # unknown: another instance may take it when it runs out
-        was, self._holding = self._holding, held
         if held:
             self._renewed_at = time.monotonic()
-            if not was:
+            if not self._holding:
                 log.info("imap.lease_taken", account=self.account.name, folder=self.account.folder,
                          holder=self.lease.holder)
-        elif was:
-            raise LeaseLost()
+        self._holding = held
         return held
 
     async def _still_held(self) -> None:
