@@ -253,3 +253,21 @@ def test_an_encoded_word_is_never_the_address() -> None:
         assert "\n" not in p.sender_name and "\r" not in p.sender_name
     only_word = parse_mail(raw("From: =?utf-8?q?mallory@victim.example?=\nSubject: x"))
     assert only_word.sender == ""
+
+
+def test_message_ids_are_storable_whatever_the_bytes_and_length() -> None:
+    """An 8-bit byte in a Message-ID (a lone surrogate after parsing: no store
+    can encode it) and an ID longer than a header line (PostgreSQL's index
+    refuses ~2.7 KB) get a stable stand-in, the same in the mail and in a
+    reply that quotes it."""
+    long_id = "<" + "x" * 3000 + "@customer.example>"
+    raw = (b"From: a@customer.example\r\nTo: support@example.com\r\nSubject: s\r\n"
+           b"Message-ID: <m\xff1@customer.example>\r\nReferences: " + long_id.encode() +
+           b"\r\n\r\nbody\r\n")
+    mail = parse_mail(raw)
+    assert mail.message_id == "<m\ufffd1@customer.example>"
+    mail.message_id.encode("utf-8")                      # storable
+    (ref,) = mail.references
+    assert ref.endswith("@long-message-id.invalid>") and len(ref) < 100
+    again = parse_mail(b"Message-ID: " + long_id.encode() + b"\r\nFrom: a@customer.example\r\n\r\nx\r\n")
+    assert again.message_id == ref

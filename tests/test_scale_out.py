@@ -8,6 +8,7 @@ about PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import email
 import json
 import subprocess
 import threading
@@ -17,7 +18,8 @@ from typing import Any
 
 import pg
 import pytest
-from conftest import GATEWAY, QUEUES, STAFF, SUPPORT, GatewayProc, mail, reply_to, uniq, wait_for
+from conftest import (GATEWAY, QUEUES, STAFF, SUPPORT, GatewayProc, free_port, mail, reply_to, uniq,
+                      wait_for)
 from mailclients import CLIENTS
 from test_faults import load, run_clients
 
@@ -279,3 +281,79 @@ def test_postgresql_restarting_under_a_running_instance_costs_451s_then_nothing(
     assert len([t for t in gw.tickets() if key in t["subject"]]) == 1
     assert len(gw.sink.wait_to("bob@customer.example")) == 1
     assert gw.stop() == 0
+
+
+async def test_a_slow_relay_gets_each_mail_once_though_sending_outlasts_the_lease(db_url: str) -> None:
+    """Instance A's round of deliveries takes several leases (a relay that
+    answers after 0.6 s, 1 s lease); instance B keeps claiming meanwhile.
+    A renews its claims while it sends: B never gets a row, nothing goes twice."""
+    import tempfile
+
+    from aiosmtpd.controller import Controller
+
+    from gateway.app import open_gateway
+    from gateway.config import parse
+    from gateway.pipeline import Received
+
+    got: list[bytes] = []
+
+    class SlowRelay:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            await asyncio.sleep(0.6)            # the relay's own slowness, not a wait in the test
+            got.append(envelope.original_content)
+            return "250 OK"
+    relay_port = free_port()
+    relay = Controller(SlowRelay(), hostname="127.0.0.1", port=relay_port)
+    relay.start()
+
+    def config() -> Any:
+        return parse({"gateway": {"data_dir": tempfile.mkdtemp(prefix="gw-slow-")},
+                      "outbound": {"transport": "smtp", "host": "127.0.0.1", "port": relay_port},
+                      "store": {"url": db_url, "lease_seconds": 1}})
+    a, b = await open_gateway(config()), await open_gateway(config())
+    try:
+        now = datetime.now(UTC)
+        for i in range(6):
+            await a.intake.receive(Received(
+                mail(f"s{i}@customer.example", SUPPORT, f"slow {i}", "x").as_bytes(),
+                f"s{i}@customer.example", (SUPPORT,), a.config.mailboxes[0], now))
+        sending = asyncio.create_task(a.sender.deliver_due())
+        taken_by_b = 0
+        while not sending.done():
+            taken_by_b += await b.sender.deliver_due()
+            await asyncio.sleep(0.1)
+        assert await sending == 12 and taken_by_b == 0
+        ids = [email.message_from_bytes(raw)["Message-ID"] for raw in got]
+        assert len(ids) == 12 and len(set(ids)) == 12, "a mail reached the relay twice"
+    finally:
+        await a.close()
+        await b.close()
+        relay.stop()
+
+
+async def test_a_connection_lost_inside_a_transaction_fails_it_whole(db_url: str) -> None:
+    """The server ends the gateway's connection in the middle of a batch: every
+    later statement of that transaction fails (none is run on a new connection,
+    where it would commit alone), the batch is answered 451, and the next
+    transaction reconnects."""
+    from gateway.store import StoreUnavailable
+    s = await Store.open(db_url)
+    now = datetime.now(UTC)
+    try:
+        with pytest.raises(StoreUnavailable):
+            async with s.transaction() as tx:
+                await tx.add_inbound(received_at=now, mail_from="a@customer.example", rcpt_to=[SUPPORT],
+                                     mailbox=SUPPORT, sha256="0" * 64, size=1, raw=b"x", raw_path=None,
+                                     message_id="<first@customer.example>")
+                (pid,) = (await tx._all("SELECT pg_backend_pid()"))[0]
+                pg.CLUSTER.sql(db_url, f"SELECT pg_terminate_backend({pid})")
+                with pytest.raises(StoreUnavailable):
+                    async with s.savepoint(tx):
+                        await tx.claim_inbound_message("<second@customer.example>")
+                await tx.claim_inbound_message("<third@customer.example>")
+        assert pg.CLUSTER.sql(db_url, "SELECT count(*) FROM inbound").split() == ["0"]
+        assert pg.CLUSTER.sql(db_url, "SELECT count(*) FROM inbound_message_ids").split() == ["0"]
+        async with s.transaction() as tx:          # reconnected
+            assert await tx.claim_inbound_message("<third@customer.example>")
+    finally:
+        await s.close()

@@ -258,11 +258,10 @@ class Intake:
                     error = f"processing failed: {type(e).__name__}: {e}"[:2000]
                     log.exception("mail.quarantined", inbound_id=inbound_id,
                                   message_id=job.parsed.message_id, exception=error)
-            if outcome is None or outcome.action == "quarantined":
+            if outcome is not None and outcome.action == "quarantined":
                 # a quarantined mail is not on a ticket: its Message-ID is free again
-                msgid = job.parsed.message_id if job.parsed else ""
-                if msgid:
-                    await tx.release_inbound_message(msgid)
+                # (after a failure the savepoint took the claim back already)
+                await tx.release_inbound_message(outcome.message_id)
             if outcome is None:
                 await tx.set_inbound_state(inbound_id, "quarantined", error)
                 message_id = job.parsed.message_id if job.parsed else header_message_id(r.raw)

@@ -100,9 +100,27 @@ def one_line(value: str, limit: int = 998) -> str:
     return _CONTROL.sub(" ", value).strip()[:limit]
 
 
+MAX_MESSAGE_ID = 998       # RFC 5322's line limit; PostgreSQL's index rows stop near 2 700 bytes
+
+
 def message_ids(value: str | None) -> tuple[str, ...]:
-    """Every `<id>` in a Message-ID / In-Reply-To / References value, in order."""
-    return tuple(_MSGID.findall(value or ""))
+    """Every `<id>` in a Message-ID / In-Reply-To / References value, in order.
+
+    An ID longer than a header line may be stands for itself by its hash
+    (`<sha256@long-message-id.invalid>`), the same wherever it appears, so a
+    mail and the replies that quote its ID still thread, and no store's index
+    refuses it.
+    """
+    return tuple(_storable_id(i) for i in _MSGID.findall(value or ""))
+
+
+def _storable_id(msgid: str) -> str:
+    # bytes that were no UTF-8 (kept as lone surrogates by the parser, which no
+    # store can encode) become U+FFFD, the same in the mail and in its replies
+    text = msgid.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if len(text) <= MAX_MESSAGE_ID:
+        return text
+    return f"<{hashlib.sha256(text.encode()).hexdigest()}@long-message-id.invalid>"
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """The outbox sender: delivers what the pipeline queued, retrying with backoff.
 
-It claims due rows (a lease of `[store] lease_seconds`, so two processes or
-instances never send the same row at once, and a dead one's rows pass to
-the others when its lease runs out; a row not handed to its relay within
-half the lease is given back rather than sent late under an expired claim), hands each to its relay's transport, and marks it sent, due again
+It claims due rows (a lease of `[store] lease_seconds`, renewed every third
+of it while the rows are being sent, so two processes or instances never
+send the same row at once, however slow the relay, and a dead one's rows
+pass to the others when its lease runs out), hands each to its relay's transport, and marks it sent, due again
 later (temporary failure: exponential backoff from `retry_base_seconds` up
 to `retry_max_seconds`), or failed (permanent `5xx`, recorded and logged,
 not retried forever). It runs in its own task: intake never waits on it.
@@ -11,21 +11,20 @@ not retried forever). It runs in its own task: intake never waits on it.
 from __future__ import annotations
 
 import asyncio
-import time
+import contextlib
 from datetime import datetime, timedelta
-from typing import Any
 
 import structlog
 
 from gateway.clock import Clock
+from gateway.leases import holder_id
 from gateway.loops import Repeater, backoff
 from gateway.outbound.transport import DeliveryError, Transport
-from gateway.store import OutboxItem, Store
+from gateway.store import OutboxItem, Store, StoreUnavailable
 
 log = structlog.get_logger("gateway.outbox")
 
 PARALLEL = 8
-NOT_TRIED = object()     # a claimed row not handed to the relay before half its lease was gone
 
 
 class OutboxSender:
@@ -38,6 +37,7 @@ class OutboxSender:
         self.retry_max_s = retry_max_s
         self.poll_s = poll_s
         self.lease_s = lease_s
+        self.holder = holder_id()
         self._loop = Repeater(self.deliver_due, poll_s, lambda: log.exception("outbox.loop_error"))
 
     def wake(self) -> None:
@@ -53,41 +53,52 @@ class OutboxSender:
         sent_total = 0
         batch = PARALLEL * 8
         while True:
-            items = await self.store.claim_due(now or self.clock(), self.lease_s, limit=batch)
+            items = await self.store.claim_due(now or self.clock(), self.lease_s, limit=batch,
+                                               holder=self.holder)
             if not items:
                 return sent_total
-            sem = asyncio.Semaphore(PARALLEL)
-            send_by = time.monotonic() + self.lease_s / 2
-            tried = await asyncio.gather(*(self._deliver_within(sem, i, send_by) for i in items))
-            released = [item.id for item, error in tried if error is NOT_TRIED]
-            results = [(item, error) for item, error in tried if error is not NOT_TRIED]
-            at = self.clock()
-            sent = [item.id for item, error in results if error is None]
-            retry = [(item.id, at + timedelta(seconds=backoff(item.attempts + 1, self.retry_base_s,
-                                                              self.retry_max_s)), str(error))
-                     for item, error in results if error is not None and not error.permanent]
-            failed = [(item.id, str(error)) for item, error in results
-                      if error is not None and error.permanent]
-            await self.store.record_deliveries(at, sent=sent, retry=retry, released=released)
-            if failed:
-                # A permanent refusal is recorded on the ticket like a bounce, and the
-                # address marked undeliverable, in the same commit as the row's `failed`.
-                for ticket_id, addresses in await self.store.record_failures(at, failed):
-                    log.warning("ticket.undeliverable", ticket_id=ticket_id, addresses=addresses)
+            # the round's claims are renewed until its results are recorded: a row
+            # sent but not yet marked sent must not pass to another instance
+            keeper = asyncio.create_task(self._keep_claimed([item.id for item in items]))
+            try:
+                sem = asyncio.Semaphore(PARALLEL)
+                results = await asyncio.gather(*(self._deliver_within(sem, i) for i in items))
+                at = self.clock()
+                sent = [item.id for item, error in results if error is None]
+                retry = [(item.id, at + timedelta(seconds=backoff(item.attempts + 1, self.retry_base_s,
+                                                                  self.retry_max_s)), str(error))
+                         for item, error in results if error is not None and not error.permanent]
+                failed = [(item.id, str(error)) for item, error in results
+                          if error is not None and error.permanent]
+                await self.store.record_deliveries(at, sent=sent, retry=retry, holder=self.holder)
+                if failed:
+                    # A permanent refusal is recorded on the ticket like a bounce, and the
+                    # address marked undeliverable, in the same commit as the row's `failed`.
+                    for ticket_id, addresses in await self.store.record_failures(at, failed):
+                        log.warning("ticket.undeliverable", ticket_id=ticket_id, addresses=addresses)
+            finally:
+                keeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keeper
             for item, error in results:
                 self._log(item, error)
-            if released:
-                log.warning("outbox.released", rows=len(released), lease_s=self.lease_s)
             sent_total += len(sent)
             if not sent or len(items) < batch:
                 return sent_total
 
-    async def _deliver_within(self, sem: asyncio.Semaphore, item: OutboxItem,
-                              send_by: float) -> tuple[OutboxItem, Any]:
+    async def _deliver_within(self, sem: asyncio.Semaphore,
+                              item: OutboxItem) -> tuple[OutboxItem, DeliveryError | None]:
         async with sem:
-            if time.monotonic() > send_by:
-                return item, NOT_TRIED
             return item, await self._deliver(item)
+
+    async def _keep_claimed(self, ids: list[int]) -> None:
+        """Renew this round's claims every third of the lease until cancelled."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await self.store.extend_claims(ids, self.holder, self.clock(), self.lease_s)
+            except StoreUnavailable as e:
+                log.warning("outbox.claims_not_renewed", rows=len(ids), error=str(e))
 
     async def _deliver(self, item: OutboxItem) -> DeliveryError | None:
         transport = self.transports.get(item.relay) or self.transports["default"]

@@ -170,6 +170,10 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     );
     """,
+    # 7: who holds an outbox claim, so that only the holder renews or records it
+    """
+    ALTER TABLE outbox ADD COLUMN claimed_by TEXT;
+    """,
 )
 
 
@@ -456,9 +460,13 @@ class Store:
         await tx.db.execute(f"SAVEPOINT {name}")
         try:
             yield tx
-        except BaseException:
-            await tx.db.execute(f"ROLLBACK TO {name}")
-            await tx.db.execute(f"RELEASE {name}")
+        except BaseException as e:
+            try:
+                await tx.db.execute(f"ROLLBACK TO {name}")
+                await tx.db.execute(f"RELEASE {name}")
+            except Exception as undo:
+                # the transaction itself is gone (connection lost): the whole of it fails
+                raise StoreUnavailable(f"cannot undo a failed unit: {undo}") from e
             raise
         await tx.db.execute(f"RELEASE {name}")
 
@@ -509,7 +517,8 @@ class Store:
         return {state: n for state, n in rows}
 
     # -- outbox ----------------------------------------------------------
-    async def claim_due(self, now: datetime, lease_s: float, limit: int = 50) -> list[OutboxItem]:
+    async def claim_due(self, now: datetime, lease_s: float, limit: int = 50,
+                        holder: str = "") -> list[OutboxItem]:
         """Take up to `limit` due deliveries for `lease_s` seconds.
 
         A claim is a lease, not a lock: if this process dies, the rows become
@@ -524,41 +533,49 @@ class Store:
                 " AND (claimed_until IS NULL OR claimed_until <= ?) ORDER BY next_attempt_at, id"
                 " LIMIT ?" + self.db.skip_locked, (iso(now), iso_ms(now), limit))
             if rows:
-                await tx.db.executemany("UPDATE outbox SET claimed_until = ? WHERE id = ?",
-                                        [(until, r[0]) for r in rows])
+                await tx.db.executemany("UPDATE outbox SET claimed_until = ?, claimed_by = ? WHERE id = ?",
+                                        [(until, holder, r[0]) for r in rows])
             return rows
         rows = await self.run(claim)
         return [OutboxItem(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7]) for r in rows]
 
+    async def extend_claims(self, ids: Sequence[int], holder: str, now: datetime,
+                            lease_s: float) -> None:
+        """Renew `holder`'s claims on rows still being sent, for another `lease_s`."""
+        until = iso_ms(now + timedelta(seconds=lease_s))
+
+        async def extend(tx: Tx) -> None:
+            await tx.db.executemany(
+                "UPDATE outbox SET claimed_until = ? WHERE id = ? AND claimed_by = ? AND state = 'queued'",
+                [(until, i, holder) for i in ids])
+        await self.run(extend)
+
     async def record_deliveries(self, now: datetime, *, sent: Sequence[int] = (),
                                 retry: Sequence[tuple[int, datetime, str]] = (),
-                                failed: Sequence[tuple[int, str]] = (),
-                                released: Sequence[int] = ()) -> None:
-        """The results of one round of deliveries, in one commit; `released`:
-        claimed rows given back untried."""
-        await self.run(lambda tx: self._record_deliveries(tx, now, sent, retry, failed, released))
+                                failed: Sequence[tuple[int, str]] = (), holder: str = "") -> None:
+        """The results of one round of deliveries, in one commit; only rows
+        `holder` still has claimed (another instance's claim is its own)."""
+        await self.run(lambda tx: self._record_deliveries(tx, now, sent, retry, failed, holder))
 
     @staticmethod
     async def _record_deliveries(tx: Tx, now: datetime, sent: Sequence[int],
                                  retry: Sequence[tuple[int, datetime, str]],
-                                 failed: Sequence[tuple[int, str]], released: Sequence[int]) -> None:
-        if released:
-            await tx.db.executemany("UPDATE outbox SET claimed_until = NULL WHERE id = ?",
-                                    [(i,) for i in released])
+                                 failed: Sequence[tuple[int, str]], holder: str) -> None:
+        mine = " AND claimed_by = ?"
         if sent:
             await tx.db.executemany(
                 "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1,"
-                " claimed_until = NULL, last_error = NULL WHERE id = ?",
-                [(iso(now), i) for i in sent])
+                " claimed_until = NULL, last_error = NULL WHERE id = ?" + mine,
+                [(iso(now), i, holder) for i in sent])
         if retry:
             await tx.db.executemany(
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?,"
-                " claimed_until = NULL, last_error = ? WHERE id = ?",
-                [(iso(at), error, i) for i, at, error in retry])
+                " claimed_until = NULL, last_error = ? WHERE id = ?" + mine,
+                [(iso(at), error, i, holder) for i, at, error in retry])
         if failed:
             await tx.db.executemany(
                 "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
-                " last_error = ? WHERE id = ?", [(error, i) for i, error in failed])
+                " last_error = ? WHERE id = ?" + mine, [(error, i, holder) for i, error in failed])
 
     async def outbox_counts(self) -> dict[str, int]:
         rows = await self._rows("SELECT state, count(*) FROM outbox GROUP BY state")

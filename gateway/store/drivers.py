@@ -160,6 +160,7 @@ class PostgresDriver:
         self.busy_timeout_ms = busy_timeout_ms
         self.connection: Any = None
         self._sql: dict[str, str] = {}
+        self._in_transaction = False
 
     @classmethod
     async def open(cls, url: str, busy_timeout_ms: int) -> PostgresDriver:
@@ -176,7 +177,9 @@ class PostgresDriver:
         try:
             self.connection = await asyncpg.connect(
                 self.url, timeout=max(self.busy_timeout_ms / 1000, 1.0),
-                server_settings={"lock_timeout": str(int(self.busy_timeout_ms)),
+                # lock_timeout 0 would mean "wait forever", and one under deadlock_timeout
+                # (1 s) would answer a deadlock with 451 instead of running it again
+                server_settings={"lock_timeout": str(max(int(self.busy_timeout_ms), 1500)),
                                  "application_name": "support-gateway"})
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
                 asyncpg.InterfaceError) as e:
@@ -192,6 +195,10 @@ class PostgresDriver:
 
     async def _run(self, method: str, sql: str, *args: Any) -> Any:
         if self.connection is None or self.connection.is_closed():
+            if self._in_transaction:
+                # never carry on a transaction's statements on a new connection:
+                # they would commit one by one, without what went before
+                raise StoreUnavailable(f"lost the connection to {self.describe()} in a transaction")
             await self._connect()
         try:
             return await getattr(self.connection, method)(self._translate(sql), *args)
@@ -209,11 +216,17 @@ class PostgresDriver:
 
     async def begin(self) -> None:
         await self.execute("BEGIN")
+        self._in_transaction = True
 
     async def commit(self) -> None:
+        if self.connection is None or not self.connection.is_in_transaction():
+            # COMMIT without a transaction is only a warning: this one is gone
+            raise StoreUnavailable(f"the transaction on {self.describe()} was lost")
         await self.execute("COMMIT")
+        self._in_transaction = False
 
     async def rollback(self) -> None:
+        self._in_transaction = False
         if self.connection is None or self.connection.is_closed():
             return
         try:
