@@ -202,28 +202,28 @@ def process_tree(pid: int) -> list[int]:
     return pids
 
 
+def _proc(pid: int, name: str) -> str:
+    """/proc/PID/NAME, or "" once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def rss_kb(pid: int) -> int:
     """Peak resident memory (VmHWM) of a process and all its descendants."""
-    total = 0
-    for p in process_tree(pid):
-        try:
-            with open(f"/proc/{p}/status") as f:
-                total += next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
-        except FileNotFoundError:
-            pass
-    return total
+    return sum(next((int(line.split()[1]) for line in _proc(p, "status").splitlines()
+                     if line.startswith("VmHWM:")), 0) for p in process_tree(pid))
 
 
 def cpu_s(pid: int) -> float:
     """CPU seconds (user + system) used so far by a process and its descendants."""
     ticks = 0
     for p in process_tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+        stat = _proc(p, "stat")
+        if stat:
+            fields = stat.rsplit(")", 1)[1].split()
             ticks += int(fields[11]) + int(fields[12])       # utime, stime
-        except FileNotFoundError:
-            pass
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

@@ -116,12 +116,6 @@ class Config:
         addr = normalize_address(address)
         return addr in self.staff_addresses or addr.rpartition("@")[2] in self.staff_domains
 
-    @property
-    def db_path(self) -> Path:
-        """The SQLite file named by `[store] url` (default: data_dir/gateway.db)."""
-        assert self.store_url.startswith("sqlite:///"), "not a SQLite store"
-        return Path(self.store_url[len("sqlite:///"):])
-
 
 def _defaults() -> dict[str, Any]:
     return {

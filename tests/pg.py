@@ -117,9 +117,9 @@ def store_url() -> str | None:
     return CLUSTER.new_database() if ON_POSTGRES else None
 
 
-def store_section(url: str | None = None) -> dict[str, dict[str, str]]:
+def store_section() -> dict[str, dict[str, str]]:
     """`{"store": {"url": ...}}` for `config.parse`, or {} on SQLite runs."""
-    url = url or store_url()
+    url = store_url()
     return {"store": {"url": url}} if url else {}
 
 

@@ -421,10 +421,6 @@ class Store:
     def dialect(self) -> str:
         return self.db.dialect
 
-    def describe(self) -> str:
-        """Where the store is, without credentials (for logs and errors)."""
-        return self.db.describe()
-
     async def close(self) -> None:
         await self.db.close()
 

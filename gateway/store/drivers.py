@@ -66,9 +66,6 @@ class SQLiteDriver:
             raise StoreUnavailable(f"cannot prepare {path}: {e}") from e
         return cls(db, path, busy_timeout_ms / 1000)
 
-    def describe(self) -> str:
-        return f"sqlite:///{self.path}"
-
     # Each await is a hop to aiosqlite's thread: one per statement, never a
     # separate fetch or close (the intake runs a dozen statements per mail).
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
