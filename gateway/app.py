@@ -108,7 +108,7 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
         gw.intake.on_commit = workers.waker()
     others: workers.Workers | None = None
     if primary and count > 1:
-        others = workers.Workers(config, count, gw.sender.wake)
+        others = workers.Workers(config.path, count, gw.sender.wake)
         await others.start()
     listener = Listener(config, SupportHandler(config, gw.intake, clock), reuse_port=count > 1)
     try:

@@ -203,7 +203,7 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     it cannot write anything or send anything."""
     from gateway.inbound.automatic import automatic_kind
     from gateway.inbound.parse import parse_mail
-    from gateway.conversation import tagged_ticket_id
+    from gateway.mail.subject import tagged_ticket_id
     from gateway.rules import decide
     try:
         raw = Path(args.file).read_bytes()

@@ -8,22 +8,21 @@ documents each one. Validation collects every problem and names the key
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gateway.lifecycle import Policy
-from gateway.dkim import DkimKey, parse_dkim
+from gateway.dkim import DkimKey, DkimSigner
+from gateway.outbound.transport import Relay
 from gateway.rules_config import SUPPORTED_LANGUAGES, RulesConfig, default_rules, parse_rules
 from gateway.model import REGIONS, normalize_address
 
-if TYPE_CHECKING:
-    from gateway.inbound.imap import ImapAccount
-
 ENV_VAR = "GATEWAY_CONFIG"
+DEFAULTS_SOURCE = "built-in defaults"
 AUTO_WORKERS_MAX = 4
 QUEUE_NAMES = (*REGIONS, "GOVCLOUD")
 
@@ -37,16 +36,19 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class Policy:
+    """`[lifecycle]`: how long a ticket waits in each state (gateway.lifecycle)."""
+
+    reminder_after: timedelta = timedelta(hours=24)
+    autoclose_after: timedelta = timedelta(hours=48)
+    reopen_within: timedelta = timedelta(days=7)
+
+
+@dataclass(frozen=True)
 class Mailbox:
     address: str
     govcloud: bool = False
     language: str = "en"          # answers when nothing tells the customer's language
-
-
-@dataclass(frozen=True)
-class Relay:
-    host: str
-    port: int
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ class Config:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9325
     metrics_probe_s: float = 5.0
-    source: str = "built-in defaults"
+    source: str = DEFAULTS_SOURCE
     limits: Limits = field(default_factory=Limits)
     # staff mail is trusted only when the MTA authenticated it (gateway.inbound.authres)
     staff_require_authenticated: bool = False
@@ -102,6 +104,11 @@ class Config:
     imap: tuple[ImapAccount, ...] = ()
 
     # -- lookups used across the gateway ---------------------------------
+    @property
+    def path(self) -> str | None:
+        """The file this configuration was read from; None for the built-in defaults."""
+        return None if self.source == DEFAULTS_SOURCE else self.source
+
     def mailbox_for(self, address: str) -> Mailbox | None:
         """The mailbox an address reaches, ignoring case and `+tag` suffixes."""
         addr = normalize_address(address)
@@ -115,6 +122,234 @@ class Config:
     def is_staff(self, address: str) -> bool:
         addr = normalize_address(address)
         return addr in self.staff_addresses or addr.rpartition("@")[2] in self.staff_domains
+
+
+# -- [[imap]] -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImapAccount:
+    """One `[[imap]]` table."""
+
+    host: str
+    port: int
+    tls: bool                       # implicit TLS (IMAPS); see also starttls
+    user: str
+    mailbox: str                    # the support address this mail counts as delivered to
+    password: str | None = None
+    password_file: Path | None = None
+    folder: str = "INBOX"
+    processed_folder: str = "Processed"
+    poll_seconds: float = 60.0
+    starttls: bool = False          # plain connection upgraded with STARTTLS (RFC 3501 §6.2.1)
+    ca_file: Path | None = None     # trust this CA instead of the system's
+
+    @property
+    def name(self) -> str:
+        """How logs and the state file name the account (no secrets)."""
+        return f"{self.user}@{self.host}:{self.port}"
+
+    def secret(self) -> str:
+        if self.password is not None:
+            return self.password
+        assert self.password_file is not None
+        return self.password_file.read_text(encoding="utf-8").strip("\r\n")
+
+
+_KEYS = {"host", "port", "tls", "starttls", "ca_file", "user", "password", "password_file",
+         "folder", "processed_folder", "mailbox", "poll_seconds"}
+
+
+def parse_imap(data: list[dict[str, Any]] | Any, mailbox_addresses: set[str],
+               base_dir: Path | None = None) -> tuple[tuple[ImapAccount, ...], list[str]]:
+    """Validate `[[imap]]` tables: the accounts, and every problem as
+    "imap[0].host: what is wrong" (nothing raised, so check-config can list
+    all problems at once)."""
+    problems: list[str] = []
+    if data is None:
+        return (), []
+    if not isinstance(data, list):
+        return (), ["imap: expected [[imap]] tables"]
+    known = {normalize_address(a) for a in mailbox_addresses}
+    accounts: list[ImapAccount] = []
+    for i, table in enumerate(data):
+        key = f"imap[{i}]"
+        if not isinstance(table, dict):
+            problems.append(f"{key}: expected a table")
+            continue
+        before = len(problems)
+
+        def fail(name: str, what: str, key: str = key) -> None:
+            problems.append(f"{key}.{name}: {what}")
+
+        for unknown in sorted(set(table) - _KEYS):
+            fail(unknown, "unknown key")
+        host = table.get("host")
+        if not isinstance(host, str) or not host.strip():
+            fail("host", f"expected a host name, got {host!r}")
+        tls = table.get("tls", True)
+        if not isinstance(tls, bool):
+            fail("tls", f"expected true or false, got {tls!r}")
+            tls = True
+        starttls = table.get("starttls", False)
+        if not isinstance(starttls, bool):
+            fail("starttls", f"expected true or false, got {starttls!r}")
+            starttls = False
+        if tls and starttls:
+            fail("starttls", "tls = true already encrypts the connection; set one of them")
+        port = table.get("port", 993 if tls else 143)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            fail("port", f"expected an integer from 1 to 65535, got {port!r}")
+        user = table.get("user")
+        if not isinstance(user, str) or not user:
+            fail("user", f"expected the login name, got {user!r}")
+        def readable(key: str) -> Path | None:
+            """An optional file name: None when absent, else a readable path."""
+            value = table.get(key)
+            if value is None:
+                return None
+            if not isinstance(value, str) or not value:
+                fail(key, f"expected a file name, got {value!r}")
+                return None
+            path = _resolve(value, base_dir)
+            if not os.access(path, os.R_OK):
+                fail(key, f"cannot read {str(path)!r}")
+            return path
+
+        password, password_file = table.get("password"), table.get("password_file")
+        pw_path: Path | None = None
+        if (password is None) == (password_file is None):
+            fail("password", "set exactly one of password and password_file")
+        elif password is not None and not isinstance(password, str):
+            fail("password", "expected a string")
+        else:
+            pw_path = readable("password_file")
+        ca_path = readable("ca_file")
+        folder = table.get("folder", "INBOX")
+        processed = table.get("processed_folder", "Processed")
+        for name, value in (("folder", folder), ("processed_folder", processed)):
+            if not isinstance(value, str) or not value.strip():
+                fail(name, f"expected a folder name, got {value!r}")
+        if isinstance(folder, str) and folder == processed:
+            fail("processed_folder", "must differ from folder, or mail would be fetched again")
+        mailbox = table.get("mailbox")
+        if not isinstance(mailbox, str) or normalize_address(mailbox) not in known:
+            fail("mailbox", f"expected one of the [[mailbox]] addresses "
+                            f"({', '.join(sorted(known))}), got {mailbox!r}")
+        poll = table.get("poll_seconds", 60)
+        if isinstance(poll, bool) or not isinstance(poll, int | float) or poll <= 0:
+            fail("poll_seconds", f"expected a number of seconds > 0, got {poll!r}")
+        if len(problems) == before:
+            accounts.append(ImapAccount(
+                host=str(host).strip(), port=int(port), tls=tls, starttls=starttls, user=str(user),
+                password=password, password_file=pw_path, ca_file=ca_path, folder=str(folder),
+                processed_folder=str(processed), mailbox=normalize_address(str(mailbox)),
+                poll_seconds=float(poll)))
+    names = [(a.name, a.folder) for a in accounts]
+    if len(set(names)) != len(names):
+        problems.append("imap: the same account and folder are configured twice")
+    return tuple(accounts), problems
+
+
+def _resolve(name: str, base_dir: Path | None) -> Path:
+    path = Path(name).expanduser()
+    return path if path.is_absolute() or base_dir is None else base_dir / path
+
+
+# -- [[dkim]] -------------------------------------------------------------------
+
+_DKIM_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+_DKIM_KEYS = frozenset({"domain", "selector", "key_file"})
+
+
+def parse_dkim(data: list[dict[str, Any]] | dict[str, Any],
+               base_dir: Path | None) -> tuple[dict[str, DkimKey], list[str]]:
+    """The `[[dkim]]` tables of the configuration: keys by domain, and what is wrong.
+
+    ```toml
+    [[dkim]]
+    domain = "example.com"
+    selector = "gw2026"
+    key_file = "dkim/example.com.pem"     # relative to the config file's folder
+    ```
+
+    A single `[dkim]` table is taken as a list of one. Problems read
+    `dkim[0].key_file: what is wrong`; an entry with a problem is left out.
+    """
+    entries: list[Any]
+    if isinstance(data, dict):
+        entries, prefix = [data], "dkim"
+    elif isinstance(data, list):
+        entries, prefix = data, None
+    else:
+        return {}, ["dkim: must be a list of tables ([[dkim]]) with domain, selector and key_file"]
+    keys: dict[str, DkimKey] = {}
+    where: dict[str, str] = {}
+    problems: list[str] = []
+    for n, entry in enumerate(entries):
+        at = prefix or f"dkim[{n}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{at}: must be a table with domain, selector and key_file")
+            continue
+        bad = len(problems)
+        problems.extend(f"{at}.{k}: unknown key (expected domain, selector, key_file)"
+                        for k in sorted(set(entry) - _DKIM_KEYS))
+        domain = _dkim_name(entry, "domain", at, problems, min_labels=2)
+        selector = _dkim_name(entry, "selector", at, problems, min_labels=1)
+        if domain is not None and domain in keys:
+            problems.append(f"{at}.domain: {domain} already has a key ({where[domain]})")
+        pem = _dkim_key_file(entry, at, base_dir, problems)
+        if len(problems) == bad and domain and selector and pem is not None:
+            keys[domain] = DkimKey(domain=domain, selector=selector, private_key_pem=pem)
+            where[domain] = at
+    return keys, problems
+
+
+def _dkim_name(entry: Mapping[str, Any], key: str, at: str, problems: list[str], *,
+          min_labels: int) -> str | None:
+    """A domain name or a selector (RFC 6376 §3.1: dot-separated labels)."""
+    value = entry.get(key)
+    if value is None:
+        problems.append(f"{at}.{key}: missing")
+        return None
+    if not isinstance(value, str):
+        problems.append(f"{at}.{key}: must be a string, got {type(value).__name__}")
+        return None
+    name = value.strip().lower().rstrip(".")
+    labels = name.split(".")
+    if len(labels) < min_labels or not all(_DKIM_LABEL.match(lb) for lb in labels):
+        what = "a domain name like example.com" if min_labels > 1 else "letters, digits, '-' and '.'"
+        problems.append(f"{at}.{key}: {value!r} is not {what}")
+        return None
+    return name
+
+
+def _dkim_key_file(entry: Mapping[str, Any], at: str, base_dir: Path | None,
+              problems: list[str]) -> bytes | None:
+    value = entry.get("key_file")
+    if value is None:
+        problems.append(f"{at}.key_file: missing (the PEM file with the domain's RSA private key)")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        problems.append(f"{at}.key_file: must be a file name")
+        return None
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    try:
+        pem = path.read_bytes()
+    except OSError as e:
+        problems.append(f"{at}.key_file: cannot read {path}: {e.strerror or e}")
+        return None
+    if b"ENCRYPTED" in pem:
+        problems.append(f"{at}.key_file: {path} is encrypted; the gateway needs an unencrypted key "
+                        f"(keep the file readable by the gateway only)")
+        return None
+    try:
+        DkimSigner(DkimKey("check.invalid", "check", pem))
+    except ValueError as e:
+        problems.append(f"{at}.key_file: {path}: {e}")
+        return None
+    return pem
 
 
 def _defaults() -> dict[str, Any]:
@@ -341,7 +576,6 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     r.problems.extend(dkim_problems)
     imap_accounts: tuple[ImapAccount, ...] = ()
     if "imap" in data:
-        from gateway.inbound.imap import parse_imap   # imapclient only where IMAP is configured
         imap_accounts, imap_problems = parse_imap(data["imap"], {b.address for b in boxes},
                                                   base_dir=config_dir)
         r.problems.extend(imap_problems)
@@ -425,7 +659,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     """Load `path`, else $GATEWAY_CONFIG, else the built-in defaults."""
     chosen = path or os.environ.get(ENV_VAR)
     if not chosen:
-        return parse({}, source="built-in defaults")
+        return parse({}, source=DEFAULTS_SOURCE)
     p = Path(chosen)
     data = _read_toml(p, "config")
     rules_file = data.get("gateway", {}).get("rules_file") if isinstance(data.get("gateway"), dict) else None

@@ -15,10 +15,8 @@ The policy (README, "Threading"):
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
 
 from gateway.lifecycle import is_closed
 from gateway.model import Ticket
@@ -29,20 +27,6 @@ class Placement:
     ticket_id: int | None          # the ticket to join; None: open a new one
     linked_ticket: int | None      # for a new ticket: the ticket it follows up
     reason: str                    # for logs and `explain`
-
-
-@lru_cache(maxsize=16)
-def tag_pattern(ticket_tag: str) -> re.Pattern[str]:
-    return re.compile(r"\[\s*" + re.escape(ticket_tag) + r"\s*#\s*(\d{1,18})\s*\]", re.IGNORECASE)
-
-
-def tagged_ticket_id(subject: str, ticket_tag: str) -> int | None:
-    m = tag_pattern(ticket_tag).search(subject)
-    return int(m.group(1)) if m else None
-
-
-def strip_tag(subject: str, ticket_tag: str) -> str:
-    return " ".join(tag_pattern(ticket_tag).sub(" ", subject).split())
 
 
 def place(*, sender: str, sender_is_staff: bool, by_reference: Ticket | None,

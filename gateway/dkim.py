@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import dkim as dkimpy
@@ -48,8 +46,6 @@ SIGNED_HEADERS = ("from", "to", "cc", "subject", "date", "message-id", "in-reply
 MIN_BITS = 1024            # RFC 8301 §3.2: verifiers MUST NOT accept less
 RECOMMENDED_BITS = 2048    # RFC 8301 §3.2: signers SHOULD use at least 2048
 _CANON = b"relaxed/relaxed"
-_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
-_DKIM_KEYS = frozenset({"domain", "selector", "key_file"})
 
 
 @dataclass(frozen=True)
@@ -160,97 +156,6 @@ def _der(tag: int, content: bytes) -> bytes:
 
 def _der_int(value: int) -> bytes:
     return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
-
-
-def parse_dkim(data: list[dict[str, Any]] | dict[str, Any],
-               base_dir: Path | None) -> tuple[dict[str, DkimKey], list[str]]:
-    """The `[[dkim]]` tables of the configuration: keys by domain, and what is wrong.
-
-    ```toml
-    [[dkim]]
-    domain = "example.com"
-    selector = "gw2026"
-    key_file = "dkim/example.com.pem"     # relative to the config file's folder
-    ```
-
-    A single `[dkim]` table is taken as a list of one. Problems read
-    `dkim[0].key_file: what is wrong`; an entry with a problem is left out.
-    """
-    entries: list[Any]
-    if isinstance(data, dict):
-        entries, prefix = [data], "dkim"
-    elif isinstance(data, list):
-        entries, prefix = data, None
-    else:
-        return {}, ["dkim: must be a list of tables ([[dkim]]) with domain, selector and key_file"]
-    keys: dict[str, DkimKey] = {}
-    where: dict[str, str] = {}
-    problems: list[str] = []
-    for n, entry in enumerate(entries):
-        at = prefix or f"dkim[{n}]"
-        if not isinstance(entry, dict):
-            problems.append(f"{at}: must be a table with domain, selector and key_file")
-            continue
-        bad = len(problems)
-        problems.extend(f"{at}.{k}: unknown key (expected domain, selector, key_file)"
-                        for k in sorted(set(entry) - _DKIM_KEYS))
-        domain = _name(entry, "domain", at, problems, min_labels=2)
-        selector = _name(entry, "selector", at, problems, min_labels=1)
-        if domain is not None and domain in keys:
-            problems.append(f"{at}.domain: {domain} already has a key ({where[domain]})")
-        pem = _key_file(entry, at, base_dir, problems)
-        if len(problems) == bad and domain and selector and pem is not None:
-            keys[domain] = DkimKey(domain=domain, selector=selector, private_key_pem=pem)
-            where[domain] = at
-    return keys, problems
-
-
-def _name(entry: Mapping[str, Any], key: str, at: str, problems: list[str], *,
-          min_labels: int) -> str | None:
-    """A domain name or a selector (RFC 6376 §3.1: dot-separated labels)."""
-    value = entry.get(key)
-    if value is None:
-        problems.append(f"{at}.{key}: missing")
-        return None
-    if not isinstance(value, str):
-        problems.append(f"{at}.{key}: must be a string, got {type(value).__name__}")
-        return None
-    name = value.strip().lower().rstrip(".")
-    labels = name.split(".")
-    if len(labels) < min_labels or not all(_LABEL.match(lb) for lb in labels):
-        what = "a domain name like example.com" if min_labels > 1 else "letters, digits, '-' and '.'"
-        problems.append(f"{at}.{key}: {value!r} is not {what}")
-        return None
-    return name
-
-
-def _key_file(entry: Mapping[str, Any], at: str, base_dir: Path | None,
-              problems: list[str]) -> bytes | None:
-    value = entry.get("key_file")
-    if value is None:
-        problems.append(f"{at}.key_file: missing (the PEM file with the domain's RSA private key)")
-        return None
-    if not isinstance(value, str) or not value.strip():
-        problems.append(f"{at}.key_file: must be a file name")
-        return None
-    path = Path(value).expanduser()
-    if not path.is_absolute() and base_dir is not None:
-        path = base_dir / path
-    try:
-        pem = path.read_bytes()
-    except OSError as e:
-        problems.append(f"{at}.key_file: cannot read {path}: {e.strerror or e}")
-        return None
-    if b"ENCRYPTED" in pem:
-        problems.append(f"{at}.key_file: {path} is encrypted; the gateway needs an unencrypted key "
-                        f"(keep the file readable by the gateway only)")
-        return None
-    try:
-        DkimSigner(DkimKey("check.invalid", "check", pem))
-    except ValueError as e:
-        problems.append(f"{at}.key_file: {path}: {e}")
-        return None
-    return pem
 
 
 def _pem_bytes(pem: bytes | str) -> bytes:

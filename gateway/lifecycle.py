@@ -15,16 +15,10 @@ no stale reminder is ever sent for a ticket that has moved on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 
+from gateway.config import Policy
 from gateway.model import Kind, Status, Ticket
-
-
-@dataclass(frozen=True)
-class Policy:
-    reminder_after: timedelta = timedelta(hours=24)
-    autoclose_after: timedelta = timedelta(hours=48)
-    reopen_within: timedelta = timedelta(days=7)
 
 
 @dataclass(frozen=True)

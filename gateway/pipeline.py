@@ -15,7 +15,8 @@ import structlog
 
 from gateway import lifecycle
 from gateway.config import Config, Mailbox
-from gateway.conversation import Placement, place, tagged_ticket_id
+from gateway.conversation import Placement, place
+from gateway.mail.subject import tagged_ticket_id
 from gateway.desk import Desk
 from gateway.inbound import authres
 from gateway.inbound.automatic import automatic_kind

@@ -16,6 +16,7 @@ import structlog
 
 from gateway import lifecycle
 from gateway.clock import Clock
+from gateway.config import Policy
 from gateway.desk import Desk
 from gateway.loops import Repeater
 from gateway.model import Ticket
@@ -28,7 +29,7 @@ SLA_WARNING = "first-response target missed: SLA warning"
 
 
 class Scheduler:
-    def __init__(self, store: Store, desk: Desk, policy: lifecycle.Policy, clock: Clock, *,
+    def __init__(self, store: Store, desk: Desk, policy: Policy, clock: Clock, *,
                  interval_s: float = 60.0, on_queued: Callable[[], None] = lambda: None):
         self.store = store
         self.desk = desk

@@ -26,8 +26,6 @@ from collections.abc import Callable
 
 import structlog
 
-from gateway.config import Config
-
 log = structlog.get_logger("gateway.workers")
 
 WAKE_FD_ENV = "GATEWAY_WAKE_FD"
@@ -71,8 +69,8 @@ def report_listening() -> None:
 class Workers:
     """The primary's view of the other worker processes: start, watch, stop."""
 
-    def __init__(self, config: Config, count: int, on_wake: Callable[[], None]):
-        self.config = config
+    def __init__(self, config_path: str | None, count: int, on_wake: Callable[[], None]):
+        self.config_path = config_path        # None: the built-in defaults
         self.count = count
         self.on_wake = on_wake
         self.procs: dict[int, asyncio.subprocess.Process] = {}
@@ -113,8 +111,8 @@ class Workers:
 
     async def _spawn(self, n: int) -> None:
         args = [sys.executable, "-m", "gateway", "serve", "--worker", str(n)]
-        if self.config.source != "built-in defaults":
-            args += ["--config", self.config.source]
+        if self.config_path is not None:
+            args += ["--config", self.config_path]
         env = {**os.environ, WAKE_FD_ENV: str(self._write_fd), PARENT_ENV: str(os.getpid())}
         self.procs[n] = await asyncio.create_subprocess_exec(*args, pass_fds=(self._write_fd,), env=env)
         log.info("worker.started", worker=n, pid=self.procs[n].pid)

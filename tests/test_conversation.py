@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from gateway.conversation import place, strip_tag, tagged_ticket_id
+from gateway.conversation import place
+from gateway.mail.subject import strip_tag, tagged_ticket_id
 from gateway.model import Status, Ticket
 from gateway.tokens import TicketTokens
 

@@ -12,7 +12,8 @@ from typing import Any
 import dkim
 import pytest
 
-from gateway.dkim import DkimKey, DkimSigner, parse_dkim, public_txt
+from gateway.config import parse_dkim
+from gateway.dkim import DkimKey, DkimSigner, public_txt
 from gateway.model import Kind, Status, Ticket
 from gateway.outbound.compose import Composer
 from gateway.tokens import TicketTokens

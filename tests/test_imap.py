@@ -31,7 +31,8 @@ from structlog.testing import capture_logs
 from gateway.app import Gateway, open_gateway
 from gateway.clock import system_clock
 from gateway.config import parse as parse_config
-from gateway.inbound.imap import ImapAccount, ImapPoller, ImapState, parse_imap
+from gateway.config import ImapAccount, parse_imap
+from gateway.inbound.imap import ImapPoller, ImapState
 from gateway.inbound.smtp import Listener, SupportHandler
 
 PASSWORD = "secret"

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from gateway.lifecycle import (Policy, Timers, after_customer_reply, after_staff_reply, due, enter,
+from gateway.config import Policy
+from gateway.lifecycle import (Timers, after_customer_reply, after_staff_reply, due, enter,
                                staff_commands)
 from gateway.model import Kind, Status, Ticket
 

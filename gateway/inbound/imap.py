@@ -40,7 +40,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -49,9 +48,8 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
 from gateway.clock import Clock
-from gateway.config import Mailbox
+from gateway.config import ImapAccount, Mailbox
 from gateway.loops import backoff
-from gateway.model import normalize_address
 from gateway.pipeline import Received
 from gateway.store import StoreUnavailable
 
@@ -69,137 +67,6 @@ class Receiver(Protocol):
     """What the poller needs of `gateway.inbound.intake.Intake`."""
 
     async def receive(self, received: Received) -> Any: ...
-
-
-@dataclass(frozen=True)
-class ImapAccount:
-    """One `[[imap]]` table."""
-
-    host: str
-    port: int
-    tls: bool                       # implicit TLS (IMAPS); see also starttls
-    user: str
-    mailbox: str                    # the support address this mail counts as delivered to
-    password: str | None = None
-    password_file: Path | None = None
-    folder: str = "INBOX"
-    processed_folder: str = "Processed"
-    poll_seconds: float = 60.0
-    starttls: bool = False          # plain connection upgraded with STARTTLS (RFC 3501 §6.2.1)
-    ca_file: Path | None = None     # trust this CA instead of the system's
-
-    @property
-    def name(self) -> str:
-        """How logs and the state file name the account (no secrets)."""
-        return f"{self.user}@{self.host}:{self.port}"
-
-    def secret(self) -> str:
-        if self.password is not None:
-            return self.password
-        assert self.password_file is not None
-        return self.password_file.read_text(encoding="utf-8").strip("\r\n")
-
-
-# -- configuration ------------------------------------------------------------
-
-_KEYS = {"host", "port", "tls", "starttls", "ca_file", "user", "password", "password_file",
-         "folder", "processed_folder", "mailbox", "poll_seconds"}
-
-
-def parse_imap(data: list[dict[str, Any]] | Any, mailbox_addresses: set[str],
-               base_dir: Path | None = None) -> tuple[tuple[ImapAccount, ...], list[str]]:
-    """Validate `[[imap]]` tables: the accounts, and every problem as
-    "imap[0].host: what is wrong" (nothing raised, so check-config can list
-    all problems at once)."""
-    problems: list[str] = []
-    if data is None:
-        return (), []
-    if not isinstance(data, list):
-        return (), ["imap: expected [[imap]] tables"]
-    known = {normalize_address(a) for a in mailbox_addresses}
-    accounts: list[ImapAccount] = []
-    for i, table in enumerate(data):
-        key = f"imap[{i}]"
-        if not isinstance(table, dict):
-            problems.append(f"{key}: expected a table")
-            continue
-        before = len(problems)
-
-        def fail(field: str, what: str, key: str = key) -> None:
-            problems.append(f"{key}.{field}: {what}")
-
-        for unknown in sorted(set(table) - _KEYS):
-            fail(unknown, "unknown key")
-        host = table.get("host")
-        if not isinstance(host, str) or not host.strip():
-            fail("host", f"expected a host name, got {host!r}")
-        tls = table.get("tls", True)
-        if not isinstance(tls, bool):
-            fail("tls", f"expected true or false, got {tls!r}")
-            tls = True
-        starttls = table.get("starttls", False)
-        if not isinstance(starttls, bool):
-            fail("starttls", f"expected true or false, got {starttls!r}")
-            starttls = False
-        if tls and starttls:
-            fail("starttls", "tls = true already encrypts the connection; set one of them")
-        port = table.get("port", 993 if tls else 143)
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            fail("port", f"expected an integer from 1 to 65535, got {port!r}")
-        user = table.get("user")
-        if not isinstance(user, str) or not user:
-            fail("user", f"expected the login name, got {user!r}")
-        def readable(key: str) -> Path | None:
-            """An optional file name: None when absent, else a readable path."""
-            value = table.get(key)
-            if value is None:
-                return None
-            if not isinstance(value, str) or not value:
-                fail(key, f"expected a file name, got {value!r}")
-                return None
-            path = _resolve(value, base_dir)
-            if not os.access(path, os.R_OK):
-                fail(key, f"cannot read {str(path)!r}")
-            return path
-
-        password, password_file = table.get("password"), table.get("password_file")
-        pw_path: Path | None = None
-        if (password is None) == (password_file is None):
-            fail("password", "set exactly one of password and password_file")
-        elif password is not None and not isinstance(password, str):
-            fail("password", "expected a string")
-        else:
-            pw_path = readable("password_file")
-        ca_path = readable("ca_file")
-        folder = table.get("folder", "INBOX")
-        processed = table.get("processed_folder", "Processed")
-        for field, value in (("folder", folder), ("processed_folder", processed)):
-            if not isinstance(value, str) or not value.strip():
-                fail(field, f"expected a folder name, got {value!r}")
-        if isinstance(folder, str) and folder == processed:
-            fail("processed_folder", "must differ from folder, or mail would be fetched again")
-        mailbox = table.get("mailbox")
-        if not isinstance(mailbox, str) or normalize_address(mailbox) not in known:
-            fail("mailbox", f"expected one of the [[mailbox]] addresses "
-                            f"({', '.join(sorted(known))}), got {mailbox!r}")
-        poll = table.get("poll_seconds", 60)
-        if isinstance(poll, bool) or not isinstance(poll, int | float) or poll <= 0:
-            fail("poll_seconds", f"expected a number of seconds > 0, got {poll!r}")
-        if len(problems) == before:
-            accounts.append(ImapAccount(
-                host=str(host).strip(), port=int(port), tls=tls, starttls=starttls, user=str(user),
-                password=password, password_file=pw_path, ca_file=ca_path, folder=str(folder),
-                processed_folder=str(processed), mailbox=normalize_address(str(mailbox)),
-                poll_seconds=float(poll)))
-    names = [(a.name, a.folder) for a in accounts]
-    if len(set(names)) != len(names):
-        problems.append("imap: the same account and folder are configured twice")
-    return tuple(accounts), problems
-
-
-def _resolve(name: str, base_dir: Path | None) -> Path:
-    path = Path(name).expanduser()
-    return path if path.is_absolute() or base_dir is None else base_dir / path
 
 
 # -- state ------------------------------------------------------------------

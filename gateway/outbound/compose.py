@@ -39,7 +39,7 @@ from typing import Any
 from jinja2 import (ChoiceLoader, Environment, FileSystemLoader, PackageLoader, StrictUndefined,
                     Template, TemplateError, TemplateSyntaxError, select_autoescape)
 
-from gateway.conversation import strip_tag
+from gateway.mail.subject import strip_tag
 from gateway.dkim import DkimKey, DkimSigner, signer_for
 from gateway.inbound.parse import one_line
 from gateway.inbound.reply import REPLY_MARKER
@@ -177,7 +177,7 @@ class Composer:
     def __init__(self, *, ticket_tag: str, tokens: TicketTokens, env: Environment | None = None,
                  override_dir: Path | None = None, dkim_keys: Mapping[str, DkimKey] = _NO_KEYS):
         """`override_dir`: the operators' template folder; `dkim_keys`: signing keys by
-        domain (`gateway.dkim.parse_dkim`). A key that can't be used raises ValueError."""
+        domain (`gateway.config.parse_dkim`). A key that can't be used raises ValueError."""
         if env is not None and override_dir is not None:
             raise ValueError("give the template folder either as env or as override_dir")
         self.ticket_tag = ticket_tag

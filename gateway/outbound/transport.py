@@ -11,12 +11,20 @@ import secrets
 import socket
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
 
-from gateway.config import Relay
+
+
+@dataclass(frozen=True)
+class Relay:
+    """An SMTP relay the gateway hands its mail to (`[outbound]`, `[outbound.govcloud]`)."""
+
+    host: str
+    port: int
 
 
 class DeliveryError(Exception):

@@ -1,0 +1,1 @@
+"""Reading one message: parsing, its reply text, automatic mail and bounces, authentication results (pure functions)."""
