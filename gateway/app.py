@@ -18,20 +18,20 @@ from pathlib import Path
 import structlog
 import structlog.contextvars
 
-from gateway import logs, metrics, systemd, workers
-from gateway.blobs import Blobs
+from gateway.ops import logs, metrics, systemd, workers
+from gateway.store.blobs import Blobs
 from gateway.clock import Clock, system_clock
 from gateway.config import Config
-from gateway.desk import Desk
+from gateway.desk.writer import Desk
 from gateway.inbound.intake import Intake
 from gateway.inbound.smtp import Listener, SupportHandler
 from gateway.outbound.compose import Composer
 from gateway.outbound.sender import OutboxSender
 from gateway.outbound.transport import MaildirDrop, SmtpRelay, Transport
-from gateway.pipeline import Pipeline
-from gateway.scheduler import Scheduler
+from gateway.desk.pipeline import Pipeline
+from gateway.desk.scheduler import Scheduler
 from gateway.store import Store, StoreUnavailable
-from gateway.tokens import TicketTokens, load_secret
+from gateway.outbound.tokens import TicketTokens, load_secret
 
 log = structlog.get_logger("gateway")
 
@@ -134,7 +134,7 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
             # IMAP mailboxes are polled by the primary only, one poller per account,
             # and by one instance at a time among those sharing the store (a lease)
             from gateway.inbound.imap import STATE_FILE, ImapPoller, ImapState
-            from gateway.leases import StoreLease, holder_id
+            from gateway.store.leases import StoreLease, holder_id
             state = ImapState(config.data_dir / STATE_FILE)
             holder = holder_id()
             for account in config.imap:

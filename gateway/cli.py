@@ -17,7 +17,9 @@ from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
-from gateway import logs, replies, stats
+from gateway.ops import logs
+from gateway.inbound import answers
+from gateway.desk import stats
 from gateway.clock import fixed_clock, system_clock
 from gateway.config import Config, ConfigError, load
 from gateway.model import Status, Ticket
@@ -95,18 +97,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         for problem in e.problems:
             print(f"gateway: invalid configuration: {problem}", file=sys.stderr)
-        return replies.EX_CONFIG
+        return answers.EX_CONFIG
     if command == "check-config":
         from gateway.outbound.compose import check_templates, templates
         template_problems = check_templates(templates(config.templates_dir))
         if template_problems:
             for problem in template_problems:
                 print(f"gateway: template error: {problem}", file=sys.stderr)
-            return replies.EX_CONFIG
+            return answers.EX_CONFIG
         print(f"configuration OK ({config.source}): {len(config.mailboxes)} mailbox(es), "
               f"data in {config.data_dir}, {'LMTP' if config.lmtp else 'SMTP'} on "
               f"{config.smtp_host}:{config.smtp_port}, outbound via {config.outbound_transport}")
-        return replies.EX_OK
+        return answers.EX_OK
     try:
         if command == "serve":
             from gateway import app     # the daemon's parts, imported only where used
@@ -125,10 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _explain(config, args)
     except StoreUnavailable as e:
         print(f"gateway: store unavailable: {e}", file=sys.stderr)
-        return replies.EX_TEMPFAIL
+        return answers.EX_TEMPFAIL
     except UsageError as e:
         print(f"gateway: {e}", file=sys.stderr)
-        return replies.EX_USAGE
+        return answers.EX_USAGE
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - for ingest, anything unexpected is "try again later"
@@ -136,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # An MTA bounces mail on any other status: a bug here must not send
             # the customer's mail back to them (sysexits EX_TEMPFAIL defers it).
             print(f"gateway: ingest failed, try again later: {type(e).__name__}: {e}", file=sys.stderr)
-            return replies.EX_TEMPFAIL
+            return answers.EX_TEMPFAIL
         raise
     raise AssertionError(command)  # pragma: no cover - argparse restricts commands
 
@@ -163,12 +165,12 @@ async def _ingest(config: Config, args: argparse.Namespace) -> int:
         raw = Path(args.file).read_bytes() if args.file else sys.stdin.buffer.read()
     except OSError as e:
         print(f"gateway: cannot read message: {e}", file=sys.stderr)
-        return replies.EX_TEMPFAIL if args.file is None else replies.EX_DATAERR
+        return answers.EX_TEMPFAIL if args.file is None else answers.EX_DATAERR
     address = ingest_recipient(config, raw, args.recipient)
     if address is None:
         print(f"gateway: no such mailbox: {args.recipient or '(none in Delivered-To/To/Cc)'}",
               file=sys.stderr)
-        return replies.EX_NOUSER
+        return answers.EX_NOUSER
     mailbox = config.mailbox_for(address)
     assert mailbox is not None
     from gateway.inbound.intake import structure_problem
@@ -176,9 +178,9 @@ async def _ingest(config: Config, args: argparse.Namespace) -> int:
     if problem is not None:
         # [limits]: what serve refuses with 554 5.6.0 (gateway.inbound.smtp)
         print(f"gateway: message refused: {problem}", file=sys.stderr)
-        return replies.EX_DATAERR
+        return answers.EX_DATAERR
     from gateway import app
-    from gateway.pipeline import Received
+    from gateway.desk.pipeline import Received
     gw = await app.open_gateway(config)
     try:
         outcome = await gw.intake.receive(Received(
@@ -193,7 +195,7 @@ async def _ingest(config: Config, args: argparse.Namespace) -> int:
     finally:
         await gw.close()
     print(json.dumps({"action": outcome.action, "ticket_id": outcome.ticket_id}))
-    return replies.EX_OK
+    return answers.EX_OK
 
 
 # -- explain --------------------------------------------------------------
@@ -201,15 +203,15 @@ async def _ingest(config: Config, args: argparse.Namespace) -> int:
 def _explain(config: Config, args: argparse.Namespace) -> int:
     """The rules stage on one message, with its evidence. Opens no store:
     it cannot write anything or send anything."""
-    from gateway.inbound.automatic import automatic_kind
-    from gateway.inbound.parse import parse_mail
+    from gateway.mail.automatic import automatic_kind
+    from gateway.mail.parse import parse_mail
     from gateway.mail.subject import tagged_ticket_id
-    from gateway.rules import decide
+    from gateway.rules.decision import decide
     try:
         raw = Path(args.file).read_bytes()
     except OSError as e:
         print(f"gateway: cannot read message: {e}", file=sys.stderr)
-        return replies.EX_DATAERR
+        return answers.EX_DATAERR
     address = ingest_recipient(config, raw, args.recipient) or config.mailboxes[0].address
     mailbox = config.mailbox_for(address)
     assert mailbox is not None
@@ -226,7 +228,7 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
            "decision": decision.to_json()}
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
-        return replies.EX_OK
+        return answers.EX_OK
     d = decision
     print(f"Message {mail.message_id} from {mail.sender or '(none)'} to {mailbox.address}")
     print(f"  subject: {mail.subject}")
@@ -245,7 +247,7 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     print("evidence (the first line of each part decided it):")
     for e in d.evidence:
         print(f"  {e.part:<9} {e.rule:<28} {e.detail}")
-    return replies.EX_OK
+    return answers.EX_OK
 
 
 # -- quarantine -----------------------------------------------------------
@@ -253,8 +255,9 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
 async def _quarantine(config: Config, args: argparse.Namespace) -> int:
     """`quarantine list|show|retry` (gateway.quarantine). Exit 1: no such quarantined
     mail; retry exits 65 (EX_DATAERR) when the mail fails again and stays quarantined."""
-    from gateway import app, quarantine
-    from gateway.blobs import Blobs
+    from gateway import app
+    from gateway.inbound import quarantine
+    from gateway.store.blobs import Blobs
     if args.quarantine_command == "retry":
         gw = await app.open_gateway(config)
         try:
@@ -270,13 +273,13 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
             # finding it no longer quarantined before starting
             print(f"gateway: no quarantined mail {args.id}: already processed", file=sys.stderr)
             return 1
-        return replies.EX_OK if result.processed else replies.EX_DATAERR
+        return answers.EX_OK if result.processed else answers.EX_DATAERR
     store = await Store.open(config.store_url, config.busy_timeout_ms)
     try:
         if args.quarantine_command == "list":
             rows = await quarantine.entries(store)
             print(json.dumps(rows, ensure_ascii=False) if args.json else quarantine.table(rows))
-            return replies.EX_OK
+            return answers.EX_OK
         try:
             entry = await quarantine.entry(store, args.id)
             raw = None if args.json else await quarantine.raw_bytes(store, Blobs(config.data_dir), args.id)
@@ -290,7 +293,7 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
     else:
         sys.stdout.buffer.write(raw)
         sys.stdout.buffer.flush()
-    return replies.EX_OK
+    return answers.EX_OK
 
 
 # -- tickets --------------------------------------------------------------
@@ -304,7 +307,7 @@ async def _tickets(config: Config, args: argparse.Namespace) -> int:
                 print(json.dumps([ticket_json(t) for t in rows], ensure_ascii=False))
             else:
                 _print_table(rows)
-            return replies.EX_OK
+            return answers.EX_OK
         ticket = await store.ticket(args.id)
         if ticket is None:
             print(f"gateway: no ticket #{args.id}", file=sys.stderr)
@@ -316,7 +319,7 @@ async def _tickets(config: Config, args: argparse.Namespace) -> int:
         print(json.dumps({**ticket_json(ticket), "messages": messages}, ensure_ascii=False))
     else:
         _print_ticket(ticket, messages)
-    return replies.EX_OK
+    return answers.EX_OK
 
 
 def _print_table(rows: list[Ticket]) -> None:
@@ -372,7 +375,7 @@ async def _stats(config: Config, args: argparse.Namespace) -> int:
         await store.close()
     rep = {"since": iso(since), "until": iso(until), **rep}
     print(json.dumps(rep) if args.json else stats.table(rep))
-    return replies.EX_OK
+    return answers.EX_OK
 
 
 async def _run_due(config: Config, args: argparse.Namespace) -> int:
@@ -386,7 +389,7 @@ async def _run_due(config: Config, args: argparse.Namespace) -> int:
     finally:
         await gw.close()
     print(json.dumps({"now": iso(clock()), "jobs": jobs, "sent": sent, "outbox": counts}))
-    return replies.EX_OK
+    return answers.EX_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

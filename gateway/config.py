@@ -16,9 +16,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from gateway.dkim import DkimKey, DkimSigner
+from gateway.outbound.dkim import DkimKey, DkimSigner
 from gateway.outbound.transport import Relay
-from gateway.rules_config import SUPPORTED_LANGUAGES, RulesConfig, default_rules, parse_rules
+from gateway.rules.settings import SUPPORTED_LANGUAGES, RulesConfig, default_rules, parse_rules
 from gateway.model import REGIONS, normalize_address
 
 ENV_VAR = "GATEWAY_CONFIG"

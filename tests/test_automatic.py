@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.inbound.automatic import automatic_kind
-from gateway.inbound.parse import parse_mail
+from gateway.mail.automatic import automatic_kind
+from gateway.mail.parse import parse_mail
 
 
 def kind(headers: str, *, mail_from: str | None = None, body: str = "text\r\n") -> str | None:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from gateway.model import Kind, Status, Ticket
 from gateway.outbound.compose import Composer, clean_subject
-from gateway.tokens import TicketTokens
+from gateway.outbound.tokens import TicketTokens
 
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 

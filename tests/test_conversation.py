@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from gateway.conversation import place
+from gateway.desk.conversation import place
 from gateway.mail.subject import strip_tag, tagged_ticket_id
 from gateway.model import Status, Ticket
-from gateway.tokens import TicketTokens
+from gateway.outbound.tokens import TicketTokens
 
 T0 = datetime(2026, 11, 23, tzinfo=UTC)
 

@@ -39,9 +39,9 @@ from typing import Any
 import pg
 import yaml
 
-from gateway.inbound.automatic import automatic_kind
-from gateway.inbound.parse import html_to_text, parse_mail
-from gateway.inbound.reply import reply_text
+from gateway.mail.automatic import automatic_kind
+from gateway.mail.parse import html_to_text, parse_mail
+from gateway.mail.reply import reply_text
 from gateway.model import ParsedMail
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
@@ -641,7 +641,7 @@ async def test_corpus_sample_goes_through_the_real_intake(tmp_path: Path) -> Non
     ticket, each person's mail makes one, broken mail is kept in quarantine."""
     from gateway.app import open_gateway
     from gateway.config import parse as parse_config
-    from gateway.pipeline import Received
+    from gateway.desk.pipeline import Received
 
     config = parse_config({"gateway": {"data_dir": str(tmp_path / "data")},
                            "outbound": {"transport": "maildir"},

@@ -13,10 +13,10 @@ import dkim
 import pytest
 
 from gateway.config import parse_dkim
-from gateway.dkim import DkimKey, DkimSigner, public_txt
+from gateway.outbound.dkim import DkimKey, DkimSigner, public_txt
 from gateway.model import Kind, Status, Ticket
 from gateway.outbound.compose import Composer
-from gateway.tokens import TicketTokens
+from gateway.outbound.tokens import TicketTokens
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives import serialization

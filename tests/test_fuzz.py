@@ -274,11 +274,11 @@ def test_fuzzed_mime_through_parse_and_pipeline_never_crashes_hangs_or_leaks(
         hang_guard: Callable[[], None], tmp_path: Path) -> None:
     import shutil
 
-    from gateway import logs
+    from gateway.ops import logs
     from gateway.app import open_gateway
     from gateway.config import parse
-    from gateway.inbound.parse import parse_mail
-    from gateway.pipeline import Received
+    from gateway.mail.parse import parse_mail
+    from gateway.desk.pipeline import Received
 
     logs.configure(stream=io.StringIO())    # the fuzz would log a lot of quarantines
     runner = asyncio.Runner()

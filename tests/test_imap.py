@@ -406,7 +406,7 @@ async def test_one_instance_at_a_time_polls_a_mailbox_and_another_takes_over_whe
     as on two hosts): the lease holder polls, the other stands by; when the
     holder dies (no release, no logout) the other takes over once the lease
     has run out, and no mail is fetched twice."""
-    from gateway.leases import StoreLease
+    from gateway.store.leases import StoreLease
     user = dovecot.add_user()
     account = rig.account(dovecot, user, poll_seconds=0.3)
     lease_s = 1.5

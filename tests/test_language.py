@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway.language import (accept_language_ranges, best_accepted, choose_language, detect_language,
+from gateway.rules.language import (accept_language_ranges, best_accepted, choose_language, detect_language,
                               first_content_language, primary, target_text)
-from gateway.rules_config import Plan, Target
-from gateway.sla import BusinessCalendar
+from gateway.rules.settings import Plan, Target
+from gateway.rules.sla import BusinessCalendar
 
 GERMAN_MAIL = """Sehr geehrte Damen und Herren,
 
@@ -208,7 +208,7 @@ DUE = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 
 
 def test_the_desk_states_the_target_in_the_tickets_language() -> None:
-    from gateway.desk import Desk
+    from gateway.desk.writer import Desk
     plan = Plan(name="Professional", targets={2: Target(3)})
     config = SimpleNamespace(rules=SimpleNamespace(plans={"Professional": plan}, hours={"EMEA": BERLIN}))
     desk = Desk(config, composer=None)  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ import json
 
 import structlog
 
-from gateway import logs
+from gateway.ops import logs
 
 
 def test_exceptions_are_structured_without_frame_locals() -> None:

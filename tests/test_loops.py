@@ -23,7 +23,7 @@ import pg
 import pytest
 from conftest import QUEUES, STAFF, SUPPORT, GatewayProc, mail, reply_to, uniq, wait_for
 
-from gateway.inbound.authres import aligned, parse, verify
+from gateway.mail.authres import aligned, parse, verify
 
 
 def processed(gw: GatewayProc, message_id: str) -> dict:
@@ -173,7 +173,7 @@ def test_acks_per_sender_are_capped_per_hour_but_tickets_are_still_made(
 def test_ack_cap_window_slides_with_the_injected_clock() -> None:
     from gateway.app import open_gateway
     from gateway.config import parse as parse_config
-    from gateway.pipeline import Received
+    from gateway.desk.pipeline import Received
 
     async def scenario(data_dir: str) -> list[bool]:
         config = parse_config({"gateway": {"data_dir": data_dir},

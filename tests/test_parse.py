@@ -7,8 +7,8 @@ from email.message import EmailMessage
 
 import pytest
 
-from gateway.inbound.parse import one_line, parse_mail
-from gateway.inbound.reply import reply_text
+from gateway.mail.parse import one_line, parse_mail
+from gateway.mail.reply import reply_text
 
 
 def raw(headers: str, body: str = "hello\r\n") -> bytes:

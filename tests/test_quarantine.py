@@ -61,7 +61,7 @@ def poison_maker() -> tuple[str, Callable[[str], bytes]]:
 
     from gateway.app import open_gateway
     from gateway.config import parse
-    from gateway.pipeline import Received
+    from gateway.desk.pipeline import Received
 
     async def quarantined(raw: bytes) -> bool:
         with tempfile.TemporaryDirectory() as d:

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from gateway.countries import CCTLD_REGION, region_of_domain
+from gateway.rules.countries import CCTLD_REGION, region_of_domain
 from gateway.model import ParsedMail
-from gateway.rules import Decision, decide
-from gateway.rules_config import RulesConfig, parse_rules
+from gateway.rules.decision import Decision, decide
+from gateway.rules.settings import RulesConfig, parse_rules
 
 NOW = datetime(2026, 3, 3, 9, 0, tzinfo=UTC)     # Tuesday, 10:00 in Berlin
 

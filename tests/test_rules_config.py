@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway import config as gateway_config
-from gateway.rules_config import OffsetBand, Target, default_rules, parse_rules
+from gateway.rules.settings import OffsetBand, Target, default_rules, parse_rules
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "rules.example.toml"
 

@@ -71,7 +71,7 @@ async def test_delivery_claims_skip_rows_another_instance_holds(db_url: str) -> 
     a claimed row goes to nobody else until its lease ends."""
     from gateway.app import open_gateway
     from gateway.config import parse
-    from gateway.pipeline import Received
+    from gateway.desk.pipeline import Received
 
     import tempfile
     config = parse({"gateway": {"data_dir": tempfile.mkdtemp(prefix="gw-claims-")},
@@ -293,7 +293,7 @@ async def test_a_slow_relay_gets_each_mail_once_though_sending_outlasts_the_leas
 
     from gateway.app import open_gateway
     from gateway.config import parse
-    from gateway.pipeline import Received
+    from gateway.desk.pipeline import Received
 
     got: list[bytes] = []
 

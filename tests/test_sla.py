@@ -7,9 +7,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from gateway.model import ParsedMail
-from gateway.rules import decide
-from gateway.rules_config import RulesConfig, default_rules, parse_rules
-from gateway.sla import BusinessCalendar, holiday_name, is_business_day, response_due
+from gateway.rules.decision import decide
+from gateway.rules.settings import RulesConfig, default_rules, parse_rules
+from gateway.rules.sla import BusinessCalendar, holiday_name, is_business_day, response_due
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")

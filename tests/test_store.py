@@ -7,7 +7,7 @@ from pathlib import Path
 import pg
 import pytest
 
-from gateway.blobs import Blobs
+from gateway.store.blobs import Blobs
 from gateway.store import MIGRATIONS, Store
 
 
@@ -52,7 +52,7 @@ async def test_every_statement_of_a_real_run_uses_an_index(tmp_path: Path) -> No
 
     from gateway.app import open_gateway
     from gateway.config import parse
-    from gateway.pipeline import Received
+    from gateway.desk.pipeline import Received
 
     config = parse({"gateway": {"data_dir": str(tmp_path / "data")},
                     "outbound": {"transport": "maildir"}})

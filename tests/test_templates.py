@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from gateway.inbound.reply import REPLY_MARKER, reply_text
+from gateway.mail.reply import REPLY_MARKER, reply_text
 from gateway.model import Kind, Status, Ticket
 from gateway.outbound.compose import SAMPLE_CONTEXTS, Composer, check_templates, templates
-from gateway.tokens import TicketTokens
+from gateway.outbound.tokens import TicketTokens
 
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 LANGUAGES = ("en", "de", "ja")

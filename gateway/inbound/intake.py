@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from gateway.blobs import Blobs
+from gateway.store.blobs import Blobs
 from gateway.clock import Clock
 from gateway.config import Limits
-from gateway.inbound.parse import parse_mail
+from gateway.mail.parse import parse_mail
 from gateway.model import ParsedMail
-from gateway.pipeline import Outcome, Pipeline, Received
+from gateway.desk.pipeline import Outcome, Pipeline, Received
 from gateway.store import Store, StoreUnavailable, Tx
 
 log = structlog.get_logger("gateway.intake")

@@ -41,7 +41,7 @@ import structlog
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
-from gateway import replies
+from gateway.inbound import answers
 from gateway.clock import Clock
 from gateway.config import Config
 from gateway.inbound.intake import (
@@ -50,7 +50,7 @@ from gateway.inbound.intake import (
     Intake,
     structure_problem,
 )
-from gateway.pipeline import Received
+from gateway.desk.pipeline import Received
 from gateway.store import StoreUnavailable
 
 log = structlog.get_logger("gateway.smtp")
@@ -171,7 +171,7 @@ class _SpooledDATA(SMTP):
             if state is not _State.NOMINAL:
                 await self.push({_State.TOO_LONG: "500 Line too long (see RFC5321 4.5.3.1.6)",
                                  _State.TOO_MUCH: "552 Error: Too much mail data",
-                                 _State.NOT_SPOOLED: replies.TRY_LATER}[state])
+                                 _State.NOT_SPOOLED: answers.TRY_LATER}[state])
                 self._set_post_data_state()
                 return
             if spool.file is None:
@@ -248,7 +248,7 @@ class SupportHandler:
             # no new transaction once stopping: 421 and close (RFC 5321 §3.8)
             if server.transport is not None:
                 asyncio.get_running_loop().call_soon(server.transport.close)
-            return replies.SHUTTING_DOWN
+            return answers.SHUTTING_DOWN
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -257,13 +257,13 @@ class SupportHandler:
                           address: str, rcpt_options: list[str]) -> str:
         if self.config.mailbox_for(address) is None:
             log.info("smtp.rcpt_refused", recipient=address)
-            return replies.NO_SUCH_MAILBOX.format(address=address.strip("<>")[:200])
+            return answers.NO_SUCH_MAILBOX.format(address=address.strip("<>")[:200])
         limit = self.config.limits.max_recipients
         if len(envelope.rcpt_tos) >= limit:
             log.info("smtp.rcpt_refused", recipient=address, reason="too many recipients")
-            return replies.TOO_MANY_RECIPIENTS.format(limit=limit)
+            return answers.TOO_MANY_RECIPIENTS.format(limit=limit)
         envelope.rcpt_tos.append(address)
-        return replies.RCPT_OK
+        return answers.RCPT_OK
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         mailbox = next(m for m in map(self.config.mailbox_for, envelope.rcpt_tos) if m)
@@ -284,13 +284,13 @@ class SupportHandler:
                 if problem is not None:
                     log.warning("smtp.refused", mailbox=mailbox.address, reason=problem,
                                 mail_from=received.mail_from[:200])
-                    status = replies.CONTENT_REFUSED.format(reason=problem)
+                    status = answers.CONTENT_REFUSED.format(reason=problem)
                 else:
                     outcome = await self.intake.receive(received, holding_slot=True)
-                    status = replies.accepted(outcome.ticket_id, outcome.action)
+                    status = answers.accepted(outcome.ticket_id, outcome.action)
             except StoreUnavailable as e:
                 log.warning("mail.deferred", mailbox=mailbox.address, error=str(e))
-                status = replies.TRY_LATER
+                status = answers.TRY_LATER
         if isinstance(server, LMTP):
             # LMTP answers once per recipient after DATA (RFC 2033 §4.2)
             return "\r\n".join([status] * len(envelope.rcpt_tos))
@@ -298,7 +298,7 @@ class SupportHandler:
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("smtp.error", error=f"{type(error).__name__}: {error}")
-        return replies.TRY_LATER
+        return answers.TRY_LATER
 
 
 class Listener:
@@ -350,14 +350,14 @@ class Listener:
                 if _in_data(s):
                     busy = True
                 elif s.transport is not None and not s.transport.is_closing():
-                    s.transport.write((replies.SHUTTING_DOWN + "\r\n").encode())
+                    s.transport.write((answers.SHUTTING_DOWN + "\r\n").encode())
                     s.transport.close()
             if not busy or asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.05)
         for s in list(self.sessions):
             if s.transport is not None and not s.transport.is_closing():
-                s.transport.write((replies.SHUTTING_DOWN + "\r\n").encode())
+                s.transport.write((answers.SHUTTING_DOWN + "\r\n").encode())
                 s.transport.close()
         await self.server.wait_closed()
 

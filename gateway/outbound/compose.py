@@ -40,12 +40,12 @@ from jinja2 import (ChoiceLoader, Environment, FileSystemLoader, PackageLoader, 
                     Template, TemplateError, TemplateSyntaxError, select_autoescape)
 
 from gateway.mail.subject import strip_tag
-from gateway.dkim import DkimKey, DkimSigner, signer_for
-from gateway.inbound.parse import one_line
-from gateway.inbound.reply import REPLY_MARKER
-from gateway.language import primary
+from gateway.outbound.dkim import DkimKey, DkimSigner, signer_for
+from gateway.mail.parse import one_line
+from gateway.mail.reply import REPLY_MARKER
+from gateway.rules.language import primary
 from gateway.model import Attachment, Kind, Status, Ticket
-from gateway.tokens import TicketTokens
+from gateway.outbound.tokens import TicketTokens
 
 AUTO_SUBMITTED = {Kind.ACK: "auto-replied", Kind.STAFF_REPLY: None}
 # The stdlib's compat32 MIME classes build a mail about four times faster than

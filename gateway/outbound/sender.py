@@ -17,8 +17,8 @@ from datetime import datetime, timedelta
 import structlog
 
 from gateway.clock import Clock
-from gateway.leases import holder_id
-from gateway.loops import Repeater, backoff
+from gateway.store.leases import holder_id
+from gateway.ops.loops import Repeater, backoff
 from gateway.outbound.transport import DeliveryError, Transport
 from gateway.store import OutboxItem, Store, StoreUnavailable
 

@@ -13,18 +13,18 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from gateway import lifecycle
+from gateway.desk import lifecycle
 from gateway.config import Config, Mailbox
-from gateway.conversation import Placement, place
+from gateway.desk.conversation import Placement, place
 from gateway.mail.subject import tagged_ticket_id
-from gateway.desk import Desk
-from gateway.inbound import authres
-from gateway.inbound.automatic import automatic_kind
-from gateway.language import choose_language
+from gateway.desk.writer import Desk
+from gateway.mail import authres
+from gateway.mail.automatic import automatic_kind
+from gateway.rules.language import choose_language
 from gateway.model import Attachment, Kind, ParsedMail, Status, Ticket, normalize_address
-from gateway.rules import Decision, decide
+from gateway.rules.decision import Decision, decide
 from gateway.store import Tx
-from gateway.tokens import TicketTokens
+from gateway.outbound.tokens import TicketTokens
 
 log = structlog.get_logger("gateway.pipeline")
 

@@ -46,7 +46,7 @@ from email.policy import compat32
 
 from inscriptis import get_text
 
-from gateway.inbound.reply import reply_text
+from gateway.mail.reply import reply_text
 from gateway.model import Attachment, ParsedMail, normalize_address
 
 _MSGID = re.compile(r"<[^<>\s]+>")

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from gateway.lifecycle import is_closed
+from gateway.desk.lifecycle import is_closed
 from gateway.model import Ticket
 
 

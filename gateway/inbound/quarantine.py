@@ -24,9 +24,9 @@ from typing import Any
 
 import structlog
 
-from gateway.blobs import Blobs
+from gateway.store.blobs import Blobs
 from gateway.inbound.intake import envelope_mail_from
-from gateway.pipeline import Outcome, Received
+from gateway.desk.pipeline import Outcome, Received
 from gateway.store import Store
 
 log = structlog.get_logger("gateway.quarantine")

@@ -14,9 +14,9 @@ from typing import Any
 
 import structlog
 
-from gateway import language
+from gateway.rules import language
 from gateway.config import Config
-from gateway.lifecycle import Transition, timers_of
+from gateway.desk.lifecycle import Transition, timers_of
 from gateway.model import Attachment, Kind, Ticket
 from gateway.outbound.compose import Composer, Outgoing
 from gateway.store import Tx

@@ -30,11 +30,11 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
-from gateway.countries import region_of_domain
+from gateway.rules.countries import region_of_domain
 from gateway.model import ParsedMail, normalize_address
-from gateway.rules_config import (Customer, CustomerDirectory, RulesConfig, Wording,
+from gateway.rules.settings import (Customer, CustomerDirectory, RulesConfig, Wording,
                                   normalise_value)
-from gateway.sla import response_due
+from gateway.rules.sla import response_due
 
 GOVCLOUD_QUEUE = "GOVCLOUD"
 

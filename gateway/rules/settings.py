@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import holidays
 
 from gateway.model import REGIONS, normalize_address
-from gateway.sla import WEEKDAY_NAMES, BusinessCalendar
+from gateway.rules.sla import WEEKDAY_NAMES, BusinessCalendar
 
 Wording = Mapping[str, tuple[str, ...]]      # language ("en", "de") → phrases
 

@@ -14,11 +14,11 @@ from datetime import datetime
 
 import structlog
 
-from gateway import lifecycle
+from gateway.desk import lifecycle
 from gateway.clock import Clock
 from gateway.config import Policy
-from gateway.desk import Desk
-from gateway.loops import Repeater
+from gateway.desk.writer import Desk
+from gateway.ops.loops import Repeater
 from gateway.model import Ticket
 from gateway.store import Store, Tx
 

@@ -1,0 +1,1 @@
+"""Ticket work: threading, lifecycle, the pipeline that applies them, the writer, the scheduler, stats."""
