@@ -92,7 +92,7 @@ async def open_gateway(config: Config, clock: Clock = system_clock) -> Gateway:
 
 async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0) -> int:
     """Run until SIGTERM/SIGINT. Worker 0 (the primary) starts the other
-    workers and runs the sender and scheduler; see gateway.workers."""
+    workers and runs the sender and scheduler; see gateway.ops.workers."""
     count = config.workers
     primary = worker == 0
     structlog.contextvars.bind_contextvars(worker=worker)    # on every line this process logs

@@ -253,7 +253,7 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
 # -- quarantine -----------------------------------------------------------
 
 async def _quarantine(config: Config, args: argparse.Namespace) -> int:
-    """`quarantine list|show|retry` (gateway.quarantine). Exit 1: no such quarantined
+    """`quarantine list|show|retry` (gateway.inbound.quarantine). Exit 1: no such quarantined
     mail; retry exits 65 (EX_DATAERR) when the mail fails again and stays quarantined."""
     from gateway import app
     from gateway.inbound import quarantine

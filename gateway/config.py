@@ -37,7 +37,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Policy:
-    """`[lifecycle]`: how long a ticket waits in each state (gateway.lifecycle)."""
+    """`[lifecycle]`: how long a ticket waits in each state (gateway.desk.lifecycle)."""
 
     reminder_after: timedelta = timedelta(hours=24)
     autoclose_after: timedelta = timedelta(hours=48)
@@ -96,7 +96,7 @@ class Config:
     metrics_probe_s: float = 5.0
     source: str = DEFAULTS_SOURCE
     limits: Limits = field(default_factory=Limits)
-    # staff mail is trusted only when the MTA authenticated it (gateway.inbound.authres)
+    # staff mail is trusted only when the MTA authenticated it (gateway.mail.authres)
     staff_require_authenticated: bool = False
     staff_trusted_authserv_ids: frozenset[str] = frozenset()
     templates_dir: Path | None = None         # operators' overrides of gateway/templates

@@ -104,7 +104,7 @@ class Ticket:
     resolved_at: datetime | None = None
     closed_at: datetime | None = None
     escalated: bool = False
-    # the scheduler's due times (gateway.lifecycle)
+    # the scheduler's due times (gateway.desk.lifecycle)
     reminder_due_at: datetime | None = None
     autoclose_due_at: datetime | None = None
     close_due_at: datetime | None = None

@@ -5,7 +5,7 @@
     any ──#status resolved──▶ resolved, with a closure notice
     resolved ──customer reply within 7 days──▶ open
     resolved ──7 days──▶ closed (quietly: the closure notice said so)
-    closed: never reopened; a reply opens a new linked ticket (gateway.conversation)
+    closed: never reopened; a reply opens a new linked ticket (gateway.desk.conversation)
 
 Every transition returns the ticket's new timers. The timers are stored on
 the ticket, so the scheduler finds due work after a restart, and a

@@ -194,7 +194,7 @@ class Pipeline:
         return Outcome(inbound_id, "created", ticket.id, mail.message_id, queued, placement.reason)
 
     def language(self, mail: ParsedMail, mailbox: Mailbox, sender: str) -> tuple[str, str]:
-        """The language the customer is answered in, and why (gateway.language)."""
+        """The language the customer is answered in, and why (gateway.rules.language)."""
         found = self.config.rules.directory.lookup(sender.rpartition("@")[2])
         return choose_language(
             directory_language=found[0].language if found else None,
@@ -313,7 +313,7 @@ class Pipeline:
 
         With `[staff] require_authenticated`, only mail that the receiving MTA
         authenticated for the From domain (RFC 8601 Authentication-Results from
-        a trusted authserv-id: `gateway.inbound.authres`) is relayed or obeyed.
+        a trusted authserv-id: `gateway.mail.authres`) is relayed or obeyed.
         """
         if not self.config.staff_require_authenticated:
             return None

@@ -1,6 +1,6 @@
 """The scheduler: time passing, turned into reminders, auto-closes and closes.
 
-Due times live on the tickets (gateway.lifecycle), so nothing is lost by a
+Due times live on the tickets (gateway.desk.lifecycle), so nothing is lost by a
 restart. Each run reads the due tickets inside one write transaction,
 decides with `lifecycle.due` on the ticket as it is in that transaction,
 and clears the timer in the same commit that queues the notice: a job

@@ -1,7 +1,7 @@
 """The support desk's writing hand: apply a transition, queue mail about a ticket.
 
 Both the pipeline (mail coming in) and the scheduler (time passing) decide
-with `gateway.lifecycle`; this is where either one's decision becomes rows:
+with `gateway.desk.lifecycle`; this is where either one's decision becomes rows:
 the ticket's new status, timers and stamps, and the notices to the customer,
 rendered into the outbox in the same transaction.
 """

@@ -127,7 +127,7 @@ class ImapState:
 # -- the poller ---------------------------------------------------------------
 
 class Lease(Protocol):
-    """A claim that one holder at a time has (gateway.leases.StoreLease)."""
+    """A claim that one holder at a time has (gateway.store.leases.StoreLease)."""
     holder: str
     renew_s: float
 

@@ -23,7 +23,7 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 
 def configure(stream: TextIO | None = None, level: str | None = None,
               count: Processor | None = None) -> None:
-    """JSON lines to `stream`; `count` (gateway.metrics) sees every event,
+    """JSON lines to `stream`; `count` (gateway.ops.metrics) sees every event,
     whatever the level, before the level filter drops any."""
     name = (level or os.environ.get("LOG_LEVEL") or "info").lower()
     threshold = LEVELS.get(name, logging.INFO)

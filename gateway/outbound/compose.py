@@ -15,7 +15,7 @@ for a file a language lacks (staff mail is English only). Operators override
 any file from a folder of their own with the same layout (`override_dir`),
 and `check_templates` renders every one with sample data before they go
 live. A mailbox domain with a DKIM key gets its mail signed right after
-rendering (`gateway.dkim`), so the outbox holds the signed bytes.
+rendering (`gateway.outbound.dkim`), so the outbox holds the signed bytes.
 """
 from __future__ import annotations
 

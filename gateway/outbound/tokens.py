@@ -6,7 +6,7 @@ the ticket ID under a secret kept in `data_dir`. A reply that quotes such an
 ID (In-Reply-To/References) proves its sender saw our mail about that
 ticket, so it is accepted from any address; a bare `[Support #1042]` in a
 subject proves nothing, and is only trusted from the ticket's participants
-(see `gateway.conversation`).
+(see `gateway.desk.conversation`).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The rules stage: what kind of ticket a new mail makes, and why (pure).
 
 `decide` takes the parsed mail, the mailbox it reached, the rules
-(`gateway.rules_config`), the customer directory and the time, and returns a
+(`gateway.rules.settings`), the customer directory and the time, and returns a
 `Decision`: region, GovCloud, priority, staff queue, plan, redirect, missing
 form fields and the first-response due time, each with the `Evidence` that
 decided it (which rule, quoting the header or line). Like Mailman's chain

@@ -30,7 +30,7 @@ from gateway.rules.sla import WEEKDAY_NAMES, BusinessCalendar
 
 Wording = Mapping[str, tuple[str, ...]]      # language ("en", "de") → phrases
 
-SUPPORTED_LANGUAGES = ("en", "de", "ja")     # gateway.language.SUPPORTED
+SUPPORTED_LANGUAGES = ("en", "de", "ja")     # gateway.rules.language.SUPPORTED
 REGION_SOURCES = ("field", "mailbox", "directory", "country", "date_offset")
 PRIORITY_SOURCES = ("field", "subject_tag", "wording")
 WORDING_LEVELS = (1, 2, 4)                   # 3 is the default, never "worded"
