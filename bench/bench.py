@@ -300,7 +300,7 @@ def store_url(args: argparse.Namespace, tmp: Path) -> tuple[str, object]:
         return f"sqlite:///{tmp / 'data' / 'gateway.db'}", None
     if args.store == "postgresql":
         sys.path.insert(0, str(ROOT / "tests"))
-        import pg          # tests/pg.py: a throwaway cluster, as the tests start it
+        import pg  # tests/pg.py: a throwaway cluster, as the tests start it
         cluster = pg.Cluster(durable=True)
         cluster.start()
         return cluster.new_database(), cluster

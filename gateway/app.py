@@ -12,26 +12,26 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import structlog
 import structlog.contextvars
 
-from gateway.ops import logs, metrics, systemd, workers
-from gateway.store.blobs import Blobs
 from gateway.clock import Clock, system_clock
 from gateway.config import Config
+from gateway.desk.pipeline import Pipeline
+from gateway.desk.scheduler import Scheduler
 from gateway.desk.writer import Desk
 from gateway.inbound.intake import Intake
 from gateway.inbound.smtp import Listener, SupportHandler
+from gateway.ops import logs, metrics, systemd, workers
 from gateway.outbound.compose import Composer
 from gateway.outbound.sender import OutboxSender
-from gateway.outbound.transport import MaildirDrop, SmtpRelay, Transport
-from gateway.desk.pipeline import Pipeline
-from gateway.desk.scheduler import Scheduler
-from gateway.store import Store, StoreUnavailable
 from gateway.outbound.tokens import TicketTokens, load_secret
+from gateway.outbound.transport import MaildirDrop, SmtpRelay, Transport
+from gateway.store import Store, StoreUnavailable
+from gateway.store.blobs import Blobs
 
 log = structlog.get_logger("gateway")
 

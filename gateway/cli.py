@@ -17,12 +17,12 @@ from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
-from gateway.ops import logs
-from gateway.inbound import answers
-from gateway.desk import stats
 from gateway.clock import fixed_clock, system_clock
 from gateway.config import Config, ConfigError, load
+from gateway.desk import stats
+from gateway.inbound import answers
 from gateway.model import Status, Ticket
+from gateway.ops import logs
 from gateway.store import Store, StoreUnavailable, iso
 
 INGEST_SEND_TIMEOUT_S = 20.0
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return answers.EX_OK
     try:
         if command == "serve":
-            from gateway import app     # the daemon's parts, imported only where used
+            from gateway import app  # the daemon's parts, imported only where used
             return asyncio.run(app.serve(config, worker=args.worker))
         if command == "ingest":
             return asyncio.run(_ingest(config, args))

@@ -16,10 +16,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from gateway.model import REGIONS, normalize_address
 from gateway.outbound.dkim import DkimKey, DkimSigner
 from gateway.outbound.transport import Relay
 from gateway.rules.settings import SUPPORTED_LANGUAGES, RulesConfig, default_rules, parse_rules
-from gateway.model import REGIONS, normalize_address
 
 ENV_VAR = "GATEWAY_CONFIG"
 DEFAULTS_SOURCE = "built-in defaults"

@@ -11,15 +11,14 @@ from typing import Any
 
 import dkim
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.config import parse_dkim
-from gateway.outbound.dkim import DkimKey, DkimSigner, public_txt
 from gateway.model import Kind, Status, Ticket
 from gateway.outbound.compose import Composer
+from gateway.outbound.dkim import DkimKey, DkimSigner, public_txt
 from gateway.outbound.tokens import TicketTokens
-
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives import serialization
 
 NOW = datetime.now(UTC).replace(microsecond=0)   # t= must not lie in the verifier's future
 

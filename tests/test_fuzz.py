@@ -39,8 +39,8 @@ from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pg
+import pytest
 from conftest import QUEUES, SUPPORT, GatewayProc, mail, smtp_send, uniq, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -274,11 +274,11 @@ def test_fuzzed_mime_through_parse_and_pipeline_never_crashes_hangs_or_leaks(
         hang_guard: Callable[[], None], tmp_path: Path) -> None:
     import shutil
 
-    from gateway.ops import logs
     from gateway.app import open_gateway
     from gateway.config import parse
-    from gateway.mail.parse import parse_mail
     from gateway.desk.pipeline import Received
+    from gateway.mail.parse import parse_mail
+    from gateway.ops import logs
 
     logs.configure(stream=io.StringIO())    # the fuzz would log a lot of quarantines
     runner = asyncio.Runner()

@@ -22,16 +22,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pg
+import pytest
 from conftest import SUPPORT, free_port, mail, uniq, wait_banner
 from imapclient import IMAPClient
 from structlog.testing import capture_logs
 
 from gateway.app import Gateway, open_gateway
 from gateway.clock import system_clock
-from gateway.config import parse as parse_config
 from gateway.config import ImapAccount, parse_imap
+from gateway.config import parse as parse_config
 from gateway.inbound.imap import ImapPoller, ImapState
 from gateway.inbound.smtp import Listener, SupportHandler
 

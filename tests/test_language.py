@@ -2,13 +2,21 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, time as clock_time
+from datetime import UTC, datetime
+from datetime import time as clock_time
 from types import SimpleNamespace
 
 import pytest
 
-from gateway.rules.language import (accept_language_ranges, best_accepted, choose_language, detect_language,
-                              first_content_language, primary, target_text)
+from gateway.rules.language import (
+    accept_language_ranges,
+    best_accepted,
+    choose_language,
+    detect_language,
+    first_content_language,
+    primary,
+    target_text,
+)
 from gateway.rules.settings import Plan, Target
 from gateway.rules.sla import BusinessCalendar
 

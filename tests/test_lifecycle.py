@@ -5,8 +5,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from gateway.config import Policy
-from gateway.desk.lifecycle import (Timers, after_customer_reply, after_staff_reply, due, enter,
-                               staff_commands)
+from gateway.desk.lifecycle import Timers, after_customer_reply, after_staff_reply, due, enter, staff_commands
 from gateway.model import Kind, Status, Ticket
 
 T0 = datetime(2026, 11, 23, 9, tzinfo=UTC)

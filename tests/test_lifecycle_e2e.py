@@ -9,7 +9,6 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
-
 from conftest import GATEWAY, QUEUES, STAFF, SUPPORT, GatewayProc, mail, reply_to, uniq
 from mailclients import CLIENTS
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from gateway.rules.countries import CCTLD_REGION, region_of_domain
 from gateway.model import ParsedMail
+from gateway.rules.countries import CCTLD_REGION, region_of_domain
 from gateway.rules.decision import Decision, decide
 from gateway.rules.settings import RulesConfig, parse_rules
 

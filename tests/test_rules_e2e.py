@@ -8,7 +8,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-
 from conftest import GOV, QUEUES, STAFF, SUPPORT, GatewayProc, mail, reply_to, uniq
 
 RULES = """

@@ -18,8 +18,7 @@ from typing import Any
 
 import pg
 import pytest
-from conftest import (GATEWAY, QUEUES, STAFF, SUPPORT, GatewayProc, free_port, mail, reply_to, uniq,
-                      wait_for)
+from conftest import GATEWAY, QUEUES, STAFF, SUPPORT, GatewayProc, free_port, mail, reply_to, uniq, wait_for
 from mailclients import CLIENTS
 from test_faults import load, run_clients
 
@@ -69,11 +68,11 @@ async def test_schema_is_migrated_once_by_instances_starting_together(db_url: st
 async def test_delivery_claims_skip_rows_another_instance_holds(db_url: str) -> None:
     """Two senders claim at once: each gets other rows, neither waits (SKIP LOCKED);
     a claimed row goes to nobody else until its lease ends."""
+    import tempfile
+
     from gateway.app import open_gateway
     from gateway.config import parse
     from gateway.desk.pipeline import Received
-
-    import tempfile
     config = parse({"gateway": {"data_dir": tempfile.mkdtemp(prefix="gw-claims-")},
                     "outbound": {"transport": "maildir"}, "store": {"url": db_url}})
     gw = await open_gateway(config)

@@ -12,8 +12,7 @@ import threading
 from collections.abc import Callable
 
 import pg
-from conftest import (GOV, QUEUES, STAFF, SUPPORT, GatewayProc, Sink, mail, reply_to, uniq,
-                      wait_for)
+from conftest import GOV, QUEUES, STAFF, SUPPORT, GatewayProc, Sink, mail, reply_to, uniq, wait_for
 
 
 def test_new_mail_opens_ticket_acknowledges_and_notifies_the_queue(gateway: GatewayProc) -> None:

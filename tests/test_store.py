@@ -7,8 +7,8 @@ from pathlib import Path
 import pg
 import pytest
 
-from gateway.store.blobs import Blobs
 from gateway.store import MIGRATIONS, Store
+from gateway.store.blobs import Blobs
 
 
 @pg.sqlite_only

@@ -13,18 +13,18 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from gateway.desk import lifecycle
 from gateway.config import Config, Mailbox
+from gateway.desk import lifecycle
 from gateway.desk.conversation import Placement, place
-from gateway.mail.subject import tagged_ticket_id
 from gateway.desk.writer import Desk
 from gateway.mail import authres
 from gateway.mail.automatic import automatic_kind
-from gateway.rules.language import choose_language
+from gateway.mail.subject import tagged_ticket_id
 from gateway.model import Attachment, Kind, ParsedMail, Status, Ticket, normalize_address
-from gateway.rules.decision import Decision, decide
-from gateway.store import Tx
 from gateway.outbound.tokens import TicketTokens
+from gateway.rules.decision import Decision, decide
+from gateway.rules.language import choose_language
+from gateway.store import Tx
 
 log = structlog.get_logger("gateway.pipeline")
 

@@ -14,12 +14,12 @@ from datetime import datetime
 
 import structlog
 
-from gateway.desk import lifecycle
 from gateway.clock import Clock
 from gateway.config import Policy
+from gateway.desk import lifecycle
 from gateway.desk.writer import Desk
-from gateway.ops.loops import Repeater
 from gateway.model import Ticket
+from gateway.ops.loops import Repeater
 from gateway.store import Store, Tx
 
 log = structlog.get_logger("gateway.scheduler")

@@ -14,11 +14,11 @@ from typing import Any
 
 import structlog
 
-from gateway.rules import language
 from gateway.config import Config
 from gateway.desk.lifecycle import Transition, timers_of
 from gateway.model import Attachment, Kind, Ticket
 from gateway.outbound.compose import Composer, Outgoing
+from gateway.rules import language
 from gateway.store import Tx
 
 log = structlog.get_logger("gateway.desk")

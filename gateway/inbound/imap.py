@@ -49,8 +49,8 @@ from imapclient.exceptions import IMAPClientError
 
 from gateway.clock import Clock
 from gateway.config import ImapAccount, Mailbox
-from gateway.ops.loops import backoff
 from gateway.desk.pipeline import Received
+from gateway.ops.loops import backoff
 from gateway.store import StoreUnavailable
 
 log = structlog.get_logger("gateway.imap")

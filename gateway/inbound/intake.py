@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from gateway.store.blobs import Blobs
 from gateway.clock import Clock
 from gateway.config import Limits
+from gateway.desk.pipeline import Outcome, Pipeline, Received
 from gateway.mail.parse import parse_mail
 from gateway.model import ParsedMail
-from gateway.desk.pipeline import Outcome, Pipeline, Received
 from gateway.store import Store, StoreUnavailable, Tx
+from gateway.store.blobs import Blobs
 
 log = structlog.get_logger("gateway.intake")
 

@@ -24,10 +24,10 @@ from typing import Any
 
 import structlog
 
-from gateway.store.blobs import Blobs
-from gateway.inbound.intake import envelope_mail_from
 from gateway.desk.pipeline import Outcome, Received
+from gateway.inbound.intake import envelope_mail_from
 from gateway.store import Store
+from gateway.store.blobs import Blobs
 
 log = structlog.get_logger("gateway.quarantine")
 

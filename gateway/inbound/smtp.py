@@ -41,16 +41,16 @@ import structlog
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
-from gateway.inbound import answers
 from gateway.clock import Clock
 from gateway.config import Config
+from gateway.desk.pipeline import Received
+from gateway.inbound import answers
 from gateway.inbound.intake import (
     LARGE_MAIL,
     PARSE_IN_THREAD,
     Intake,
     structure_problem,
 )
-from gateway.desk.pipeline import Received
 from gateway.store import StoreUnavailable
 
 log = structlog.get_logger("gateway.smtp")

@@ -36,16 +36,25 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from jinja2 import (ChoiceLoader, Environment, FileSystemLoader, PackageLoader, StrictUndefined,
-                    Template, TemplateError, TemplateSyntaxError, select_autoescape)
+from jinja2 import (
+    ChoiceLoader,
+    Environment,
+    FileSystemLoader,
+    PackageLoader,
+    StrictUndefined,
+    Template,
+    TemplateError,
+    TemplateSyntaxError,
+    select_autoescape,
+)
 
-from gateway.mail.subject import strip_tag
-from gateway.outbound.dkim import DkimKey, DkimSigner, signer_for
 from gateway.mail.parse import one_line
 from gateway.mail.reply import REPLY_MARKER
-from gateway.rules.language import primary
+from gateway.mail.subject import strip_tag
 from gateway.model import Attachment, Kind, Status, Ticket
+from gateway.outbound.dkim import DkimKey, DkimSigner, signer_for
 from gateway.outbound.tokens import TicketTokens
+from gateway.rules.language import primary
 
 AUTO_SUBMITTED = {Kind.ACK: "auto-replied", Kind.STAFF_REPLY: None}
 # The stdlib's compat32 MIME classes build a mail about four times faster than

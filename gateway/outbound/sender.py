@@ -17,10 +17,10 @@ from datetime import datetime, timedelta
 import structlog
 
 from gateway.clock import Clock
-from gateway.store.leases import holder_id
 from gateway.ops.loops import Repeater, backoff
 from gateway.outbound.transport import DeliveryError, Transport
 from gateway.store import OutboxItem, Store, StoreUnavailable
+from gateway.store.leases import holder_id
 
 log = structlog.get_logger("gateway.outbox")
 

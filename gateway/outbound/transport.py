@@ -18,7 +18,6 @@ from typing import Protocol
 import aiosmtplib
 
 
-
 @dataclass(frozen=True)
 class Relay:
     """An SMTP relay the gateway hands its mail to (`[outbound]`, `[outbound.govcloud]`)."""

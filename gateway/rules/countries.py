@@ -19,9 +19,9 @@ level (`acme.com.co`, `firma.co.me`) they are used by residents and do count.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
-from collections.abc import Mapping
 
 # Grouped by region rather than sorted by code, so that a reviewer can see
 # the split at a glance; tests check that every ISO code appears exactly once.

@@ -25,15 +25,14 @@ import re
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from datetime import datetime
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
-from gateway.rules.countries import region_of_domain
 from gateway.model import ParsedMail, normalize_address
-from gateway.rules.settings import (Customer, CustomerDirectory, RulesConfig, Wording,
-                                  normalise_value)
+from gateway.rules.countries import region_of_domain
+from gateway.rules.settings import Customer, CustomerDirectory, RulesConfig, Wording, normalise_value
 from gateway.rules.sla import response_due
 
 GOVCLOUD_QUEUE = "GOVCLOUD"

@@ -28,10 +28,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.store.drivers import (PostgresDriver, SQLiteDriver, StoreConflict, StoreUnavailable,
-                                   connect)
-
 from gateway.model import Attachment, Status, Ticket
+from gateway.store.drivers import PostgresDriver, SQLiteDriver, StoreConflict, StoreUnavailable, connect
 
 BUSY_TIMEOUT_MS = 5000
 
