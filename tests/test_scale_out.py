@@ -295,9 +295,11 @@ async def test_a_slow_relay_gets_each_mail_once_though_sending_outlasts_the_leas
     from gateway.desk.pipeline import Received
 
     got: list[bytes] = []
+    a_is_sending = asyncio.Event()
 
     class SlowRelay:
         async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            a_is_sending.set()                  # A has claimed its round: only then B starts claiming
             await asyncio.sleep(0.6)            # the relay's own slowness, not a wait in the test
             got.append(envelope.original_content)
             return "250 OK"
@@ -317,6 +319,7 @@ async def test_a_slow_relay_gets_each_mail_once_though_sending_outlasts_the_leas
                 mail(f"s{i}@customer.example", SUPPORT, f"slow {i}", "x").as_bytes(),
                 f"s{i}@customer.example", (SUPPORT,), a.config.mailboxes[0], now))
         sending = asyncio.create_task(a.sender.deliver_due())
+        await asyncio.wait_for(a_is_sending.wait(), 30)
         taken_by_b = 0
         while not sending.done():
             taken_by_b += await b.sender.deliver_due()
