@@ -26,6 +26,7 @@ from gateway.desk.writer import Desk
 from gateway.inbound.intake import Intake
 from gateway.inbound.smtp import Listener, SupportHandler
 from gateway.ops import logs, metrics, systemd, workers
+from gateway.ops.sandbox import Sandbox
 from gateway.outbound.compose import Composer
 from gateway.outbound.sender import OutboxSender
 from gateway.outbound.tokens import TicketTokens, load_secret
@@ -49,6 +50,7 @@ class Gateway:
 
     async def close(self) -> None:
         await self.intake.stop()
+        self.intake.close()
         await self.sender.close()
         await self.store.close()
 
@@ -63,9 +65,10 @@ def transports(config: Config) -> dict[str, Transport]:
             "govcloud": SmtpRelay(config.govcloud_relay) if config.govcloud_relay else default}
 
 
-async def open_gateway(config: Config, clock: Clock = system_clock) -> Gateway:
+async def open_gateway(config: Config, clock: Clock = system_clock, *, resident: bool = False) -> Gateway:
+    """`resident`: for `serve` (parse workers from a fork server, see gateway.ops.sandbox)."""
     try:
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        private_data_dir(config.data_dir)
         secret = load_secret(config.data_dir)
     except OSError as e:
         raise StoreUnavailable(f"data_dir {config.data_dir}: {e}") from e
@@ -84,10 +87,34 @@ async def open_gateway(config: Config, clock: Clock = system_clock) -> Gateway:
     sender = OutboxSender(store, transports(config), clock, retry_base_s=config.outbound_retry_base_s,
                           retry_max_s=config.outbound_retry_max_s, poll_s=config.outbound_poll_s,
                           lease_s=config.lease_s)
-    intake = Intake(store, pipeline, Blobs(config.data_dir), clock, on_commit=sender.wake)
+    sandbox = Sandbox(config.limits.parse_processes, preload=["gateway.mail.structure"], fork_server=resident)
+    intake = Intake(store, pipeline, Blobs(config.data_dir), clock, on_commit=sender.wake,
+                    limits=config.limits, max_message_size=config.max_message_size, sandbox=sandbox)
     scheduler = Scheduler(store, desk, config.policy, clock, interval_s=config.scheduler_interval_s,
                           on_queued=sender.wake)
     return Gateway(config, clock, store, intake, sender, scheduler)
+
+
+STORE_FILES = ("gateway.db", "gateway.db-wal", "gateway.db-shm", "gateway.db-journal")
+
+
+def private_data_dir(data_dir: Path) -> None:
+    """data_dir and everything the gateway writes in it readable by its own user only,
+    whatever the umask it was started with: mail, attachments and the database hold
+    customers' data and the token key (project issue 14: 0644 files in 0755 folders).
+
+    The process umask becomes 077 (as Postfix's daemons set theirs), so every file
+    created from here on, by us or by SQLite (its -wal, -shm and journal files), is
+    0600; what an older version left readable is tightened once."""
+    os.umask(0o077)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if data_dir.stat().st_mode & 0o077:
+        data_dir.chmod(0o700)
+    for name in STORE_FILES:
+        path = data_dir / name
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)
 
 
 async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0) -> int:
@@ -103,7 +130,7 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
         # before any worker starts: they count into the same directory
         metrics_dir = metrics.prepare(config.data_dir, primary)
         logs.configure(stream=sys.stdout, count=metrics.Metrics().count)
-    gw = await open_gateway(config, clock)
+    gw = await open_gateway(config, clock, resident=True)
     if not primary:
         gw.intake.on_commit = workers.waker()
     others: workers.Workers | None = None

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -91,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command
+    # whatever the umask we were started with, what we write (database, its WAL and
+    # journal, mail, attachments, outbound files) is for our own user (gateway.app)
+    os.umask(0o077)
     logs.configure(stream=sys.stdout if command == "serve" else sys.stderr)
     try:
         config = load(getattr(args, "config", None))
@@ -162,10 +168,17 @@ def ingest_recipient(config: Config, raw: bytes, recipient: str | None) -> str |
 
 async def _ingest(config: Config, args: argparse.Namespace) -> int:
     try:
-        raw = Path(args.file).read_bytes() if args.file else sys.stdin.buffer.read()
+        # never more than max_message_size + 1 bytes in memory: enough to tell it is too big
+        with open(args.file, "rb") if args.file else contextlib.nullcontext(sys.stdin.buffer) as f:
+            raw = f.read(config.max_message_size + 1)
     except OSError as e:
         print(f"gateway: cannot read message: {e}", file=sys.stderr)
         return answers.EX_TEMPFAIL if args.file is None else answers.EX_DATAERR
+    if len(raw) > config.max_message_size:
+        # what serve answers with 552; sysexits has no "too big": EX_DATAERR, a bounce
+        print(f"gateway: message refused: over max_message_size ({config.max_message_size} bytes)",
+              file=sys.stderr)
+        return answers.EX_DATAERR
     address = ingest_recipient(config, raw, args.recipient)
     if address is None:
         print(f"gateway: no such mailbox: {args.recipient or '(none in Delivered-To/To/Cc)'}",
@@ -173,19 +186,19 @@ async def _ingest(config: Config, args: argparse.Namespace) -> int:
         return answers.EX_NOUSER
     mailbox = config.mailbox_for(address)
     assert mailbox is not None
-    from gateway.inbound.intake import structure_problem
-    problem = structure_problem(raw, config.limits)
-    if problem is not None:
-        # [limits]: what serve refuses with 554 5.6.0 (gateway.inbound.smtp)
-        print(f"gateway: message refused: {problem}", file=sys.stderr)
-        return answers.EX_DATAERR
     from gateway import app
     from gateway.desk.pipeline import Received
+    from gateway.inbound.intake import OverLimit
     gw = await app.open_gateway(config)
     try:
-        outcome = await gw.intake.receive(Received(
-            raw=raw, mail_from=args.sender, rcpt_to=(args.recipient or address,), mailbox=mailbox,
-            received_at=gw.clock()))
+        try:
+            outcome = await gw.intake.receive(Received(
+                raw=raw, mail_from=args.sender, rcpt_to=(args.recipient or address,), mailbox=mailbox,
+                received_at=gw.clock()), refuse_over_limits=True)
+        except OverLimit as e:
+            # [limits]: what serve refuses with 554 5.6.0 (gateway.inbound.smtp)
+            print(f"gateway: message refused: {e}", file=sys.stderr)
+            return answers.EX_DATAERR
         if outcome.queued:
             # What serve would do next: send the answers now; what fails stays queued.
             try:
@@ -230,23 +243,23 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
         print(json.dumps(out, ensure_ascii=False))
         return answers.EX_OK
     d = decision
-    print(f"Message {mail.message_id} from {mail.sender or '(none)'} to {mailbox.address}")
-    print(f"  subject: {mail.subject}")
+    _say(f"Message {mail.message_id} from {mail.sender or '(none)'} to {mailbox.address}")
+    _say(f"  subject: {mail.subject}")
     if out["automatic"]:
-        print(f"  automatic mail ({out['automatic']}): never answered; makes no ticket unless it belongs to one")
+        _say(f"  automatic mail ({out['automatic']}): never answered; makes no ticket unless it belongs to one")
     if out["ticket_tag"] is not None or mail.thread_ids:
-        print(f"  threading: tag #{out['ticket_tag']}, answers {len(mail.thread_ids)} message(s)"
+        _say(f"  threading: tag #{out['ticket_tag']}, answers {len(mail.thread_ids)} message(s)"
               " (a reply joins its ticket when it answers one of its messages, or carries the"
               " tag from a participant)")
-    print(f"  region    {d.region:<10} queue {d.queue}")
-    print(f"  govcloud  {str(d.govcloud).lower():<10}")
-    print(f"  priority  P{d.priority}")
-    print(f"  plan      {d.plan:<10} first response due {iso(d.response_due) or 'no target'}")
-    print(f"  redirect  {d.redirect or '-':<10} {('to ' + out['redirect_to']) if out['redirect_to'] else ''}")
-    print(f"  missing   {', '.join(d.missing) or '-'}")
-    print("evidence (the first line of each part decided it):")
+    _say(f"  region    {d.region:<10} queue {d.queue}")
+    _say(f"  govcloud  {str(d.govcloud).lower():<10}")
+    _say(f"  priority  P{d.priority}")
+    _say(f"  plan      {d.plan:<10} first response due {iso(d.response_due) or 'no target'}")
+    _say(f"  redirect  {d.redirect or '-':<10} {('to ' + out['redirect_to']) if out['redirect_to'] else ''}")
+    _say(f"  missing   {', '.join(d.missing) or '-'}")
+    _say("evidence (the first line of each part decided it):")
     for e in d.evidence:
-        print(f"  {e.part:<9} {e.rule:<28} {e.detail}")
+        _say(f"  {e.part:<9} {e.rule:<28} {e.detail}")
     return answers.EX_OK
 
 
@@ -278,7 +291,7 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
     try:
         if args.quarantine_command == "list":
             rows = await quarantine.entries(store)
-            print(json.dumps(rows, ensure_ascii=False) if args.json else quarantine.table(rows))
+            print(json.dumps(rows, ensure_ascii=False) if args.json else safe(quarantine.table(rows)))
             return answers.EX_OK
         try:
             entry = await quarantine.entry(store, args.id)
@@ -322,32 +335,46 @@ async def _tickets(config: Config, args: argparse.Namespace) -> int:
     return answers.EX_OK
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def safe(text: object) -> str:
+    """Text for a terminal: control characters (ESC, BEL, C1 controls such as CSI,
+    bidi overrides) shown as escapes, never sent: a mail's body must not be able
+    to move the cursor, retitle the window or rewrite what was printed before."""
+    return _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), str(text))
+
+
+def _say(text: str) -> None:
+    print(safe(text))
+
+
 def _print_table(rows: list[Ticket]) -> None:
-    print(f"{'ID':>6}  {'STATUS':<8}  {'P':<2} {'REGION':<9} {'CREATED':<20}  {'REQUESTER':<30}  SUBJECT")
+    _say(f"{'ID':>6}  {'STATUS':<8}  {'P':<2} {'REGION':<9} {'CREATED':<20}  {'REQUESTER':<30}  SUBJECT")
     for t in rows:
         region = t.region + ("/GOV" if t.govcloud else "")
         created = iso(t.created_at)[:19].replace("T", " ")  # type: ignore[index]
-        print(f"{t.id:>6}  {t.status.value:<8}  {t.priority:<2} {region:<9} {created:<20}  "
+        _say(f"{t.id:>6}  {t.status.value:<8}  {t.priority:<2} {region:<9} {created:<20}  "
               f"{t.requester[:30]:<30}  {t.subject[:60]}")
-    print(f"({len(rows)} ticket{'s' if len(rows) != 1 else ''})")
+    _say(f"({len(rows)} ticket{'s' if len(rows) != 1 else ''})")
 
 
 def _print_ticket(t: Ticket, messages: list[dict[str, Any]]) -> None:
-    print(f"Ticket #{t.id}: {t.subject}")
-    print(f"  status {t.status.value}, priority {t.priority}, region {t.region}"
+    _say(f"Ticket #{t.id}: {t.subject}")
+    _say(f"  status {t.status.value}, priority {t.priority}, region {t.region}"
           f"{', GovCloud' if t.govcloud else ''}, mailbox {t.mailbox}")
-    print(f"  requester {t.requester}" + (f", cc {', '.join(t.cc)}" if t.cc else ""))
+    _say(f"  requester {t.requester}" + (f", cc {', '.join(t.cc)}" if t.cc else ""))
     if t.linked_ticket:
-        print(f"  follows up ticket #{t.linked_ticket}")
-    print(f"  created {iso(t.created_at)}")
+        _say(f"  follows up ticket #{t.linked_ticket}")
+    _say(f"  created {iso(t.created_at)}")
     for m in messages:
         arrow = "<-" if m["direction"] == "in" else "->"
-        print(f"\n{arrow} {m['created_at']}  {m['kind']}  from {m['from']} to {', '.join(m['to'])}")
-        print(f"   {m['subject']}")
+        _say(f"\n{arrow} {m['created_at']}  {m['kind']}  from {m['from']} to {', '.join(m['to'])}")
+        _say(f"   {m['subject']}")
         for a in m["attachments"]:
-            print(f"   [attachment] {a['filename']} ({a['size']} bytes, sha256 {a['sha256'][:12]}...)")
+            _say(f"   [attachment] {a['filename']} ({a['size']} bytes, sha256 {a['sha256'][:12]}...)")
         if m["direction"] == "in":
-            print("   " + m["reply_text"].replace("\n", "\n   "))
+            _say("   " + m["reply_text"].replace("\n", "\n   "))
 
 
 # -- run-due and stats ----------------------------------------------------

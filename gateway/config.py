@@ -59,6 +59,12 @@ class Limits:
     max_attachments: int = 100            # MIME leaf parts besides the text; more get 554 5.6.0
     max_nesting: int = 10                 # multipart / message/rfc822 depth; deeper gets 554 5.6.0
     auto_answers_per_sender_per_hour: int = 10   # acknowledgements to one address per hour
+    max_participants: int = 50            # To/Cc addresses kept on a ticket, recipients of one outbound mail
+    parse_seconds: float = 5.0            # CPU time one mail's parse may take; then it is quarantined
+    parse_processes: int = 2              # worker processes that parse (killed and replaced past parse_seconds)
+    max_sessions: int = 100               # concurrent SMTP/LMTP sessions per process; more get 421 4.7.0
+    session_memory: int = 262144          # bytes of one DATA kept in memory; the rest is spooled to disk
+    max_rcpt_errors: int = 20             # refused RCPTs in one session; then 421 4.7.0 and the session ends
 
 
 @dataclass(frozen=True)
@@ -610,13 +616,16 @@ def _limits_and_staff_auth(r: _Reader, data: dict[str, Any]) -> tuple[Limits, bo
     """`[limits]`, and `[staff] require_authenticated` / `trusted_authserv_ids`."""
     lim = r.section("limits")
     dflt = Limits()
-    values: dict[str, int] = {}
+    values: dict[str, Any] = {}
     for key, low in (("max_recipients", 1), ("max_attachments", 0), ("max_nesting", 1),
-                     ("auto_answers_per_sender_per_hour", 0)):
-        value = _prefixed(r, "limits", lim, key, int, getattr(dflt, key))
+                     ("auto_answers_per_sender_per_hour", 0), ("max_participants", 1),
+                     ("parse_seconds", 0.1), ("parse_processes", 1), ("max_sessions", 1),
+                     ("session_memory", 4096), ("max_rcpt_errors", 1)):
+        kind: type | tuple[type, ...] = (int, float) if key == "parse_seconds" else int
+        value = _prefixed(r, "limits", lim, key, kind, getattr(dflt, key))
         if value < low:
             r.fail(f"limits.{key}", f"must be at least {low}, got {value}")
-        values[key] = value
+        values[key] = float(value) if key == "parse_seconds" else value
     for key in lim:
         if key not in values:
             r.fail(f"limits.{key}", "unknown key")

@@ -28,7 +28,6 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP
 from conftest import SUPPORT, free_port
 
-import gateway.inbound.intake as intake_module
 import gateway.inbound.smtp as smtp_module
 from gateway.app import open_gateway
 from gateway.clock import system_clock
@@ -179,9 +178,9 @@ async def test_large_mails_are_parsed_one_at_a_time_and_all_accepted(
     entered = 0
     lock = threading.Lock()
     parsing = max_parsing = 0
-    real_parse = intake_module.parse_mail
+    real_examine = gw.intake.examine
 
-    def parse(raw: bytes) -> Any:
+    async def examine(raw: bytes) -> Any:
         nonlocal parsing, max_parsing
         with lock:
             parsing += 1
@@ -189,13 +188,13 @@ async def test_large_mails_are_parsed_one_at_a_time_and_all_accepted(
         try:
             # the first parse holds on until all four mails are in: with no bound,
             # the other three would be parsed beside it
-            assert arrived.wait(60), "not every mail reached the handler"
-            return real_parse(raw)
+            assert await asyncio.to_thread(arrived.wait, 60), "not every mail reached the handler"
+            return await real_examine(raw)
         finally:
             with lock:
                 parsing -= 1
 
-    monkeypatch.setattr(intake_module, "parse_mail", parse)
+    monkeypatch.setattr(gw.intake, "examine", examine)
 
     class Counting(SupportHandler):
         async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:

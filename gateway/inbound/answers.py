@@ -14,6 +14,9 @@ TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients (at most {limit} per messag
 CONTENT_REFUSED = "554 5.6.0 Message refused: {reason}"
 TRY_LATER = "451 4.3.0 Cannot store the message right now; please try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down; please try again later"
+# [limits] max_sessions, max_rcpt_errors (RFC 5321 §3.8, §4.2.2; RFC 3463 X.7.0)
+TOO_MANY_SESSIONS = "421 4.7.0 Too many connections; please try again later"
+TOO_MANY_ERRORS = "421 4.7.0 Too many refused recipients; closing connection"
 
 
 def accepted(ticket_id: int | None, action: str) -> str:

@@ -14,11 +14,15 @@ committed with state `quarantined` and the error, logged as
 on (each mail's work runs in its own savepoint). `reprocess` gives such a
 mail another try on its stored bytes (`gateway quarantine retry`).
 
-`structure_problem` is the edges' guard against hostile MIME (`[limits]`
-max_attachments, max_nesting): a linear scan that never recurses, run before
-any parser sees the mail, because the parsers recurse once per nesting level
-(about 1 000 levels of message/rfc822 raise RecursionError in both the
-stdlib and mail-parser).
+Every path applies the same `[limits]` here: a mail over max_message_size,
+or whose MIME structure is over max_attachments / max_nesting
+(gateway.mail.structure), is refused when the caller can still say no
+(`OverLimit`: SMTP/LMTP answer 554, `ingest` exits 65), else (IMAP, a
+quarantine retry) committed to quarantine with the reason: never ticketed,
+never lost. Parsing runs in a worker process under `[limits]
+parse_seconds` (gateway.ops.sandbox): past it the mail is quarantined with
+the reason, and the event loop never waited for it. Files are written and
+fsynced in a thread, never on the loop.
 """
 from __future__ import annotations
 
@@ -31,14 +35,17 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
 from gateway.clock import Clock
 from gateway.config import Limits
 from gateway.desk.pipeline import Outcome, Pipeline, Received
-from gateway.mail.parse import parse_mail
+from gateway.mail import structure
+from gateway.mail.structure import Examined, examine
 from gateway.model import ParsedMail
+from gateway.ops.sandbox import Crashed, Overrun, Sandbox
 from gateway.store import Store, StoreUnavailable, Tx
 from gateway.store.blobs import Blobs
 
@@ -46,9 +53,6 @@ log = structlog.get_logger("gateway.intake")
 
 RAW_INLINE_MAX = 1 << 20   # raw mail up to 1 MiB is kept in the database row
 BATCH_MAX = 128
-# Larger mail is parsed (and scanned) in a thread: a 25 MB parse must not stall
-# every other SMTP session on the event loop.
-PARSE_IN_THREAD = 256 * 1024
 # Mail over LARGE_MAIL is "large": the SMTP listener keeps its DATA in a
 # temporary file, and each process holds at most LARGE_AT_ONCE large mails in
 # memory (read, parsed, waiting for its commit): parsing takes about three
@@ -77,6 +81,10 @@ def _map_large_buffers() -> None:
         pass
 
 
+class OverLimit(Exception):
+    """The mail is over a `[limits]` value (its text says which); it was not stored."""
+
+
 @dataclass
 class _Job:
     received: Received
@@ -91,8 +99,12 @@ class _Job:
 
 class Intake:
     def __init__(self, store: Store, pipeline: Pipeline, blobs: Blobs, clock: Clock,
-                 on_commit: Callable[[], None] = lambda: None):
+                 on_commit: Callable[[], None] = lambda: None, *, limits: Limits | None = None,
+                 max_message_size: int = 0, sandbox: Sandbox | None = None):
         self.store = store
+        self.limits = limits or Limits()
+        self.max_message_size = max_message_size
+        self.sandbox = sandbox or Sandbox(self.limits.parse_processes, preload=["gateway.mail.structure"])
         self.pipeline = pipeline
         self.blobs = blobs
         self.clock = clock
@@ -120,10 +132,31 @@ class Intake:
             pass
         self._worker = None
 
-    async def receive(self, received: Received, *, holding_slot: bool = False) -> Outcome:
+    def close(self) -> None:
+        self.sandbox.close()
+
+    async def receive(self, received: Received, *, holding_slot: bool = False,
+                      refuse_over_limits: bool = False) -> Outcome:
         """`holding_slot`: the caller already holds `large_mail_slot` for this
-        mail (the SMTP listener takes it before it reads a spooled DATA)."""
-        return await self._submit(received, None, holding_slot)
+        mail (the SMTP listener takes it before it reads a spooled DATA).
+        `refuse_over_limits`: a mail over `[limits]` raises `OverLimit` and is
+        not stored (the caller refuses it); else it is quarantined with the reason."""
+        return await self._submit(received, None, holding_slot, refuse_over_limits)
+
+    async def examine(self, raw: bytes) -> Examined:
+        """Limits and parse, in a worker process under `[limits] parse_seconds`."""
+        limits = self.limits
+        if self.max_message_size and len(raw) > self.max_message_size:
+            return Examined(problem=f"{len(raw)} bytes, over max_message_size ({self.max_message_size})")
+        try:
+            result: Examined = await self.sandbox.run(
+                examine, raw, (limits.max_attachments, limits.max_nesting), limits.parse_seconds)
+        except Overrun:
+            log.warning("mail.parse_overrun", size=len(raw), limit_s=limits.parse_seconds)
+            return Examined(error=f"parsing took longer than limits.parse_seconds ({limits.parse_seconds:g} s)")
+        except Crashed as e:
+            return Examined(error=f"parse failed: {e}"[:2000])
+        return result
 
     @contextlib.asynccontextmanager
     async def large_mail_slot(self, size: int) -> AsyncIterator[None]:
@@ -151,39 +184,34 @@ class Intake:
         return await self._submit(received, inbound_id)
 
     async def _submit(self, received: Received, inbound_id: int | None,
-                      holding_slot: bool = False) -> Outcome:
+                      holding_slot: bool = False, refuse_over_limits: bool = False) -> Outcome:
         if holding_slot:
-            return await self._parse_and_commit(received, inbound_id)
+            return await self._parse_and_commit(received, inbound_id, refuse_over_limits)
         # a large mail keeps its slot until committed: parsed mail waiting for
         # the writer holds its raw bytes and attachments
         async with self.large_mail_slot(len(received.raw)):
-            return await self._parse_and_commit(received, inbound_id)
+            return await self._parse_and_commit(received, inbound_id, refuse_over_limits)
 
-    async def _parse_and_commit(self, received: Received, inbound_id: int | None) -> Outcome:
+    async def _parse_and_commit(self, received: Received, inbound_id: int | None,
+                                refuse_over_limits: bool = False) -> Outcome:
         started = time.perf_counter()
         raw = received.raw
+        examined = await self.examine(raw)
+        if examined.problem is not None and refuse_over_limits:
+            raise OverLimit(examined.problem)
+        parsed = examined.parsed
+        error = examined.error if examined.problem is None else f"over [limits]: {examined.problem}"
         sha = hashlib.sha256(raw).hexdigest()
-        parsed, error = None, None
-        try:
-            if len(raw) > PARSE_IN_THREAD:
-                parsed = await asyncio.to_thread(parse_mail, raw)
-            else:
-                parsed = parse_mail(raw)
-        except Exception as e:  # noqa: BLE001 - any parser failure quarantines, never drops
-            error = f"parse failed: {type(e).__name__}: {e}"[:2000]
         raw_path = None
+        # on PostgreSQL every instance must reach the bytes (a quarantine retry
+        # may run anywhere): they stay in the row whatever their size
+        raw_file = len(raw) > RAW_INLINE_MAX and self.store.dialect == "sqlite"
         try:
-            # on PostgreSQL every instance must reach the bytes (a quarantine retry
-            # may run anywhere): they stay in the row whatever their size
-            if len(raw) > RAW_INLINE_MAX and self.store.dialect == "sqlite":
-                path = await asyncio.to_thread(self.blobs.put, "raw", raw, ".eml", sha)
-                raw_path = str(path.relative_to(self.blobs.root))
-            if parsed is not None:
-                for att, content in parsed.attachments:
-                    if len(content) > 65536:
-                        await asyncio.to_thread(self.blobs.put, "attachments", content, "", att.sha256)
-                    else:
-                        self.blobs.put("attachments", content, "", att.sha256)
+            if raw_file or (parsed is not None and parsed.attachments):
+                # one thread hop for all the files of a mail: each fsync is milliseconds
+                path = await asyncio.to_thread(self._write_files, raw if raw_file else None, sha, parsed)
+                if path is not None:
+                    raw_path = str(path.relative_to(self.blobs.root))
         except OSError as e:
             raise StoreUnavailable(f"cannot write mail files: {e}") from e
         job = _Job(received, sha, parsed, error, raw_path, started, inbound_id)
@@ -197,6 +225,12 @@ class Intake:
                 # mail's bytes (a large mail would stay in memory beside the next one)
                 job.received = dataclasses.replace(received, raw=b"")
                 job.parsed = None
+
+    def _write_files(self, raw: bytes | None, sha: str, parsed: ParsedMail | None) -> Path | None:
+        """In a thread: the attachments' files, and the raw mail's when it is large."""
+        for att, content in parsed.attachments if parsed is not None else ():
+            self.blobs.put("attachments", content, "", att.sha256)
+        return self.blobs.put("raw", raw, ".eml", sha) if raw is not None else None
 
     async def _run(self) -> None:
         while True:
@@ -291,117 +325,11 @@ def header_message_id(raw: bytes) -> str:
     return m.group(1).decode("ascii", "replace") if m else ""
 
 
-# -- MIME structure limits ---------------------------------------------------
-
-_CTYPE = re.compile(rb"^content-type[ \t]*:[ \t]*([!-~]+?)[ \t]*/[ \t]*([!-~]+?)[ \t]*(?:;|\r?$)",
-                    re.IGNORECASE | re.MULTILINE)
-_BOUNDARY = re.compile(rb"""boundary[ \t]*=[ \t]*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))""",
-                       re.IGNORECASE)
-_CTE = re.compile(rb"^content-transfer-encoding[ \t]*:[ \t]*([!-~]+)", re.IGNORECASE | re.MULTILINE)
-_ATTACHMENT = re.compile(rb"^content-disposition[ \t]*:[ \t]*attachment", re.IGNORECASE | re.MULTILINE)
-_IDENTITY = (b"", b"7bit", b"8bit", b"binary")
-
+# -- limits ---------------------------------------------------------------------
 
 def structure_problem(raw: bytes, limits: Limits) -> str | None:
-    """Why this mail's MIME structure is over `[limits]`, or None.
-
-    Counts, in one pass over the lines and without recursion (RFC 2046 §5.1
-    boundaries, §5.2.1 message/rfc822):
-    - nesting: how many multipart or message/rfc822 containers enclose the
-      deepest part (an ordinary mail with text, HTML and an attachment: 2);
-    - attachments: leaf parts other than the message's text (the first
-      text/plain and first text/html that are not `Content-Disposition:
-      attachment`).
-    Malformed structure is read the way a lenient parser would and never
-    raises; the scan stops at the first limit exceeded.
-    """
-    stack: list[tuple[bytes, int]] = []   # open multiparts: (b"--" + boundary, depth of their parts)
-    depth = 0                             # containers around the entity being read
-    attachments = 0
-    body_seen: set[bytes] = set()
-    pos, end = 0, len(raw)
-    in_headers = True
-    header: list[bytes] = []
-
-    def boundary_of(line: bytes) -> tuple[int, bool] | None:
-        """Index in `stack` of the multipart this line delimits, and whether it closes it."""
-        if not stack or not line.startswith(b"--"):
-            return None
-        text = line.rstrip(b" \t\r")
-        for i in range(len(stack) - 1, -1, -1):
-            delimiter = stack[i][0]
-            if text == delimiter:
-                return i, False
-            if text == delimiter + b"--":
-                return i, True
-        return None
-
-    def at_boundary(hit: tuple[int, bool]) -> None:
-        nonlocal depth, in_headers, header
-        i, closing = hit
-        if closing:
-            del stack[i:]                 # the multipart and anything left open inside it
-            in_headers = False            # its epilogue: body text of the parent
-        else:
-            del stack[i + 1:]
-            depth = stack[i][1]
-            in_headers, header = True, []
-
-    while pos < end:
-        if in_headers:
-            nl = raw.find(b"\n", pos)
-            nl = end if nl < 0 else nl
-            line = raw[pos:nl]
-            pos = nl + 1
-            hit = boundary_of(line)
-            if hit is not None:           # a part with no blank line after its headers
-                attachments += 1
-                at_boundary(hit)
-                continue
-            if line.rstrip(b"\r"):
-                header.append(line)
-                continue
-            # end of this entity's header block: what is it?
-            block = b"\n".join(header)
-            m = _CTYPE.search(block)
-            main, sub = (m.group(1).lower(), m.group(2).lower()) if m else (b"text", b"plain")
-            cte = _CTE.search(block)
-            encoding = cte.group(1).lower() if cte else b""
-            b = _BOUNDARY.search(block) if main == b"multipart" else None
-            if b is not None:
-                if depth + 1 > limits.max_nesting:
-                    return f"MIME nesting deeper than {limits.max_nesting} levels"
-                stack.append((b"--" + (b.group(1) or b.group(2)), depth + 1))
-                in_headers = False        # its preamble, up to the first boundary
-            elif main == b"message" and sub in (b"rfc822", b"global") and encoding in _IDENTITY:
-                if depth + 1 > limits.max_nesting:
-                    return f"MIME nesting deeper than {limits.max_nesting} levels"
-                depth += 1                # the enclosed message's own header block follows
-                header = []
-            else:
-                if main == b"text" and sub in (b"plain", b"html") and sub not in body_seen \
-                        and not _ATTACHMENT.search(block):
-                    body_seen.add(sub)
-                else:
-                    attachments += 1
-                    if attachments > limits.max_attachments:
-                        return f"more than {limits.max_attachments} attachments"
-                in_headers = False
-        else:
-            if not stack:
-                return None               # a leaf body or an epilogue, to the end: nothing more
-            # the next line that starts with "--" (a boundary candidate)
-            at = 0 if pos == 0 and raw.startswith(b"--") else raw.find(b"\n--", pos - 1 if pos else 0)
-            if at < 0:
-                return None
-            start = at if raw[at:at + 1] != b"\n" else at + 1
-            nl = raw.find(b"\n", start)
-            nl = end if nl < 0 else nl
-            pos = nl + 1
-            hit = boundary_of(raw[start:nl])
-            if hit is not None:
-                at_boundary(hit)
-    return None
+    """Why this mail's MIME structure is over `[limits]`, or None (gateway.mail.structure)."""
+    return structure.structure_problem(raw, limits.max_attachments, limits.max_nesting)
 
 
 def stored_mail_from(mail_from: str | None) -> str:

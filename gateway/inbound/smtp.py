@@ -28,10 +28,13 @@ is closed (RFC 5321 §3.8), transactions in flight finish.
 from __future__ import annotations
 
 import asyncio
+import asyncio.constants
 import enum
+import errno
 import io
 import os
 import tempfile
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -45,12 +48,7 @@ from gateway.clock import Clock
 from gateway.config import Config
 from gateway.desk.pipeline import Received
 from gateway.inbound import answers
-from gateway.inbound.intake import (
-    LARGE_MAIL,
-    PARSE_IN_THREAD,
-    Intake,
-    structure_problem,
-)
+from gateway.inbound.intake import LARGE_MAIL, Intake, OverLimit
 from gateway.store import StoreUnavailable
 
 log = structlog.get_logger("gateway.smtp")
@@ -64,15 +62,16 @@ SPOOL_CHUNK = 256 * 1024     # a spooled DATA goes to its file in pieces of this
 
 
 class Spool:
-    """The content of one DATA: in memory up to LARGE_MAIL, beyond that in an
-    unnamed temporary file in `directory`, appended to in SPOOL_CHUNK pieces."""
+    """The content of one DATA: in memory up to `memory` bytes (at most
+    LARGE_MAIL; `[limits] session_memory`), beyond that in an unnamed
+    temporary file in `directory`, appended to in SPOOL_CHUNK pieces."""
 
-    def __init__(self, directory: Path | None):
+    def __init__(self, directory: Path | None, memory: int = LARGE_MAIL):
         self.directory = directory
         self.buf = bytearray()
         self.file: io.FileIO | None = None
         self.written = 0                  # bytes in the file
-        self.flush_at = LARGE_MAIL        # flush when buf is longer than this
+        self.flush_at = min(memory, LARGE_MAIL)   # flush when buf is longer than this
         self._io: asyncio.Future[Any] | None = None
 
     @property
@@ -82,7 +81,7 @@ class Spool:
     async def flush(self) -> None:
         if self.file is None:
             self.file = tempfile.TemporaryFile(dir=self.directory, buffering=0)  # noqa: SIM115 - closed by close()
-            self.flush_at = SPOOL_CHUNK
+            self.flush_at = min(SPOOL_CHUNK, self.flush_at)
         chunk, self.buf = self.buf, bytearray()
         await self._in_thread(_write_all, self.file, chunk)
         self.written += len(chunk)
@@ -151,6 +150,30 @@ class _SpooledDATA(SMTP):
     """
 
     spool_dir: Path | None = None
+    spool_memory: int = LARGE_MAIL
+    sessions: SessionCount | None = None     # set by the Listener: the cap on concurrent sessions
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        _loop_errors.accepted()
+        self.rcpt_errors = 0
+        self.admitted = self.sessions.enter() if self.sessions is not None else True
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.sessions is not None and self.admitted:
+            self.sessions.leave()
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if not self.admitted:
+            # over [limits] max_sessions: 421 instead of the greeting (RFC 5321 §3.1), then close
+            assert self.sessions is not None
+            self.sessions.refused()
+            await self.push(answers.TOO_MANY_SESSIONS)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
 
     async def smtp_DATA(self, arg: str) -> None:
         if self._decode_data:
@@ -165,7 +188,7 @@ class _SpooledDATA(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        spool = Spool(self.spool_dir)
+        spool = Spool(self.spool_dir, self.spool_memory)
         try:
             state = await self._read_data(spool)
             if state is not _State.NOMINAL:
@@ -235,6 +258,40 @@ class _LMTP(_SpooledDATA, LMTP):
     line_length_limit = LINE_LENGTH_LIMIT
 
 
+class SessionCount:
+    """Concurrent sessions of one listener, against `[limits] max_sessions`.
+
+    Each session may hold up to `session_memory` bytes of DATA in memory and
+    a line of up to LINE_LENGTH_LIMIT in its reader: the cap is what bounds
+    the memory many open sessions can take (project issue 14: 500 sessions of
+    2 MB of DATA each took 1.09 GB). Sessions over it are answered 421 and
+    closed; refusals are logged once per LOG_EVERY_S with their count."""
+
+    LOG_EVERY_S = 10.0
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.active = 0
+        self._refused = 0
+        self._logged_at = -1e9
+
+    def enter(self) -> bool:
+        if self.active >= self.limit:
+            return False
+        self.active += 1
+        return True
+
+    def leave(self) -> None:
+        self.active -= 1
+
+    def refused(self) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._logged_at >= self.LOG_EVERY_S:
+            log.warning("smtp.sessions_refused", limit=self.limit, refused=self._refused)
+            self._logged_at, self._refused = now, 0
+
+
 class SupportHandler:
     def __init__(self, config: Config, intake: Intake, clock: Clock):
         self.config = config
@@ -256,14 +313,30 @@ class SupportHandler:
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         if self.config.mailbox_for(address) is None:
-            log.info("smtp.rcpt_refused", recipient=address)
-            return answers.NO_SUCH_MAILBOX.format(address=address.strip("<>")[:200])
+            return self._rcpt_refused(server, address, "no such mailbox",
+                                      answers.NO_SUCH_MAILBOX.format(address=address.strip("<>")[:200]))
         limit = self.config.limits.max_recipients
         if len(envelope.rcpt_tos) >= limit:
-            log.info("smtp.rcpt_refused", recipient=address, reason="too many recipients")
-            return answers.TOO_MANY_RECIPIENTS.format(limit=limit)
+            return self._rcpt_refused(server, address, "too many recipients",
+                                      answers.TOO_MANY_RECIPIENTS.format(limit=limit))
         envelope.rcpt_tos.append(address)
         return answers.RCPT_OK
+
+    def _rcpt_refused(self, server: SMTP, address: str, reason: str, answer: str) -> str:
+        """A refused RCPT; past `[limits] max_rcpt_errors` of them the session is
+        ended with 421 (Postfix's smtpd_hard_error_limit): a client guessing
+        addresses gets a bounded number of answers, and of log lines."""
+        errors = getattr(server, "rcpt_errors", 0) + 1
+        server.rcpt_errors = errors  # type: ignore[attr-defined]
+        limit = self.config.limits.max_rcpt_errors
+        if errors > limit:
+            log.warning("smtp.session_ended", reason="too many refused recipients", refused=errors - 1,
+                        peer=str(server.session.peer if server.session else "")[:100])
+            if server.transport is not None:
+                asyncio.get_running_loop().call_soon(server.transport.close)
+            return answers.TOO_MANY_ERRORS
+        log.info("smtp.rcpt_refused", recipient=address[:200], reason=reason)
+        return answer
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         mailbox = next(m for m in map(self.config.mailbox_for, envelope.rcpt_tos) if m)
@@ -276,18 +349,13 @@ class SupportHandler:
                                 rcpt_to=tuple(envelope.rcpt_tos), mailbox=mailbox,
                                 received_at=self.clock())
             del raw
-            if len(received.raw) > PARSE_IN_THREAD:
-                problem = await asyncio.to_thread(structure_problem, received.raw, self.config.limits)
-            else:
-                problem = structure_problem(received.raw, self.config.limits)
             try:
-                if problem is not None:
-                    log.warning("smtp.refused", mailbox=mailbox.address, reason=problem,
-                                mail_from=received.mail_from[:200])
-                    status = answers.CONTENT_REFUSED.format(reason=problem)
-                else:
-                    outcome = await self.intake.receive(received, holding_slot=True)
-                    status = answers.accepted(outcome.ticket_id, outcome.action)
+                outcome = await self.intake.receive(received, holding_slot=True, refuse_over_limits=True)
+                status = answers.accepted(outcome.ticket_id, outcome.action)
+            except OverLimit as e:
+                log.warning("smtp.refused", mailbox=mailbox.address, reason=str(e),
+                            mail_from=received.mail_from[:200])
+                status = answers.CONTENT_REFUSED.format(reason=e)
             except StoreUnavailable as e:
                 log.warning("mail.deferred", mailbox=mailbox.address, error=str(e))
                 status = answers.TRY_LATER
@@ -310,6 +378,7 @@ class Listener:
         self.reuse_port = reuse_port
         self.server: asyncio.Server | None = None
         self.sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+        self.count = SessionCount(config.limits.max_sessions)
 
     def _factory(self) -> Callable[[], SMTP]:
         cls = _LMTP if self.config.lmtp else _SMTP
@@ -320,12 +389,15 @@ class Listener:
         def make() -> SMTP:
             proto = cls(self.handler, **kwargs)
             proto.spool_dir = self.config.data_dir
+            proto.spool_memory = self.config.limits.session_memory
+            proto.sessions = self.count
             self.sessions.add(proto)
             return proto
         return make
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        install_loop_errors(loop)
         self.server = await loop.create_server(
             self._factory(), host=self.config.smtp_host, port=self.config.smtp_port,
             reuse_address=True, reuse_port=self.reuse_port or None)
@@ -360,6 +432,59 @@ class Listener:
                 s.transport.write((answers.SHUTTING_DOWN + "\r\n").encode())
                 s.transport.close()
         await self.server.wait_closed()
+
+
+class _LoopErrors:
+    """The event loop's error reports as JSON log lines, each kind at most once
+    per LOG_EVERY_S (with how many were left out), never a traceback on stderr;
+    and accept() failing for want of resources (EMFILE: no file descriptor
+    left) retried after a back-off that doubles up to ACCEPT_BACKOFF_MAX_S,
+    not every second (project issue 14: 377 MB of tracebacks in 2 minutes)."""
+
+    LOG_EVERY_S = 10.0
+    ACCEPT_BACKOFF_MAX_S = 30.0
+    RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, int]] = {}    # kind -> (logged at, left out since)
+        self.accept_failures = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        message = str(context.get("message", "event loop error"))
+        out_of_resources = isinstance(error, OSError) and error.errno in self.RESOURCES \
+            and "accept" in message
+        if out_of_resources:
+            self.accept_failures += 1
+            # asyncio reads its retry delay from this constant each time (selector_events)
+            asyncio.constants.ACCEPT_RETRY_DELAY = min(2.0 ** (self.accept_failures - 1),  # type: ignore[attr-defined]
+                                                       self.ACCEPT_BACKOFF_MAX_S)
+        kind = f"{message[:80]}:{type(error).__name__}"
+        now = time.monotonic()
+        logged_at, left_out = self._last.get(kind, (-1e9, 0))
+        if now - logged_at < self.LOG_EVERY_S:
+            self._last[kind] = (logged_at, left_out + 1)
+            return
+        self._last[kind] = (now, 0)
+        fields: dict[str, Any] = {"message": message[:500], "left_out": left_out,
+                                  "error": f"{type(error).__name__}: {error}"[:500] if error else None}
+        if out_of_resources:
+            fields["retry_in_s"] = asyncio.constants.ACCEPT_RETRY_DELAY  # type: ignore[attr-defined]
+            log.error("smtp.accept_failed", **fields)
+        else:
+            log.error("loop.error", **fields)
+
+    def accepted(self) -> None:
+        if self.accept_failures:
+            self.accept_failures = 0
+            asyncio.constants.ACCEPT_RETRY_DELAY = 1.0  # type: ignore[attr-defined]
+
+
+_loop_errors = _LoopErrors()
+
+
+def install_loop_errors(loop: asyncio.AbstractEventLoop) -> None:
+    loop.set_exception_handler(_loop_errors)
 
 
 def _in_data(session: SMTP) -> bool:
