@@ -166,11 +166,16 @@ def ingest_recipient(config: Config, raw: bytes, recipient: str | None) -> str |
     return None
 
 
+def _read_message(path: str | None, limit: int) -> bytes:
+    """At most `limit` bytes of the message (FILE or stdin): never more than
+    max_message_size + 1 in memory, enough to tell it is too big."""
+    with open(path, "rb") if path else contextlib.nullcontext(sys.stdin.buffer) as f:
+        return f.read(limit)
+
+
 async def _ingest(config: Config, args: argparse.Namespace) -> int:
     try:
-        # never more than max_message_size + 1 bytes in memory: enough to tell it is too big
-        with open(args.file, "rb") if args.file else contextlib.nullcontext(sys.stdin.buffer) as f:
-            raw = f.read(config.max_message_size + 1)
+        raw = _read_message(args.file, config.max_message_size + 1)
     except OSError as e:
         print(f"gateway: cannot read message: {e}", file=sys.stderr)
         return answers.EX_TEMPFAIL if args.file is None else answers.EX_DATAERR

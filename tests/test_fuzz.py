@@ -526,3 +526,67 @@ def test_encoded_display_name_cannot_choose_the_address_answered(gateway: Gatewa
     (ticket,) = wait_for(lambda: [t for t in gateway.tickets() if key in t["subject"]], what="the ticket")
     assert ticket["requester"] == "ann-name@customer.example"
     gateway.sink.wait_to("ann-name@customer.example")
+
+
+# -- scaling: no parsing step grows faster than the mail (project issue 14) -------
+
+_H = f"From: a@customer.example\r\nTo: {SUPPORT}\r\nSubject: x\r\n".encode()
+_MP = _H + b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+GROWING: dict[str, Callable[[int], bytes]] = {
+    "uuencode begin lines without end": lambda n: _H + b"\r\n" + b"begin 644 f\r\n" * (n // 13),
+    "uuencode blocks": lambda n: _H + b"\r\n" + b"begin 644 f\r\n#86)C\r\n`\r\nend\r\n" * (n // 28),
+    "one long header line": lambda n: _H + b"X-Long: " + b"y" * n + b"\r\n\r\nhi\r\n",
+    "folded header": lambda n: _H + b"X-F: a\r\n" + b" b\r\n" * (n // 4) + b"\r\nhi\r\n",
+    "many headers": lambda n: _H + b"".join(b"X-H%d: v\r\n" % i for i in range(n // 12)) + b"\r\nhi\r\n",
+    "encoded words": lambda n: _H.replace(b"Subject: x", b"Subject: " + b"=?utf-8?q?a?= " * (n // 14))
+    + b"\r\nhi\r\n",
+    "many addresses": lambda n: _H.replace(b"Subject: x", b"Cc: " + b", ".join(
+        b"u%d@c.example" % i for i in range(n // 16)) + b"\r\nSubject: x") + b"\r\nhi\r\n",
+    "many parts": lambda n: _MP + b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n" * (n // 40) + b"--b--\r\n",
+    "long boundary": lambda n: _MP.replace(b"boundary=b", b"boundary=" + b"q" * 250)
+    + (b"--" + b"q" * 250 + b"\r\n\r\nx\r\n") * (n // 260),
+    "dash lines in a multipart": lambda n: _MP + b"--b\r\n\r\n" + b"--\r\n" * (n // 4),
+    "bare CR lines": lambda n: _H + b"\r\n" + b"line\r" * (n // 5),
+    "quoted lines": lambda n: _H + b"\r\n" + b">\r\n" * (n // 3),
+    "html": lambda n: _H + b"Content-Type: text/html\r\n\r\n" + b"<div>" * (n // 5),
+    "angle brackets": lambda n: b"From: " + b"<" * n + _H[_H.index(b"\r\n"):] + b"\r\nhi\r\n",
+    "at signs": lambda n: _H.replace(b"Subject: x", b"Cc: " + b"@" * n + b"\r\nSubject: x") + b"\r\nhi\r\n",
+    "one long word": lambda n: _H + b"\r\n" + b"a" * n,
+}
+SCALE_BYTES = 100_000
+PER_MAIL_S = 5.0          # the default [limits] parse_seconds
+
+
+def _cpu(raw: bytes) -> float:
+    """CPU seconds of what a parse worker does with `raw` (best of three: noise only adds)."""
+    from gateway.mail.structure import examine
+    best = float("inf")
+    for _ in range(3):
+        started = time.process_time()
+        examine(raw, 100, 10)
+        best = min(best, time.process_time() - started)
+    return best
+
+
+def _assert_linear(name: str, make: Callable[[int], bytes]) -> None:
+    small, large = _cpu(make(SCALE_BYTES)), _cpu(make(2 * SCALE_BYTES))
+    assert large < PER_MAIL_S, f"{name}: {large:.2f} s for {2 * SCALE_BYTES} bytes"
+    # 2x the size may cost at most ~2.5x the time (and a little noise on tiny times)
+    assert large <= 2.5 * small + 0.02, f"{name}: {small * 1000:.0f} ms -> {large * 1000:.0f} ms for 2x the size"
+
+
+@pytest.mark.parametrize("name", list(GROWING), ids=list(GROWING))
+def test_parsing_grows_no_faster_than_the_mail(name: str) -> None:
+    _assert_linear(name, GROWING[name])
+
+
+@settings(FUZZ, max_examples=int(os.environ.get("GATEWAY_FUZZ_SCALE_EXAMPLES", "15")))
+@given(raw=hostile_mail(), cut=st.integers(0, 1000), width=st.integers(1, 200))
+def test_fuzzed_mail_repeated_costs_time_in_proportion(raw: bytes, cut: int, width: int) -> None:
+    """Any fragment of a hostile mail, repeated: twice the repeats, at most ~2.5x the time."""
+    start = cut % max(1, len(raw))
+    piece = raw[start:start + width] or b"x"
+
+    def grow(n: int) -> bytes:
+        return raw[:start] + piece * (n // len(piece)) + raw[start:]
+    _assert_linear(f"{piece!r} repeated in a fuzzed mail", grow)

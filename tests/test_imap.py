@@ -443,3 +443,21 @@ async def test_one_instance_at_a_time_polls_a_mailbox_and_another_takes_over_whe
     assert takers() == ["A", "B"]
     assert await rig.inbound() == {"processed": 5} and await rig.tickets() == 5
     assert took < lease_s * 4, f"took over after {took:.1f} s with a {lease_s} s lease"
+
+
+async def test_imap_mail_over_a_limit_is_quarantined_with_its_reason_never_ticketed(
+        dovecot: Dovecot, rig: Rig) -> None:
+    """Project issue 14: IMAP intake applied no size and no structure limit."""
+    from test_bounds import SHAPES
+    rig.gw.intake.max_message_size = 200_000          # what [smtp] max_message_size = 200000 sets
+    user = dovecot.add_user()
+    big = mail("big@customer.example", SUPPORT, uniq("big"), "x" * 300_000).as_bytes()
+    await asyncio.to_thread(dovecot.append, user, SHAPES["boundary of 250 characters"](150),
+                            SHAPES["bare CR line ends"](150), big, customer_mail(1))
+    rig.start(rig.account(dovecot, user))
+    await until(lambda: _when(folder(dovecot, user, "Processed"), lambda f: len(f) == 4), what="all 4 moved")
+    assert await rig.tickets() == 1
+    assert await rig.inbound() == {"processed": 1, "quarantined": 3}
+    errors = sorted(e["error"] for e in await rig.gw.store.quarantined())
+    assert errors[0].startswith("over [limits]: 3") and "max_message_size" in errors[0], errors
+    assert all("more than 100 attachments" in e for e in errors[1:]), errors

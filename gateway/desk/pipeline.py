@@ -26,6 +26,7 @@ from gateway.rules.decision import Decision, decide
 from gateway.rules.language import choose_language
 from gateway.store import Tx
 
+PARTICIPANTS_LISTED = 1000   # addresses named in the note about those left out
 log = structlog.get_logger("gateway.pipeline")
 
 # RFC 3464 §2.3.2: the recipient a delivery status notification is about
@@ -130,9 +131,10 @@ class Pipeline:
 
     async def _record(self, tx: Tx, ticket_id: int, kind: Kind, mail: ParsedMail,
                       inbound_id: int, now: datetime) -> int:
+        cap = self.config.limits.max_participants
         row = await tx.add_message(
             ticket_id=ticket_id, direction="in", kind=kind.value, sender=mail.sender,
-            recipients=mail.to, cc=mail.cc, subject=mail.subject, message_id=mail.message_id,
+            recipients=mail.to[:cap], cc=mail.cc[:cap], subject=mail.subject, message_id=mail.message_id,
             body_text=mail.body_text, reply_text=mail.reply_text, now=now, inbound_id=inbound_id)
         if mail.attachments:
             await tx.add_attachments(row, [a for a, _ in mail.attachments])
@@ -164,7 +166,10 @@ class Pipeline:
                         message_id=mail.message_id)
         mailbox = self._answering_mailbox(received.mailbox, decision.govcloud)
         own = self.own_addresses | {sender}
-        cc = tuple(a for a in mail.cc + mail.to if a not in own and not self.config.mailbox_for(a))
+        cc = tuple(dict.fromkeys(a for a in mail.cc + mail.to if a not in own and not self.config.mailbox_for(a)))
+        # [limits] max_participants: a mail naming 100 000 addresses makes a ticket
+        # answering 50 (project issue 14: a closure notice went to 100 001 recipients)
+        cc, dropped = cc[:self.config.limits.max_participants], cc[self.config.limits.max_participants:]
         lang, lang_why = self.language(mail, received.mailbox, sender)
         ticket = await tx.create_ticket(
             subject=mail.subject or "(no subject)", requester=sender, cc=cc, region=decision.region,
@@ -174,6 +179,8 @@ class Pipeline:
             missing=decision.missing, redirect=decision.redirect if redirect_to else None,
             language=lang, decision={**decision.to_json(), "language": {"value": lang, "why": lang_why}})
         await self._record(tx, ticket.id, Kind.CUSTOMER, mail, inbound_id, now)
+        if dropped:
+            await self._participants_dropped(tx, ticket, mail, dropped, inbound_id, now)
         if redirect_to:
             queued = await self._redirect(tx, ticket, mail, received, redirect_to, now)
         else:
@@ -184,7 +191,8 @@ class Pipeline:
                     context={"name": mail.sender_name or sender,
                              "target": self.desk.target_text(ticket, decision.response_due),
                              "missing": list(decision.missing)})
-            queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now)
+            queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now,
+                                         dropped=len(dropped))
         log.info("ticket.created", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, region=ticket.region, govcloud=ticket.govcloud,
                  priority=ticket.priority, plan=ticket.plan, queue=decision.queue,
@@ -284,11 +292,30 @@ class Pipeline:
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, placement.reason)
 
     async def _notify(self, tx: Tx, ticket: Ticket, mail: ParsedMail, sender: str, *,
-                      is_new: bool, now: datetime) -> int:
+                      is_new: bool, now: datetime, dropped: int = 0) -> int:
         return await self.desk.to_staff(
             tx, ticket, self.desk.queue_of(ticket), now, answers=[mail.message_id],
             context={"is_new": is_new, "sender": sender, "reply_text": mail.reply_text,
-                     "body_text": mail.body_text, "attachments": [a for a, _ in mail.attachments]})
+                     "body_text": mail.body_text, "attachments": [a for a, _ in mail.attachments],
+                     "participants_dropped": dropped,
+                     "max_participants": self.config.limits.max_participants})
+
+    async def _participants_dropped(self, tx: Tx, ticket: Ticket, mail: ParsedMail, dropped: tuple[str, ...],
+                                    inbound_id: int, now: datetime) -> None:
+        """The To/Cc addresses past max_participants: recorded on the ticket as an
+        internal note (the mail's raw bytes keep them all), never answered."""
+        listed = dropped[:PARTICIPANTS_LISTED]
+        more = f"\n(and {len(dropped) - len(listed)} more; the stored mail has them all)" \
+            if len(dropped) > len(listed) else ""
+        await tx.add_message(
+            ticket_id=ticket.id, direction="in", kind=Kind.NOTE.value, sender=ticket.mailbox, recipients=(),
+            subject=f"{len(dropped)} To/Cc addresses not added", message_id=f"<participants-{inbound_id}@gateway.invalid>",
+            body_text=f"The mail named more than {self.config.limits.max_participants} To/Cc addresses "
+                      f"(limits.max_participants); these were not added to the ticket and get no mail from it:\n"
+                      + "\n".join(listed) + more,
+            reply_text="", now=now, inbound_id=inbound_id)
+        log.warning("ticket.participants_capped", ticket_id=ticket.id, message_id=mail.message_id,
+                    kept=self.config.limits.max_participants, dropped=len(dropped))
 
     # -- loops, floods and forged staff mail -----------------------------
     async def _auto_answer_allowed(self, tx: Tx, ticket: Ticket, sender: str, now: datetime) -> bool:

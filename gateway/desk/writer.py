@@ -74,6 +74,9 @@ class Desk:
         (`thread`, when the caller knows it, else read from the ticket)."""
         to = ticket.deliverable([ticket.requester])
         cc = ticket.deliverable(list(ticket.cc)) if include_cc else ()
+        # [limits] max_participants bounds one outbound mail's recipients, however the ticket got its Cc
+        cc = tuple(cc)[:max(0, self.config.limits.max_participants - len(to))] if to else \
+            tuple(cc)[:self.config.limits.max_participants]
         if not to and not cc:
             log.warning("outbox.no_recipient", ticket_id=ticket.id, kind=kind.value,
                         undeliverable=list(ticket.undeliverable))
