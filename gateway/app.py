@@ -87,9 +87,11 @@ async def open_gateway(config: Config, clock: Clock = system_clock, *, resident:
     sender = OutboxSender(store, transports(config), clock, retry_base_s=config.outbound_retry_base_s,
                           retry_max_s=config.outbound_retry_max_s, poll_s=config.outbound_poll_s,
                           lease_s=config.lease_s)
-    sandbox = Sandbox(config.limits.parse_processes, preload=["gateway.mail.structure"], fork_server=resident)
+    preload = ["gateway.mail.structure"]
     intake = Intake(store, pipeline, Blobs(config.data_dir), clock, on_commit=sender.wake,
-                    limits=config.limits, max_message_size=config.max_message_size, sandbox=sandbox)
+                    limits=config.limits, max_message_size=config.max_message_size,
+                    sandbox=Sandbox(config.limits.parse_processes, preload=preload, fork_server=resident),
+                    small_sandbox=Sandbox(1, preload=preload, fork_server=resident))
     scheduler = Scheduler(store, desk, config.policy, clock, interval_s=config.scheduler_interval_s,
                           on_queued=sender.wake)
     return Gateway(config, clock, store, intake, sender, scheduler)
@@ -103,18 +105,16 @@ def private_data_dir(data_dir: Path) -> None:
     whatever the umask it was started with: mail, attachments and the database hold
     customers' data and the token key (project issue 14: 0644 files in 0755 folders).
 
-    The process umask becomes 077 (as Postfix's daemons set theirs), so every file
-    created from here on, by us or by SQLite (its -wal, -shm and journal files), is
-    0600; what an older version left readable is tightened once."""
-    os.umask(0o077)
+    Every command sets the process umask to 077 (`gateway.cli.main`, as Postfix's
+    daemons set theirs), so every file created, by us or by SQLite (its -wal, -shm
+    and journal files), is 0600; what an older version left readable is tightened
+    here."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    if data_dir.stat().st_mode & 0o077:
-        data_dir.chmod(0o700)
-    for name in STORE_FILES:
-        path = data_dir / name
+    for path in (data_dir, *(data_dir / name for name in STORE_FILES)):
         with contextlib.suppress(FileNotFoundError):
-            if path.stat().st_mode & 0o077:
-                path.chmod(0o600)
+            mode = path.stat().st_mode & 0o7777
+            if mode & 0o077:
+                path.chmod(mode & ~0o077)      # only taken away: never more than the owner had
 
 
 async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0) -> int:

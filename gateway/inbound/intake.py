@@ -53,6 +53,7 @@ log = structlog.get_logger("gateway.intake")
 
 RAW_INLINE_MAX = 1 << 20   # raw mail up to 1 MiB is kept in the database row
 BATCH_MAX = 128
+SMALL_MAIL = 64 * 1024     # parsed in a lane of its own (Intake.small_sandbox)
 # Mail over LARGE_MAIL is "large": the SMTP listener keeps its DATA in a
 # temporary file, and each process holds at most LARGE_AT_ONCE large mails in
 # memory (read, parsed, waiting for its commit): parsing takes about three
@@ -100,11 +101,16 @@ class _Job:
 class Intake:
     def __init__(self, store: Store, pipeline: Pipeline, blobs: Blobs, clock: Clock,
                  on_commit: Callable[[], None] = lambda: None, *, limits: Limits | None = None,
-                 max_message_size: int = 0, sandbox: Sandbox | None = None):
+                 max_message_size: int = 0, sandbox: Sandbox | None = None,
+                 small_sandbox: Sandbox | None = None):
         self.store = store
         self.limits = limits or Limits()
         self.max_message_size = max_message_size
         self.sandbox = sandbox or Sandbox(self.limits.parse_processes, preload=["gateway.mail.structure"])
+        # a lane of its own for small mail: however many large mails wait for
+        # `sandbox`, a small one waits at most for another small one's parse,
+        # which linear parsing bounds (SMALL_MAIL bytes: well under a second)
+        self.small_sandbox = small_sandbox or Sandbox(1, preload=["gateway.mail.structure"])
         self.pipeline = pipeline
         self.blobs = blobs
         self.clock = clock
@@ -134,6 +140,7 @@ class Intake:
 
     def close(self) -> None:
         self.sandbox.close()
+        self.small_sandbox.close()
 
     async def receive(self, received: Received, *, holding_slot: bool = False,
                       refuse_over_limits: bool = False) -> Outcome:
@@ -149,7 +156,8 @@ class Intake:
         if self.max_message_size and len(raw) > self.max_message_size:
             return Examined(problem=f"{len(raw)} bytes, over max_message_size ({self.max_message_size})")
         try:
-            result: Examined = await self.sandbox.run(
+            lane = self.small_sandbox if len(raw) <= SMALL_MAIL else self.sandbox
+            result: Examined = await lane.run(
                 examine, raw, (limits.max_attachments, limits.max_nesting), limits.parse_seconds)
         except Overrun:
             log.warning("mail.parse_overrun", size=len(raw), limit_s=limits.parse_seconds)

@@ -41,7 +41,8 @@ class Crashed(Exception):
 class _Worker:
     def __init__(self, ctx: Any, max_rss: int):
         self.conn, child = multiprocessing.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, max_rss), daemon=True, name="gateway-sandbox")
+        forked = ctx.get_start_method() == "fork"
+        self.proc = ctx.Process(target=_serve, args=(child, max_rss, forked), daemon=True, name="gateway-sandbox")
         self.proc.start()
         child.close()
 
@@ -70,9 +71,17 @@ class _Worker:
         self.conn.close()
 
 
-def _serve(conn: multiprocessing.connection.Connection, max_rss: int) -> None:
-    """A worker's loop: one piece of work at a time, until the pipe closes."""
+def _serve(conn: multiprocessing.connection.Connection, max_rss: int, forked: bool = False) -> None:
+    """A worker's loop: one piece of work at a time, until the pipe closes.
+
+    A forked worker first closes every file descriptor it inherited but its
+    pipe and stdio: it must not keep the parent's database, sockets or pipes
+    open (a pipe's reader would never see its end)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # ^C reaches the whole group: the daemon decides
+    if forked:
+        keep = conn.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
     while True:
         try:
             fn, args = conn.recv()
