@@ -92,11 +92,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # whatever the umask we were started with, what we write (database, its WAL and
+    # journal, mail, attachments, outbound files) is for our own user (gateway.app);
+    # put back afterwards, for a caller that runs main() in its own process
+    umask = os.umask(0o077)
+    try:
+        return _main(argv)
+    finally:
+        os.umask(umask)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     command = args.command
-    # whatever the umask we were started with, what we write (database, its WAL and
-    # journal, mail, attachments, outbound files) is for our own user (gateway.app)
-    os.umask(0o077)
     logs.configure(stream=sys.stdout if command == "serve" else sys.stderr)
     try:
         config = load(getattr(args, "config", None))
