@@ -77,6 +77,10 @@ class ParsedMail:
     defects: tuple[str, ...] = ()
     # MIME types of every part, in order (finds reports wrapped in multipart/mixed)
     content_types: tuple[str, ...] = ()
+    # the address of the From header itself; differs from `sender` when the author
+    # was taken from X-Original-From/Reply-To (a list rewrote From) or from
+    # Sender/Reply-To (no From): such an author is never taken as staff. None: same.
+    from_address: str | None = None
 
     @property
     def thread_ids(self) -> tuple[str, ...]:

@@ -137,6 +137,19 @@ def reply_to(original: EmailMessage, frm: str, body: str, subject: str | None = 
     return m
 
 
+def agent_reply(note: EmailMessage, body: str, *, frm: str = STAFF, client: str | None = None,
+                subject: str | None = None) -> EmailMessage:
+    """An agent answering a staff notification (`note`, as it reached their sink) the way
+    a real one does: from their mail client (tests/mailclients.py's `client`, or a plain
+    reply), to the notification's reply address, keeping its In-Reply-To/References.
+    That reply address and Message-ID carry the staff token that proves the agent."""
+    to = str(note["Reply-To"] or SUPPORT)
+    if client is not None:
+        from mailclients import CLIENTS
+        return CLIENTS[client](note, frm, to, body)
+    return reply_to(note, frm, body, subject, to=to)
+
+
 def uniq(word: str = "case") -> str:
     return f"{word}-{uuid.uuid4().hex[:8]}"
 

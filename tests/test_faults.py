@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GATEWAY, QUEUES, STAFF, SUPPORT, GatewayProc, mail, uniq, wait_for
+from conftest import GATEWAY, QUEUES, SUPPORT, GatewayProc, agent_reply, mail, uniq, wait_for
 
 FUTURE = "2099-01-01T00:00:00+00:00"
 
@@ -287,7 +287,12 @@ def test_relay_permanent_failure_is_recorded_on_the_ticket_as_a_bounce(
 
     # the relay takes mail again; nothing more goes to the failed address
     gw.sink.reply = "250 2.0.0 OK"
-    assert gw.send(mail(STAFF, SUPPORT, f"Re: [Support #{t['id']}] {key}", "We fixed it."))[0] == 250
+    # the agent answers the refused notification as `tickets show` lists it (its
+    # Message-ID carries the staff token that proves the agent)
+    notice = EmailMessage()
+    stored = next(m for m in t["messages"] if m["kind"] == "staff_notify")
+    notice["Message-ID"], notice["Subject"] = stored["message_id"], stored["subject"]
+    assert gw.send(agent_reply(notice, "We fixed it."))[0] == 250
     out = run_due(gw, FUTURE)
     assert out["outbox"]["failed"] == 2
     assert gw.sink.to("hal@customer.example") == []

@@ -9,7 +9,7 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
-from conftest import GATEWAY, QUEUES, STAFF, SUPPORT, GatewayProc, mail, reply_to, uniq
+from conftest import GATEWAY, QUEUES, STAFF, SUPPORT, GatewayProc, agent_reply, mail, reply_to, uniq
 from mailclients import CLIENTS
 
 CUSTOMER = "ann@customer.example"
@@ -43,7 +43,7 @@ def staff_answer(gw: GatewayProc, tid: int, text: str, client: str = "thunderbir
     """An agent answers the staff notification of ticket `tid` from a mail client."""
     notes = [m for m in gw.sink.wait_to(QUEUES["AMER"]) if f"#{tid}]" in str(m["Subject"])]
     assert notes, "no staff notification for the ticket"
-    answer = CLIENTS[client](notes[-1], f"Agent Smith <{STAFF}>", SUPPORT, text)
+    answer = agent_reply(notes[-1], text, frm=f"Agent Smith <{STAFF}>", client=client)
     assert gw.send(answer)[0] == 250
 
 

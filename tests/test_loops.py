@@ -223,7 +223,9 @@ def test_authentication_results_are_read_per_rfc_8601() -> None:
     assert ok(f"{TRUSTED}; dmarc=pass header.from=staff.example.com")
     assert ok(f"{TRUSTED}; dkim=pass header.d=staff.example.com")
     assert ok(f"{TRUSTED}; dkim=pass header.i=@staff.example.com")
-    assert ok(f"{TRUSTED}; spf=pass smtp.mailfrom=agent@staff.example.com")
+    assert not ok(f"{TRUSTED}; spf=pass smtp.mailfrom=agent@staff.example.com")  # SPF is no proof
+    assert not ok(f"{TRUSTED}; dmarc=pass")                     # a pass for which domain?
+    assert not ok(f"{TRUSTED}; dmarc=pass header.from=example.com")  # another (parent) domain
     assert ok("MX.Staff.Example.COM; dkim=pass header.d=staff.example.com")   # ids are case-less
     assert not ok("mx.evil.example; dmarc=pass header.from=staff.example.com")  # untrusted server
     assert not ok(f"{TRUSTED}; dkim=pass header.d=evil.example")                # not aligned
@@ -276,10 +278,11 @@ def test_unauthenticated_staff_mail_is_kept_as_a_note_not_relayed_and_the_agent_
               f"{TRUSTED}; dkim=pass header.d=evil.example; spf=fail"]       # not aligned
     for auth in forged:
         assert gw.send(_staff_answer(note, "#status resolved\nYour refund is approved.", auth))[0] == 250
-    told = gw.sink.wait_to(STAFF, count=3)
-    assert all("not authenticate" in m.get_body(("plain",)).get_content() for m in told)
-    assert all(f"[Support #{t['id']}]" in str(m["Subject"]) for m in told)
     settle(gw)
+    told = gw.sink.wait_to(STAFF)
+    assert len(told) == 1                                 # once per ticket an hour, not per mail
+    assert "did not prove" in told[0].get_body(("plain",)).get_content()
+    assert f"[Support #{t['id']}]" in str(told[0]["Subject"]) and "refund" not in told[0].as_string()
     after = gw.ticket(t["id"])
     assert after["status"] == "open" and after["first_response_at"] is None
     assert [m["kind"] for m in after["messages"] if m["direction"] == "in"] == ["customer"] + ["note"] * 3

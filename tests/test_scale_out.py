@@ -18,8 +18,19 @@ from typing import Any
 
 import pg
 import pytest
-from conftest import GATEWAY, QUEUES, STAFF, SUPPORT, GatewayProc, free_port, mail, reply_to, uniq, wait_for
-from mailclients import CLIENTS
+from conftest import (
+    GATEWAY,
+    QUEUES,
+    STAFF,
+    SUPPORT,
+    GatewayProc,
+    agent_reply,
+    free_port,
+    mail,
+    reply_to,
+    uniq,
+    wait_for,
+)
 from test_faults import load, run_clients
 
 from gateway.store import MIGRATIONS, Store
@@ -181,7 +192,7 @@ def test_the_same_mail_at_two_instances_is_one_message_and_replies_thread_across
     assert len(b.tickets()) == 1
     # a staff answer sent to A, to B's notification, reaches the customer threaded
     notes = a.sink.wait_to(QUEUES["AMER"], 2)
-    answer = CLIENTS["thunderbird"](notes[-1], f"Agent Smith <{STAFF}>", SUPPORT, "Please update.")
+    answer = agent_reply(notes[-1], "Please update.", frm=f"Agent Smith <{STAFF}>", client="thunderbird")
     assert a.send(answer)[0] == 250
     relayed = wait_for(lambda: [x for x in a.sink.to("ann@customer.example")
                                 if "Please update." in x.get_body(("plain",)).get_content()],
@@ -241,7 +252,7 @@ def test_kill_9_of_one_of_three_instances_loses_nothing_and_its_claims_pass_on(
     notes = sink.wait_to(QUEUES["AMER"], len(items))
     for n, t in enumerate(waiting):
         note = next(x for x in notes if f"#{t['id']}]" in str(x["Subject"]))
-        answer = CLIENTS["thunderbird"](note, f"Agent Smith <{STAFF}>", SUPPORT, "Which version?")
+        answer = agent_reply(note, "Which version?", frm=f"Agent Smith <{STAFF}>", client="thunderbird")
         assert survivors[n % 2].send(answer)[0] == 250
 
     def run_due_everywhere(hours: float) -> list[dict[str, Any]]:

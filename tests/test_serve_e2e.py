@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import smtplib
 import socket
@@ -12,7 +13,7 @@ import threading
 from collections.abc import Callable
 
 import pg
-from conftest import GOV, QUEUES, STAFF, SUPPORT, GatewayProc, Sink, mail, reply_to, uniq, wait_for
+from conftest import GOV, QUEUES, SUPPORT, GatewayProc, Sink, agent_reply, mail, reply_to, uniq, wait_for
 
 
 def test_new_mail_opens_ticket_acknowledges_and_notifies_the_queue(gateway: GatewayProc) -> None:
@@ -42,7 +43,8 @@ def test_new_mail_opens_ticket_acknowledges_and_notifies_the_queue(gateway: Gate
     note = gateway.sink.wait_to(QUEUES["AMER"])[0]
     assert tag in str(note["Subject"])
     assert str(note["Auto-Submitted"]) == "auto-generated"
-    assert str(note["Reply-To"]) == SUPPORT
+    # staff answer to the mailbox, the staff token of this ticket as its +tag
+    assert re.fullmatch(r"support\+s\d+\.[0-9a-f]{20}@example\.com", str(note["Reply-To"]))
     assert "0x80040115" in note.get_body(("plain",)).get_content()
     # both outbound mails are recorded on the ticket with their Message-IDs
     kinds = {x["kind"]: x for x in gateway.ticket(t["id"])["messages"]}
@@ -323,7 +325,7 @@ def test_staff_reply_is_recorded_as_staff(gateway: GatewayProc) -> None:
     gateway.send(mail("kim@customer.example", SUPPORT, key, "question"))
     t = gateway.ticket_by_subject(key)
     note = gateway.sink.wait_to(QUEUES["AMER"])[0]
-    gateway.send(reply_to(note, STAFF, "We are on it."))
+    gateway.send(agent_reply(note, "We are on it."))
     kinds = [x["kind"] for x in gateway.ticket(t["id"])["messages"] if x["direction"] == "in"]
     assert kinds == ["customer", "staff"]
 

@@ -19,9 +19,9 @@ from gateway.outbound.tokens import TicketTokens
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 LANGUAGES = ("en", "de", "ja")
 CUSTOMER_KINDS = ("ack", "staff_reply", "reminder", "autoclose", "closure", "info_request", "redirect")
-STAFF_KINDS = ("staff_notify", "sla_warning", "forward", "command_error")
+STAFF_KINDS = ("staff_notify", "sla_warning", "forward", "command_error", "staff_unproven")
 TEMPLATE_ONLY = {"sla_warning": Kind.STAFF_NOTIFY, "forward": Kind.STAFF_NOTIFY,
-                 "command_error": Kind.STAFF_NOTIFY}
+                 "command_error": Kind.STAFF_NOTIFY, "staff_unproven": Kind.STAFF_NOTIFY}
 TRANSLATED_MARKER = {"de": "-- Bitte oberhalb dieser Zeile antworten --",
                      "ja": "-- この行より上にご返信ください --"}
 # a word each language's customer templates are sure to use
@@ -147,7 +147,7 @@ def test_html_escapes_hostile_subjects_names_and_text(name: str, language: str) 
     assert html is not None
     assert msg["Bcc"] is None and msg["To"] == "ann@c.example"
     assert "<script>" not in html and "<img src=x" not in html
-    assert "&lt;script&gt;" in html or name in ("staff_reply", "command_error")  # they show no subject
+    assert "&lt;script&gt;" in html or name in ("staff_reply", "command_error", "staff_unproven")  # no subject
     if hostile:
         assert "&lt;img src=x onerror=alert(1)&gt; &#34;Ann&#34; &amp; co" in html
         assert HOSTILE_NAME in text        # the text part is text: nothing to escape

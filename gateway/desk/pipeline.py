@@ -21,7 +21,7 @@ from gateway.mail import authres
 from gateway.mail.automatic import automatic_kind
 from gateway.mail.subject import tagged_ticket_id
 from gateway.model import Attachment, Kind, ParsedMail, Status, Ticket, normalize_address
-from gateway.outbound.tokens import TicketTokens
+from gateway.outbound.tokens import TicketTokens, without_staff_tokens
 from gateway.rules.decision import Decision, decide
 from gateway.rules.language import choose_language
 from gateway.store import Tx
@@ -76,6 +76,13 @@ class Pipeline:
             return Outcome(inbound_id, "duplicate", None, mail.message_id, 0,
                            "a mail with this Message-ID was already received")
         sender = mail.sender or normalize_address(received.mail_from or "")
+        if mail.from_address is not None and mail.from_address != mail.sender \
+                and self.config.is_staff(sender):
+            # A rewritten or forwarded author (X-Original-From + Reply-To of a list,
+            # Sender/Reply-To without From) never becomes staff: the mail is
+            # whoever its From (or envelope) names, and is judged as theirs.
+            log.warning("staff.rewritten_sender", message_id=mail.message_id, claimed=sender)
+            sender = mail.from_address or normalize_address(received.mail_from or "")
         auto = automatic_kind(mail.headers, sender=sender, mail_from=received.mail_from,
                               own_addresses=self.own_addresses, content_types=mail.content_types)
         if auto is None and not _ANSWERABLE.fullmatch(sender):
@@ -111,10 +118,10 @@ class Pipeline:
         ticket = by_reference if by_reference and by_reference.id == placement.ticket_id else by_tag
         assert ticket is not None
         if self.config.is_staff(sender):
-            unverified = self._staff_unverified(received, sender)
-            if unverified is None:
+            unproven = self._staff_unproven(mail, received, ticket, sender)
+            if unproven is None:
                 return await self._staff_reply(tx, inbound_id, mail, ticket, sender, now, placement)
-            return await self._unverified_staff(tx, inbound_id, mail, ticket, sender, now, unverified)
+            return await self._unproven_staff(tx, inbound_id, mail, ticket, sender, now, unproven)
         return await self._customer_reply(tx, inbound_id, mail, ticket, sender, now, placement)
 
     async def _ticket_answered(self, tx: Tx, ids: tuple[str, ...]) -> Ticket | None:
@@ -280,7 +287,7 @@ class Pipeline:
         queued = 0
         if relay:
             queued += await self.desk.to_customer(
-                tx, ticket, Kind.STAFF_REPLY, now, context={"text": cmds.text,
+                tx, ticket, Kind.STAFF_REPLY, now, context={"text": without_staff_tokens(cmds.text),
                                                             "agent": mail.sender_name or "Support"},
                 from_name=mail.sender_name or None, attachments=mail.attachments)
         ticket, more = await self.desk.apply(
@@ -335,41 +342,54 @@ class Pipeline:
                     sent_last_hour=sent, limit=limit)
         return False
 
-    def _staff_unverified(self, received: Received, sender: str) -> str | None:
-        """Why a staff address's mail can't be taken as staff, or None when it can.
+    def _staff_unproven(self, mail: ParsedMail, received: Received, ticket: Ticket,
+                        sender: str) -> str | None:
+        """Why a mail from a staff address does not prove its author, or None when it does.
 
-        With `[staff] require_authenticated`, only mail that the receiving MTA
-        authenticated for the From domain (RFC 8601 Authentication-Results from
-        a trusted authserv-id: `gateway.mail.authres`) is relayed or obeyed.
+        Proof is (a) a staff token of ours for this ticket, bound to this agent or
+        to a staff queue, in what the mail answers (In-Reply-To/References) or
+        where it was sent (To, Cc, envelope recipients): the agent replied to our
+        notification (`gateway.outbound.tokens`); or (b) a trusted
+        Authentication-Results header with DKIM or DMARC aligned to the agent's
+        domain (`gateway.mail.authres`). `[staff] require_authenticated` takes
+        only (b). The reason is for the log only: it is never mailed.
         """
-        if not self.config.staff_require_authenticated:
+        if not self.config.staff_require_authenticated and self.tokens.staff_proof(
+                ticket.id, mail.thread_ids, (*mail.to, *mail.cc, *received.rcpt_to),
+                (sender, *self.config.queues.values())):
             return None
+        why = "no staff token of this ticket" if not self.config.staff_require_authenticated else \
+            "require_authenticated: tokens not taken"
+        if not self.config.staff_trusted_authserv_ids:
+            return why
         verdict = authres.verify(authres.header_values(received.raw),
                                  from_domain=sender.rpartition("@")[2],
                                  trusted_ids=self.config.staff_trusted_authserv_ids)
-        return None if verdict.authenticated else verdict.reason
+        return None if verdict.authenticated else f"{why}; {verdict.reason}"
 
-    async def _unverified_staff(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket,
-                                sender: str, now: datetime, reason: str) -> Outcome:
-        """Mail from a staff address that the MTA did not authenticate.
+    async def _unproven_staff(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket,
+                              sender: str, now: datetime, reason: str) -> Outcome:
+        """Mail from a staff address that does not prove the agent wrote it.
 
         Kept on the ticket as a `note`: staff see it, the customer never does
         (notes are not relayed and are not on the customer's thread), no
         command is applied and the status does not change. The staff address
-        is told why, so a real agent whose mail setup broke learns of it, and
-        an agent being impersonated learns that too.
+        is told, at most once per ticket an hour, quoting nothing of the mail:
+        a real agent whose reply lost its token learns of it, an agent being
+        impersonated learns that too, and a forger can't make us mail the
+        agent their text.
         """
         await self._record(tx, ticket.id, Kind.NOTE, mail, inbound_id, now)
-        queued = await self.desk.to_staff(
-            tx, ticket, sender, now, answers=[mail.message_id], template="command_error",
-            context={"errors": [f"our mail server did not authenticate your mail as coming from "
-                                f"{sender.rpartition('@')[2]} ({reason}); it was kept as an internal "
-                                f"note only"],
-                     "text": mail.reply_text})
+        queued = 0
+        if await tx.staff_warning_due(ticket.id, sender, now, now - timedelta(hours=1)):
+            why = ("Your mail server's Authentication-Results did not prove it either."
+                   if self.config.staff_trusted_authserv_ids else "")
+            queued = await self.desk.to_staff(tx, ticket, sender, now, answers=[],
+                                              template="staff_unproven", context={"why": why})
         log.warning("staff.unauthenticated", ticket_id=ticket.id, message_id=mail.message_id,
-                    sender=sender, reason=reason)
+                    sender=sender, reason=reason, told=bool(queued))
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
-                       f"staff mail not authenticated, kept as a note: {reason}")
+                       f"staff mail not proven, kept as a note: {reason}")
 
 
 # Our automatic answers to a customer, counted by the per-sender hourly cap

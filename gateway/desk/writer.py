@@ -93,10 +93,13 @@ class Desk:
                        answers: Sequence[str], context: Mapping[str, Any],
                        template: str | None = None, reply_to: str | None = None,
                        attachments: Sequence[tuple[Attachment, bytes]] = ()) -> int:
-        out = self.composer.compose(Kind.STAFF_NOTIFY, ticket=ticket, mailbox=ticket.mailbox,
-                                    to=[address], answers=answers, now=now,
-                                    reply_to=reply_to or ticket.mailbox, context=context,
-                                    template=template, attachments=attachments)
+        """Queue a mail to a staff address. Its Message-ID and reply address carry the
+        token that proves a staff answer to it (`gateway.outbound.tokens`)."""
+        tokens = self.composer.tokens
+        out = self.composer.compose(
+            Kind.STAFF_NOTIFY, ticket=ticket, mailbox=ticket.mailbox, to=[address], answers=answers,
+            now=now, reply_to=reply_to or tokens.staff_reply_address(ticket.id, ticket.mailbox, address),
+            context=context, template=template, attachments=attachments, staff_to=address)
         return await self.enqueue(tx, ticket.id, out, now)
 
     def target_text(self, ticket: Ticket, due: datetime | None) -> str | None:

@@ -160,6 +160,7 @@ def parse_mail(raw: bytes) -> ParsedMail:
         headers.setdefault(name.lower(), one_line(decode_header(value, fallback)))
 
     name, sender = _first_address(_raw_all(msg, "From"), fallback)
+    from_address = sender
     if not sender:
         # no usable From: whoever else the mail names as its author (RFC 5322 §3.6.2)
         name, sender = _first_address(_raw_all(msg, "Sender") + _raw_all(msg, "Reply-To"), fallback)
@@ -187,6 +188,7 @@ def parse_mail(raw: bytes) -> ParsedMail:
     date = _date(_raw_header(msg, "Date"))
     return ParsedMail(
         sender=sender,
+        from_address=from_address,
         sender_name=one_line(name),
         to=_addresses(_raw_all(msg, "To"), fallback),
         cc=_addresses(_raw_all(msg, "Cc"), fallback),

@@ -242,7 +242,7 @@ class Composer:
                 reply_to: str | None = None, cc: Sequence[str] = (), template: str | None = None,
                 from_name: str | None = None,
                 attachments: Sequence[tuple[Attachment, bytes]] = (),
-                language: str = FALLBACK_LANGUAGE) -> Outgoing:
+                language: str = FALLBACK_LANGUAGE, staff_to: str | None = None) -> Outgoing:
         """Render template `kind` (or `template`) for `ticket`, from `mailbox` to `to`.
 
         `answers` is the thread: the Message-IDs this mail answers, oldest
@@ -250,6 +250,8 @@ class Composer:
         is the display name (an agent's name); the address is always the
         mailbox's, never the agent's own. `language` picks the templates
         (English where that language has none) and `Content-Language`.
+        `staff_to`: the staff address this mail goes to; its Message-ID then
+        carries that address's staff token (`gateway.outbound.tokens`).
         """
         used, text_template, html_template = self.templates_for(template or kind.value, language)
         ctx = self.context(ticket, mailbox, used, context)
@@ -272,7 +274,7 @@ class Composer:
         subject = self.subject(ticket)
         headers["Subject"] = subject
         headers["Date"] = format_datetime(now)
-        message_id = self.tokens.message_id(ticket.id, domain)
+        message_id = self.tokens.message_id(ticket.id, domain, staff=staff_to)
         headers["Message-ID"] = message_id
         thread = [m for m in answers if m]
         if thread:
@@ -335,6 +337,8 @@ SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                 {"sender": "ann@customer.example", "department": "sales", "body_text": ""}),
     "command_error": ({"errors": ["unknown command #stauts"], "text": "#stauts closed\nDone."},
                       {"errors": [], "text": ""}),
+    "staff_unproven": ({"why": "It answered no notification of ours and carried no trusted"
+                               " Authentication-Results."}, {"why": ""}),
 }
 
 

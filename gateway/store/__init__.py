@@ -172,6 +172,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE outbox ADD COLUMN claimed_by TEXT;
     """,
+    # 8: when a staff address was last told that its mail on a ticket proved nothing
+    # (at most once an hour per ticket: a forger can't make us mail the agent in a loop)
+    """
+    CREATE TABLE staff_warnings (
+        ticket_id INTEGER NOT NULL,
+        address   TEXT NOT NULL,
+        sent_at   TEXT NOT NULL,
+        PRIMARY KEY (ticket_id, address)
+    );
+    """,
 )
 
 
@@ -367,6 +377,17 @@ class Tx:
              iso(now), iso(now)))
 
     # -- limits ----------------------------------------------------------
+    async def staff_warning_due(self, ticket_id: int, address: str, now: datetime,
+                                since: datetime) -> bool:
+        """Whether `address` may be told about unproven mail on `ticket_id` now (not
+        told since `since`); when it may, the telling is recorded in the same step."""
+        rows = await self._all(
+            "INSERT INTO staff_warnings (ticket_id, address, sent_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (ticket_id, address) DO UPDATE SET sent_at = excluded.sent_at"
+            " WHERE staff_warnings.sent_at < ? RETURNING ticket_id",
+            (ticket_id, address, iso(now), iso(since)))
+        return bool(rows)
+
     async def auto_answers_to(self, address: str, since: datetime,
                               kinds: Sequence[str] = ("ack",)) -> int:
         """Automatic answers (`kinds`) sent since `since` on tickets `address` opened.
