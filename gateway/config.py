@@ -126,8 +126,15 @@ class Config:
         return None
 
     def is_staff(self, address: str) -> bool:
+        """A `[staff]` address, an address at a `[staff] domains` domain, or a queue
+        address (a shared team mailbox whose members answer from it)."""
         addr = normalize_address(address)
-        return addr in self.staff_addresses or addr.rpartition("@")[2] in self.staff_domains
+        return addr in self.staff_addresses or addr.rpartition("@")[2] in self.staff_domains \
+            or addr in self.queue_addresses
+
+    @property
+    def queue_addresses(self) -> frozenset[str]:
+        return frozenset(normalize_address(a) for a in self.queues.values())
 
 
 # -- [[imap]] -------------------------------------------------------------------

@@ -67,8 +67,12 @@ class Pipeline:
         self.config = config
         self.desk = desk
         self.tokens = tokens
+        # addresses of ours that are never a participant of a ticket
         self.own_addresses = frozenset(
             [mb.address for mb in config.mailboxes] + list(config.queues.values()))
+        # mail From these is our own mail come back (a queue address is staff: a team
+        # answering from its shared mailbox is a person, judged by its headers)
+        self.mailbox_addresses = frozenset(mb.address for mb in config.mailboxes)
 
     async def handle(self, tx: Tx, inbound_id: int, mail: ParsedMail, received: Received) -> Outcome:
         now = received.received_at
@@ -84,7 +88,7 @@ class Pipeline:
             log.warning("staff.rewritten_sender", message_id=mail.message_id, claimed=sender)
             sender = mail.from_address or normalize_address(received.mail_from or "")
         auto = automatic_kind(mail.headers, sender=sender, mail_from=received.mail_from,
-                              own_addresses=self.own_addresses, content_types=mail.content_types)
+                              own_addresses=self.mailbox_addresses, content_types=mail.content_types)
         if auto is None and not _ANSWERABLE.fullmatch(sender):
             # Nobody to answer and nobody to thread by: kept for ops, never ticketed blind.
             # (Automatic mail goes on: a bounce from a bare MAILER-DAEMON, as IMAP
@@ -99,6 +103,11 @@ class Pipeline:
         by_tag = await tx.ticket(tag_id) if tag_id is not None and by_reference is None else None
         placement = place(sender=sender, sender_is_staff=self.config.is_staff(sender),
                           by_reference=by_reference, by_tag=by_tag, now=now)
+        answered = by_reference or by_tag
+        if auto is None and answered is None and sender in self.config.queue_addresses:
+            # a queue address answers tickets; mail from it about none is our own
+            # notification come back (a list, a forward): never a ticket of its own
+            auto = "auto"
 
         if auto is not None:
             ticket = by_reference or by_tag
@@ -112,6 +121,10 @@ class Pipeline:
                 await self._mark_undeliverable(tx, ticket, received.raw, now)
             return Outcome(inbound_id, "joined", ticket.id, mail.message_id, 0,
                            f"{auto} mail recorded: no answer, no status change")
+
+        if answered is not None and not self.config.is_staff(sender) and self.tokens.answers_staff_mail(
+                answered.id, mail.thread_ids, (*mail.to, *mail.cc, *received.rcpt_to)):
+            return await self._not_staff(tx, inbound_id, mail, answered, sender, now)
 
         if placement.ticket_id is None:
             return await self._open_ticket(tx, inbound_id, mail, received, sender, placement)
@@ -197,9 +210,10 @@ class Pipeline:
                     tx, ticket, Kind.ACK, now, include_cc=False, thread=[mail.message_id],
                     context={"name": mail.sender_name or sender,
                              "target": self.desk.target_text(ticket, decision.response_due),
-                             "missing": list(decision.missing)})
+                             "missing": list(decision.missing),
+                             "follows_up": await self._follows_up(tx, placement, sender)})
             queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now,
-                                         dropped=len(dropped))
+                                         dropped=len(dropped), linked_reason=placement.reason)
         log.info("ticket.created", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, region=ticket.region, govcloud=ticket.govcloud,
                  priority=ticket.priority, plan=ticket.plan, queue=decision.queue,
@@ -298,13 +312,24 @@ class Pipeline:
                  mailbox=ticket.mailbox, staff=True, relayed=relay, reason=placement.reason)
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, placement.reason)
 
+    async def _follows_up(self, tx: Tx, placement: Placement, sender: str) -> dict[str, object] | None:
+        """What the ack may say of the ticket a new one is linked to: its number and
+        true status, to one of its participants only. A stranger who quoted a tag
+        learns nothing, not even that the ticket exists."""
+        if placement.linked_ticket is None:
+            return None
+        old = await tx.ticket(placement.linked_ticket)
+        if old is None or sender not in old.participants:
+            return None
+        return {"id": old.id, "status": old.status.value}
+
     async def _notify(self, tx: Tx, ticket: Ticket, mail: ParsedMail, sender: str, *,
-                      is_new: bool, now: datetime, dropped: int = 0) -> int:
+                      is_new: bool, now: datetime, dropped: int = 0, linked_reason: str = "") -> int:
         return await self.desk.to_staff(
             tx, ticket, self.desk.queue_of(ticket), now, answers=[mail.message_id],
             context={"is_new": is_new, "sender": sender, "reply_text": mail.reply_text,
                      "body_text": mail.body_text, "attachments": [a for a, _ in mail.attachments],
-                     "participants_dropped": dropped,
+                     "participants_dropped": dropped, "linked_reason": linked_reason,
                      "max_participants": self.config.limits.max_participants})
 
     async def _participants_dropped(self, tx: Tx, ticket: Ticket, mail: ParsedMail, dropped: tuple[str, ...],
@@ -390,6 +415,25 @@ class Pipeline:
                     sender=sender, reason=reason, told=bool(queued))
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
                        f"staff mail not proven, kept as a note: {reason}")
+
+    async def _not_staff(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket,
+                         sender: str, now: datetime) -> Outcome:
+        """Someone who is not staff answered our mail to staff (a colleague the
+        notification was forwarded to, a team member missing from `[staff]`).
+
+        Kept on the ticket as an internal note, never relayed, nothing applied;
+        the sender is told why (at most once per ticket an hour, quoting nothing
+        and carrying no staff token), so the answer is never lost in silence."""
+        await self._record(tx, ticket.id, Kind.NOTE, mail, inbound_id, now)
+        queued = 0
+        if await tx.staff_warning_due(ticket.id, sender, now, now - timedelta(hours=1)):
+            queued = await self.desk.to_staff(tx, ticket, sender, now, answers=[mail.message_id],
+                                              template="not_staff", context={"sender": sender},
+                                              token=False)
+        log.warning("staff.not_staff", ticket_id=ticket.id, message_id=mail.message_id,
+                    sender=sender, told=bool(queued))
+        return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
+                       "answered our mail to staff but is not staff: kept as a note")
 
 
 # Our automatic answers to a customer, counted by the per-sender hourly cap

@@ -92,14 +92,19 @@ class Desk:
     async def to_staff(self, tx: Tx, ticket: Ticket, address: str, now: datetime, *,
                        answers: Sequence[str], context: Mapping[str, Any],
                        template: str | None = None, reply_to: str | None = None,
-                       attachments: Sequence[tuple[Attachment, bytes]] = ()) -> int:
+                       attachments: Sequence[tuple[Attachment, bytes]] = (),
+                       token: bool = True) -> int:
         """Queue a mail to a staff address. Its Message-ID and reply address carry the
-        token that proves a staff answer to it (`gateway.outbound.tokens`)."""
+        token that proves a staff answer to it (`gateway.outbound.tokens`); `token`
+        False: none (a mail to someone who is not staff)."""
         tokens = self.composer.tokens
+        if reply_to is None:
+            reply_to = tokens.staff_reply_address(ticket.id, ticket.mailbox, address) if token \
+                else ticket.mailbox
         out = self.composer.compose(
             Kind.STAFF_NOTIFY, ticket=ticket, mailbox=ticket.mailbox, to=[address], answers=answers,
-            now=now, reply_to=reply_to or tokens.staff_reply_address(ticket.id, ticket.mailbox, address),
-            context=context, template=template, attachments=attachments, staff_to=address)
+            now=now, reply_to=reply_to, context=context, template=template, attachments=attachments,
+            staff_to=address if token else None)
         return await self.enqueue(tx, ticket.id, out, now)
 
     def target_text(self, ticket: Ticket, due: datetime | None) -> str | None:

@@ -317,10 +317,11 @@ _ATTACHMENT = Attachment("backup log.txt", "text/plain", 1200, "0" * 64)
 # would in production.
 SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "ack": ({"name": "Ann Müller", "target": "within 3 business hours: by Mon 23 Nov 2026, 10:00 CET",
-             "missing": ["account_email", "organisation"]},
+             "missing": ["account_email", "organisation"], "follows_up": {"id": 1041, "status": "closed"}},
             {"name": "ann@customer.example", "target": None, "missing": []}),
     "staff_notify": ({"is_new": True, "sender": "ann@customer.example", "reply_text": "It fails again.",
-                      "body_text": "It fails again.\n\n> earlier text", "attachments": [_ATTACHMENT]},
+                      "body_text": "It fails again.\n\n> earlier text", "attachments": [_ATTACHMENT],
+                      "linked_reason": "answers a message of the ticket, but it is closed: new linked ticket"},
                      {"is_new": False, "sender": "ann@customer.example", "reply_text": "x",
                       "body_text": "x", "attachments": []}),
     "staff_reply": ({"text": "Please run the backup again.\n\nJörg", "agent": "Jörg Müller"},
@@ -337,6 +338,7 @@ SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                 {"sender": "ann@customer.example", "department": "sales", "body_text": ""}),
     "command_error": ({"errors": ["unknown command #stauts"], "text": "#stauts closed\nDone."},
                       {"errors": [], "text": ""}),
+    "not_staff": ({"sender": "colleague@partner.example"}, {"sender": "x@y.example"}),
     "staff_unproven": ({"why": "It answered no notification of ours and carried no trusted"
                                " Authentication-Results."}, {"why": ""}),
 }
