@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -42,12 +43,21 @@ def ticket_json(t: Ticket) -> dict[str, Any]:
             "redirect": t.redirect}
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("support-gateway")
+    except PackageNotFoundError:   # run from a checkout that was never installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
                         help="TOML configuration (default: $GATEWAY_CONFIG, else built-in defaults)")
     p = argparse.ArgumentParser(prog="gateway", parents=[common],
                                 description="Email-driven support ticket gateway")
+    p.add_argument("--version", action="version", version=f"gateway {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sv = sub.add_parser("serve", parents=[common], help="run the daemon (SMTP/LMTP listener, sender)")
@@ -139,9 +149,17 @@ def _main(argv: Sequence[str] | None) -> int:
             return asyncio.run(_stats(config, args))
         if command == "explain":
             return _explain(config, args)
+    except NoDatabase as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return EX_NOINPUT
     except StoreUnavailable as e:
         print(f"gateway: store unavailable: {e}", file=sys.stderr)
         return answers.EX_TEMPFAIL
+    except BrokenPipeError:
+        # `gateway tickets list | head -1`: the reader has gone; end quietly,
+        # with the status a shell gives a command killed by SIGPIPE.
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE
     except UsageError as e:
         print(f"gateway: {e}", file=sys.stderr)
         return answers.EX_USAGE
@@ -155,6 +173,30 @@ def _main(argv: Sequence[str] | None) -> int:
             return answers.EX_TEMPFAIL
         raise
     raise AssertionError(command)  # pragma: no cover - argparse restricts commands
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush
+    does not raise again on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+class NoDatabase(Exception):
+    """A read-only command found no database: it never creates one."""
+
+
+EX_NOINPUT = 66   # sysexits.h: cannot open input
+
+
+async def _open_existing(config: Config) -> Store:
+    """The store, for a command that only reads it (or reads before it writes):
+    a missing SQLite file means a wrong --config, not an empty desk."""
+    if config.store_url.startswith("sqlite:///"):
+        path = Path(config.store_url[len("sqlite:///"):])
+        if not path.exists():
+            raise NoDatabase(f"no database at {path}: is --config right?")
+    return await Store.open(config.store_url, config.busy_timeout_ms)
 
 
 # -- ingest ---------------------------------------------------------------
@@ -300,7 +342,7 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
             print(f"gateway: no quarantined mail {args.id}: already processed", file=sys.stderr)
             return 1
         return answers.EX_OK if result.processed else answers.EX_DATAERR
-    store = await Store.open(config.store_url, config.busy_timeout_ms)
+    store = await _open_existing(config)
     try:
         if args.quarantine_command == "list":
             rows = await quarantine.entries(store)
@@ -325,7 +367,7 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
 # -- tickets --------------------------------------------------------------
 
 async def _tickets(config: Config, args: argparse.Namespace) -> int:
-    store = await Store.open(config.store_url, config.busy_timeout_ms)
+    store = await _open_existing(config)
     try:
         if args.tickets_command == "list":
             rows = await store.tickets(args.status)
@@ -408,7 +450,7 @@ def when(option: str, value: str) -> datetime:
 async def _stats(config: Config, args: argparse.Namespace) -> int:
     since = when("--since", args.since) if args.since else None
     until = when("--until", args.until) if args.until else None
-    store = await Store.open(config.store_url, config.busy_timeout_ms)
+    store = await _open_existing(config)
     try:
         rep = stats.report(await store.tickets_created(since, until))
     finally:
