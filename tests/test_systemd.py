@@ -56,3 +56,24 @@ def test_watchdog_pings_when_systemd_asks_for_them(make_gateway: Callable[..., G
 def test_unit_file_is_type_notify_with_a_watchdog() -> None:
     unit = (Path(__file__).resolve().parents[1] / "config" / "gateway.service").read_text()
     assert "Type=notify" in unit and "WatchdogSec=" in unit and "gateway serve" in unit
+
+
+def test_a_broken_stdout_never_blocks_shutdown(make_gateway: Callable[..., GatewayProc]) -> None:
+    """`gateway serve | head -1`, then mail (logged into the closed pipe), then SIGTERM."""
+    from conftest import SUPPORT, mail, smtp_send, uniq, wait_banner
+    gw = make_gateway()
+    proc = subprocess.Popen([*GATEWAY, "serve", "--config", str(gw.config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(b"{")    # `head -1` reads one line ...
+        proc.stdout.close()                                # ... and exits
+        wait_banner(gw.port, b"220", timeout=20, what="gateway serve")
+        for n in range(3):                                 # every line now meets EPIPE
+            assert smtp_send(gw.port, mail("pipe@customer.example", SUPPORT, uniq(f"pipe {n}"), "hi"))[0] == 250
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -299,7 +299,7 @@ class Intake:
                 except Exception as e:  # noqa: BLE001 - poison mail is quarantined
                     error = f"processing failed: {type(e).__name__}: {e}"[:2000]
                     log.exception("mail.quarantined", inbound_id=inbound_id,
-                                  message_id=job.parsed.message_id, exception=error)
+                                  message_id=job.parsed.message_id, error=error)
             if outcome is not None and outcome.action == "quarantined":
                 # a quarantined mail is not on a ticket: its Message-ID is free again
                 # (after a failure the savepoint took the claim back already)
@@ -309,12 +309,12 @@ class Intake:
                 message_id = job.parsed.message_id if job.parsed else header_message_id(r.raw)
                 if job.parsed is None:
                     log.error("mail.quarantined", inbound_id=inbound_id, message_id=message_id,
-                              exception=error)
+                              error=error)
                 outcome = Outcome(inbound_id, "quarantined", None, message_id, 0, error or "")
             else:
                 if outcome.action == "quarantined":
                     log.warning("mail.quarantined", inbound_id=inbound_id,
-                                message_id=outcome.message_id, exception=outcome.reason)
+                                message_id=outcome.message_id, error=outcome.reason)
                 state = {"duplicate": "duplicate", "automatic": "automatic",
                          "quarantined": "quarantined"}.get(outcome.action, "processed")
                 await tx.set_inbound_state(inbound_id, state,

@@ -132,6 +132,10 @@ class _State(enum.Enum):
     NOT_SPOOLED = enum.auto()
 
 
+# aiosmtpd 1.4's answer in smtp_MAIL (tests/test_internals.py fails if it changes)
+AIOSMTPD_SIZE_REFUSAL = "552 Error: message size exceeds fixed maximum message size"
+
+
 class _SpooledDATA(SMTP):
     """aiosmtpd's SMTP.smtp_DATA, with the DATA going to a `Spool`.
 
@@ -175,6 +179,14 @@ class _SpooledDATA(SMTP):
             return
         await super()._handle_client()
 
+    async def push(self, status: Any) -> None:
+        # aiosmtpd refuses `MAIL FROM ... SIZE=` over the limit itself, in its own
+        # words: logged, and answered as the README documents (552 5.3.4).
+        if isinstance(status, str) and status.startswith(AIOSMTPD_SIZE_REFUSAL):
+            log.warning("smtp.too_big", stage="MAIL", limit=self.data_size_limit, mailbox=None)
+            status = answers.TOO_BIG.format(limit=self.data_size_limit)
+        await super().push(status)
+
     async def smtp_DATA(self, arg: str) -> None:
         if self._decode_data:
             return await super().smtp_DATA(arg)
@@ -192,8 +204,11 @@ class _SpooledDATA(SMTP):
         try:
             state = await self._read_data(spool)
             if state is not _State.NOMINAL:
+                if state is _State.TOO_MUCH:
+                    log.warning("smtp.too_big", stage="DATA", limit=self.data_size_limit,
+                                mailbox=str(self.envelope.rcpt_tos[0])[:200])
                 await self.push({_State.TOO_LONG: "500 Line too long (see RFC5321 4.5.3.1.6)",
-                                 _State.TOO_MUCH: "552 Error: Too much mail data",
+                                 _State.TOO_MUCH: answers.TOO_BIG.format(limit=self.data_size_limit),
                                  _State.NOT_SPOOLED: answers.TRY_LATER}[state])
                 self._set_post_data_state()
                 return
