@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -77,3 +79,36 @@ def test_a_broken_stdout_never_blocks_shutdown(make_gateway: Callable[..., Gatew
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+UNIT = Path(__file__).resolve().parents[1] / "config" / "gateway.service"
+
+
+def unit_settings() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def test_shipped_unit_is_hardened_and_never_stops_on_reload() -> None:
+    s = unit_settings()
+    assert s["UMask"] == ["0077"]                    # answers, mail and the database: 0600
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateUsers",
+                "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
+                "ProtectClock", "ProtectHostname", "RestrictNamespaces", "RestrictRealtime",
+                "RestrictSUIDSGID", "LockPersonality", "MemoryDenyWriteExecute", "RemoveIPC", "PrivateMounts"):
+        assert s.get(key) == ["yes"], key
+    assert s["ProtectSystem"] == ["strict"] and s["CapabilityBoundingSet"] == [""]
+    assert s["SystemCallFilter"][0] == "@system-service" and s["SystemCallArchitectures"] == ["native"]
+    # ExecReload sent TERM: serve stopped with 0 and Restart=on-failure left it down
+    assert "-TERM" not in " ".join(s.get("ExecReload", []))
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze missing (Debian's systemd package)"
+    r = subprocess.run([analyze, "security", "--offline=yes", str(UNIT)], capture_output=True,
+                       text=True, timeout=60)
+    m = re.search(r"Overall exposure level for gateway\.service: ([0-9.]+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= 2.0, r.stdout
