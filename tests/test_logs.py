@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 import structlog
 
 from gateway.ops import logs
