@@ -165,7 +165,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return answers.EX_USAGE
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # noqa: BLE001 - for ingest, anything unexpected is "try again later"
+    except Exception as e:
         if command == "ingest":
             # An MTA bounces mail on any other status: a bug here must not send
             # the customer's mail back to them (sysexits EX_TEMPFAIL defers it).
@@ -310,11 +310,11 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     _say(f"  govcloud  {str(d.govcloud).lower():<10}")
     _say(f"  priority  P{d.priority}")
     _say(f"  plan      {d.plan:<10} first response due {iso(d.response_due) or 'no target'}")
-    _say(f"  redirect  {d.redirect or '-':<10} {('to ' + out['redirect_to']) if out['redirect_to'] else ''}")
+    _say(f"  redirect  {d.redirect or '-':<10} {('to ' + str(out['redirect_to'])) if out['redirect_to'] else ''}")
     _say(f"  missing   {', '.join(d.missing) or '-'}")
     _say("evidence (the first line of each part decided it):")
-    for e in d.evidence:
-        _say(f"  {e.part:<9} {e.rule:<28} {e.detail}")
+    for ev in d.evidence:
+        _say(f"  {ev.part:<9} {ev.rule:<28} {ev.detail}")
     return answers.EX_OK
 
 

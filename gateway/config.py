@@ -208,7 +208,7 @@ def parse_imap(data: list[dict[str, Any]] | Any, mailbox_addresses: set[str],
         user = table.get("user")
         if not isinstance(user, str) or not user:
             fail("user", f"expected the login name, got {user!r}")
-        def readable(key: str) -> Path | None:
+        def readable(key: str, table: Mapping[str, Any] = table) -> Path | None:
             """An optional file name: None when absent, else a readable path."""
             value = table.get(key)
             if value is None:
@@ -387,7 +387,7 @@ class _Table(dict[str, Any]):
         super().__init__(value)
         self.asked: set[str] = set()
 
-    def get(self, key: str, default: Any = None) -> Any:   # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         self.asked.add(key)
         return super().get(key, default)
 

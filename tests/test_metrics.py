@@ -77,7 +77,7 @@ def test_healthz_fails_when_the_store_cannot_be_written_and_recovers(
         probe = gw.data_dir / ".health-probe"
         probe.mkdir()                          # opening it for writing now fails
         try:
-            code, body = wait_for(lambda: (r := get(port, "/healthz"))[0] == 503 and r,
+            _, body = wait_for(lambda: (r := get(port, "/healthz"))[0] == 503 and r,
                                   what="unhealthy")
             assert "store" in body
         finally:

@@ -107,7 +107,7 @@ def test_cc_participant_may_reply_by_tag(gateway: GatewayProc) -> None:
 
 
 def test_unknown_recipient_is_refused_at_rcpt_with_550(gateway: GatewayProc) -> None:
-    code, text = gateway.send(mail("x@customer.example", "nobody@example.com", "stray", "hi"))
+    code, _ = gateway.send(mail("x@customer.example", "nobody@example.com", "stray", "hi"))
     assert code == 550
     # plus-addressing reaches the mailbox
     code, _ = gateway.send(mail("x@customer.example", "support+billing@example.com", uniq("plus"), "hi"))

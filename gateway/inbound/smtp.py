@@ -38,7 +38,7 @@ import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiosmtpd.lmtp import LMTP
@@ -369,7 +369,7 @@ class SupportHandler:
                 status = answers.accepted(outcome.ticket_id, outcome.action)
             except OverLimit as e:
                 log.warning("smtp.refused", mailbox=mailbox.address, reason=str(e),
-                            mail_from=received.mail_from[:200])
+                            mail_from=(received.mail_from or "")[:200])
                 status = answers.CONTENT_REFUSED.format(reason=e)
             except StoreUnavailable as e:
                 log.warning("mail.deferred", mailbox=mailbox.address, error=str(e))
@@ -397,9 +397,9 @@ class Listener:
 
     def _factory(self) -> Callable[[], SMTP]:
         cls = _LMTP if self.config.lmtp else _SMTP
-        kwargs: dict[str, Any] = dict(data_size_limit=self.config.max_message_size,
-                                      enable_SMTPUTF8=True, decode_data=False,
-                                      ident="support-gateway", timeout=300)
+        kwargs: dict[str, Any] = {"data_size_limit": self.config.max_message_size,
+                                  "enable_SMTPUTF8": True, "decode_data": False,
+                                  "ident": "support-gateway", "timeout": 300}
 
         def make() -> SMTP:
             proto = cls(self.handler, **kwargs)
@@ -437,14 +437,14 @@ class Listener:
                 if _in_data(s):
                     busy = True
                 elif s.transport is not None and not s.transport.is_closing():
-                    s.transport.write((answers.SHUTTING_DOWN + "\r\n").encode())
+                    cast(asyncio.Transport, s.transport).write((answers.SHUTTING_DOWN + "\r\n").encode())
                     s.transport.close()
             if not busy or asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.05)
         for s in list(self.sessions):
             if s.transport is not None and not s.transport.is_closing():
-                s.transport.write((answers.SHUTTING_DOWN + "\r\n").encode())
+                cast(asyncio.Transport, s.transport).write((answers.SHUTTING_DOWN + "\r\n").encode())
                 s.transport.close()
         await self.server.wait_closed()
 
@@ -472,7 +472,7 @@ class _LoopErrors:
         if out_of_resources:
             self.accept_failures += 1
             # asyncio reads its retry delay from this constant each time (selector_events)
-            asyncio.constants.ACCEPT_RETRY_DELAY = min(2.0 ** (self.accept_failures - 1),  # type: ignore[attr-defined]
+            asyncio.constants.ACCEPT_RETRY_DELAY = min(2.0 ** (self.accept_failures - 1),  # type: ignore[misc,assignment]
                                                        self.ACCEPT_BACKOFF_MAX_S)
         kind = f"{message[:80]}:{type(error).__name__}"
         now = time.monotonic()
@@ -484,7 +484,7 @@ class _LoopErrors:
         fields: dict[str, Any] = {"message": message[:500], "left_out": left_out,
                                   "error": f"{type(error).__name__}: {error}"[:500] if error else None}
         if out_of_resources:
-            fields["retry_in_s"] = asyncio.constants.ACCEPT_RETRY_DELAY  # type: ignore[attr-defined]
+            fields["retry_in_s"] = asyncio.constants.ACCEPT_RETRY_DELAY
             log.error("smtp.accept_failed", **fields)
         else:
             log.error("loop.error", **fields)
@@ -492,7 +492,7 @@ class _LoopErrors:
     def accepted(self) -> None:
         if self.accept_failures:
             self.accept_failures = 0
-            asyncio.constants.ACCEPT_RETRY_DELAY = 1.0  # type: ignore[attr-defined]
+            asyncio.constants.ACCEPT_RETRY_DELAY = 1.0  # type: ignore[misc,assignment]
 
 
 _loop_errors = _LoopErrors()

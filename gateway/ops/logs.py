@@ -91,7 +91,8 @@ def _exception_text(logger: Any, method: str, event: EventDict) -> EventDict:
     return event
 
 
-def _journal_priority(logger: Any, method: str, line: str) -> str:
+def _journal_priority(logger: Any, method: str, line: Any) -> str:
+    # the last processor: gets the rendered JSON line, not an event dict
     return f"<{PRIORITIES.get(method, 6)}>{line}"
 
 

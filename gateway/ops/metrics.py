@@ -14,6 +14,7 @@ an address, only small fixed sets (mailbox, region, priority, kind ...).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -104,10 +105,8 @@ class Metrics:
         """structlog processor: count the event, pass it on unchanged."""
         rule = self._rules.get(str(event.get("event")))
         if rule is not None:
-            try:
+            with contextlib.suppress(Exception):     # counting must never cost a log line
                 rule(event)
-            except Exception:  # noqa: BLE001 - counting must never cost a log line
-                pass
         return event
 
     def events(self) -> Iterable[str]:
@@ -186,8 +185,8 @@ class MetricsServer:
                 def collect(self) -> Iterable[GaugeMetricFamily]:
                     for name, (doc, value) in _gauge_families(gauges).items():
                         yield GaugeMetricFamily(name, doc, value=value)
-            registry.register(_Gauges())  # type: ignore[arg-type]
-            registry.register(_BuildInfo())  # type: ignore[arg-type]
+            registry.register(_Gauges())
+            registry.register(_BuildInfo())
             start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
             return [generate_latest(registry)]
         start_response("404 Not Found", [("Content-Type", "text/plain")])

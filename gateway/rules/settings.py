@@ -16,6 +16,7 @@ lets the word continue ("invoice*" finds "invoices", "*ausfall" finds
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -487,7 +488,7 @@ def _offsets(p: _Problems, key: str, raw: Any, d: tuple[OffsetBand, ...]) -> tup
             continue
         bands[name] = OffsetBand(name, low, high)
     ordered = sorted(bands.values(), key=lambda b: b.low)
-    for a, b in zip(ordered, ordered[1:], strict=False):
+    for a, b in itertools.pairwise(ordered):
         if b.low <= a.high:
             p.fail(key, f"the {a.region} and {b.region} bands overlap")
     return tuple(ordered)
