@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.clock import fixed_clock, system_clock
-from gateway.config import Config, ConfigError, load
+from gateway.config import Config, ConfigError, environment_problems, load
 from gateway.desk import stats
 from gateway.inbound import answers
 from gateway.model import Status, Ticket
@@ -124,10 +124,11 @@ def _main(argv: Sequence[str] | None) -> int:
         return answers.EX_CONFIG
     if command == "check-config":
         from gateway.outbound.compose import check_templates, templates
-        template_problems = check_templates(templates(config.templates_dir))
-        if template_problems:
-            for problem in template_problems:
-                print(f"gateway: template error: {problem}", file=sys.stderr)
+        problems = [f"template error: {p}" for p in check_templates(templates(config.templates_dir))]
+        problems += [f"invalid configuration: {p}" for p in environment_problems(config)]
+        if problems:
+            for problem in problems:
+                print(f"gateway: {problem}", file=sys.stderr)
             return answers.EX_CONFIG
         print(f"configuration OK ({config.source}): {len(config.mailboxes)} mailbox(es), "
               f"data in {config.data_dir}, {'LMTP' if config.lmtp else 'SMTP'} on "

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -699,6 +701,45 @@ def _is_str(r: _Reader, key: str, value: Any) -> bool:
         r.fail(key, f"expected a string, got {value!r}")
         return False
     return True
+
+
+def environment_problems(config: Config) -> list[str]:
+    """What a valid file still gets wrong on this machine, for `gateway check-config`
+    (serve would fail or misroute only later): `data_dir` that this user cannot
+    write, relay hosts that do not resolve, a GovCloud mailbox whose mail would
+    leave through the commercial relay for want of `[outbound.govcloud]`."""
+    problems = [f"gateway.data_dir: {p}" for p in _unwritable(config.data_dir)]
+    if config.outbound_transport == "smtp":
+        relays = [("outbound", config.relay)]
+        if config.govcloud_relay is not None:
+            relays.append(("outbound.govcloud", config.govcloud_relay))
+        for key, relay in relays:
+            try:
+                socket.getaddrinfo(relay.host, relay.port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as e:
+                problems.append(f"{key}.host: {relay.host!r} does not resolve ({e})")
+        if config.govcloud_relay is None:
+            problems += [f"mailbox[{i}]: {m.address} is a GovCloud mailbox, but there is no "
+                         "[outbound.govcloud] relay: its answers would leave through the commercial one"
+                         for i, m in enumerate(config.mailboxes) if m.govcloud]
+    return problems
+
+
+def _unwritable(data_dir: Path) -> list[str]:
+    """Why serve could not store mail in `data_dir` (it creates the folder if
+    need be), tried by creating a file there, or in the nearest existing folder
+    above it: a read-only mount shows too, even for root."""
+    folder = data_dir if data_dir.exists() else next(p for p in data_dir.parents if p.exists())
+    what = "is" if folder == data_dir else f"cannot be created: {str(folder)!r} is"
+    if not folder.is_dir():
+        return [f"{str(data_dir)!r} {what} not a directory"]
+    probe = folder / f".gateway-check-config-{uuid.uuid4().hex}"
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as e:
+        return [f"{str(data_dir)!r} {what} not writable: {e.strerror or e}"]
+    return []
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:

@@ -146,3 +146,42 @@ def test_relative_paths_follow_the_config_file_and_the_database_follows_data_dir
     copy.write_text(EXAMPLE.read_text())
     c = load(copy)
     assert c.store_url == f"sqlite:///{c.data_dir / 'gateway.db'}" and c.data_dir.is_relative_to(copy.parent)
+
+
+def test_check_config_checks_what_only_this_machine_can_tell(tmp_path: Path) -> None:
+    """A file can be valid and still fail here: data_dir not writable, a relay host
+    that does not resolve, GovCloud mail that would leave through the commercial relay."""
+    def check(text: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "gateway.toml"
+        path.write_text(text)
+        return subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(path)],
+                              capture_output=True, text=True, timeout=60)
+
+    gov_box = '[[mailbox]]\naddress = "support@examplegov.com"\ngovcloud = true\n'
+    relays = '[outbound]\ntransport = "smtp"\nhost = "127.0.0.1"\n[outbound.govcloud]\nhost = "localhost"\n'
+    ok = check(f'[gateway]\ndata_dir = "data"\n{gov_box}{relays}')
+    assert ok.returncode == 0, ok.stderr
+    assert not (tmp_path / "data").exists()                   # checking creates nothing
+    (tmp_path / "data").mkdir()
+    assert check(f'[gateway]\ndata_dir = "data"\n{gov_box}{relays}').returncode == 0
+    assert list((tmp_path / "data").iterdir()) == []          # the probe file is gone again
+
+    (tmp_path / "a-file").write_text("")
+    for data_dir, says in (("a-file", "is not a directory"), ("a-file/below", "is not a directory"),
+                           ("/proc/gateway-data", "cannot be created"),
+                           ("/proc/self", "is not writable")):
+        r = check(f'[gateway]\ndata_dir = "{data_dir}"\n{relays}')
+        assert r.returncode == 78 and "gateway.data_dir:" in r.stderr and says in r.stderr, (data_dir, r.stderr)
+
+    r = check(f'{gov_box}[outbound]\ntransport = "smtp"\nhost = "relay.does-not-exist.invalid"\n'
+              '[outbound.govcloud]\nhost = "gov-relay.does-not-exist.invalid"\n')
+    assert r.returncode == 78, r.stderr
+    assert "outbound.host: 'relay.does-not-exist.invalid' does not resolve" in r.stderr
+    assert "outbound.govcloud.host: 'gov-relay.does-not-exist.invalid' does not resolve" in r.stderr
+
+    r = check(f'{gov_box}[outbound]\ntransport = "smtp"\nhost = "127.0.0.1"\n')
+    assert r.returncode == 78 and "support@examplegov.com is a GovCloud mailbox" in r.stderr, r.stderr
+    assert "[outbound.govcloud]" in r.stderr
+    # the Maildir transport sends nothing anywhere: neither check applies
+    assert check(f'{gov_box}[outbound]\ntransport = "maildir"\nhost = "relay.does-not-exist.invalid"\n'
+                 ).returncode == 0
