@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import structlog
 import structlog.contextvars
 
 from gateway.clock import Clock, system_clock
-from gateway.config import Config
+from gateway.config import Config, ConfigError, load
 from gateway.desk.pipeline import Pipeline
 from gateway.desk.scheduler import Scheduler
 from gateway.desk.writer import Desk
@@ -27,7 +27,7 @@ from gateway.inbound.intake import Intake
 from gateway.inbound.smtp import Listener, SupportHandler
 from gateway.ops import logs, metrics, systemd, workers
 from gateway.ops.sandbox import Sandbox
-from gateway.outbound.compose import Composer
+from gateway.outbound.compose import Composer, check_templates
 from gateway.outbound.sender import OutboxSender
 from gateway.outbound.tokens import TicketTokens, load_secret
 from gateway.outbound.transport import MaildirDrop, SmtpRelay, Transport
@@ -38,6 +38,17 @@ log = structlog.get_logger("gateway")
 
 STOP_GRACE_S = 10.0
 
+# What SIGHUP changes in a running `serve` (README "Reloading the configuration"):
+# the settings read afresh for each mail and each scheduler round. Every other
+# setting is bound to a socket, a process, the store, the sender or a running
+# poller; a change to one of those refuses the reload and needs a restart (a
+# setting added later is restart-only until it is named here).
+RELOADABLE = frozenset({
+    "ticket_tag", "mailboxes", "staff_addresses", "staff_domains", "queues", "default_region",
+    "redirects", "policy", "rules", "staff_require_authenticated", "staff_trusted_authserv_ids",
+    "templates_dir", "dkim_keys",
+})
+
 
 @dataclass
 class Gateway:
@@ -47,6 +58,31 @@ class Gateway:
     intake: Intake
     sender: OutboxSender
     scheduler: Scheduler
+
+    def reconfigure(self, new: Config) -> list[str]:
+        """Put `new` in place for the next mail and the next scheduler round and
+        return the settings that changed; templates (and template files) are read
+        again. Raises ConfigError, leaving the running configuration as it was,
+        when a restart-only setting changed or a template or DKIM key is unusable."""
+        old = self.config
+        changed = [f.name for f in fields(Config) if f.name != "source"
+                   and getattr(old, f.name) != getattr(new, f.name)]
+        fixed = [name for name in changed if name not in RELOADABLE]
+        if fixed:
+            raise ConfigError([f"{name}: changed, takes effect only on a restart" for name in fixed])
+        pipeline = self.intake.pipeline
+        try:
+            composer = Composer(ticket_tag=new.ticket_tag, tokens=pipeline.tokens,
+                                override_dir=new.templates_dir, dkim_keys=new.dkim_keys)
+        except ValueError as e:
+            raise ConfigError([f"dkim: {e}"]) from None
+        if problems := check_templates(composer):
+            raise ConfigError([f"template error: {problem}" for problem in problems])
+        desk = Desk(new, composer)
+        self.intake.pipeline = Pipeline(new, desk, pipeline.tokens)
+        self.scheduler.desk, self.scheduler.policy = desk, new.policy
+        self.config = new
+        return changed
 
     async def close(self) -> None:
         await self.intake.stop()
@@ -122,6 +158,9 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
     workers and runs the sender and scheduler; see gateway.ops.workers."""
     count = config.workers
     primary = worker == 0
+    # SIGHUP's default action ends the process: caught from the start, acted on once serving
+    hup = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hup.set)
     structlog.contextvars.bind_contextvars(worker=worker)    # on every line this process logs
     if not primary:
         workers.die_with_parent()
@@ -137,7 +176,8 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
     if primary and count > 1:
         others = workers.Workers(config.path, count, gw.sender.wake)
         await others.start()
-    listener = Listener(config, SupportHandler(config, gw.intake, clock), reuse_port=count > 1)
+    handler = SupportHandler(config, gw.intake, clock)
+    listener = Listener(config, handler, reuse_port=count > 1)
     try:
         await listener.start()
     except OSError as e:
@@ -191,8 +231,11 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
     log.info("gateway.started", host=host, port=port, protocol="lmtp" if config.lmtp else "smtp",
              data_dir=str(config.data_dir), config=config.source, worker=worker, workers=count,
              mailboxes=[m.address for m in config.mailboxes], transport=config.outbound_transport)
+    status = f"STATUS=listening on {host}:{port}, {count} worker(s)"
+    helpers.append(asyncio.create_task(_reloads(hup, gw, handler, pollers, others, status if primary else None),
+                                       name="reload"))
     if primary:
-        systemd.notify(f"READY=1\nSTATUS=listening on {host}:{port}, {count} worker(s)")
+        systemd.notify(f"READY=1\n{status}")
         if (every := systemd.watchdog_interval()) is not None:
             helpers.append(asyncio.create_task(_watchdog(every, health), name="watchdog"))
     await stop.wait()
@@ -224,6 +267,36 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
     await gw.close()
     log.info("gateway.stopped", worker=worker, outbox_queued=counts.get("queued", 0))
     return 0
+
+
+async def _reloads(hup: asyncio.Event, gw: Gateway, handler: SupportHandler, pollers: list[Any],
+                   others: workers.Workers | None, status: str | None) -> None:
+    """On each SIGHUP: read the config file again and apply it (`Gateway.reconfigure`),
+    or keep the running one and log why. Sessions stay open; a mail in flight
+    finishes under the configuration it started with. The primary passes the
+    signal on to the other workers, which reload their own copy; `status` (the
+    primary's) tells systemd the reload began and ended."""
+    while True:
+        await hup.wait()
+        hup.clear()
+        if status is not None:
+            systemd.notify("RELOADING=1\nSTATUS=reloading the configuration")
+        if others is not None:
+            others.signal(signal.SIGHUP)
+        source = gw.config.source
+        try:
+            new = await asyncio.to_thread(load, gw.config.path)
+            changed = gw.reconfigure(new)
+        except ConfigError as e:
+            log.error("config.reload_refused", config=source, problems=e.problems,
+                      kept="the running configuration")
+        else:
+            handler.config = new
+            for poller in pollers:
+                poller.mailbox = new.mailbox_for(poller.mailbox.address) or poller.mailbox
+            log.info("config.reloaded", config=source, changed=changed)
+        if status is not None:
+            systemd.notify(f"READY=1\n{status}")
 
 
 async def _watchdog(every_s: float, health: metrics.Health) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.clock import fixed_clock, system_clock
-from gateway.config import Config, ConfigError, load
+from gateway.config import Config, ConfigError, environment_problems, load
 from gateway.desk import stats
 from gateway.inbound import answers
 from gateway.model import Status, Ticket
@@ -42,12 +43,21 @@ def ticket_json(t: Ticket) -> dict[str, Any]:
             "redirect": t.redirect}
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("support-gateway")
+    except PackageNotFoundError:   # run from a checkout that was never installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
                         help="TOML configuration (default: $GATEWAY_CONFIG, else built-in defaults)")
     p = argparse.ArgumentParser(prog="gateway", parents=[common],
                                 description="Email-driven support ticket gateway")
+    p.add_argument("--version", action="version", version=f"gateway {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sv = sub.add_parser("serve", parents=[common], help="run the daemon (SMTP/LMTP listener, sender)")
@@ -114,10 +124,11 @@ def _main(argv: Sequence[str] | None) -> int:
         return answers.EX_CONFIG
     if command == "check-config":
         from gateway.outbound.compose import check_templates, templates
-        template_problems = check_templates(templates(config.templates_dir))
-        if template_problems:
-            for problem in template_problems:
-                print(f"gateway: template error: {problem}", file=sys.stderr)
+        problems = [f"template error: {p}" for p in check_templates(templates(config.templates_dir))]
+        problems += [f"invalid configuration: {p}" for p in environment_problems(config)]
+        if problems:
+            for problem in problems:
+                print(f"gateway: {problem}", file=sys.stderr)
             return answers.EX_CONFIG
         print(f"configuration OK ({config.source}): {len(config.mailboxes)} mailbox(es), "
               f"data in {config.data_dir}, {'LMTP' if config.lmtp else 'SMTP'} on "
@@ -139,15 +150,23 @@ def _main(argv: Sequence[str] | None) -> int:
             return asyncio.run(_stats(config, args))
         if command == "explain":
             return _explain(config, args)
+    except NoDatabase as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return EX_NOINPUT
     except StoreUnavailable as e:
         print(f"gateway: store unavailable: {e}", file=sys.stderr)
         return answers.EX_TEMPFAIL
+    except BrokenPipeError:
+        # `gateway tickets list | head -1`: the reader has gone; end quietly,
+        # with the status a shell gives a command killed by SIGPIPE.
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE
     except UsageError as e:
         print(f"gateway: {e}", file=sys.stderr)
         return answers.EX_USAGE
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # noqa: BLE001 - for ingest, anything unexpected is "try again later"
+    except Exception as e:
         if command == "ingest":
             # An MTA bounces mail on any other status: a bug here must not send
             # the customer's mail back to them (sysexits EX_TEMPFAIL defers it).
@@ -155,6 +174,30 @@ def _main(argv: Sequence[str] | None) -> int:
             return answers.EX_TEMPFAIL
         raise
     raise AssertionError(command)  # pragma: no cover - argparse restricts commands
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush
+    does not raise again on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+class NoDatabase(Exception):
+    """A read-only command found no database: it never creates one."""
+
+
+EX_NOINPUT = 66   # sysexits.h: cannot open input
+
+
+async def _open_existing(config: Config) -> Store:
+    """The store, for a command that only reads it (or reads before it writes):
+    a missing SQLite file means a wrong --config, not an empty desk."""
+    if config.store_url.startswith("sqlite:///"):
+        path = Path(config.store_url[len("sqlite:///"):])
+        if not path.exists():
+            raise NoDatabase(f"no database at {path}: is --config right?")
+    return await Store.open(config.store_url, config.busy_timeout_ms)
 
 
 # -- ingest ---------------------------------------------------------------
@@ -268,11 +311,11 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     _say(f"  govcloud  {str(d.govcloud).lower():<10}")
     _say(f"  priority  P{d.priority}")
     _say(f"  plan      {d.plan:<10} first response due {iso(d.response_due) or 'no target'}")
-    _say(f"  redirect  {d.redirect or '-':<10} {('to ' + out['redirect_to']) if out['redirect_to'] else ''}")
+    _say(f"  redirect  {d.redirect or '-':<10} {('to ' + str(out['redirect_to'])) if out['redirect_to'] else ''}")
     _say(f"  missing   {', '.join(d.missing) or '-'}")
     _say("evidence (the first line of each part decided it):")
-    for e in d.evidence:
-        _say(f"  {e.part:<9} {e.rule:<28} {e.detail}")
+    for ev in d.evidence:
+        _say(f"  {ev.part:<9} {ev.rule:<28} {ev.detail}")
     return answers.EX_OK
 
 
@@ -300,7 +343,7 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
             print(f"gateway: no quarantined mail {args.id}: already processed", file=sys.stderr)
             return 1
         return answers.EX_OK if result.processed else answers.EX_DATAERR
-    store = await Store.open(config.store_url, config.busy_timeout_ms)
+    store = await _open_existing(config)
     try:
         if args.quarantine_command == "list":
             rows = await quarantine.entries(store)
@@ -325,7 +368,7 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
 # -- tickets --------------------------------------------------------------
 
 async def _tickets(config: Config, args: argparse.Namespace) -> int:
-    store = await Store.open(config.store_url, config.busy_timeout_ms)
+    store = await _open_existing(config)
     try:
         if args.tickets_command == "list":
             rows = await store.tickets(args.status)
@@ -408,7 +451,7 @@ def when(option: str, value: str) -> datetime:
 async def _stats(config: Config, args: argparse.Namespace) -> int:
     since = when("--since", args.since) if args.since else None
     until = when("--until", args.until) if args.until else None
-    store = await Store.open(config.store_url, config.busy_timeout_ms)
+    store = await _open_existing(config)
     try:
         rep = stats.report(await store.tickets_created(since, until))
     finally:

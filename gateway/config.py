@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -19,7 +21,7 @@ from typing import Any
 from gateway.model import REGIONS, normalize_address
 from gateway.outbound.dkim import DkimKey, DkimSigner
 from gateway.outbound.transport import Relay
-from gateway.rules.settings import SUPPORTED_LANGUAGES, RulesConfig, default_rules, parse_rules
+from gateway.rules.settings import SUPPORTED_LANGUAGES, RulesConfig, default_rules, parse_rules, unknown_key
 
 ENV_VAR = "GATEWAY_CONFIG"
 DEFAULTS_SOURCE = "built-in defaults"
@@ -195,7 +197,7 @@ def parse_imap(data: list[dict[str, Any]] | Any, mailbox_addresses: set[str],
             problems.append(f"{key}.{name}: {what}")
 
         for unknown in sorted(set(table) - _KEYS):
-            fail(unknown, "unknown key")
+            fail(unknown, unknown_key(unknown, _KEYS))
         host = table.get("host")
         if not isinstance(host, str) or not host.strip():
             fail("host", f"expected a host name, got {host!r}")
@@ -215,7 +217,7 @@ def parse_imap(data: list[dict[str, Any]] | Any, mailbox_addresses: set[str],
         user = table.get("user")
         if not isinstance(user, str) or not user:
             fail("user", f"expected the login name, got {user!r}")
-        def readable(key: str) -> Path | None:
+        def readable(key: str, table: Mapping[str, Any] = table) -> Path | None:
             """An optional file name: None when absent, else a readable path."""
             value = table.get(key)
             if value is None:
@@ -304,8 +306,7 @@ def parse_dkim(data: list[dict[str, Any]] | dict[str, Any],
             problems.append(f"{at}: must be a table with domain, selector and key_file")
             continue
         bad = len(problems)
-        problems.extend(f"{at}.{k}: unknown key (expected domain, selector, key_file)"
-                        for k in sorted(set(entry) - _DKIM_KEYS))
+        problems.extend(f"{at}.{k}: {unknown_key(k, _DKIM_KEYS)}" for k in sorted(set(entry) - _DKIM_KEYS))
         domain = _dkim_name(entry, "domain", at, problems, min_labels=2)
         selector = _dkim_name(entry, "selector", at, problems, min_labels=1)
         if domain is not None and domain in keys:
@@ -387,19 +388,54 @@ def _defaults() -> dict[str, Any]:
     }
 
 
+class _Table(dict[str, Any]):
+    """A TOML table that remembers the keys asked for: the known keys are the
+    ones the parser reads, so a key added to the parser is known everywhere."""
+
+    def __init__(self, value: dict[str, Any]):
+        super().__init__(value)
+        self.asked: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            self.asked.add(key)
+        return super().__contains__(key)
+
+
 class _Reader:
     """Reads typed values out of the TOML tree, recording every problem by key."""
 
     def __init__(self, data: dict[str, Any]):
         self.data = data
         self.problems: list[str] = []
+        self.tables: dict[str, _Table] = {}
 
-    def section(self, name: str) -> dict[str, Any]:
-        value = self.data.get(name, {})
+    def section(self, name: str, parent: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The table `name` (dotted for a sub-table of `parent`), recording which keys
+        the parser asks for: whatever else it holds is an unknown key (`unknown_keys`)."""
+        if name in self.tables:
+            return self.tables[name]
+        value = (self.data if parent is None else parent).get(name.rpartition(".")[2], {})
         if not isinstance(value, dict):
             self.problems.append(f"{name}: expected a table [{name}], got {type(value).__name__}")
-            return {}
-        return value
+            value = {}
+        table = self.tables[name] = _Table(value)
+        return table
+
+    def unknown_keys(self) -> None:
+        """Every key of a section that no parser asked for, with a "did you mean"."""
+        for name, table in self.tables.items():
+            for key in table:
+                if key not in table.asked:
+                    self.fail(f"{name}.{key}", unknown_key(key, table.asked))
 
     def get(self, sect: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
         value = sect.get(key, default)
@@ -440,10 +476,12 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     known = set(d) | {"imap", "metrics", "limits", "dkim"}
     for key in data:
         if key not in known:
-            r.fail(key, "unknown section")
+            r.fail(key, unknown_key(key, known).replace("key", "section", 1))
 
     g = r.section("gateway")
-    data_dir = Path(_prefixed(r, "gateway", g, "data_dir", str, d["gateway"]["data_dir"]))
+    # Relative paths are relative to the config file's folder (the built-in
+    # defaults, read from no file: to the working directory).
+    data_dir = _resolve(_prefixed(r, "gateway", g, "data_dir", str, d["gateway"]["data_dir"]), config_dir)
     tag = _prefixed(r, "gateway", g, "ticket_tag", str, d["gateway"]["ticket_tag"])
     _prefixed(r, "gateway", g, "rules_file", str, "")          # read by load()
     templates_value = _prefixed(r, "gateway", g, "templates_dir", str, "")
@@ -479,10 +517,11 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     if not isinstance(raw_boxes, list) or not raw_boxes:
         r.fail("mailbox", "expected one or more [[mailbox]] tables")
         raw_boxes = d["mailbox"]
-    for i, mb in enumerate(raw_boxes):
-        if not isinstance(mb, dict) or not isinstance(mb.get("address"), str):
+    for i, raw_mb in enumerate(raw_boxes):
+        if not isinstance(raw_mb, dict) or not isinstance(raw_mb.get("address"), str):
             r.fail(f"mailbox[{i}].address", "every [[mailbox]] needs an address string")
             continue
+        mb = r.section(f"mailbox[{i}]", {f"mailbox[{i}]": raw_mb})
         gov = mb.get("govcloud", False)
         if not isinstance(gov, bool):
             r.fail(f"mailbox[{i}].govcloud", f"expected true or false, got {gov!r}")
@@ -503,9 +542,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
                   _port_of(r, "outbound", o, d["outbound"]["port"]))
     gov_relay = None
     if "govcloud" in o:
-        go = o["govcloud"] if isinstance(o["govcloud"], dict) else {}
-        if not isinstance(o["govcloud"], dict):
-            r.fail("outbound.govcloud", "expected a table [outbound.govcloud]")
+        go = r.section("outbound.govcloud", o)
         gov_relay = Relay(_prefixed(r, "outbound.govcloud", go, "host", str, relay.host),
                           _port_of(r, "outbound.govcloud", go, relay.port))
     retry_base = float(_prefixed(r, "outbound", o, "retry_base_seconds", (int, float),
@@ -535,7 +572,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
             queues[name] = _check_address(r, f"staff.queues.{name}", value)
     for name in q:
         if name not in QUEUE_NAMES:
-            r.fail(f"staff.queues.{name}", f"unknown queue; expected one of {', '.join(QUEUE_NAMES)}")
+            r.fail(f"staff.queues.{name}", unknown_key(name, QUEUE_NAMES).replace("key", "queue", 1))
 
     ru = r.section("rules")
     default_region = _prefixed(r, "rules", ru, "default_region", str, d["rules"]["default_region"])
@@ -550,6 +587,8 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     store_url = _prefixed(r, "store", store, "url", str, "")
     if store_url and not store_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         r.fail("store.url", f"expected sqlite:///PATH or postgresql://..., got {store_url!r}")
+    elif store_url.startswith("sqlite:///"):
+        store_url = f"sqlite:///{_resolve(store_url[len('sqlite:///'):], config_dir)}"
     lease_s = _prefixed(r, "store", store, "lease_seconds", (int, float), 60)
     if isinstance(lease_s, bool) or not 1 <= lease_s <= 86_400:
         r.fail("store.lease_seconds", f"expected 1 to 86400 seconds, got {lease_s!r}")
@@ -595,6 +634,9 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
 
     rules, rule_problems = parse_rules(data)
     r.problems.extend(rule_problems)
+    r.tables.pop("rules", None)        # parse_rules names the unknown keys of [rules]
+    r.tables.pop("redirects", None)    # any name is a redirect
+    r.unknown_keys()
 
     if r.problems:
         raise ConfigError(r.problems)
@@ -633,9 +675,6 @@ def _limits_and_staff_auth(r: _Reader, data: dict[str, Any]) -> tuple[Limits, bo
         if value < low:
             r.fail(f"limits.{key}", f"must be at least {low}, got {value}")
         values[key] = float(value) if key == "parse_seconds" else value
-    for key in lim:
-        if key not in values:
-            r.fail(f"limits.{key}", "unknown key")
     st = r.section("staff")
     require = _prefixed(r, "staff", st, "require_authenticated", bool, False)
     ids = _prefixed(r, "staff", st, "trusted_authserv_ids", list, [])
@@ -669,6 +708,45 @@ def _is_str(r: _Reader, key: str, value: Any) -> bool:
         r.fail(key, f"expected a string, got {value!r}")
         return False
     return True
+
+
+def environment_problems(config: Config) -> list[str]:
+    """What a valid file still gets wrong on this machine, for `gateway check-config`
+    (serve would fail or misroute only later): `data_dir` that this user cannot
+    write, relay hosts that do not resolve, a GovCloud mailbox whose mail would
+    leave through the commercial relay for want of `[outbound.govcloud]`."""
+    problems = [f"gateway.data_dir: {p}" for p in _unwritable(config.data_dir)]
+    if config.outbound_transport == "smtp":
+        relays = [("outbound", config.relay)]
+        if config.govcloud_relay is not None:
+            relays.append(("outbound.govcloud", config.govcloud_relay))
+        for key, relay in relays:
+            try:
+                socket.getaddrinfo(relay.host, relay.port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as e:
+                problems.append(f"{key}.host: {relay.host!r} does not resolve ({e})")
+        if config.govcloud_relay is None:
+            problems += [f"mailbox[{i}]: {m.address} is a GovCloud mailbox, but there is no "
+                         "[outbound.govcloud] relay: its answers would leave through the commercial one"
+                         for i, m in enumerate(config.mailboxes) if m.govcloud]
+    return problems
+
+
+def _unwritable(data_dir: Path) -> list[str]:
+    """Why serve could not store mail in `data_dir` (it creates the folder if
+    need be), tried by creating a file there, or in the nearest existing folder
+    above it: a read-only mount shows too, even for root."""
+    folder = data_dir if data_dir.exists() else next(p for p in data_dir.parents if p.exists())
+    what = "is" if folder == data_dir else f"cannot be created: {str(folder)!r} is"
+    if not folder.is_dir():
+        return [f"{str(data_dir)!r} {what} not a directory"]
+    probe = folder / f".gateway-check-config-{uuid.uuid4().hex}"
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as e:
+        return [f"{str(data_dir)!r} {what} not writable: {e.strerror or e}"]
+    return []
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:

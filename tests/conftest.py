@@ -38,7 +38,20 @@ GOV = "support@examplegov.com"
 STAFF = "agent@staff.example.com"
 QUEUES = {"AMER": "amer@staff.example.com", "EMEA": "emea@staff.example.com",
           "APAC": "apac@staff.example.com", "GOVCLOUD": "gov@staff.examplegov.com"}
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[2] / "shared"   # beside the checkout, not in it
+
+
+def needs_shared(part: str, what: str) -> Path:
+    """`SHARED / part`, or a failure that says what is missing and why: the
+    contract check and the mail corpus are shared by every checkout and are
+    never copied into the project. Everything else runs without them; `.ci/run`
+    refuses to start without them."""
+    path = SHARED / part
+    if not path.exists():
+        pytest.fail(f"needs {what} at {path} (the shared material beside this checkout, "
+                    f"../shared/{part}); not there, so this test cannot run in this clone "
+                    "(README: 'Tests that need ../shared')", pytrace=False)
+    return path
 
 
 def free_port() -> int:
@@ -68,9 +81,8 @@ def wait_banner(port: int, greeting: bytes, *, died: Callable[[], str | None] = 
     def greets() -> bool:
         if (why := died()) is not None:
             raise AssertionError(f"{what} did not start: {why}")
-        with contextlib.suppress(OSError):
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                return s.recv(64).startswith(greeting)
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            return s.recv(64).startswith(greeting)
         return False
     wait_for(greets, timeout, f"{what} to greet")
 
@@ -168,12 +180,12 @@ def smtp_send(port: int, msg: EmailMessage | bytes, rcpt: list[str] | None = Non
         try:
             refused = s.sendmail(mail_from, rcpt, raw)
         except smtplib.SMTPRecipientsRefused as e:
-            code, text = list(e.recipients.values())[0]
+            code, text = next(iter(e.recipients.values()))
             return code, text.decode(errors="replace")
         except smtplib.SMTPResponseException as e:
             return e.smtp_code, e.smtp_error.decode(errors="replace")
         if refused:
-            code, text = list(refused.values())[0]
+            code, text = next(iter(refused.values()))
             return code, text.decode(errors="replace")
         return 250, "OK"
 
@@ -251,9 +263,11 @@ class GatewayProc:
     # -- process ---------------------------------------------------------
     def start(self, timeout: float = 20.0, preexec_fn: Callable[[], None] | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
-        self.proc = subprocess.Popen([*GATEWAY, "serve", "--config", str(self.config)],
-                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=env, preexec_fn=preexec_fn)
+        with open(self.log, "ab") as out:      # the child has its own copy of the descriptor
+            # preexec_fn: only a setrlimit call from the tests that need one
+            self.proc = subprocess.Popen([*GATEWAY, "serve", "--config", str(self.config)],
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=env, preexec_fn=preexec_fn)  # noqa: PLW1509
         proc = self.proc
         wait_banner(self.port, b"220", timeout=timeout, what="gateway serve",
                     died=lambda: None if proc.poll() is None

@@ -145,7 +145,7 @@ def test_no_sla_warning_once_staff_answered(ruled: GatewayProc) -> None:
     key = uniq("Down again")
     ruled.send(mail("noc@atc.example.com", SUPPORT, key, "Total outage again."))
     t = ruled.ticket_by_subject(key)
-    note = [m for m in ruled.sink.wait_to(QUEUES["AMER"]) if key in str(m["Subject"])][0]
+    note = next(m for m in ruled.sink.wait_to(QUEUES["AMER"]) if key in str(m["Subject"]))
     ruled.send(agent_reply(note, "Looking at it right now."))
     assert ruled.ticket(t["id"])["first_response_at"] is not None
     jobs = run_due(ruled, datetime.fromisoformat(t["response_due_at"]) + timedelta(hours=1))

@@ -107,7 +107,7 @@ def test_cc_participant_may_reply_by_tag(gateway: GatewayProc) -> None:
 
 
 def test_unknown_recipient_is_refused_at_rcpt_with_550(gateway: GatewayProc) -> None:
-    code, text = gateway.send(mail("x@customer.example", "nobody@example.com", "stray", "hi"))
+    code, _ = gateway.send(mail("x@customer.example", "nobody@example.com", "stray", "hi"))
     assert code == 550
     # plus-addressing reaches the mailbox
     code, _ = gateway.send(mail("x@customer.example", "support+billing@example.com", uniq("plus"), "hi"))
@@ -119,14 +119,22 @@ def test_oversize_mail_is_refused_with_552(make_gateway: Callable[..., GatewayPr
     gw.start()
     big = mail("big@customer.example", SUPPORT, uniq("huge"), "x")
     big.add_attachment(b"\0" * 60_000, maintype="application", subtype="octet-stream", filename="d.bin")
-    code, _ = gw.send(big)
-    assert code == 552
+    with smtplib.SMTP("127.0.0.1", gw.port) as s:      # no SIZE=: refused after the data
+        s.ehlo()
+        s.mail("big@customer.example")
+        s.rcpt(SUPPORT)
+        code, reply = s.data(big.as_bytes())
+        assert (code, reply) == (552, b"5.3.4 Message too big for system (at most 50000 bytes)")
     # the SIZE parameter is refused before any data is sent
     with smtplib.SMTP("127.0.0.1", gw.port) as s:
         s.ehlo()
-        code, _ = s.mail("big@customer.example", options=["SIZE=900000"])
-        assert code == 552
+        code, reply = s.mail("big@customer.example", options=["SIZE=900000"])
+        assert (code, reply) == (552, b"5.3.4 Message too big for system (at most 50000 bytes)")
     assert gw.tickets() == []
+    refused = wait_for(lambda: len(r := [e for e in gw.log_events() if e["event"] == "smtp.too_big"]) == 2 and r,
+                       what="both refusals logged")
+    assert [(e["stage"], e["limit"], e["level"]) for e in refused] == [("DATA", 50000, "warning"),
+                                                                        ("MAIL", 50000, "warning")]
 
 
 def test_locked_store_answers_451_and_nothing_is_half_stored(

@@ -163,7 +163,6 @@ def test_japanese_body_is_base64_and_german_quoted_printable_both_decode() -> No
     assert plain is not None and plain["Content-Transfer-Encoding"] == "base64"
     assert "バックアップが失敗します" in plain.get_content()
     assert msg["Subject"] == "[Support #1042] バックアップが失敗します"
-    _, de_text, _ = render("ack", "de")
     de = c.compose(Kind.ACK, ticket=ticket(), mailbox="support@example.com", to=["a@c.example"], answers=[],
                    now=NOW, language="de", context=SAMPLE_CONTEXTS["ack"][0])
     assert b"Content-Transfer-Encoding: quoted-printable" in de.content

@@ -47,9 +47,10 @@ class Desk:
         fields.update(tr.stamps)
         if fields:
             await tx.update_ticket(ticket.id, now, **fields)
+        stamps: dict[str, Any] = dict(tr.stamps)      # resolved_at, closed_at: Ticket fields
         after = replace(ticket, status=tr.status, reminder_due_at=tr.timers.reminder_due_at,
                         autoclose_due_at=tr.timers.autoclose_due_at,
-                        close_due_at=tr.timers.close_due_at, **tr.stamps)
+                        close_due_at=tr.timers.close_due_at, **stamps)
         if tr.status is not ticket.status:
             log.info("ticket.status_changed", ticket_id=ticket.id, old=ticket.status.value,
                      new=tr.status.value, cause=tr.cause)

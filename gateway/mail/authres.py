@@ -88,7 +88,9 @@ def _strip_comments(value: str) -> str:
 
 def _split(value: str, sep: str) -> list[str]:
     """Split on `sep` outside quoted strings."""
-    parts, buf, quoted = [], [], False
+    parts: list[str] = []
+    buf: list[str] = []
+    quoted = False
     for ch in value:
         if ch == '"':
             quoted = not quoted

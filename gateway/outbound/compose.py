@@ -117,7 +117,8 @@ def _address(name: str, address: str) -> str:
 
 def _text_part(text: str, subtype: str) -> Message:
     extra = len(text.encode("utf-8")) - len(text)      # 2 bytes more per kana or kanji
-    part = MIMEText(text, subtype, _UTF8_BASE64 if extra > len(text) // 2 else _UTF8)
+    # MIMEText takes a Charset object (and uses its body encoding); typeshed says str
+    part = MIMEText(text, subtype, _UTF8_BASE64 if extra > len(text) // 2 else _UTF8)  # type: ignore[arg-type]
     del part["MIME-Version"]          # once, on the whole message
     return part
 

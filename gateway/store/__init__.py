@@ -479,7 +479,7 @@ class Store:
             try:
                 await tx.db.execute(f"ROLLBACK TO {name}")
                 await tx.db.execute(f"RELEASE {name}")
-            except Exception as undo:
+            except Exception as undo:  # noqa: BLE001 - whatever the undo raised, the unit is lost
                 # the transaction itself is gone (connection lost): the whole of it fails
                 raise StoreUnavailable(f"cannot undo a failed unit: {undo}") from e
             raise
