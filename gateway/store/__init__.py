@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.model import Attachment, Status, Ticket
+from gateway.model import Attachment, Status, Ticket, domain_of, mailbox_of
 from gateway.store.drivers import PostgresDriver, SQLiteDriver, StoreConflict, StoreUnavailable, connect
 
 BUSY_TIMEOUT_MS = 5000
@@ -182,7 +182,25 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (ticket_id, address)
     );
     """,
+    # 9: loop and flood caps count per requester mailbox (case and +tag folded) and
+    # per sender domain (tickets made before have neither: they leave the hour soon)
+    """
+    ALTER TABLE tickets ADD COLUMN requester_mailbox TEXT;
+    ALTER TABLE tickets ADD COLUMN requester_domain TEXT;
+    CREATE INDEX tickets_requester_mailbox ON tickets(requester_mailbox, created_at);
+    CREATE INDEX tickets_requester_domain ON tickets(requester_domain, created_at);
+    """,
 )
+
+
+@dataclass(frozen=True)
+class SenderCounts:
+    """What one requester mailbox and its domain cost in a window (Tx.sender_counts)."""
+
+    tickets_by_mailbox: int
+    tickets_by_domain: int
+    answers_to_mailbox: int
+    answers_to_domain: int
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -324,11 +342,12 @@ class Tx:
         ticket_id = await self._insert(
             "INSERT INTO tickets (subject, status, requester, cc, region, govcloud, priority,"
             " mailbox, linked_ticket, created_at, updated_at, plan, response_due_at, missing,"
-            " redirect, decision, language) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " redirect, decision, language, requester_mailbox, requester_domain)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (subject, Status.OPEN.value, requester, json.dumps(list(cc)), region, int(govcloud),
              priority, mailbox, linked_ticket, iso(now), iso(now), plan, iso(response_due_at),
              json.dumps(list(missing)), redirect, json.dumps(decision) if decision else None,
-             language))
+             language, mailbox_of(requester), domain_of(requester)))
         # the row as written (times at the stored one-second precision), without reading it back
         return Ticket(id=ticket_id, subject=subject, status=Status.OPEN, requester=requester,
                       cc=tuple(cc), region=region, govcloud=govcloud, priority=priority,
@@ -388,21 +407,28 @@ class Tx:
             (ticket_id, address, iso(now), iso(since)))
         return bool(rows)
 
-    async def auto_answers_to(self, address: str, since: datetime,
-                              kinds: Sequence[str] = ("ack",)) -> int:
-        """Automatic answers (`kinds`) sent since `since` on tickets `address` opened.
+    async def sender_counts(self, mailbox: str, domain: str, since: datetime,
+                            kinds: Sequence[str]) -> SenderCounts:
+        """Tickets opened since `since` by one requester mailbox and by one
+        domain, and the automatic answers (`kinds`) sent on them, in one query.
 
         An acknowledgement is only ever queued when a ticket is created, to its
-        requester, so the tickets_created index narrows this to the tickets of
-        the window and messages_ticket finds their answers: cheap per new ticket.
+        requester, so the (requester_mailbox | requester_domain, created_at)
+        indexes narrow this to the tickets of the window and messages_ticket
+        finds their answers: cheap per new ticket.
         """
         marks = ",".join("?" * len(kinds))
+        answers = (f"SELECT count(*) FROM messages WHERE direction = 'out' AND kind IN ({marks})"
+                   " AND created_at >= ? AND ticket_id IN (SELECT id FROM tickets WHERE created_at >= ?"
+                   " AND requester_{} = ?)")
+        tickets = "SELECT count(*) FROM tickets WHERE created_at >= ? AND requester_{} = ?"
+        since_s = iso(since)
         rows = await self._all(
-            f"SELECT count(*) FROM messages WHERE direction = 'out' AND kind IN ({marks})"
-            " AND created_at >= ? AND ticket_id IN"
-            " (SELECT id FROM tickets WHERE created_at >= ? AND requester = ?)",
-            (*kinds, iso(since), iso(since), address))
-        return int(rows[0][0])
+            f"SELECT ({tickets.format('mailbox')}), ({tickets.format('domain')}),"
+            f" ({answers.format('mailbox')}), ({answers.format('domain')})",
+            (since_s, mailbox, since_s, domain, *kinds, since_s, since_s, mailbox,
+             *kinds, since_s, since_s, domain))
+        return SenderCounts(*(int(v) for v in rows[0]))
 
     # -- quarantine ------------------------------------------------------
     async def is_quarantined(self, inbound_id: int) -> bool:
