@@ -26,7 +26,8 @@ from gateway.desk import stats
 from gateway.inbound import answers
 from gateway.model import Status, Ticket
 from gateway.ops import logs
-from gateway.store import Store, StoreUnavailable, iso
+from gateway.outbound.tokens import open_store
+from gateway.store import StoreUnavailable, iso
 
 INGEST_SEND_TIMEOUT_S = 20.0
 
@@ -300,7 +301,7 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
             print(f"gateway: no quarantined mail {args.id}: already processed", file=sys.stderr)
             return 1
         return answers.EX_OK if result.processed else answers.EX_DATAERR
-    store = await Store.open(config.store_url, config.busy_timeout_ms)
+    store = await open_store(config.store_url, config.busy_timeout_ms, config.token_secret_path)
     try:
         if args.quarantine_command == "list":
             rows = await quarantine.entries(store)
@@ -325,7 +326,7 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
 # -- tickets --------------------------------------------------------------
 
 async def _tickets(config: Config, args: argparse.Namespace) -> int:
-    store = await Store.open(config.store_url, config.busy_timeout_ms)
+    store = await open_store(config.store_url, config.busy_timeout_ms, config.token_secret_path)
     try:
         if args.tickets_command == "list":
             rows = await store.tickets(args.status)
@@ -408,7 +409,7 @@ def when(option: str, value: str) -> datetime:
 async def _stats(config: Config, args: argparse.Namespace) -> int:
     since = when("--since", args.since) if args.since else None
     until = when("--until", args.until) if args.until else None
-    store = await Store.open(config.store_url, config.busy_timeout_ms)
+    store = await open_store(config.store_url, config.busy_timeout_ms, config.token_secret_path)
     try:
         rep = stats.report(await store.tickets_created(since, until))
     finally:

@@ -111,12 +111,18 @@ class Config:
     templates_dir: Path | None = None         # operators' overrides of gateway/templates
     dkim_keys: Mapping[str, DkimKey] = field(default_factory=dict)
     imap: tuple[ImapAccount, ...] = ()
+    token_secret_file: Path | None = None     # None: data_dir/secret.key
 
     # -- lookups used across the gateway ---------------------------------
     @property
     def path(self) -> str | None:
         """The file this configuration was read from; None for the built-in defaults."""
         return None if self.source == DEFAULTS_SOURCE else self.source
+
+    @property
+    def token_secret_path(self) -> Path:
+        """The key file of the ticket-token secret (unless $GATEWAY_TOKEN_SECRET is set)."""
+        return self.token_secret_file or self.data_dir / "secret.key"
 
     def mailbox_for(self, address: str) -> Mailbox | None:
         """The mailbox an address reaches, ignoring case and `+tag` suffixes."""
@@ -441,6 +447,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     data_dir = Path(_prefixed(r, "gateway", g, "data_dir", str, d["gateway"]["data_dir"]))
     tag = _prefixed(r, "gateway", g, "ticket_tag", str, d["gateway"]["ticket_tag"])
     _prefixed(r, "gateway", g, "rules_file", str, "")          # read by load()
+    secret_value = _prefixed(r, "gateway", g, "token_secret_file", str, "")
     templates_value = _prefixed(r, "gateway", g, "templates_dir", str, "")
     templates_dir = None
     if templates_value:
@@ -610,7 +617,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         metrics_probe_s=metrics_probe_s,
         limits=limits, staff_require_authenticated=require_auth,
         staff_trusted_authserv_ids=authserv_ids, templates_dir=templates_dir, dkim_keys=dkim_keys,
-        imap=imap_accounts,
+        imap=imap_accounts, token_secret_file=Path(secret_value) if secret_value else None,
     )
 
 

@@ -190,7 +190,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tickets_requester_mailbox ON tickets(requester_mailbox, created_at);
     CREATE INDEX tickets_requester_domain ON tickets(requester_domain, created_at);
     """,
+    # 9: the ticket-token secret lives only in its key file or $GATEWAY_TOKEN_SECRET
+    # (issue 14). Store.open handed the copy that migration 6 kept here to the key
+    # file before this runs; overwritten first, so that the freed page holds no copy
+    """
+    UPDATE settings SET value = '0' WHERE name = 'ticket_token_secret';
+    DELETE FROM settings WHERE name = 'ticket_token_secret';
+    """,
 )
+
+LEGACY_SECRET = "ticket_token_secret"     # the setting migration 6 kept the secret in
+SECRET_CHECK = "ticket_token_check"       # its fingerprint (gateway.outbound.tokens.fingerprint)
 
 
 @dataclass(frozen=True)
@@ -439,6 +449,17 @@ class Tx:
         return bool(rows) and rows[0][0] == "quarantined"
 
 
+async def _settings_before_migration(db: Driver) -> dict[str, str]:
+    """The secret-related settings of a database of any schema version (none when new)."""
+    exists = ("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'settings'"
+              if db.dialect == "sqlite" else "SELECT count(*) FROM pg_tables WHERE tablename = 'settings'"
+              " AND schemaname = current_schema()")
+    if not (await db.fetch(exists))[0][0]:
+        return {}
+    rows = await db.fetch("SELECT name, value FROM settings WHERE name IN (?, ?)", (LEGACY_SECRET, SECRET_CHECK))
+    return {str(name): str(value) for name, value in rows}
+
+
 async def _fetch_ticket(db: Driver, ticket_id: int, lock: bool = False) -> Ticket | None:
     rows = await db.fetch(f"SELECT {_TICKET_COLS} FROM tickets WHERE id = ?"
                           + (db.for_update if lock else ""), (ticket_id,))
@@ -451,12 +472,43 @@ class Store:
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, target: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Store:
-        """Open (and migrate) the store at a `[store] url`, or a SQLite file path."""
+    async def open(cls, target: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS, *,
+                   legacy_secret: Callable[[str, str | None], None] | None = None) -> Store:
+        """Open (and migrate) the store at a `[store] url`, or a SQLite file path.
+
+        `legacy_secret(value, check)` is called, before any migration, when
+        the database holds the ticket-token secret that earlier versions kept
+        in it (with the stored fingerprint `check`, or None): it must save the
+        value where the secret lives now, or raise (then nothing is migrated
+        and the copy stays). The copy is removed after it returned.
+        """
         url = f"sqlite:///{target}" if isinstance(target, Path) else target
         db = await connect(url, busy_timeout_ms)
         try:
+            found = await _settings_before_migration(db)
+            if LEGACY_SECRET in found:
+                if legacy_secret is None:
+                    # never migrate it away unsaved: the mail already sent would lose its tokens
+                    raise StoreUnavailable("the database holds the ticket-token secret of an earlier version: "
+                                           "open it with a configuration (any `gateway` command) to move it "
+                                           "to the key file first")
+                legacy_secret(found[LEGACY_SECRET], found.get(SECRET_CHECK))
+                if db.dialect == "sqlite":
+                    # the freed cell is zeroed, not left in the file (SQLite's secure_delete)
+                    await db.execute("PRAGMA secure_delete = ON")
             await db.migrate(MIGRATIONS)
+            if LEGACY_SECRET in found:
+                # migration 9 ran before, and an instance of an older version wrote it again
+                await db.begin()
+                try:
+                    await db.execute("UPDATE settings SET value = '0' WHERE name = ?", (LEGACY_SECRET,))
+                    await db.execute("DELETE FROM settings WHERE name = ?", (LEGACY_SECRET,))
+                    await db.commit()
+                except BaseException:
+                    await db.rollback()
+                    raise
+                if db.dialect == "sqlite":
+                    await db.execute("PRAGMA secure_delete = OFF")
         except BaseException:
             await db.close()
             raise
