@@ -4,7 +4,8 @@ The policy (README, "Threading"):
 1. A mail that answers one of the ticket's messages (In-Reply-To or
    References names a Message-ID the ticket has, or one of our own IDs with
    a genuine ticket token) joins that ticket, whoever sends it: only people
-   who received our mail know those IDs.
+   who received our mail know those IDs. (The pipeline records it as
+   automatic when the sender is not a participant and the ID is ours.)
 2. A mail whose subject carries `[<tag> #<id>]` joins that ticket only when
    it comes from a participant (requester, the ticket's Cc, staff; case and
    `+tag` folded: `help+2@x` is `help+1@x`'s mailbox, as a helpdesk that

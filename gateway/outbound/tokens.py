@@ -5,7 +5,8 @@ Every mail the gateway sends has a Message-ID of the form
 the ticket ID under a secret kept in its key file or `$GATEWAY_TOKEN_SECRET`
 (never in the database: see `load_secret`). A reply that quotes such an
 ID (In-Reply-To/References) proves its sender saw our mail about that
-ticket, so it is accepted from any address; a bare `[Support #1042]` in a
+ticket (from someone not on the ticket it is taken as automatic: see
+`gateway.desk.pipeline`); a bare `[Support #1042]` in a
 subject proves nothing, and is only trusted from the ticket's participants
 (see `gateway.desk.conversation`).
 
