@@ -190,7 +190,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tickets_requester_mailbox ON tickets(requester_mailbox, created_at);
     CREATE INDEX tickets_requester_domain ON tickets(requester_domain, created_at);
     """,
-    # 9: the ticket-token secret lives only in its key file or $GATEWAY_TOKEN_SECRET
+    # 10: the ticket-token secret lives only in its key file or $GATEWAY_TOKEN_SECRET
     # (issue 14). Store.open handed the copy that migration 6 kept here to the key
     # file before this runs; overwritten first, so that the freed page holds no copy
     """
@@ -498,7 +498,7 @@ class Store:
                     await db.execute("PRAGMA secure_delete = ON")
             await db.migrate(MIGRATIONS)
             if LEGACY_SECRET in found:
-                # migration 9 ran before, and an instance of an older version wrote it again
+                # the removal (migration 10) ran before, and an instance of an older version wrote it again
                 await db.begin()
                 try:
                     await db.execute("UPDATE settings SET value = '0' WHERE name = ?", (LEGACY_SECRET,))
