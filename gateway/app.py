@@ -29,7 +29,7 @@ from gateway.ops import logs, metrics, systemd, workers
 from gateway.ops.sandbox import Sandbox
 from gateway.outbound.compose import Composer, check_templates
 from gateway.outbound.sender import OutboxSender
-from gateway.outbound.tokens import TicketTokens, load_secret
+from gateway.outbound.tokens import TicketTokens, open_store, shared_secret
 from gateway.outbound.transport import MaildirDrop, SmtpRelay, Transport
 from gateway.store import Store, StoreUnavailable
 from gateway.store.blobs import Blobs
@@ -105,18 +105,14 @@ async def open_gateway(config: Config, clock: Clock = system_clock, *, resident:
     """`resident`: for `serve` (parse workers from a fork server, see gateway.ops.sandbox)."""
     try:
         private_data_dir(config.data_dir)
-        secret = load_secret(config.data_dir)
     except OSError as e:
         raise StoreUnavailable(f"data_dir {config.data_dir}: {e}") from e
-    store = await Store.open(config.store_url, config.busy_timeout_ms)
-    # Every instance on one database signs and checks ticket tokens with the
-    # same key: the first one stored (this data_dir's, on a single instance).
+    store = await open_store(config.store_url, config.busy_timeout_ms, config.token_secret_path)
     try:
-        secret = bytes.fromhex(await store.shared_setting("ticket_token_secret", secret.hex()))
+        tokens = TicketTokens(await shared_secret(store, config.token_secret_path))
     except BaseException:
         await store.close()
         raise
-    tokens = TicketTokens(secret)
     desk = Desk(config, Composer(ticket_tag=config.ticket_tag, tokens=tokens,
                                  override_dir=config.templates_dir, dkim_keys=config.dkim_keys))
     pipeline = Pipeline(config, desk, tokens)

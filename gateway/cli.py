@@ -27,6 +27,7 @@ from gateway.desk import stats
 from gateway.inbound import answers
 from gateway.model import Status, Ticket
 from gateway.ops import logs
+from gateway.outbound.tokens import open_store
 from gateway.store import Store, StoreUnavailable, iso
 
 INGEST_SEND_TIMEOUT_S = 20.0
@@ -197,7 +198,7 @@ async def _open_existing(config: Config) -> Store:
         path = Path(config.store_url[len("sqlite:///"):])
         if not path.exists():
             raise NoDatabase(f"no database at {path}: is --config right?")
-    return await Store.open(config.store_url, config.busy_timeout_ms)
+    return await open_store(config.store_url, config.busy_timeout_ms, config.token_secret_path)
 
 
 # -- ingest ---------------------------------------------------------------

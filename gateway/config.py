@@ -18,7 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from gateway.model import REGIONS, normalize_address
+from gateway.model import REGIONS, mailbox_of, normalize_address
 from gateway.outbound.dkim import DkimKey, DkimSigner
 from gateway.outbound.transport import Relay
 from gateway.rules.settings import SUPPORTED_LANGUAGES, RulesConfig, default_rules, parse_rules, unknown_key
@@ -60,7 +60,10 @@ class Limits:
     max_recipients: int = 50              # RCPT TO per transaction; more get 452 4.5.3
     max_attachments: int = 100            # MIME leaf parts besides the text; more get 554 5.6.0
     max_nesting: int = 10                 # multipart / message/rfc822 depth; deeper gets 554 5.6.0
-    auto_answers_per_sender_per_hour: int = 10   # acknowledgements to one address per hour
+    auto_answers_per_sender_per_hour: int = 10   # acknowledgements to one mailbox (case, +tag folded) per hour
+    auto_answers_per_domain_per_hour: int = 200  # acknowledgements to one sender domain per hour
+    new_tickets_per_sender_per_hour: int = 30    # new tickets from one mailbox per hour; more are quarantined
+    new_tickets_per_domain_per_hour: int = 1000  # new tickets from one sender domain per hour; more are quarantined
     max_participants: int = 50            # To/Cc addresses kept on a ticket, recipients of one outbound mail
     parse_seconds: float = 5.0            # CPU time one mail's parse may take; then it is quarantined
     parse_processes: int = 2              # worker processes that parse (killed and replaced past parse_seconds)
@@ -110,6 +113,7 @@ class Config:
     templates_dir: Path | None = None         # operators' overrides of gateway/templates
     dkim_keys: Mapping[str, DkimKey] = field(default_factory=dict)
     imap: tuple[ImapAccount, ...] = ()
+    token_secret_file: Path | None = None     # None: data_dir/secret.key
 
     # -- lookups used across the gateway ---------------------------------
     @property
@@ -117,11 +121,15 @@ class Config:
         """The file this configuration was read from; None for the built-in defaults."""
         return None if self.source == DEFAULTS_SOURCE else self.source
 
+    @property
+    def token_secret_path(self) -> Path:
+        """The key file of the ticket-token secret (unless $GATEWAY_TOKEN_SECRET is set)."""
+        return self.token_secret_file or self.data_dir / "secret.key"
+
     def mailbox_for(self, address: str) -> Mailbox | None:
         """The mailbox an address reaches, ignoring case and `+tag` suffixes."""
         addr = normalize_address(address)
-        local, _, domain = addr.partition("@")
-        base = local.split("+", 1)[0] + "@" + domain
+        base = mailbox_of(addr)
         for mb in self.mailboxes:
             if mb.address in (addr, base):
                 return mb
@@ -484,6 +492,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     data_dir = _resolve(_prefixed(r, "gateway", g, "data_dir", str, d["gateway"]["data_dir"]), config_dir)
     tag = _prefixed(r, "gateway", g, "ticket_tag", str, d["gateway"]["ticket_tag"])
     _prefixed(r, "gateway", g, "rules_file", str, "")          # read by load()
+    secret_value = _prefixed(r, "gateway", g, "token_secret_file", str, "")
     templates_value = _prefixed(r, "gateway", g, "templates_dir", str, "")
     templates_dir = None
     if templates_value:
@@ -657,7 +666,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         metrics_probe_s=metrics_probe_s,
         limits=limits, staff_require_authenticated=require_auth,
         staff_trusted_authserv_ids=authserv_ids, templates_dir=templates_dir, dkim_keys=dkim_keys,
-        imap=imap_accounts,
+        imap=imap_accounts, token_secret_file=Path(secret_value) if secret_value else None,
     )
 
 
@@ -667,7 +676,9 @@ def _limits_and_staff_auth(r: _Reader, data: dict[str, Any]) -> tuple[Limits, bo
     dflt = Limits()
     values: dict[str, Any] = {}
     for key, low in (("max_recipients", 1), ("max_attachments", 0), ("max_nesting", 1),
-                     ("auto_answers_per_sender_per_hour", 0), ("max_participants", 1),
+                     ("auto_answers_per_sender_per_hour", 0), ("auto_answers_per_domain_per_hour", 0),
+                     ("new_tickets_per_sender_per_hour", 1), ("new_tickets_per_domain_per_hour", 1),
+                     ("max_participants", 1),
                      ("parse_seconds", 0.1), ("parse_processes", 1), ("max_sessions", 1),
                      ("session_memory", 4096), ("max_rcpt_errors", 1)):
         kind: type | tuple[type, ...] = (int, float) if key == "parse_seconds" else int

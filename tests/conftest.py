@@ -195,13 +195,16 @@ class GatewayProc:
 
     def __init__(self, root: Path, sink: Sink, gov_sink: Sink, *, extra_toml: str = "",
                  max_size: int = 2_000_000, transport: str = "smtp", lmtp: bool = False,
-                 relay_port: int | None = None, store_url: str | None = None):
+                 relay_port: int | None = None, store_url: str | None = None, secret_file: str | None = None):
         self.root = root
         self.port = free_port()
         self.sink, self.gov_sink = sink, gov_sink
         self.data_dir = root / "data"
         self.config = root / "gateway.toml"
         self.store_url = store_url or pg.store_url()
+        # secret_file="shared": the key file every gateway of the test reads (several instances)
+        secret = f'token_secret_file = "{root.parent / "shared-secret.key"}"' if secret_file == "shared" \
+            else f'token_secret_file = "{secret_file}"' if secret_file else ""
         store = ""
         if self.store_url:
             if "[store]" in extra_toml:
@@ -212,6 +215,7 @@ class GatewayProc:
             [gateway]
             data_dir = "{self.data_dir}"
             ticket_tag = "Support"
+            {secret}
 
             [smtp]
             host = "127.0.0.1"

@@ -8,7 +8,7 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
-from conftest import QUEUES, STAFF, SUPPORT, GatewayProc, agent_reply, mail, reply_to, uniq, wait_for
+from conftest import QUEUES, SUPPORT, GatewayProc, agent_reply, mail, reply_to, uniq, wait_for
 
 CUSTOMER = "ann@customer.example"
 COLLEAGUE = "bob@partner.example"

@@ -14,6 +14,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pg
@@ -46,7 +47,9 @@ def db_url() -> str:
 @pytest.fixture
 def instances(make_gateway: Callable[..., GatewayProc], db_url: str) -> Callable[[int], list[GatewayProc]]:
     def start(n: int) -> list[GatewayProc]:
-        gws = [make_gateway(store_url=db_url, extra_toml=f"[store]\nlease_seconds = {LEASE_S}\n")
+        # the instances share one token secret: one key file (README "Running several instances")
+        gws = [make_gateway(store_url=db_url, extra_toml=f"[store]\nlease_seconds = {LEASE_S}\n",
+                            secret_file="shared")
                for _ in range(n)]
         for gw in gws:
             gw.start()
@@ -318,8 +321,10 @@ async def test_a_slow_relay_gets_each_mail_once_though_sending_outlasts_the_leas
     relay = Controller(SlowRelay(), hostname="127.0.0.1", port=relay_port)
     relay.start()
 
+    key = str(Path(tempfile.mkdtemp(prefix="gw-slow-key-")) / "secret.key")
+
     def config() -> Any:
-        return parse({"gateway": {"data_dir": tempfile.mkdtemp(prefix="gw-slow-")},
+        return parse({"gateway": {"data_dir": tempfile.mkdtemp(prefix="gw-slow-"), "token_secret_file": key},
                       "outbound": {"transport": "smtp", "host": "127.0.0.1", "port": relay_port},
                       "store": {"url": db_url, "lease_seconds": 1}})
     a, b = await open_gateway(config()), await open_gateway(config())

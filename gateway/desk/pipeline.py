@@ -20,11 +20,11 @@ from gateway.desk.writer import Desk
 from gateway.mail import authres
 from gateway.mail.automatic import automatic_kind
 from gateway.mail.subject import tagged_ticket_id
-from gateway.model import Attachment, Kind, ParsedMail, Status, Ticket, normalize_address
+from gateway.model import Attachment, Kind, ParsedMail, Status, Ticket, domain_of, mailbox_of, normalize_address
 from gateway.outbound.tokens import TicketTokens, without_staff_tokens
 from gateway.rules.decision import Decision, decide
 from gateway.rules.language import choose_language
-from gateway.store import Tx
+from gateway.store import SenderCounts, Tx
 
 PARTICIPANTS_LISTED = 1000   # addresses named in the note about those left out
 log = structlog.get_logger("gateway.pipeline")
@@ -99,6 +99,11 @@ class Pipeline:
         if by_reference is None and auto == "bounce":
             # a DSN quotes our mail in its body, not in In-Reply-To
             by_reference = await self._ticket_answered(tx, self.tokens.ids_in(received.raw))
+        stranger = None
+        if auto is None and not self.config.is_staff(sender):
+            stranger = await self._stranger_answering_us(tx, mail, received, sender, by_reference)
+            if stranger is not None:
+                auto, by_reference = "auto", stranger
         tag_id = tagged_ticket_id(mail.subject, self.config.ticket_tag)
         by_tag = await tx.ticket(tag_id) if tag_id is not None and by_reference is None else None
         placement = place(sender=sender, sender_is_staff=self.config.is_staff(sender),
@@ -119,15 +124,19 @@ class Pipeline:
             await self._record(tx, ticket.id, Kind(auto), mail, inbound_id, now)
             if auto == "bounce":
                 await self._mark_undeliverable(tx, ticket, received.raw, now)
+            why = " (answers our mail but is not on the ticket)" if stranger is not None else ""
             return Outcome(inbound_id, "joined", ticket.id, mail.message_id, 0,
-                           f"{auto} mail recorded: no answer, no status change")
+                           f"{auto} mail recorded{why}: no answer, no status change")
 
         if answered is not None and not self.config.is_staff(sender) and self.tokens.answers_staff_mail(
                 answered.id, mail.thread_ids, (*mail.to, *mail.cc, *received.rcpt_to)):
             return await self._not_staff(tx, inbound_id, mail, answered, sender, now)
 
         if placement.ticket_id is None:
-            return await self._open_ticket(tx, inbound_id, mail, received, sender, placement)
+            # a subject tag from someone not on that ticket: `tagged` is the ticket quoted
+            tagged = by_tag if by_tag is not None and placement.linked_ticket == by_tag.id \
+                and not by_tag.is_participant(sender) else None
+            return await self._open_ticket(tx, inbound_id, mail, received, sender, placement, tagged)
         ticket = by_reference if by_reference and by_reference.id == placement.ticket_id else by_tag
         assert ticket is not None
         if self.config.is_staff(sender):
@@ -148,6 +157,31 @@ class Pipeline:
                 if ticket is not None:
                     return ticket
         return None
+
+    async def _stranger_answering_us(self, tx: Tx, mail: ParsedMail, received: Received, sender: str,
+                                     by_reference: Ticket | None) -> Ticket | None:
+        """The ticket whose mail of ours this mail quotes, when its sender is not on it.
+
+        Our Message-IDs (`gateway.outbound.tokens`) went only to the ticket's
+        participants. Someone else quoting one, in References/In-Reply-To or in
+        the body, is answering mail that was not sent to them: the responder
+        of a helpdesk or a forwarding rule that sets no RFC 3834 header (issue
+        14: a foreign helpdesk answering from `help+N@`), or a person our mail
+        was forwarded to. Either way it is treated as automatic: recorded on
+        the ticket for staff, never answered, no status change. (Answers to a
+        customer's own Message-ID, as a Cc'd colleague's reply-all, are not
+        ours and thread as before.)
+        """
+        if by_reference is not None:
+            ours = any(self.tokens.ticket_of(mid) == by_reference.id for mid in mail.thread_ids)
+            quoted = by_reference if ours else None
+        else:
+            quoted = await self._ticket_answered(tx, self.tokens.ids_in(received.raw))
+        if quoted is None or quoted.is_participant(sender):
+            return None
+        log.warning("ticket.stranger_answer", ticket_id=quoted.id, message_id=mail.message_id,
+                    sender=sender, by="references" if by_reference is not None else "body")
+        return quoted
 
     async def _record(self, tx: Tx, ticket_id: int, kind: Kind, mail: ParsedMail,
                       inbound_id: int, now: datetime) -> int:
@@ -177,8 +211,18 @@ class Pipeline:
                       rules=self.config.rules, directory=self.config.rules.directory, now=now)
 
     async def _open_ticket(self, tx: Tx, inbound_id: int, mail: ParsedMail, received: Received,
-                           sender: str, placement: Placement) -> Outcome:
+                           sender: str, placement: Placement, tagged: Ticket | None = None) -> Outcome:
         now = received.received_at
+        counts = await tx.sender_counts(mailbox_of(sender), domain_of(sender), now - timedelta(hours=1),
+                                        AUTO_ANSWER_KINDS)
+        over = self._over_ticket_cap(counts)
+        if over is not None:
+            log.warning("ticket.rate_limited", message_id=mail.message_id, sender=sender,
+                        scope=over[0], tickets_last_hour=over[1], limit=over[2])
+            return Outcome(inbound_id, "quarantined", None, mail.message_id, 0,
+                           f"rate limit: {over[1]} new tickets from this {over[0]} in the last hour "
+                           f"(limits.new_tickets_per_{over[0]}_per_hour = {over[2]}); retry it later "
+                           f"with `gateway quarantine retry`")
         decision = self.decide(mail, received.mailbox, now)
         redirect_to = self.config.redirects.get(decision.redirect) if decision.redirect else None
         if decision.redirect and not redirect_to:
@@ -205,7 +249,8 @@ class Pipeline:
             queued = await self._redirect(tx, ticket, mail, received, redirect_to, now)
         else:
             queued = 0
-            if await self._auto_answer_allowed(tx, ticket, sender, now):
+            no_ack = self._ack_suppressed(ticket, sender, counts, tagged)
+            if no_ack is None:
                 queued = await self.desk.to_customer(
                     tx, ticket, Kind.ACK, now, include_cc=False, thread=[mail.message_id],
                     context={"name": mail.sender_name or sender,
@@ -213,7 +258,7 @@ class Pipeline:
                              "missing": list(decision.missing),
                              "follows_up": await self._follows_up(tx, placement, sender)})
             queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now,
-                                         dropped=len(dropped), linked_reason=placement.reason)
+                                         dropped=len(dropped), linked_reason=placement.reason, no_ack=no_ack)
         log.info("ticket.created", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, region=ticket.region, govcloud=ticket.govcloud,
                  priority=ticket.priority, plan=ticket.plan, queue=decision.queue,
@@ -319,15 +364,16 @@ class Pipeline:
         if placement.linked_ticket is None:
             return None
         old = await tx.ticket(placement.linked_ticket)
-        if old is None or sender not in old.participants:
+        if old is None or not old.is_participant(sender):
             return None
         return {"id": old.id, "status": old.status.value}
 
     async def _notify(self, tx: Tx, ticket: Ticket, mail: ParsedMail, sender: str, *,
-                      is_new: bool, now: datetime, dropped: int = 0, linked_reason: str = "") -> int:
+                      is_new: bool, now: datetime, dropped: int = 0, linked_reason: str = "",
+                      no_ack: str | None = None) -> int:
         return await self.desk.to_staff(
             tx, ticket, self.desk.queue_of(ticket), now, answers=[mail.message_id],
-            context={"is_new": is_new, "sender": sender, "reply_text": mail.reply_text,
+            context={"is_new": is_new, "sender": sender, "reply_text": mail.reply_text, "no_ack": no_ack,
                      "body_text": mail.body_text, "attachments": [a for a, _ in mail.attachments],
                      "participants_dropped": dropped, "linked_reason": linked_reason,
                      "max_participants": self.config.limits.max_participants})
@@ -350,22 +396,56 @@ class Pipeline:
                     kept=self.config.limits.max_participants, dropped=len(dropped))
 
     # -- loops, floods and forged staff mail -----------------------------
-    async def _auto_answer_allowed(self, tx: Tx, ticket: Ticket, sender: str, now: datetime) -> bool:
-        """At most `[limits] auto_answers_per_sender_per_hour` automatic answers to one address.
+    def _ack_suppressed(self, ticket: Ticket, sender: str, counts: SenderCounts,
+                        tagged: Ticket | None) -> str | None:
+        """Why this new ticket gets no acknowledgement, or None when it gets one.
 
-        A flood from one sender (or a responder that sets none of RFC 3834's
-        headers, so that `automatic_kind` can't tell) still makes its tickets
-        and reaches staff, but is not answered mail for mail: RFC 3834 §2
-        asks automatic responders to limit how often they answer one sender.
-        The window slides over the injected clock (`now`).
+        At most `[limits] auto_answers_per_sender_per_hour` acknowledgements to
+        one mailbox (case and `+tag` folded: a helpdesk answering from
+        `help+N@` is one mailbox) and `auto_answers_per_domain_per_hour` to one
+        domain (a responder answering from ever new addresses). A flood, or a
+        responder that sets none of RFC 3834's headers so that
+        `automatic_kind` can't tell, still makes its tickets and reaches staff,
+        but is not answered mail for mail: RFC 3834 §2 asks automatic
+        responders to limit how often they answer one sender. The window
+        slides over the injected clock (`counts` are of the last hour).
+
+        Nor is a new ticket acknowledged that quotes the subject tag of a
+        ticket whose requester is at the sender's domain, from an address not
+        on it (`tagged`): that is what a responder answering our mail from
+        per-ticket addresses (`ticket-N@`) sends, and acknowledging it would
+        start the loop again. A colleague writing so still gets a ticket and
+        staff are told why no acknowledgement went out.
         """
-        limit = self.config.limits.auto_answers_per_sender_per_hour
-        sent = await tx.auto_answers_to(sender, now - timedelta(hours=1), AUTO_ANSWER_KINDS)
-        if sent < limit:
-            return True
-        log.warning("ticket.ack_suppressed", ticket_id=ticket.id, requester=sender,
-                    sent_last_hour=sent, limit=limit)
-        return False
+        if tagged is not None and domain_of(tagged.requester) == domain_of(sender):
+            log.warning("ticket.ack_suppressed", ticket_id=ticket.id, requester=sender, scope="tag",
+                        quoted_ticket=tagged.id)
+            return (f"it quotes the subject of ticket #{tagged.id}, whose requester is at the same domain, "
+                    f"from an address not on that ticket (a responder answering our mail would loop)")
+        lim = self.config.limits
+        for scope, sent, limit in (("sender", counts.answers_to_mailbox, lim.auto_answers_per_sender_per_hour),
+                                   ("domain", counts.answers_to_domain, lim.auto_answers_per_domain_per_hour)):
+            if sent >= limit:
+                log.warning("ticket.ack_suppressed", ticket_id=ticket.id, requester=sender, scope=scope,
+                            sent_last_hour=sent, limit=limit)
+                return (f"{sent} acknowledgements went to this {scope} in the last hour "
+                        f"(limits.auto_answers_per_{scope}_per_hour = {limit})")
+        return None
+
+    def _over_ticket_cap(self, counts: SenderCounts) -> tuple[str, int, int] | None:
+        """(scope, tickets in the last hour, limit) when one more new ticket is one too many.
+
+        `[limits] new_tickets_per_sender_per_hour` / `_per_domain_per_hour`:
+        past them mail that would open a ticket is quarantined with the reason
+        (kept, retried by ops), so that a runaway robot cannot fill the desk;
+        replies to existing tickets are never held back.
+        """
+        lim = self.config.limits
+        for scope, made, limit in (("sender", counts.tickets_by_mailbox, lim.new_tickets_per_sender_per_hour),
+                                   ("domain", counts.tickets_by_domain, lim.new_tickets_per_domain_per_hour)):
+            if made >= limit:
+                return scope, made, limit
+        return None
 
     def _staff_unproven(self, mail: ParsedMail, received: Received, ticket: Ticket,
                         sender: str) -> str | None:
@@ -436,5 +516,5 @@ class Pipeline:
                        "answered our mail to staff but is not staff: kept as a note")
 
 
-# Our automatic answers to a customer, counted by the per-sender hourly cap
+# Our automatic answers to a customer, counted by the hourly caps
 AUTO_ANSWER_KINDS = (Kind.ACK.value, Kind.REDIRECT.value)

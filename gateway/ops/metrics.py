@@ -71,6 +71,8 @@ class Metrics:
                            registry=r)
         self.quarantined = Counter("gateway_mails_quarantined", "Mails set aside as unprocessable",
                                    registry=r)
+        self.guarded = Counter("gateway_loop_guard", "Answers and tickets held back against loops and floods",
+                               ["action", "scope"], registry=r)
         self._rules: dict[str, Callable[[MutableMapping[str, Any]], None]] = {
             "mail.processed": self._processed,
             "mail.deferred": lambda e: self.received.labels(_s(e.get("mailbox")), "451").inc(),
@@ -84,6 +86,9 @@ class Metrics:
             "scheduler.job": lambda e: self.jobs.labels(_s(e.get("job"))).inc(),
             "ticket.sla_missed": lambda e: self.sla.labels(_s(e.get("priority"))).inc(),
             "mail.quarantined": lambda e: self.quarantined.inc(),
+            "ticket.ack_suppressed": lambda e: self.guarded.labels("ack_suppressed", _s(e.get("scope"))).inc(),
+            "ticket.rate_limited": lambda e: self.guarded.labels("ticket_held", _s(e.get("scope"))).inc(),
+            "ticket.stranger_answer": lambda e: self.guarded.labels("stranger_answer", _s(e.get("by"))).inc(),
         }
 
     def _processed(self, e: MutableMapping[str, Any]) -> None:

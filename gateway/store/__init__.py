@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.model import Attachment, Status, Ticket
+from gateway.model import Attachment, Status, Ticket, domain_of, mailbox_of
 from gateway.store.drivers import PostgresDriver, SQLiteDriver, StoreConflict, StoreUnavailable, connect
 
 BUSY_TIMEOUT_MS = 5000
@@ -182,7 +182,35 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (ticket_id, address)
     );
     """,
+    # 9: loop and flood caps count per requester mailbox (case and +tag folded) and
+    # per sender domain (tickets made before have neither: they leave the hour soon)
+    """
+    ALTER TABLE tickets ADD COLUMN requester_mailbox TEXT;
+    ALTER TABLE tickets ADD COLUMN requester_domain TEXT;
+    CREATE INDEX tickets_requester_mailbox ON tickets(requester_mailbox, created_at);
+    CREATE INDEX tickets_requester_domain ON tickets(requester_domain, created_at);
+    """,
+    # 10: the ticket-token secret lives only in its key file or $GATEWAY_TOKEN_SECRET
+    # (issue 14). Store.open handed the copy that migration 6 kept here to the key
+    # file before this runs; overwritten first, so that the freed page holds no copy
+    """
+    UPDATE settings SET value = '0' WHERE name = 'ticket_token_secret';
+    DELETE FROM settings WHERE name = 'ticket_token_secret';
+    """,
 )
+
+LEGACY_SECRET = "ticket_token_secret"     # the setting migration 6 kept the secret in
+SECRET_CHECK = "ticket_token_check"       # its fingerprint (gateway.outbound.tokens.fingerprint)
+
+
+@dataclass(frozen=True)
+class SenderCounts:
+    """What one requester mailbox and its domain cost in a window (Tx.sender_counts)."""
+
+    tickets_by_mailbox: int
+    tickets_by_domain: int
+    answers_to_mailbox: int
+    answers_to_domain: int
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -324,11 +352,12 @@ class Tx:
         ticket_id = await self._insert(
             "INSERT INTO tickets (subject, status, requester, cc, region, govcloud, priority,"
             " mailbox, linked_ticket, created_at, updated_at, plan, response_due_at, missing,"
-            " redirect, decision, language) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " redirect, decision, language, requester_mailbox, requester_domain)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (subject, Status.OPEN.value, requester, json.dumps(list(cc)), region, int(govcloud),
              priority, mailbox, linked_ticket, iso(now), iso(now), plan, iso(response_due_at),
              json.dumps(list(missing)), redirect, json.dumps(decision) if decision else None,
-             language))
+             language, mailbox_of(requester), domain_of(requester)))
         # the row as written (times at the stored one-second precision), without reading it back
         return Ticket(id=ticket_id, subject=subject, status=Status.OPEN, requester=requester,
                       cc=tuple(cc), region=region, govcloud=govcloud, priority=priority,
@@ -388,21 +417,28 @@ class Tx:
             (ticket_id, address, iso(now), iso(since)))
         return bool(rows)
 
-    async def auto_answers_to(self, address: str, since: datetime,
-                              kinds: Sequence[str] = ("ack",)) -> int:
-        """Automatic answers (`kinds`) sent since `since` on tickets `address` opened.
+    async def sender_counts(self, mailbox: str, domain: str, since: datetime,
+                            kinds: Sequence[str]) -> SenderCounts:
+        """Tickets opened since `since` by one requester mailbox and by one
+        domain, and the automatic answers (`kinds`) sent on them, in one query.
 
         An acknowledgement is only ever queued when a ticket is created, to its
-        requester, so the tickets_created index narrows this to the tickets of
-        the window and messages_ticket finds their answers: cheap per new ticket.
+        requester, so the (requester_mailbox | requester_domain, created_at)
+        indexes narrow this to the tickets of the window and messages_ticket
+        finds their answers: cheap per new ticket.
         """
         marks = ",".join("?" * len(kinds))
+        answers = (f"SELECT count(*) FROM messages WHERE direction = 'out' AND kind IN ({marks})"
+                   " AND created_at >= ? AND ticket_id IN (SELECT id FROM tickets WHERE created_at >= ?"
+                   " AND requester_{} = ?)")
+        tickets = "SELECT count(*) FROM tickets WHERE created_at >= ? AND requester_{} = ?"
+        since_s = iso(since)
         rows = await self._all(
-            f"SELECT count(*) FROM messages WHERE direction = 'out' AND kind IN ({marks})"
-            " AND created_at >= ? AND ticket_id IN"
-            " (SELECT id FROM tickets WHERE created_at >= ? AND requester = ?)",
-            (*kinds, iso(since), iso(since), address))
-        return int(rows[0][0])
+            f"SELECT ({tickets.format('mailbox')}), ({tickets.format('domain')}),"
+            f" ({answers.format('mailbox')}), ({answers.format('domain')})",
+            (since_s, mailbox, since_s, domain, *kinds, since_s, since_s, mailbox,
+             *kinds, since_s, since_s, domain))
+        return SenderCounts(*(int(v) for v in rows[0]))
 
     # -- quarantine ------------------------------------------------------
     async def is_quarantined(self, inbound_id: int) -> bool:
@@ -411,6 +447,17 @@ class Tx:
         rows = await self._all("SELECT state FROM inbound WHERE id = ?" + self.db.for_update,
                                (inbound_id,))
         return bool(rows) and rows[0][0] == "quarantined"
+
+
+async def _settings_before_migration(db: Driver) -> dict[str, str]:
+    """The secret-related settings of a database of any schema version (none when new)."""
+    exists = ("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'settings'"
+              if db.dialect == "sqlite" else "SELECT count(*) FROM pg_tables WHERE tablename = 'settings'"
+              " AND schemaname = current_schema()")
+    if not (await db.fetch(exists))[0][0]:
+        return {}
+    rows = await db.fetch("SELECT name, value FROM settings WHERE name IN (?, ?)", (LEGACY_SECRET, SECRET_CHECK))
+    return {str(name): str(value) for name, value in rows}
 
 
 async def _fetch_ticket(db: Driver, ticket_id: int, lock: bool = False) -> Ticket | None:
@@ -425,12 +472,43 @@ class Store:
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, target: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Store:
-        """Open (and migrate) the store at a `[store] url`, or a SQLite file path."""
+    async def open(cls, target: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS, *,
+                   legacy_secret: Callable[[str, str | None], None] | None = None) -> Store:
+        """Open (and migrate) the store at a `[store] url`, or a SQLite file path.
+
+        `legacy_secret(value, check)` is called, before any migration, when
+        the database holds the ticket-token secret that earlier versions kept
+        in it (with the stored fingerprint `check`, or None): it must save the
+        value where the secret lives now, or raise (then nothing is migrated
+        and the copy stays). The copy is removed after it returned.
+        """
         url = f"sqlite:///{target}" if isinstance(target, Path) else target
         db = await connect(url, busy_timeout_ms)
         try:
+            found = await _settings_before_migration(db)
+            if LEGACY_SECRET in found:
+                if legacy_secret is None:
+                    # never migrate it away unsaved: the mail already sent would lose its tokens
+                    raise StoreUnavailable("the database holds the ticket-token secret of an earlier version: "
+                                           "open it with a configuration (any `gateway` command) to move it "
+                                           "to the key file first")
+                legacy_secret(found[LEGACY_SECRET], found.get(SECRET_CHECK))
+                if db.dialect == "sqlite":
+                    # the freed cell is zeroed, not left in the file (SQLite's secure_delete)
+                    await db.execute("PRAGMA secure_delete = ON")
             await db.migrate(MIGRATIONS)
+            if LEGACY_SECRET in found:
+                # the removal (migration 10) ran before, and an instance of an older version wrote it again
+                await db.begin()
+                try:
+                    await db.execute("UPDATE settings SET value = '0' WHERE name = ?", (LEGACY_SECRET,))
+                    await db.execute("DELETE FROM settings WHERE name = ?", (LEGACY_SECRET,))
+                    await db.commit()
+                except BaseException:
+                    await db.rollback()
+                    raise
+                if db.dialect == "sqlite":
+                    await db.execute("PRAGMA secure_delete = OFF")
         except BaseException:
             await db.close()
             raise
