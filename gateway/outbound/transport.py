@@ -32,6 +32,17 @@ class DeliveryError(Exception):
         self.permanent = permanent
 
 
+def classify(error: BaseException) -> DeliveryError:
+    """Any error of one delivery, as that delivery's result: a `DeliveryError`
+    as raised; an envelope or content the relay library refuses to send (an
+    address with a space, a bad character: `ValueError`, `UnicodeError`) is
+    permanent, as trying again sends the same bytes; anything else temporary."""
+    if isinstance(error, DeliveryError):
+        return error
+    permanent = isinstance(error, ValueError | UnicodeError)
+    return DeliveryError(f"cannot send: {type(error).__name__}: {error}", permanent=permanent)
+
+
 class Transport(Protocol):
     async def send(self, mail_from: str, rcpt_to: Sequence[str], content: bytes) -> dict[str, str]:
         """Deliver; return the recipients refused while others took it."""

@@ -533,26 +533,50 @@ class Store:
 
     # -- outbox ----------------------------------------------------------
     async def claim_due(self, now: datetime, lease_s: float, limit: int = 50,
-                        holder: str = "") -> list[OutboxItem]:
-        """Take up to `limit` due deliveries for `lease_s` seconds.
+                        holder: str = "", wall: datetime | None = None) -> list[OutboxItem]:
+        """Take up to `limit` deliveries due at `now` for `lease_s` seconds.
 
         A claim is a lease, not a lock: if this process dies, the rows become
         due again when the lease runs out, and another sender takes them.
+        Claims are judged on `wall`, the real time (default `now`): an
+        injected `now` in the future never takes a claim a live sender holds.
         """
-        until = iso_ms(now + timedelta(seconds=lease_s))
+        wall = wall or now
+        until = iso_ms(wall + timedelta(seconds=lease_s))
 
         async def claim(tx: Tx) -> list[Any]:
             rows = await tx._all(
                 "SELECT id, ticket_id, kind, relay, mail_from, rcpt_to, content, attempts"
                 " FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"
                 " AND (claimed_until IS NULL OR claimed_until <= ?) ORDER BY next_attempt_at, id"
-                " LIMIT ?" + self.db.skip_locked, (iso(now), iso_ms(now), limit))
+                " LIMIT ?" + self.db.skip_locked, (iso(now), iso_ms(wall), limit))
             if rows:
                 await tx.db.executemany("UPDATE outbox SET claimed_until = ?, claimed_by = ? WHERE id = ?",
                                         [(until, holder, r[0]) for r in rows])
             return rows
         rows = await self.run(claim)
         return [OutboxItem(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7]) for r in rows]
+
+    async def claim_holders(self) -> list[str]:
+        """Who holds claims on queued rows or leases now (for taking back a dead one's)."""
+        rows = await self._rows("SELECT DISTINCT claimed_by FROM outbox WHERE state = 'queued'"
+                                " AND claimed_until IS NOT NULL AND claimed_by IS NOT NULL")
+        rows += await self._rows("SELECT DISTINCT holder FROM leases")
+        return sorted({str(r[0]) for r in rows})
+
+    async def take_back_claims(self, holders: Sequence[str]) -> int:
+        """End the claims and leases of `holders` (dead processes): their rows are due at once."""
+        if not holders:
+            return 0
+
+        async def free(tx: Tx) -> int:
+            n = 0
+            for holder in holders:
+                n += len(await tx._all("UPDATE outbox SET claimed_until = NULL WHERE claimed_by = ?"
+                                       " AND state = 'queued' RETURNING id", (holder,)))
+                await tx.db.execute("DELETE FROM leases WHERE holder = ?", (holder,))
+            return n
+        return await self.run(free)
 
     async def extend_claims(self, ids: Sequence[int], holder: str, now: datetime,
                             lease_s: float) -> None:
