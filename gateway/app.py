@@ -86,7 +86,7 @@ async def open_gateway(config: Config, clock: Clock = system_clock, *, resident:
     pipeline = Pipeline(config, desk, tokens)
     sender = OutboxSender(store, transports(config), clock, retry_base_s=config.outbound_retry_base_s,
                           retry_max_s=config.outbound_retry_max_s, poll_s=config.outbound_poll_s,
-                          lease_s=config.lease_s)
+                          lease_s=config.lease_s, data_dir=str(config.data_dir))
     preload = ["gateway.mail.structure"]
     intake = Intake(store, pipeline, Blobs(config.data_dir), clock, on_commit=sender.wake,
                     limits=config.limits, max_message_size=config.max_message_size,
@@ -163,7 +163,7 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
             from gateway.inbound.imap import STATE_FILE, ImapPoller, ImapState
             from gateway.store.leases import StoreLease, holder_id
             state = ImapState(config.data_dir / STATE_FILE)
-            holder = holder_id()
+            holder = holder_id(str(config.data_dir))
             for account in config.imap:
                 mailbox = config.mailbox_for(account.mailbox)
                 assert mailbox is not None      # parse_imap checked it

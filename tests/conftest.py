@@ -7,6 +7,7 @@ a condition with a deadline, never a fixed sleep.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email
 import email.policy
@@ -81,11 +82,14 @@ class Sink:
     def __init__(self, port: int | None = None):
         self.messages: list[dict[str, Any]] = []
         self.reply = "250 2.0.0 OK"
+        self.delay = 0.0            # seconds this relay takes per mail (a slow relay)
         self.lock = threading.Lock()
         sink = self
 
         class Handler:
             async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                if sink.delay:
+                    await asyncio.sleep(sink.delay)     # the relay's own slowness, not a wait in a test
                 if not sink.reply.startswith("250"):
                     return sink.reply
                 msg = email.message_from_bytes(envelope.original_content or envelope.content,

@@ -28,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway.clock import system_clock
 from gateway.model import Attachment, Status, Ticket
 from gateway.store.drivers import PostgresDriver, SQLiteDriver, StoreConflict, StoreUnavailable, connect
 
@@ -370,11 +371,15 @@ class Tx:
     # -- outbox ----------------------------------------------------------
     async def enqueue(self, *, message_row: int, ticket_id: int, kind: str, relay: str,
                       mail_from: str, rcpt_to: Sequence[str], content: bytes, now: datetime) -> int:
+        """Queue one outbound mail, due at once: at `now`, or at the real time when
+        `now` is an injected time ahead of it (`run-due --now T`), so that what a
+        run-due queues is due now for every instance, not at T (project issue 15)."""
+        due = min(now, system_clock())
         return await self._insert(
             "INSERT INTO outbox (message_row, ticket_id, kind, relay, mail_from, rcpt_to, content,"
             " state, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,'queued',?,?)",
             (message_row, ticket_id, kind, relay, mail_from, json.dumps(list(rcpt_to)), content,
-             iso(now), iso(now)))
+             iso(due), iso(now)))
 
     # -- limits ----------------------------------------------------------
     async def staff_warning_due(self, ticket_id: int, address: str, now: datetime,
@@ -589,32 +594,33 @@ class Store:
                 [(until, i, holder) for i in ids])
         await self.run(extend)
 
-    async def record_deliveries(self, now: datetime, *, sent: Sequence[int] = (),
-                                retry: Sequence[tuple[int, datetime, str]] = (),
-                                failed: Sequence[tuple[int, str]] = (), holder: str = "") -> None:
-        """The results of one round of deliveries, in one commit; only rows
-        `holder` still has claimed (another instance's claim is its own)."""
-        await self.run(lambda tx: self._record_deliveries(tx, now, sent, retry, failed, holder))
+    async def record_results(self, now: datetime, *, sent: Sequence[tuple[int, datetime]] = (),
+                             retry: Sequence[tuple[int, datetime, str]] = (),
+                             failed: Sequence[tuple[int, str]] = (),
+                             holder: str = "") -> list[tuple[int, list[str]]]:
+        """The results of a group of deliveries, in one commit; only rows
+        `holder` still has claimed (another instance's claim is its own).
+        `sent` carries when the relay took each row; `failed` are permanent
+        refusals, recorded as `record_failures` says. Returns what that returns."""
+        async def record(tx: Tx) -> list[tuple[int, list[str]]]:
+            await self._record_deliveries(tx, sent, retry, holder)
+            return await self._record_failures(tx, now, failed, holder)
+        return await self.run(record)
 
     @staticmethod
-    async def _record_deliveries(tx: Tx, now: datetime, sent: Sequence[int],
-                                 retry: Sequence[tuple[int, datetime, str]],
-                                 failed: Sequence[tuple[int, str]], holder: str) -> None:
+    async def _record_deliveries(tx: Tx, sent: Sequence[tuple[int, datetime]],
+                                 retry: Sequence[tuple[int, datetime, str]], holder: str) -> None:
         mine = " AND claimed_by = ?"
         if sent:
             await tx.db.executemany(
                 "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1,"
-                " claimed_until = NULL, last_error = NULL WHERE id = ?" + mine,
-                [(iso(now), i, holder) for i in sent])
+                " claimed_until = NULL, last_error = NULL WHERE id = ? AND state = 'queued'" + mine,
+                [(iso(at), i, holder) for i, at in sent])
         if retry:
             await tx.db.executemany(
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?,"
-                " claimed_until = NULL, last_error = ? WHERE id = ?" + mine,
+                " claimed_until = NULL, last_error = ? WHERE id = ? AND state = 'queued'" + mine,
                 [(iso(at), error, i, holder) for i, at, error in retry])
-        if failed:
-            await tx.db.executemany(
-                "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
-                " last_error = ? WHERE id = ?" + mine, [(error, i, holder) for i, error in failed])
 
     async def outbox_counts(self) -> dict[str, int]:
         rows = await self._rows("SELECT state, count(*) FROM outbox GROUP BY state")
@@ -648,50 +654,49 @@ class Store:
         return await self.run(put)
 
     # -- delivery failures -----------------------------------------------
-    async def record_failures(self, now: datetime,
-                              failed: Sequence[tuple[int, str]]) -> list[tuple[int, list[str]]]:
+    @staticmethod
+    async def _record_failures(tx: Tx, now: datetime, failed: Sequence[tuple[int, str]],
+                               holder: str) -> list[tuple[int, list[str]]]:
         """Permanent delivery failures (relay `5xx`), each in the same commit as its effects.
 
         The outbox row becomes `failed`; the ticket gets a `bounce` message that
         says what the relay answered, as a DSN would (RFC 3464); the refused
         participants are marked `undeliverable`, so nothing more is sent to them.
-        Only rows still queued are taken: recording twice changes nothing.
-        Returns (ticket id, newly undeliverable addresses) for the log.
+        Only rows still queued and claimed by `holder` are taken: recording twice
+        changes nothing. Returns (ticket id, newly undeliverable addresses) for the log.
         """
-        async def record(tx: Tx) -> list[tuple[int, list[str]]]:
-            marked: list[tuple[int, list[str]]] = []
-            for outbox_id, error in failed:
-                rows = await tx._all(
-                    "SELECT o.ticket_id, o.kind, o.mail_from, o.rcpt_to, m.message_id, m.subject"
-                    " FROM outbox o JOIN messages m ON m.id = o.message_row"
-                    " WHERE o.id = ? AND o.state = 'queued'" + tx.db.for_update.replace(
-                        "UPDATE", "UPDATE OF o"), (outbox_id,))
-                if not rows:
-                    continue
-                ticket_id, kind, mail_from, rcpt_json, message_id, subject = rows[0]
-                rcpt = list(json.loads(rcpt_json))
-                await tx.db.execute(
-                    "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
-                    " last_error = ? WHERE id = ?", (error, outbox_id))
-                domain = str(mail_from).rpartition("@")[2] or "localhost"
-                text = (f"The relay refused our {kind} mail {message_id} to {', '.join(rcpt)} "
-                        f"permanently; it will not be retried.\n\nThe relay answered: {error}\n")
-                await tx.add_message(
-                    ticket_id=ticket_id, direction="in", kind="bounce",
-                    sender=f"mailer-daemon@{domain}", recipients=[mail_from],
-                    subject=f"Undelivered: {subject}"[:998],
-                    message_id=f"<outbox-{outbox_id}.failed@{domain}>",
-                    body_text=text, reply_text=text, now=now)
-                ticket = await tx.ticket(ticket_id)
-                if ticket is None:
-                    continue
-                new = sorted((set(rcpt) & ticket.participants) - set(ticket.undeliverable))
-                if new:
-                    await tx.update_ticket(ticket_id, now,
-                                           undeliverable=sorted({*ticket.undeliverable, *new}))
-                    marked.append((ticket_id, new))
-            return marked
-        return await self.run(record)
+        marked: list[tuple[int, list[str]]] = []
+        for outbox_id, error in failed:
+            rows = await tx._all(
+                "SELECT o.ticket_id, o.kind, o.mail_from, o.rcpt_to, m.message_id, m.subject"
+                " FROM outbox o JOIN messages m ON m.id = o.message_row"
+                " WHERE o.id = ? AND o.state = 'queued' AND o.claimed_by = ?" + tx.db.for_update.replace(
+                    "UPDATE", "UPDATE OF o"), (outbox_id, holder))
+            if not rows:
+                continue
+            ticket_id, kind, mail_from, rcpt_json, message_id, subject = rows[0]
+            rcpt = list(json.loads(rcpt_json))
+            await tx.db.execute(
+                "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
+                " last_error = ? WHERE id = ?", (error, outbox_id))
+            domain = str(mail_from).rpartition("@")[2] or "localhost"
+            text = (f"The relay refused our {kind} mail {message_id} to {', '.join(rcpt)} "
+                    f"permanently; it will not be retried.\n\nThe relay answered: {error}\n")
+            await tx.add_message(
+                ticket_id=ticket_id, direction="in", kind="bounce",
+                sender=f"mailer-daemon@{domain}", recipients=[mail_from],
+                subject=f"Undelivered: {subject}"[:998],
+                message_id=f"<outbox-{outbox_id}.failed@{domain}>",
+                body_text=text, reply_text=text, now=now)
+            ticket = await tx.ticket(ticket_id)
+            if ticket is None:
+                continue
+            new = sorted((set(rcpt) & ticket.participants) - set(ticket.undeliverable))
+            if new:
+                await tx.update_ticket(ticket_id, now,
+                                       undeliverable=sorted({*ticket.undeliverable, *new}))
+                marked.append((ticket_id, new))
+        return marked
 
     # -- quarantine ------------------------------------------------------
     _INBOUND_COLS = ("id, received_at, mail_from, rcpt_to, mailbox, sha256, size, message_id,"
