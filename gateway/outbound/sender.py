@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -35,7 +36,7 @@ import structlog
 from gateway.clock import Clock, system_clock
 from gateway.ops.loops import Repeater, backoff
 from gateway.outbound.transport import DeliveryError, Transport, classify
-from gateway.store import OutboxItem, Store, StoreUnavailable
+from gateway.store import Failure, OutboxItem, Store, StoreUnavailable
 from gateway.store.leases import dead_predecessors, holder_id
 
 log = structlog.get_logger("gateway.outbox")
@@ -53,7 +54,8 @@ class _Result:
 class OutboxSender:
     def __init__(self, store: Store, transports: dict[str, Transport], clock: Clock, *,
                  retry_base_s: float, retry_max_s: float, poll_s: float, lease_s: float = 60.0,
-                 data_dir: str = "", wall: Clock = system_clock):
+                 data_dir: str = "", wall: Clock = system_clock,
+                 on_failed: Callable[[list[Failure]], Awaitable[object]] | None = None):
         self.store = store
         self.transports = transports
         self.clock = clock
@@ -63,6 +65,7 @@ class OutboxSender:
         self.poll_s = poll_s
         self.lease_s = lease_s
         self.holder = holder_id(data_dir)
+        self.on_failed = on_failed           # told of permanent failures once recorded (staff notices)
         self._loop = Repeater(self.deliver_due, poll_s, lambda: log.exception("outbox.loop_error"))
         self._unrecorded: list[_Result] = []      # delivered, not yet committed
         self._flushing: asyncio.Future[None] | None = None
@@ -167,10 +170,17 @@ class OutboxSender:
         failed = [(r.item.id, str(r.error)) for r in group if r.error is not None and r.error.permanent]
         # A permanent refusal is recorded on the ticket like a bounce, and the address
         # marked undeliverable, in the same commit as the row's `failed`.
-        marked = await self.store.record_results(group[-1].at, sent=sent, retry=retry, failed=failed,
-                                                 holder=self.holder)
-        for ticket_id, addresses in marked:
-            log.warning("ticket.undeliverable", ticket_id=ticket_id, addresses=addresses)
+        failures = await self.store.record_results(group[-1].at, sent=sent, retry=retry, failed=failed,
+                                                   holder=self.holder)
+        for f in failures:
+            if f.marked:
+                log.warning("ticket.undeliverable", ticket_id=f.ticket_id, addresses=list(f.marked))
+        if failures and self.on_failed is not None:
+            try:
+                await self.on_failed(failures)
+                self.wake()
+            except Exception:   # the results are recorded; a notice is not worth a repeat
+                log.exception("outbox.failure_notice_error", tickets=[f.ticket_id for f in failures])
 
     async def _keep_claimed(self, ids: set[int]) -> None:
         """Renew the claims of this round's rows not yet recorded, every third of

@@ -183,6 +183,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (ticket_id, address)
     );
     """,
+    # 9: a restarted instance finds its dead predecessor's claims (issue 15)
+    """
+    CREATE INDEX outbox_claimed_by ON outbox(claimed_by) WHERE state = 'queued';
+    """,
 )
 
 
@@ -199,6 +203,17 @@ def iso_ms(dt: datetime) -> str:
 
 def from_iso(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An outbound mail the relay refused for good, as recorded."""
+
+    ticket_id: int
+    kind: str
+    rcpt_to: tuple[str, ...]
+    marked: tuple[str, ...]          # participants newly marked undeliverable
+    error: str
 
 
 @dataclass(frozen=True)
@@ -264,14 +279,28 @@ class Tx:
         await self.db.execute("UPDATE inbound SET state = ?, error = ? WHERE id = ?",
                               (state, error, inbound_id))
 
-    async def claim_inbound_message(self, message_id: str) -> bool:
-        """Take this Message-ID for the mail being processed: False when a mail
-        with it was already taken (a duplicate). Unique in the database, so two
-        instances handed the same mail at once process it once: the second
-        waits for the first's commit and finds it taken."""
-        return bool(await self._all(
+    async def claim_inbound_message(self, message_id: str, digest: str = "") -> str:
+        """Take this mail's key for the mail being processed: its Message-ID plus
+        `digest`, a digest of what survives re-delivery (project issue 15). Unique
+        in the database, so two instances handed the same mail at once process it
+        once: the second waits for the first's commit and finds it taken.
+
+        "new"; "duplicate" (the key was taken: an MTA retry, the SMTP and IMAP copy
+        of one mail; or the bare Message-ID, as versions before the digest kept
+        it); "reused" (the Message-ID was taken with other content: a different
+        mail, processed as new, the clash for the log)."""
+        key = f"{message_id} {digest}" if digest else message_id
+        if digest and await self._all("SELECT 1 FROM inbound_message_ids WHERE message_id = ?", (message_id,)):
+            return "duplicate"
+        if not await self._all(
+                "INSERT INTO inbound_message_ids (message_id) VALUES (?)"
+                " ON CONFLICT (message_id) DO NOTHING RETURNING message_id", (key,)):
+            return "duplicate"
+        # "<id> *" marks the Message-ID as seen: there already, it came with other content
+        seen = await self._all(
             "INSERT INTO inbound_message_ids (message_id) VALUES (?)"
-            " ON CONFLICT (message_id) DO NOTHING RETURNING message_id", (message_id,)))
+            " ON CONFLICT (message_id) DO NOTHING RETURNING message_id", (message_id + " *",))
+        return "new" if seen else "reused"
 
     async def release_inbound_message(self, message_id: str) -> None:
         """A mail that ended in quarantine gives its Message-ID back: a retry,
@@ -564,8 +593,9 @@ class Store:
 
     async def claim_holders(self) -> list[str]:
         """Who holds claims on queued rows or leases now (for taking back a dead one's)."""
+        # once per process start, over the queued rows' index (migration 8), not per mail
         rows = await self._rows("SELECT DISTINCT claimed_by FROM outbox WHERE state = 'queued'"
-                                " AND claimed_until IS NOT NULL AND claimed_by IS NOT NULL")
+                                " AND claimed_by IS NOT NULL")
         rows += await self._rows("SELECT DISTINCT holder FROM leases")
         return sorted({str(r[0]) for r in rows})
 
@@ -597,12 +627,12 @@ class Store:
     async def record_results(self, now: datetime, *, sent: Sequence[tuple[int, datetime]] = (),
                              retry: Sequence[tuple[int, datetime, str]] = (),
                              failed: Sequence[tuple[int, str]] = (),
-                             holder: str = "") -> list[tuple[int, list[str]]]:
+                             holder: str = "") -> list[Failure]:
         """The results of a group of deliveries, in one commit; only rows
         `holder` still has claimed (another instance's claim is its own).
         `sent` carries when the relay took each row; `failed` are permanent
         refusals, recorded as `record_failures` says. Returns what that returns."""
-        async def record(tx: Tx) -> list[tuple[int, list[str]]]:
+        async def record(tx: Tx) -> list[Failure]:
             await self._record_deliveries(tx, sent, retry, holder)
             return await self._record_failures(tx, now, failed, holder)
         return await self.run(record)
@@ -656,16 +686,16 @@ class Store:
     # -- delivery failures -----------------------------------------------
     @staticmethod
     async def _record_failures(tx: Tx, now: datetime, failed: Sequence[tuple[int, str]],
-                               holder: str) -> list[tuple[int, list[str]]]:
+                               holder: str) -> list[Failure]:
         """Permanent delivery failures (relay `5xx`), each in the same commit as its effects.
 
         The outbox row becomes `failed`; the ticket gets a `bounce` message that
         says what the relay answered, as a DSN would (RFC 3464); the refused
         participants are marked `undeliverable`, so nothing more is sent to them.
         Only rows still queued and claimed by `holder` are taken: recording twice
-        changes nothing. Returns (ticket id, newly undeliverable addresses) for the log.
+        changes nothing. Returns what failed, with the newly undeliverable addresses.
         """
-        marked: list[tuple[int, list[str]]] = []
+        marked: list[Failure] = []
         for outbox_id, error in failed:
             rows = await tx._all(
                 "SELECT o.ticket_id, o.kind, o.mail_from, o.rcpt_to, m.message_id, m.subject"
@@ -695,7 +725,7 @@ class Store:
             if new:
                 await tx.update_ticket(ticket_id, now,
                                        undeliverable=sorted({*ticket.undeliverable, *new}))
-                marked.append((ticket_id, new))
+            marked.append(Failure(ticket_id, str(kind), tuple(rcpt), tuple(new), error))
         return marked
 
     # -- quarantine ------------------------------------------------------
