@@ -11,8 +11,9 @@ because the gateway must never lose a customer's mail:
   UTF-8, else in the message's own charset, else detected;
 - a Message-ID is always present (derived from the content when the sender
   gave none, so that a retried delivery of the same bytes is recognised);
-- the text body is every inline `text/plain` part outside attached messages;
-  HTML-only mail becomes readable text (inscriptis; no script or style
+- the text body is every inline `text/plain` part outside attached messages
+  (one with a filename is an attachment, and the body when there is no other
+  text: project issue 15); HTML-only mail becomes readable text (inscriptis; no script or style
   content), and its quote markup helps `reply_text`;
 - charsets: every charset Python knows, plus the usual mislabels (Shift_JIS
   or EUC-JP bytes labelled ISO-2022-JP, GB18030 labelled GB2312, cp1252
