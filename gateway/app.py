@@ -25,13 +25,14 @@ from gateway.desk.scheduler import Scheduler
 from gateway.desk.writer import Desk
 from gateway.inbound.intake import Intake
 from gateway.inbound.smtp import Listener, SupportHandler
+from gateway.model import Kind
 from gateway.ops import logs, metrics, systemd, workers
 from gateway.ops.sandbox import Sandbox
 from gateway.outbound.compose import Composer, check_templates
 from gateway.outbound.sender import OutboxSender
 from gateway.outbound.tokens import TicketTokens, open_store, shared_secret
 from gateway.outbound.transport import MaildirDrop, SmtpRelay, Transport
-from gateway.store import Store, StoreUnavailable
+from gateway.store import Failure, Store, StoreUnavailable, Tx
 from gateway.store.blobs import Blobs
 
 log = structlog.get_logger("gateway")
@@ -118,7 +119,8 @@ async def open_gateway(config: Config, clock: Clock = system_clock, *, resident:
     pipeline = Pipeline(config, desk, tokens)
     sender = OutboxSender(store, transports(config), clock, retry_base_s=config.outbound_retry_base_s,
                           retry_max_s=config.outbound_retry_max_s, poll_s=config.outbound_poll_s,
-                          lease_s=config.lease_s)
+                          lease_s=config.lease_s, data_dir=str(config.data_dir),
+                          on_failed=lambda failures: notice_failures(store, desk, clock, failures))
     preload = ["gateway.mail.structure"]
     intake = Intake(store, pipeline, Blobs(config.data_dir), clock, on_commit=sender.wake,
                     limits=config.limits, max_message_size=config.max_message_size,
@@ -127,6 +129,28 @@ async def open_gateway(config: Config, clock: Clock = system_clock, *, resident:
     scheduler = Scheduler(store, desk, config.policy, clock, interval_s=config.scheduler_interval_s,
                           on_queued=sender.wake)
     return Gateway(config, clock, store, intake, sender, scheduler)
+
+
+async def notice_failures(store: Store, desk: Desk, clock: Clock, failures: list[Failure]) -> int:
+    """The queue hears of mail the relay refused for good: a staff answer that did
+    not go out, or a customer's address now undeliverable (project issue 15).
+    Never about staff mail itself (a notice about a notice could go on forever)."""
+    now = clock()
+
+    async def work(tx: Tx) -> int:
+        queued = 0
+        for f in failures:
+            if f.kind == Kind.STAFF_NOTIFY.value or not (f.marked or f.kind == Kind.STAFF_REPLY.value):
+                continue
+            ticket = await tx.ticket(f.ticket_id)
+            if ticket is not None:
+                what = ("The relay refused the staff answer for good: the customer did not get it."
+                        if f.kind == Kind.STAFF_REPLY.value else
+                        f"The relay refused our {f.kind.replace('_', ' ')} mail for good.")
+                queued += await desk.undeliverable_notice(tx, ticket, now, addresses=f.rcpt_to,
+                                                          marked=f.marked, what=what, detail=f.error)
+        return queued
+    return await store.run(work)
 
 
 STORE_FILES = ("gateway.db", "gateway.db-wal", "gateway.db-shm", "gateway.db-journal")
@@ -199,7 +223,7 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
             from gateway.inbound.imap import STATE_FILE, ImapPoller, ImapState
             from gateway.store.leases import StoreLease, holder_id
             state = ImapState(config.data_dir / STATE_FILE)
-            holder = holder_id()
+            holder = holder_id(str(config.data_dir))
             for account in config.imap:
                 mailbox = config.mailbox_for(account.mailbox)
                 assert mailbox is not None      # parse_imap checked it

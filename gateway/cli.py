@@ -274,6 +274,7 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     """The rules stage on one message, with its evidence. Opens no store:
     it cannot write anything or send anything."""
     from gateway.mail.automatic import automatic_kind
+    from gateway.mail.bounce import read_bounce
     from gateway.mail.parse import parse_mail
     from gateway.mail.subject import tagged_ticket_id
     from gateway.rules.decision import decide
@@ -291,11 +292,14 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
                       rules=config.rules, directory=config.rules.directory, now=now)
     out = {"message_id": mail.message_id, "from": mail.sender, "subject": mail.subject,
            "mailbox": mailbox.address, "at": iso(now),
-           "automatic": automatic_kind(mail.headers, sender=mail.sender, mail_from=None),
+           "automatic": automatic_kind(mail.headers, sender=mail.sender, mail_from=None,
+                                       content_types=mail.content_types),
            "ticket_tag": tagged_ticket_id(mail.subject, config.ticket_tag),
            "answers": list(mail.thread_ids),
            "redirect_to": config.redirects.get(decision.redirect) if decision.redirect else None,
            "decision": decision.to_json()}
+    # how a bounce is read (gateway.mail.bounce): which addresses it stops, which it only delays
+    out["bounce"] = read_bounce(raw).to_json() if out["automatic"] == "bounce" else None
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
         return answers.EX_OK
@@ -304,6 +308,9 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     _say(f"  subject: {mail.subject}")
     if out["automatic"]:
         _say(f"  automatic mail ({out['automatic']}): never answered; makes no ticket unless it belongs to one")
+    if out["bounce"] is not None:
+        _say(f"  bounce: failed for good {', '.join(out['bounce']['failed']) or '-'};"
+             f" only delayed {', '.join(out['bounce']['delayed']) or '-'}")
     if out["ticket_tag"] is not None or mail.thread_ids:
         _say(f"  threading: tag #{out['ticket_tag']}, answers {len(mail.thread_ids)} message(s)"
               " (a reply joins its ticket when it answers one of its messages, or carries the"

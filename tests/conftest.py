@@ -7,6 +7,7 @@ a condition with a deadline, never a fixed sleep.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email
 import email.policy
@@ -93,13 +94,20 @@ class Sink:
     def __init__(self, port: int | None = None):
         self.messages: list[dict[str, Any]] = []
         self.reply = "250 2.0.0 OK"
+        self.delay = 0.0            # seconds this relay takes per mail (a slow relay)
+        self.refuse_to: dict[str, str] = {}    # recipient -> the answer to mail for them
         self.lock = threading.Lock()
         sink = self
 
         class Handler:
             async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                if sink.delay:
+                    await asyncio.sleep(sink.delay)     # the relay's own slowness, not a wait in a test
                 if not sink.reply.startswith("250"):
                     return sink.reply
+                for r in envelope.rcpt_tos:
+                    if r.lower() in sink.refuse_to:
+                        return sink.refuse_to[r.lower()]
                 msg = email.message_from_bytes(envelope.original_content or envelope.content,
                                                policy=email.policy.default)
                 with sink.lock:

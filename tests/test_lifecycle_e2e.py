@@ -218,7 +218,9 @@ def test_bounce_of_our_mail_is_recorded_and_stops_mail_to_that_address(gateway: 
            f"Message-ID: {relayed['Message-ID']}\r\nSubject: {relayed['Subject']}\r\n\r\n--B--\r\n")
     assert gateway.send(dsn.encode(), [SUPPORT], "")[0] == 250
     shown = gateway.ticket(t["id"])
-    assert shown["messages"][-1]["kind"] == "bounce" and shown["status"] == "pending"
+    # the bounce, then the queue's notice of it (issue 15)
+    assert [m["kind"] for m in shown["messages"]][-2:] == ["bounce", "staff_notify"]
+    assert shown["status"] == "pending"
     assert shown["undeliverable"] == [CUSTOMER]
     assert len([x for x in gateway.tickets() if "Undelivered" in x["subject"]]) == 0
     run_due(gateway, 25)                                     # the reminder is not mailed to a dead address

@@ -7,6 +7,7 @@ only fetches what they need and writes what they decide (through `Desk`).
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from gateway.desk.conversation import Placement, place
 from gateway.desk.writer import Desk
 from gateway.mail import authres
 from gateway.mail.automatic import automatic_kind
+from gateway.mail.bounce import read_bounce
 from gateway.mail.subject import tagged_ticket_id
 from gateway.model import Attachment, Kind, ParsedMail, Status, Ticket, domain_of, mailbox_of, normalize_address
 from gateway.outbound.tokens import TicketTokens, without_staff_tokens
@@ -29,16 +31,21 @@ from gateway.store import SenderCounts, Tx
 PARTICIPANTS_LISTED = 1000   # addresses named in the note about those left out
 log = structlog.get_logger("gateway.pipeline")
 
-# RFC 3464 §2.3.2: the recipient a delivery status notification is about
-_FINAL_RECIPIENT = re.compile(rb"^Final-Recipient:\s*rfc822;\s*<?([^\s<>]+@[^\s<>]+)>?\s*$",
-                              re.IGNORECASE | re.MULTILINE)
-_PERMANENT = re.compile(rb"^Status:\s*5\.\d{1,3}\.\d{1,3}", re.IGNORECASE | re.MULTILINE)
 # An address we could answer: a local part and a domain (RFC 5321 §4.1.2), no space,
 # control character or bracket, no empty domain label. `@customer.example`, `ann@` or
 # `ann@customer.` is no sender (found by
 # tests/test_fuzz.py): answering it only makes the relay bounce our mail.
 _ANSWERABLE = re.compile(r"[^\s@<>()\[\],;:\\\x00-\x1f\x7f]+"
                          r"@[^\s@<>()\[\],;:\\.\x00-\x1f\x7f]+(?:\.[^\s@<>()\[\],;:\\.\x00-\x1f\x7f]+)*")
+
+
+def content_digest(mail: ParsedMail) -> str:
+    """A digest of what survives re-delivery of one mail: From, Date, Subject, the
+    text and the attachments' digests, as parsed; not trace headers, transfer
+    encodings or line ends, which a relay or an IMAP server may change."""
+    parts = [mail.sender, mail.date.isoformat() if mail.date else "", mail.subject, mail.body_text,
+             *(a.sha256 for a, _ in mail.attachments)]
+    return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -76,9 +83,15 @@ class Pipeline:
 
     async def handle(self, tx: Tx, inbound_id: int, mail: ParsedMail, received: Received) -> Outcome:
         now = received.received_at
-        if not await tx.claim_inbound_message(mail.message_id):
+        key = content_digest(mail)
+        claim = await tx.claim_inbound_message(mail.message_id, key)
+        if claim == "duplicate":
             return Outcome(inbound_id, "duplicate", None, mail.message_id, 0,
-                           "a mail with this Message-ID was already received")
+                           "this mail (its Message-ID and content) was already received")
+        if claim == "reused":
+            # a stranger sending first with a customer's Message-ID must not silence
+            # the customer's mail: a different content is a different mail
+            log.warning("mail.message_id_reused", message_id=mail.message_id, inbound_id=inbound_id)
         sender = mail.sender or normalize_address(received.mail_from or "")
         if mail.from_address is not None and mail.from_address != mail.sender \
                 and self.config.is_staff(sender):
@@ -93,6 +106,7 @@ class Pipeline:
             # Nobody to answer and nobody to thread by: kept for ops, never ticketed blind.
             # (Automatic mail goes on: a bounce from a bare MAILER-DAEMON, as IMAP
             # delivers it without an envelope, still belongs on its ticket.)
+            await tx.release_inbound_message(f"{mail.message_id} {key}")
             return Outcome(inbound_id, "quarantined", None, mail.message_id, 0,
                            "no sender address in From: or the envelope")
         by_reference = await self._ticket_answered(tx, mail.thread_ids)
@@ -122,10 +136,9 @@ class Pipeline:
                 return Outcome(inbound_id, "automatic", None, mail.message_id, 0,
                                f"{auto} mail that belongs to no ticket")
             await self._record(tx, ticket.id, Kind(auto), mail, inbound_id, now)
-            if auto == "bounce":
-                await self._mark_undeliverable(tx, ticket, received.raw, now)
+            queued = await self._mark_undeliverable(tx, ticket, received.raw, now) if auto == "bounce" else 0
             why = " (answers our mail but is not on the ticket)" if stranger is not None else ""
-            return Outcome(inbound_id, "joined", ticket.id, mail.message_id, 0,
+            return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
                            f"{auto} mail recorded{why}: no answer, no status change")
 
         if answered is not None and not self.config.is_staff(sender) and self.tokens.answers_staff_mail(
@@ -194,16 +207,20 @@ class Pipeline:
             await tx.add_attachments(row, [a for a, _ in mail.attachments])
         return row
 
-    async def _mark_undeliverable(self, tx: Tx, ticket: Ticket, raw: bytes, now: datetime) -> None:
-        """A permanent bounce flags the failed addresses of the ticket: no more mail to them."""
-        if not _PERMANENT.search(raw):
-            return
-        failed = {normalize_address(m.decode("ascii", "replace")) for m in _FINAL_RECIPIENT.findall(raw)}
-        failed &= set(ticket.participants)
-        if failed - set(ticket.undeliverable):
-            addresses = tuple(sorted(set(ticket.undeliverable) | failed))
-            await tx.update_ticket(ticket.id, now, undeliverable=addresses)
-            log.warning("ticket.undeliverable", ticket_id=ticket.id, addresses=sorted(failed))
+    async def _mark_undeliverable(self, tx: Tx, ticket: Ticket, raw: bytes, now: datetime) -> int:
+        """A bounce flags the ticket's addresses it reports failed for good (never
+        one only delayed: `gateway.mail.bounce`), and tells the queue. Returns the
+        mails queued."""
+        report = read_bounce(raw)
+        failed = {normalize_address(a) for a in report.failed} & set(ticket.participants)
+        new = sorted(failed - set(ticket.undeliverable))
+        if not new:
+            return 0
+        await tx.update_ticket(ticket.id, now, undeliverable=tuple(sorted(set(ticket.undeliverable) | failed)))
+        log.warning("ticket.undeliverable", ticket_id=ticket.id, addresses=new, delayed=list(report.delayed))
+        return await self.desk.undeliverable_notice(
+            tx, ticket, now, addresses=new, marked=new,
+            what="A delivery report came back saying this address does not take mail (a permanent failure).")
 
     def decide(self, mail: ParsedMail, mailbox: Mailbox, now: datetime) -> Decision:
         """The rules stage for a new ticket (also what `gateway explain` shows)."""

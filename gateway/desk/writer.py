@@ -108,6 +108,18 @@ class Desk:
             staff_to=address if token else None)
         return await self.enqueue(tx, ticket.id, out, now)
 
+    async def undeliverable_notice(self, tx: Tx, ticket: Ticket, now: datetime, *,
+                                   addresses: Sequence[str], marked: Sequence[str], what: str,
+                                   detail: str = "") -> int:
+        """Tell the ticket's queue that its mail did not reach `addresses` (a bounce
+        came back, or the relay refused a mail for good); `marked` are those now
+        undeliverable (project issue 15). Short, and quoting the report's status
+        only, never the returned mail."""
+        return await self.to_staff(tx, ticket, self.queue_of(ticket), now, answers=[],
+                                   template="undeliverable",
+                                   context={"addresses": list(addresses), "marked": list(marked),
+                                            "what": what, "detail": detail[:500]})
+
     def target_text(self, ticket: Ticket, due: datetime | None) -> str | None:
         """The first-response promise, honestly: the plan's target and when it falls due."""
         plan = self.config.rules.plans.get(ticket.plan)

@@ -342,6 +342,10 @@ SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "not_staff": ({"sender": "colleague@partner.example"}, {"sender": "x@y.example"}),
     "staff_unproven": ({"why": "It answered no notification of ours and carried no trusted"
                                " Authentication-Results."}, {"why": ""}),
+    "undeliverable": ({"addresses": ["ann@customer.example"], "marked": ["ann@customer.example"],
+                       "what": "The customer's mail server bounced our acknowledgement.",
+                       "detail": "5.1.1 user unknown"},
+                      {"addresses": ["ann@customer.example"], "marked": [], "what": "x", "detail": ""}),
 }
 
 

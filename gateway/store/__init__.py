@@ -28,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway.clock import system_clock
 from gateway.model import Attachment, Status, Ticket, domain_of, mailbox_of
 from gateway.store.drivers import PostgresDriver, SQLiteDriver, StoreConflict, StoreUnavailable, connect
 
@@ -197,6 +198,10 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE settings SET value = '0' WHERE name = 'ticket_token_secret';
     DELETE FROM settings WHERE name = 'ticket_token_secret';
     """,
+    # 11: a restarted instance finds its dead predecessor's claims (issue 15)
+    """
+    CREATE INDEX outbox_claimed_by ON outbox(claimed_by) WHERE state = 'queued';
+    """,
 )
 
 LEGACY_SECRET = "ticket_token_secret"     # the setting migration 6 kept the secret in
@@ -226,6 +231,17 @@ def iso_ms(dt: datetime) -> str:
 
 def from_iso(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An outbound mail the relay refused for good, as recorded."""
+
+    ticket_id: int
+    kind: str
+    rcpt_to: tuple[str, ...]
+    marked: tuple[str, ...]          # participants newly marked undeliverable
+    error: str
 
 
 @dataclass(frozen=True)
@@ -291,14 +307,28 @@ class Tx:
         await self.db.execute("UPDATE inbound SET state = ?, error = ? WHERE id = ?",
                               (state, error, inbound_id))
 
-    async def claim_inbound_message(self, message_id: str) -> bool:
-        """Take this Message-ID for the mail being processed: False when a mail
-        with it was already taken (a duplicate). Unique in the database, so two
-        instances handed the same mail at once process it once: the second
-        waits for the first's commit and finds it taken."""
-        return bool(await self._all(
+    async def claim_inbound_message(self, message_id: str, digest: str = "") -> str:
+        """Take this mail's key for the mail being processed: its Message-ID plus
+        `digest`, a digest of what survives re-delivery (project issue 15). Unique
+        in the database, so two instances handed the same mail at once process it
+        once: the second waits for the first's commit and finds it taken.
+
+        "new"; "duplicate" (the key was taken: an MTA retry, the SMTP and IMAP copy
+        of one mail; or the bare Message-ID, as versions before the digest kept
+        it); "reused" (the Message-ID was taken with other content: a different
+        mail, processed as new, the clash for the log)."""
+        key = f"{message_id} {digest}" if digest else message_id
+        if digest and await self._all("SELECT 1 FROM inbound_message_ids WHERE message_id = ?", (message_id,)):
+            return "duplicate"
+        if not await self._all(
+                "INSERT INTO inbound_message_ids (message_id) VALUES (?)"
+                " ON CONFLICT (message_id) DO NOTHING RETURNING message_id", (key,)):
+            return "duplicate"
+        # "<id> *" marks the Message-ID as seen: there already, it came with other content
+        seen = await self._all(
             "INSERT INTO inbound_message_ids (message_id) VALUES (?)"
-            " ON CONFLICT (message_id) DO NOTHING RETURNING message_id", (message_id,)))
+            " ON CONFLICT (message_id) DO NOTHING RETURNING message_id", (message_id + " *",))
+        return "new" if seen else "reused"
 
     async def release_inbound_message(self, message_id: str) -> None:
         """A mail that ended in quarantine gives its Message-ID back: a retry,
@@ -399,11 +429,15 @@ class Tx:
     # -- outbox ----------------------------------------------------------
     async def enqueue(self, *, message_row: int, ticket_id: int, kind: str, relay: str,
                       mail_from: str, rcpt_to: Sequence[str], content: bytes, now: datetime) -> int:
+        """Queue one outbound mail, due at once: at `now`, or at the real time when
+        `now` is an injected time ahead of it (`run-due --now T`), so that what a
+        run-due queues is due now for every instance, not at T (project issue 15)."""
+        due = min(now, system_clock())
         return await self._insert(
             "INSERT INTO outbox (message_row, ticket_id, kind, relay, mail_from, rcpt_to, content,"
             " state, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,'queued',?,?)",
             (message_row, ticket_id, kind, relay, mail_from, json.dumps(list(rcpt_to)), content,
-             iso(now), iso(now)))
+             iso(due), iso(now)))
 
     # -- limits ----------------------------------------------------------
     async def staff_warning_due(self, ticket_id: int, address: str, now: datetime,
@@ -611,26 +645,51 @@ class Store:
 
     # -- outbox ----------------------------------------------------------
     async def claim_due(self, now: datetime, lease_s: float, limit: int = 50,
-                        holder: str = "") -> list[OutboxItem]:
-        """Take up to `limit` due deliveries for `lease_s` seconds.
+                        holder: str = "", wall: datetime | None = None) -> list[OutboxItem]:
+        """Take up to `limit` deliveries due at `now` for `lease_s` seconds.
 
         A claim is a lease, not a lock: if this process dies, the rows become
         due again when the lease runs out, and another sender takes them.
+        Claims are judged on `wall`, the real time (default `now`): an
+        injected `now` in the future never takes a claim a live sender holds.
         """
-        until = iso_ms(now + timedelta(seconds=lease_s))
+        wall = wall or now
+        until = iso_ms(wall + timedelta(seconds=lease_s))
 
         async def claim(tx: Tx) -> list[Any]:
             rows = await tx._all(
                 "SELECT id, ticket_id, kind, relay, mail_from, rcpt_to, content, attempts"
                 " FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"
                 " AND (claimed_until IS NULL OR claimed_until <= ?) ORDER BY next_attempt_at, id"
-                " LIMIT ?" + self.db.skip_locked, (iso(now), iso_ms(now), limit))
+                " LIMIT ?" + self.db.skip_locked, (iso(now), iso_ms(wall), limit))
             if rows:
                 await tx.db.executemany("UPDATE outbox SET claimed_until = ?, claimed_by = ? WHERE id = ?",
                                         [(until, holder, r[0]) for r in rows])
             return rows
         rows = await self.run(claim)
         return [OutboxItem(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7]) for r in rows]
+
+    async def claim_holders(self) -> list[str]:
+        """Who holds claims on queued rows or leases now (for taking back a dead one's)."""
+        # once per process start, over the queued rows' index (migration 8), not per mail
+        rows = await self._rows("SELECT DISTINCT claimed_by FROM outbox WHERE state = 'queued'"
+                                " AND claimed_by IS NOT NULL")
+        rows += await self._rows("SELECT DISTINCT holder FROM leases")
+        return sorted({str(r[0]) for r in rows})
+
+    async def take_back_claims(self, holders: Sequence[str]) -> int:
+        """End the claims and leases of `holders` (dead processes): their rows are due at once."""
+        if not holders:
+            return 0
+
+        async def free(tx: Tx) -> int:
+            n = 0
+            for holder in holders:
+                n += len(await tx._all("UPDATE outbox SET claimed_until = NULL WHERE claimed_by = ?"
+                                       " AND state = 'queued' RETURNING id", (holder,)))
+                await tx.db.execute("DELETE FROM leases WHERE holder = ?", (holder,))
+            return n
+        return await self.run(free)
 
     async def extend_claims(self, ids: Sequence[int], holder: str, now: datetime,
                             lease_s: float) -> None:
@@ -643,32 +702,33 @@ class Store:
                 [(until, i, holder) for i in ids])
         await self.run(extend)
 
-    async def record_deliveries(self, now: datetime, *, sent: Sequence[int] = (),
-                                retry: Sequence[tuple[int, datetime, str]] = (),
-                                failed: Sequence[tuple[int, str]] = (), holder: str = "") -> None:
-        """The results of one round of deliveries, in one commit; only rows
-        `holder` still has claimed (another instance's claim is its own)."""
-        await self.run(lambda tx: self._record_deliveries(tx, now, sent, retry, failed, holder))
+    async def record_results(self, now: datetime, *, sent: Sequence[tuple[int, datetime]] = (),
+                             retry: Sequence[tuple[int, datetime, str]] = (),
+                             failed: Sequence[tuple[int, str]] = (),
+                             holder: str = "") -> list[Failure]:
+        """The results of a group of deliveries, in one commit; only rows
+        `holder` still has claimed (another instance's claim is its own).
+        `sent` carries when the relay took each row; `failed` are permanent
+        refusals, recorded as `record_failures` says. Returns what that returns."""
+        async def record(tx: Tx) -> list[Failure]:
+            await self._record_deliveries(tx, sent, retry, holder)
+            return await self._record_failures(tx, now, failed, holder)
+        return await self.run(record)
 
     @staticmethod
-    async def _record_deliveries(tx: Tx, now: datetime, sent: Sequence[int],
-                                 retry: Sequence[tuple[int, datetime, str]],
-                                 failed: Sequence[tuple[int, str]], holder: str) -> None:
+    async def _record_deliveries(tx: Tx, sent: Sequence[tuple[int, datetime]],
+                                 retry: Sequence[tuple[int, datetime, str]], holder: str) -> None:
         mine = " AND claimed_by = ?"
         if sent:
             await tx.db.executemany(
                 "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1,"
-                " claimed_until = NULL, last_error = NULL WHERE id = ?" + mine,
-                [(iso(now), i, holder) for i in sent])
+                " claimed_until = NULL, last_error = NULL WHERE id = ? AND state = 'queued'" + mine,
+                [(iso(at), i, holder) for i, at in sent])
         if retry:
             await tx.db.executemany(
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?,"
-                " claimed_until = NULL, last_error = ? WHERE id = ?" + mine,
+                " claimed_until = NULL, last_error = ? WHERE id = ? AND state = 'queued'" + mine,
                 [(iso(at), error, i, holder) for i, at, error in retry])
-        if failed:
-            await tx.db.executemany(
-                "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
-                " last_error = ? WHERE id = ?" + mine, [(error, i, holder) for i, error in failed])
 
     async def outbox_counts(self) -> dict[str, int]:
         rows = await self._rows("SELECT state, count(*) FROM outbox GROUP BY state")
@@ -702,50 +762,49 @@ class Store:
         return await self.run(put)
 
     # -- delivery failures -----------------------------------------------
-    async def record_failures(self, now: datetime,
-                              failed: Sequence[tuple[int, str]]) -> list[tuple[int, list[str]]]:
+    @staticmethod
+    async def _record_failures(tx: Tx, now: datetime, failed: Sequence[tuple[int, str]],
+                               holder: str) -> list[Failure]:
         """Permanent delivery failures (relay `5xx`), each in the same commit as its effects.
 
         The outbox row becomes `failed`; the ticket gets a `bounce` message that
         says what the relay answered, as a DSN would (RFC 3464); the refused
         participants are marked `undeliverable`, so nothing more is sent to them.
-        Only rows still queued are taken: recording twice changes nothing.
-        Returns (ticket id, newly undeliverable addresses) for the log.
+        Only rows still queued and claimed by `holder` are taken: recording twice
+        changes nothing. Returns what failed, with the newly undeliverable addresses.
         """
-        async def record(tx: Tx) -> list[tuple[int, list[str]]]:
-            marked: list[tuple[int, list[str]]] = []
-            for outbox_id, error in failed:
-                rows = await tx._all(
-                    "SELECT o.ticket_id, o.kind, o.mail_from, o.rcpt_to, m.message_id, m.subject"
-                    " FROM outbox o JOIN messages m ON m.id = o.message_row"
-                    " WHERE o.id = ? AND o.state = 'queued'" + tx.db.for_update.replace(
-                        "UPDATE", "UPDATE OF o"), (outbox_id,))
-                if not rows:
-                    continue
-                ticket_id, kind, mail_from, rcpt_json, message_id, subject = rows[0]
-                rcpt = list(json.loads(rcpt_json))
-                await tx.db.execute(
-                    "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
-                    " last_error = ? WHERE id = ?", (error, outbox_id))
-                domain = str(mail_from).rpartition("@")[2] or "localhost"
-                text = (f"The relay refused our {kind} mail {message_id} to {', '.join(rcpt)} "
-                        f"permanently; it will not be retried.\n\nThe relay answered: {error}\n")
-                await tx.add_message(
-                    ticket_id=ticket_id, direction="in", kind="bounce",
-                    sender=f"mailer-daemon@{domain}", recipients=[mail_from],
-                    subject=f"Undelivered: {subject}"[:998],
-                    message_id=f"<outbox-{outbox_id}.failed@{domain}>",
-                    body_text=text, reply_text=text, now=now)
-                ticket = await tx.ticket(ticket_id)
-                if ticket is None:
-                    continue
-                new = sorted((set(rcpt) & ticket.participants) - set(ticket.undeliverable))
-                if new:
-                    await tx.update_ticket(ticket_id, now,
-                                           undeliverable=sorted({*ticket.undeliverable, *new}))
-                    marked.append((ticket_id, new))
-            return marked
-        return await self.run(record)
+        marked: list[Failure] = []
+        for outbox_id, error in failed:
+            rows = await tx._all(
+                "SELECT o.ticket_id, o.kind, o.mail_from, o.rcpt_to, m.message_id, m.subject"
+                " FROM outbox o JOIN messages m ON m.id = o.message_row"
+                " WHERE o.id = ? AND o.state = 'queued' AND o.claimed_by = ?" + tx.db.for_update.replace(
+                    "UPDATE", "UPDATE OF o"), (outbox_id, holder))
+            if not rows:
+                continue
+            ticket_id, kind, mail_from, rcpt_json, message_id, subject = rows[0]
+            rcpt = list(json.loads(rcpt_json))
+            await tx.db.execute(
+                "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
+                " last_error = ? WHERE id = ?", (error, outbox_id))
+            domain = str(mail_from).rpartition("@")[2] or "localhost"
+            text = (f"The relay refused our {kind} mail {message_id} to {', '.join(rcpt)} "
+                    f"permanently; it will not be retried.\n\nThe relay answered: {error}\n")
+            await tx.add_message(
+                ticket_id=ticket_id, direction="in", kind="bounce",
+                sender=f"mailer-daemon@{domain}", recipients=[mail_from],
+                subject=f"Undelivered: {subject}"[:998],
+                message_id=f"<outbox-{outbox_id}.failed@{domain}>",
+                body_text=text, reply_text=text, now=now)
+            ticket = await tx.ticket(ticket_id)
+            if ticket is None:
+                continue
+            new = sorted((set(rcpt) & ticket.participants) - set(ticket.undeliverable))
+            if new:
+                await tx.update_ticket(ticket_id, now,
+                                       undeliverable=sorted({*ticket.undeliverable, *new}))
+            marked.append(Failure(ticket_id, str(kind), tuple(rcpt), tuple(new), error))
+        return marked
 
     # -- quarantine ------------------------------------------------------
     _INBOUND_COLS = ("id, received_at, mail_from, rcpt_to, mailbox, sha256, size, message_id,"
