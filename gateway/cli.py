@@ -299,7 +299,8 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
            "redirect_to": config.redirects.get(decision.redirect) if decision.redirect else None,
            "decision": decision.to_json()}
     # how a bounce is read (gateway.mail.bounce): which addresses it stops, which it only delays
-    out["bounce"] = read_bounce(raw).to_json() if out["automatic"] == "bounce" else None
+    bounce = read_bounce(raw).to_json() if out["automatic"] == "bounce" else None
+    out["bounce"] = bounce
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
         return answers.EX_OK
@@ -308,9 +309,9 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     _say(f"  subject: {mail.subject}")
     if out["automatic"]:
         _say(f"  automatic mail ({out['automatic']}): never answered; makes no ticket unless it belongs to one")
-    if out["bounce"] is not None:
-        _say(f"  bounce: failed for good {', '.join(out['bounce']['failed']) or '-'};"
-             f" only delayed {', '.join(out['bounce']['delayed']) or '-'}")
+    if bounce is not None:
+        _say(f"  bounce: failed for good {', '.join(bounce['failed']) or '-'};"
+             f" only delayed {', '.join(bounce['delayed']) or '-'}")
     if out["ticket_tag"] is not None or mail.thread_ids:
         _say(f"  threading: tag #{out['ticket_tag']}, answers {len(mail.thread_ids)} message(s)"
               " (a reply joins its ticket when it answers one of its messages, or carries the"

@@ -70,7 +70,7 @@ def test_out_of_office_by_subject_with_or_without_header_evidence(subject: str) 
     # the subject alone, a known phrase with its colon (issue 15)
     assert kind(base, mail_from="ann@customer.example") == "auto"
     # a person may well write "Out of office next week" themselves
-    week = f"From: Ann <ann@customer.example>\nTo: support@example.com\nSubject: Out of office next week"
+    week = "From: Ann <ann@customer.example>\nTo: support@example.com\nSubject: Out of office next week"
     assert kind(week, mail_from="ann@customer.example") is None
 
 

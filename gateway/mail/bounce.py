@@ -113,7 +113,8 @@ def _dsn_blocks(part: Message) -> list[Message]:
     payload = part.get_payload()
     if isinstance(payload, list):
         return [b for b in payload if isinstance(b, Message)]
-    text = part.get_payload(decode=True) or b""
+    raw = part.get_payload(decode=True)
+    text = raw if isinstance(raw, bytes) else b""   # decode=True gives bytes for a leaf part
     chunks = re.split(rb"\r?\n[ \t]*\r?\n", text.strip())
     parser = email.parser.BytesHeaderParser()
     return [parser.parsebytes(c.strip() + b"\n") for c in chunks if c.strip()]
@@ -197,7 +198,8 @@ def _notification_text(msg: Message) -> str:
     """The text of the report's first text part, cut where the returned message starts."""
     for part in msg.walk():
         if part.get_content_type() == "text/plain":
-            data = part.get_payload(decode=True) or b""
+            payload = part.get_payload(decode=True)
+            data = payload if isinstance(payload, bytes) else b""
             text = data.decode(part.get_content_charset() or "utf-8", "replace")
             break
     else:
