@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GATEWAY, QUEUES, SUPPORT, GatewayProc, agent_reply, mail, uniq, wait_for
+from conftest import GATEWAY, LOAD_LIMITS, QUEUES, SUPPORT, GatewayProc, agent_reply, mail, uniq, wait_for
 
 FUTURE = "2099-01-01T00:00:00+00:00"
 
@@ -169,7 +169,7 @@ def test_kill_9_under_concurrent_load_loses_no_accepted_mail(
     reached the relay (a repeat only with the same Message-ID: an ack sent
     before the kill and not yet marked sent goes again, as the same bytes).
     """
-    gw = make_gateway()
+    gw = make_gateway(extra_toml=LOAD_LIMITS)
     gw.start()
     batches = load(8, 40, "kill9")
     items = [i for b in batches for i in b]

@@ -21,6 +21,7 @@ import pg
 import pytest
 from conftest import (
     GATEWAY,
+    LOAD_LIMITS,
     QUEUES,
     STAFF,
     SUPPORT,
@@ -48,7 +49,7 @@ def db_url() -> str:
 def instances(make_gateway: Callable[..., GatewayProc], db_url: str) -> Callable[[int], list[GatewayProc]]:
     def start(n: int) -> list[GatewayProc]:
         # the instances share one token secret: one key file (README "Running several instances")
-        gws = [make_gateway(store_url=db_url, extra_toml=f"[store]\nlease_seconds = {LEASE_S}\n",
+        gws = [make_gateway(store_url=db_url, extra_toml=f"[store]\nlease_seconds = {LEASE_S}\n" + LOAD_LIMITS,
                             secret_file="shared")
                for _ in range(n)]
         for gw in gws:

@@ -192,6 +192,8 @@ class Pipeline:
             quoted = await self._ticket_answered(tx, self.tokens.ids_in(received.raw))
         if quoted is None or quoted.is_participant(sender):
             return None
+        if self.tokens.answers_staff_mail(quoted.id, mail.thread_ids, (*mail.to, *mail.cc, *received.rcpt_to)):
+            return None      # an answer to our mail to staff: told it is not staff (`_not_staff`)
         log.warning("ticket.stranger_answer", ticket_id=quoted.id, message_id=mail.message_id,
                     sender=sender, by="references" if by_reference is not None else "body")
         return quoted
