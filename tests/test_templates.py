@@ -120,7 +120,8 @@ def test_missing_fields_and_departments_are_translated() -> None:
 
 def test_first_response_target_and_linked_ticket_appear() -> None:
     t = replace(ticket(), linked_ticket=1001)
-    context = {"name": "Ann", "target": "innerhalb von 3 Geschäftsstunden", "missing": []}
+    context = {"name": "Ann", "target": "innerhalb von 3 Geschäftsstunden", "missing": [],
+               "follows_up": {"id": 1001, "status": "closed"}}
     _, text, html = render("ack", "de", t=t, context=context)
     assert "Unsere erste Antwort erhalten Sie innerhalb von 3 Geschäftsstunden." in text
     assert "#1001" in text and html is not None and "#1001" in html

@@ -191,16 +191,16 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tickets_requester_mailbox ON tickets(requester_mailbox, created_at);
     CREATE INDEX tickets_requester_domain ON tickets(requester_domain, created_at);
     """,
-    # 10: the ticket-token secret lives only in its key file or $GATEWAY_TOKEN_SECRET
+    # 10: a restarted instance finds its dead predecessor's claims (issue 15)
+    """
+    CREATE INDEX outbox_claimed_by ON outbox(claimed_by) WHERE state = 'queued';
+    """,
+    # 11: the ticket-token secret lives only in its key file or $GATEWAY_TOKEN_SECRET
     # (issue 14). Store.open handed the copy that migration 6 kept here to the key
     # file before this runs; overwritten first, so that the freed page holds no copy
     """
     UPDATE settings SET value = '0' WHERE name = 'ticket_token_secret';
     DELETE FROM settings WHERE name = 'ticket_token_secret';
-    """,
-    # 11: a restarted instance finds its dead predecessor's claims (issue 15)
-    """
-    CREATE INDEX outbox_claimed_by ON outbox(claimed_by) WHERE state = 'queued';
     """,
 )
 
@@ -532,7 +532,7 @@ class Store:
                     await db.execute("PRAGMA secure_delete = ON")
             await db.migrate(MIGRATIONS)
             if LEGACY_SECRET in found:
-                # the removal (migration 10) ran before, and an instance of an older version wrote it again
+                # the removal (migration 11) ran before, and an instance of an older version wrote it again
                 await db.begin()
                 try:
                     await db.execute("UPDATE settings SET value = '0' WHERE name = ?", (LEGACY_SECRET,))
