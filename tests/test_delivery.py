@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import pg
 import pytest
-from conftest import QUEUES, SUPPORT, GatewayProc, agent_reply, mail, uniq, wait_for
+from conftest import LOAD_LIMITS, QUEUES, SUPPORT, GatewayProc, agent_reply, mail, uniq, wait_for
 from test_faults import events_in, load, run_clients
 
 from gateway.outbound.sender import PARALLEL
@@ -52,7 +52,7 @@ def test_kill_9_under_load_repeats_at_most_the_mails_in_flight_and_resumes_at_on
     a restart on the same data_dir takes back the dead process's claims at once
     (default lease_seconds, 60 s) and sends the rest: at most the `PARALLEL`
     mails in flight at the kill go out twice."""
-    gw = make_gateway()
+    gw = make_gateway(extra_toml=LOAD_LIMITS)
     gw.sink.delay = delay
     gw.start()
     batches = load(4, 30 if delay else 60, "once")
@@ -104,7 +104,7 @@ def test_results_made_while_postgresql_restarts_are_recorded_when_it_is_back(
     """Deliveries go on while PostgreSQL is down; their results are kept and
     recorded once it is back, so no row is claimed and sent again when the
     lease (5 s here) runs out; every delivery gets its `outbox.sent` line."""
-    gw = make_gateway(store_url=pg.CLUSTER.new_database(), extra_toml="[store]\nlease_seconds = 5\n")
+    gw = make_gateway(store_url=pg.CLUSTER.new_database(), extra_toml="[store]\nlease_seconds = 5\n" + LOAD_LIMITS)
     gw.sink.delay = 0.3
     gw.start()
     outage_load(gw, 60)
@@ -121,7 +121,7 @@ def test_results_made_while_postgresql_restarts_are_recorded_when_it_is_back(
 @pytest.mark.sqlite_only
 def test_results_made_while_sqlite_is_locked_are_recorded_when_it_is_free(
         make_gateway: Callable[..., GatewayProc]) -> None:
-    gw = make_gateway(extra_toml="[store]\nlease_seconds = 5\nbusy_timeout_ms = 200\n")
+    gw = make_gateway(extra_toml="[store]\nlease_seconds = 5\nbusy_timeout_ms = 200\n" + LOAD_LIMITS)
     gw.sink.delay = 0.3
     gw.start()
     outage_load(gw, 60)
