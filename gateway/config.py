@@ -140,11 +140,7 @@ class Config:
         address (a shared team mailbox whose members answer from it)."""
         addr = normalize_address(address)
         return addr in self.staff_addresses or addr.rpartition("@")[2] in self.staff_domains \
-            or addr in self.queue_addresses
-
-    @property
-    def queue_addresses(self) -> frozenset[str]:
-        return frozenset(normalize_address(a) for a in self.queues.values())
+            or addr in self.queues.values()           # normalized when the config is read
 
 
 # -- [[imap]] -------------------------------------------------------------------

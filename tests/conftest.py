@@ -180,6 +180,25 @@ def uniq(word: str = "case") -> str:
     return f"{word}-{uuid.uuid4().hex[:8]}"
 
 
+def open_ticket_with_notices(gw: GatewayProc, who: str, name: str | None = None
+                             ) -> tuple[dict[str, Any], EmailMessage, EmailMessage]:
+    """A new ticket from `who`, its acknowledgement and the AMER queue's notification."""
+    key = uniq("Backup fails")
+    frm = f"{name} <{who}>" if name else who
+    assert gw.send(mail(frm, SUPPORT, key, "Backup fails with 0x80040115."))[0] == 250
+    t = gw.ticket_by_subject(key)
+    ack = gw.sink.wait_to(who)[0]
+    note = next(m for m in gw.sink.wait_to(QUEUES["AMER"]) if f"#{t['id']}]" in str(m["Subject"]))
+    return t, ack, note
+
+
+def settle(gw: GatewayProc) -> None:
+    """Everything queued so far has reached the sink (a fresh customer's ack came after it)."""
+    who = f"{uniq('sync')}@customer.example"
+    assert gw.send(mail(who, SUPPORT, uniq("sync"), "sync"))[0] == 250
+    gw.sink.wait_to(who)
+
+
 def smtp_send(port: int, msg: EmailMessage | bytes, rcpt: list[str] | None = None,
               mail_from: str | None = None) -> tuple[int, str]:
     """One real SMTP transaction; the final answer's code and text."""

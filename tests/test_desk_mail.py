@@ -8,25 +8,25 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
-from conftest import QUEUES, SUPPORT, GatewayProc, agent_reply, mail, reply_to, uniq, wait_for
+from conftest import (
+    QUEUES,
+    SUPPORT,
+    GatewayProc,
+    agent_reply,
+    mail,
+    open_ticket_with_notices,
+    reply_to,
+    settle,
+    uniq,
+    wait_for,
+)
 
 CUSTOMER = "ann@customer.example"
 COLLEAGUE = "bob@partner.example"
 
 
-def open_ticket(gw: GatewayProc, who: str = CUSTOMER) -> tuple[dict[str, Any], EmailMessage, EmailMessage]:
-    key = uniq("Backup fails")
-    assert gw.send(mail(who, SUPPORT, key, "Backup fails with 0x80040115."))[0] == 250
-    t = gw.ticket_by_subject(key)
-    ack = gw.sink.wait_to(who)[0]
-    note = next(m for m in gw.sink.wait_to(QUEUES["AMER"]) if f"#{t['id']}]" in str(m["Subject"]))
-    return t, ack, note
-
-
-def settle(gw: GatewayProc) -> None:
-    who = f"{uniq('sync')}@customer.example"
-    assert gw.send(mail(who, SUPPORT, uniq("sync"), "sync"))[0] == 250
-    gw.sink.wait_to(who)
+def open_ticket(gw: GatewayProc) -> tuple[dict[str, Any], EmailMessage, EmailMessage]:
+    return open_ticket_with_notices(gw, CUSTOMER)
 
 
 def inbound_kinds(gw: GatewayProc, tid: int) -> list[str]:
@@ -117,3 +117,19 @@ def test_the_requester_of_a_closed_ticket_is_told_truthfully(gateway: GatewayPro
                    what="the linked ticket")
     new_ack = next(m for m in gateway.sink.wait_to(CUSTOMER, count=4) if f"#{new['id']}]" in str(m["Subject"]))
     assert f"It follows up your ticket #{t['id']}, which is closed" in new_ack.get_body(("plain",)).get_content()
+
+
+def test_a_made_up_staff_reply_address_gets_a_stranger_nothing_of_the_ticket(gateway: GatewayProc) -> None:
+    """A stranger who guessed a ticket number and wrote to a well-formed staff reply
+    address with a token of their own: not an answer to our mail to staff, so no
+    not_staff notice (it would carry the ticket's subject); a linked ticket of theirs."""
+    t, _, _ = open_ticket(gateway)
+    stranger = f"{uniq('mal')}@evil.example"
+    made_up = f"support+s{t['id']}.{'0' * 20}@example.com"
+    m = mail(stranger, made_up, f"Re: [Support #{t['id']}] hi", "what is this ticket about?")
+    assert gateway.send(m, rcpt=[made_up], mail_from=stranger)[0] == 250
+    settle(gateway)
+    got = gateway.sink.to(stranger)
+    assert len(got) == 1 and t["subject"] not in got[0].as_string()
+    assert not [e for e in gateway.log_events() if e["event"] == "staff.not_staff"]
+    assert inbound_kinds(gateway, t["id"]) == ["customer"]

@@ -16,7 +16,17 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
-from conftest import QUEUES, STAFF, SUPPORT, GatewayProc, agent_reply, mail, reply_to, uniq, wait_for
+from conftest import (
+    STAFF,
+    SUPPORT,
+    GatewayProc,
+    agent_reply,
+    mail,
+    open_ticket_with_notices,
+    reply_to,
+    settle,
+    wait_for,
+)
 
 CUSTOMER = "ann@customer.example"
 PHISH = "https://evil.example/reset-password"
@@ -24,13 +34,7 @@ TRUSTED = "mx.staff.example.com"
 
 
 def open_ticket(gw: GatewayProc) -> tuple[dict[str, Any], EmailMessage, EmailMessage]:
-    """A customer's ticket, the customer's ack and the queue's notification."""
-    key = uniq("Backup fails")
-    assert gw.send(mail(f"Ann <{CUSTOMER}>", SUPPORT, key, "Backup fails with 0x80040115."))[0] == 250
-    t = gw.ticket_by_subject(key)
-    ack = gw.sink.wait_to(CUSTOMER)[0]
-    note = next(m for m in gw.sink.wait_to(QUEUES["AMER"]) if f"#{t['id']}]" in str(m["Subject"]))
-    return t, ack, note
+    return open_ticket_with_notices(gw, CUSTOMER, "Ann")
 
 
 def forged_staff_mail(t: dict[str, Any], *, frm: str = f"Support Agent <{STAFF}>",
@@ -42,13 +46,6 @@ def forged_staff_mail(t: dict[str, Any], *, frm: str = f"Support Agent <{STAFF}>
     m.add_attachment(b"MZ\x90\x00 not really", maintype="application", subtype="octet-stream",
                      filename="backup-fix.exe")
     return m
-
-
-def settle(gw: GatewayProc) -> None:
-    """Everything queued so far has reached the sink (a fresh customer's ack came after it)."""
-    who = f"{uniq('sync')}@customer.example"
-    assert gw.send(mail(who, SUPPORT, uniq("sync"), "sync"))[0] == 250
-    gw.sink.wait_to(who)
 
 
 def assert_untouched(gw: GatewayProc, t: dict[str, Any], kinds_in: list[str]) -> None:

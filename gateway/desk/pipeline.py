@@ -80,6 +80,10 @@ class Pipeline:
         # mail From these is our own mail come back (a queue address is staff: a team
         # answering from its shared mailbox is a person, judged by its headers)
         self.mailbox_addresses = frozenset(mb.address for mb in config.mailboxes)
+        # every address our mail to staff goes to, whose tokens an answer may quote
+        # (a queue's notification forwarded to a colleague, a forward to billing)
+        self.staff_mail_to = (*config.queues.values(), *sorted(config.staff_addresses),
+                              *config.redirects.values())
 
     async def handle(self, tx: Tx, inbound_id: int, mail: ParsedMail, received: Received) -> Outcome:
         now = received.received_at
@@ -100,6 +104,7 @@ class Pipeline:
             # whoever its From (or envelope) names, and is judged as theirs.
             log.warning("staff.rewritten_sender", message_id=mail.message_id, claimed=sender)
             sender = mail.from_address or normalize_address(received.mail_from or "")
+        staff = self.config.is_staff(sender)
         auto = automatic_kind(mail.headers, sender=sender, mail_from=received.mail_from,
                               own_addresses=self.mailbox_addresses, content_types=mail.content_types)
         if auto is None and not _ANSWERABLE.fullmatch(sender):
@@ -114,16 +119,16 @@ class Pipeline:
             # a DSN quotes our mail in its body, not in In-Reply-To
             by_reference = await self._ticket_answered(tx, self.tokens.ids_in(received.raw))
         stranger = None
-        if auto is None and not self.config.is_staff(sender):
+        if auto is None and not staff:
             stranger = await self._stranger_answering_us(tx, mail, received, sender, by_reference)
             if stranger is not None:
                 auto, by_reference = "auto", stranger
         tag_id = tagged_ticket_id(mail.subject, self.config.ticket_tag)
         by_tag = await tx.ticket(tag_id) if tag_id is not None and by_reference is None else None
-        placement = place(sender=sender, sender_is_staff=self.config.is_staff(sender),
+        placement = place(sender=sender, sender_is_staff=staff,
                           by_reference=by_reference, by_tag=by_tag, now=now)
         answered = by_reference or by_tag
-        if auto is None and answered is None and sender in self.config.queue_addresses:
+        if auto is None and answered is None and sender in self.config.queues.values():
             # a queue address answers tickets; mail from it about none is our own
             # notification come back (a list, a forward): never a ticket of its own
             auto = "auto"
@@ -141,18 +146,18 @@ class Pipeline:
             return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
                            f"{auto} mail recorded{why}: no answer, no status change")
 
-        if answered is not None and not self.config.is_staff(sender) and self.tokens.answers_staff_mail(
-                answered.id, mail.thread_ids, (*mail.to, *mail.cc, *received.rcpt_to)):
+        if answered is not None and not staff and self._answers_staff_mail(answered, mail, received):
             return await self._not_staff(tx, inbound_id, mail, answered, sender, now)
 
         if placement.ticket_id is None:
             # a subject tag from someone not on that ticket: `tagged` is the ticket quoted
-            tagged = by_tag if by_tag is not None and placement.linked_ticket == by_tag.id \
+            linked = answered if answered is not None and answered.id == placement.linked_ticket else None
+            tagged = by_tag if by_tag is not None and linked is by_tag \
                 and not by_tag.is_participant(sender) else None
-            return await self._open_ticket(tx, inbound_id, mail, received, sender, placement, tagged)
+            return await self._open_ticket(tx, inbound_id, mail, received, sender, placement, linked, tagged)
         ticket = by_reference if by_reference and by_reference.id == placement.ticket_id else by_tag
         assert ticket is not None
-        if self.config.is_staff(sender):
+        if staff:
             unproven = self._staff_unproven(mail, received, ticket, sender)
             if unproven is None:
                 return await self._staff_reply(tx, inbound_id, mail, ticket, sender, now, placement)
@@ -192,7 +197,7 @@ class Pipeline:
             quoted = await self._ticket_answered(tx, self.tokens.ids_in(received.raw))
         if quoted is None or quoted.is_participant(sender):
             return None
-        if self.tokens.answers_staff_mail(quoted.id, mail.thread_ids, (*mail.to, *mail.cc, *received.rcpt_to)):
+        if self._answers_staff_mail(quoted, mail, received):
             return None      # an answer to our mail to staff: told it is not staff (`_not_staff`)
         log.warning("ticket.stranger_answer", ticket_id=quoted.id, message_id=mail.message_id,
                     sender=sender, by="references" if by_reference is not None else "body")
@@ -230,7 +235,8 @@ class Pipeline:
                       rules=self.config.rules, directory=self.config.rules.directory, now=now)
 
     async def _open_ticket(self, tx: Tx, inbound_id: int, mail: ParsedMail, received: Received,
-                           sender: str, placement: Placement, tagged: Ticket | None = None) -> Outcome:
+                           sender: str, placement: Placement, linked: Ticket | None = None,
+                           tagged: Ticket | None = None) -> Outcome:
         now = received.received_at
         counts = await tx.sender_counts(mailbox_of(sender), domain_of(sender), now - timedelta(hours=1),
                                         AUTO_ANSWER_KINDS)
@@ -275,7 +281,7 @@ class Pipeline:
                     context={"name": mail.sender_name or sender,
                              "target": self.desk.target_text(ticket, decision.response_due),
                              "missing": list(decision.missing),
-                             "follows_up": await self._follows_up(tx, placement, sender)})
+                             "follows_up": _follows_up(linked, sender)})
             queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now,
                                          dropped=len(dropped), linked_reason=placement.reason, no_ack=no_ack)
         log.info("ticket.created", ticket_id=ticket.id, message_id=mail.message_id,
@@ -376,17 +382,6 @@ class Pipeline:
                  mailbox=ticket.mailbox, staff=True, relayed=relay, reason=placement.reason)
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, placement.reason)
 
-    async def _follows_up(self, tx: Tx, placement: Placement, sender: str) -> dict[str, object] | None:
-        """What the ack may say of the ticket a new one is linked to: its number and
-        true status, to one of its participants only. A stranger who quoted a tag
-        learns nothing, not even that the ticket exists."""
-        if placement.linked_ticket is None:
-            return None
-        old = await tx.ticket(placement.linked_ticket)
-        if old is None or not old.is_participant(sender):
-            return None
-        return {"id": old.id, "status": old.status.value}
-
     async def _notify(self, tx: Tx, ticket: Ticket, mail: ParsedMail, sender: str, *,
                       is_new: bool, now: datetime, dropped: int = 0, linked_reason: str = "",
                       no_ack: str | None = None) -> int:
@@ -466,6 +461,14 @@ class Pipeline:
                 return scope, made, limit
         return None
 
+    def _answers_staff_mail(self, ticket: Ticket, mail: ParsedMail, received: Received) -> bool:
+        """Whether the mail answers genuine mail of ours to staff about `ticket`: a
+        staff token for one of the addresses we send staff mail to, in what it
+        answers or where it was sent. It proves nobody (the sender may have had a
+        notification forwarded); a token a stranger made up is not taken."""
+        return self.tokens.staff_proof(ticket.id, mail.thread_ids, (*mail.to, *mail.cc, *received.rcpt_to),
+                                       self.staff_mail_to)
+
     def _staff_unproven(self, mail: ParsedMail, received: Received, ticket: Ticket,
                         sender: str) -> str | None:
         """Why a mail from a staff address does not prove its author, or None when it does.
@@ -533,6 +536,15 @@ class Pipeline:
                     sender=sender, told=bool(queued))
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
                        "answered our mail to staff but is not staff: kept as a note")
+
+
+def _follows_up(linked: Ticket | None, sender: str) -> dict[str, object] | None:
+    """What the ack may say of the ticket a new one is linked to: its number and
+    true status, to one of its participants only. A stranger who quoted a tag
+    learns nothing, not even that the ticket exists."""
+    if linked is None or not linked.is_participant(sender):
+        return None
+    return {"id": linked.id, "status": linked.status.value}
 
 
 # Our automatic answers to a customer, counted by the hourly caps

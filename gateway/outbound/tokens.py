@@ -221,21 +221,6 @@ class TicketTokens:
         expected = [self.staff_token(ticket_id, a) for a in staff]
         return any(hmac.compare_digest(q, e) for q in quoted for e in expected)
 
-    def answers_staff_mail(self, ticket_id: int, ids: Iterable[str], addresses: Iterable[str]) -> bool:
-        """Whether a mail answers our mail to staff about `ticket_id` (whoever it was
-        sent to): a staff Message-ID of ours with a genuine ticket token in `ids`,
-        or a staff reply address of the ticket among `addresses`. Not a proof of
-        anyone (`staff_proof` is): it says the mail meant to reach the desk."""
-        for mid in ids:
-            m = _OUR_ID.match(mid)
-            if m and m.group(3) and self.ticket_of(mid) == ticket_id:
-                return True
-        for address in addresses:
-            m = _STAFF_TAG.match(normalize_address(address))
-            if m and int(m.group(1)) == ticket_id:
-                return True
-        return False
-
     def ids_in(self, raw: bytes) -> tuple[str, ...]:
         """Our Message-IDs quoted anywhere in a mail (a bounce quotes them in its body)."""
         found = dict.fromkeys(m.decode("ascii") for m in _OUR_ID_IN_TEXT.findall(raw[:2_000_000]))
