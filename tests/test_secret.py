@@ -11,8 +11,10 @@
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import os
 import re
 import secrets
 import stat
@@ -24,6 +26,7 @@ import pytest
 from conftest import SUPPORT, GatewayProc, mail, uniq, wait_for
 
 from gateway.store import MIGRATIONS
+from gateway.store.drivers import connect
 
 SECRET_ENV = "GATEWAY_TOKEN_SECRET"    # the documented name (README "What is stored")
 
@@ -71,34 +74,51 @@ def test_a_token_forged_from_a_copy_of_the_database_does_not_join_a_ticket(gatew
     assert out["action"] == "joined" and out["ticket_id"] == t["id"]
 
 
-def _back_to_before_the_move(gw: GatewayProc, secret_hex: str) -> None:
-    """The database as an earlier version left it: the secret in `settings`, schema before the move."""
-    gw.query("DELETE FROM settings")
-    gw.query("INSERT INTO settings (name, value) VALUES ('ticket_token_secret', ?)", (secret_hex,))
-    if gw.db_url.startswith("sqlite:"):
-        gw.query(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
-    else:
-        gw.query("UPDATE schema_version SET version = ?", (len(MIGRATIONS) - 1,))
+# the migration that removes the copy (11); later ones follow it
+SECRET_REMOVAL = next(i for i, m in enumerate(MIGRATIONS) if "DELETE FROM settings" in m)
+
+
+def _database_before_the_move(gw: GatewayProc, secret_hex: str) -> None:
+    """The database as an earlier version left it: the schema before the removal, the secret in `settings`."""
+    async def build() -> None:
+        db = await connect(gw.db_url, 5000)
+        try:
+            await db.migrate(MIGRATIONS[:SECRET_REMOVAL])
+            await db.begin()
+            await db.execute("DELETE FROM settings")
+            await db.execute("INSERT INTO settings (name, value) VALUES ('ticket_token_secret', ?)", (secret_hex,))
+            await db.commit()
+        finally:
+            await db.close()
+    gw.data_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.run(build())
+
+
+def _key_file(gw: GatewayProc, secret_hex: str) -> Path:
+    """The data folder's key file, holding `secret_hex`, private as the gateway makes it."""
+    path = gw.data_dir / "secret.key"
+    gw.data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret_hex + "\n")
+    return path
 
 
 def test_upgrade_from_a_database_holding_the_secret_keeps_the_tokens_valid(
         make_gateway: Callable[..., GatewayProc]) -> None:
     gw = make_gateway()
-    gw.start()
-    t = open_ticket(gw)
-    in_use = (gw.data_dir / "secret.key").read_text().strip()
-    gw.stop()
     # The database holds the secret that signed the mail sent; this data_dir's key
     # file holds another one (a second instance's, which the database's overruled).
-    _back_to_before_the_move(gw, in_use)
-    (gw.data_dir / "secret.key").write_text(secrets.token_hex(32))
-    gw.start()
-    key_file = gw.data_dir / "secret.key"
+    in_use = secrets.token_hex(32)
+    _database_before_the_move(gw, in_use)
+    key_file = _key_file(gw, secrets.token_hex(32))
+    gw.start()       # every migration from the removal on runs
     assert key_file.read_text().strip() == in_use
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert gw.query("SELECT count(*) FROM settings WHERE name = 'ticket_token_secret'")[0][0] == 0
     assert [e["event"] for e in gw.log_events() if e["event"].startswith("secret.")] == ["secret.moved"]
-    # a token of the mail sent before the upgrade still joins its ticket
+    # the tokens signed with that secret (the mail sent before the upgrade) still join their ticket
+    t = open_ticket(gw)
     out = answer_with(gw, forged_reference(in_use, t["id"]), t["requester"])
     assert out["action"] == "joined" and out["ticket_id"] == t["id"]
     gw.stop()
@@ -114,14 +134,15 @@ def test_upgrade_from_a_database_holding_the_secret_keeps_the_tokens_valid(
 
 def test_upgrade_with_the_key_file_already_holding_the_secret(make_gateway: Callable[..., GatewayProc]) -> None:
     gw = make_gateway()
+    in_use = secrets.token_hex(32)
+    _database_before_the_move(gw, in_use)
+    key_file = _key_file(gw, in_use)
     gw.start()
-    open_ticket(gw)
-    in_use = (gw.data_dir / "secret.key").read_text().strip()
-    gw.stop()
-    _back_to_before_the_move(gw, in_use)
-    gw.start()
-    assert (gw.data_dir / "secret.key").read_text().strip() == in_use
+    assert key_file.read_text().strip() == in_use
     assert gw.query("SELECT count(*) FROM settings WHERE name = 'ticket_token_secret'")[0][0] == 0
+    t = open_ticket(gw)
+    out = answer_with(gw, forged_reference(in_use, t["id"]), t["requester"])
+    assert out["action"] == "joined" and out["ticket_id"] == t["id"]
 
 
 def test_instances_share_the_secret_through_the_environment_and_a_different_one_refuses_to_start(
