@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 import tomllib
 import uuid
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from typing import Any
 
 from gateway.model import REGIONS, mailbox_of, normalize_address
 from gateway.outbound.dkim import DkimKey, DkimSigner
-from gateway.outbound.transport import Relay
+from gateway.outbound.transport import TLS_MODES, Relay, client_tls_context, read_secret
 from gateway.rules.settings import SUPPORTED_LANGUAGES, RulesConfig, default_rules, parse_rules, unknown_key
 
 ENV_VAR = "GATEWAY_CONFIG"
@@ -161,6 +162,7 @@ class ImapAccount:
     poll_seconds: float = 60.0
     starttls: bool = False          # plain connection upgraded with STARTTLS (RFC 3501 §6.2.1)
     ca_file: Path | None = None     # trust this CA instead of the system's
+    password_env: str | None = None  # the environment variable that holds the password
 
     @property
     def name(self) -> str:
@@ -168,13 +170,12 @@ class ImapAccount:
         return f"{self.user}@{self.host}:{self.port}"
 
     def secret(self) -> str:
-        if self.password is not None:
-            return self.password
-        assert self.password_file is not None
-        return self.password_file.read_text(encoding="utf-8").strip("\r\n")
+        found = read_secret(self.password, self.password_file, self.password_env)
+        assert found is not None
+        return found
 
 
-_KEYS = {"host", "port", "tls", "starttls", "ca_file", "user", "password", "password_file",
+_KEYS = {"host", "port", "tls", "starttls", "ca_file", "user", "password", "password_file", "password_env",
          "folder", "processed_folder", "mailbox", "poll_seconds"}
 
 
@@ -205,14 +206,14 @@ def parse_imap(data: list[dict[str, Any]] | Any, mailbox_addresses: set[str],
         host = table.get("host")
         if not isinstance(host, str) or not host.strip():
             fail("host", f"expected a host name, got {host!r}")
-        tls = table.get("tls", True)
-        if not isinstance(tls, bool):
-            fail("tls", f"expected true or false, got {tls!r}")
-            tls = True
         starttls = table.get("starttls", False)
         if not isinstance(starttls, bool):
             fail("starttls", f"expected true or false, got {starttls!r}")
             starttls = False
+        tls = table.get("tls", not starttls)      # `starttls = true` alone means port 143 + STARTTLS
+        if not isinstance(tls, bool):
+            fail("tls", f"expected true or false, got {tls!r}")
+            tls = True
         if tls and starttls:
             fail("starttls", "tls = true already encrypts the connection; set one of them")
         port = table.get("port", 993 if tls else 143)
@@ -235,11 +236,14 @@ def parse_imap(data: list[dict[str, Any]] | Any, mailbox_addresses: set[str],
             return path
 
         password, password_file = table.get("password"), table.get("password_file")
+        password_env = table.get("password_env")
         pw_path: Path | None = None
-        if (password is None) == (password_file is None):
-            fail("password", "set exactly one of password and password_file")
+        if [password, password_file, password_env].count(None) != 2:
+            fail("password", "set exactly one of password, password_file and password_env")
         elif password is not None and not isinstance(password, str):
             fail("password", "expected a string")
+        elif password_env is not None and (not isinstance(password_env, str) or not os.environ.get(password_env)):
+            fail("password_env", f"the environment variable {password_env} is not set")
         else:
             pw_path = readable("password_file")
         ca_path = readable("ca_file")
@@ -260,7 +264,8 @@ def parse_imap(data: list[dict[str, Any]] | Any, mailbox_addresses: set[str],
         if len(problems) == before:
             accounts.append(ImapAccount(
                 host=str(host).strip(), port=int(port), tls=tls, starttls=starttls, user=str(user),
-                password=password, password_file=pw_path, ca_file=ca_path, folder=str(folder),
+                password=password, password_file=pw_path, password_env=password_env, ca_file=ca_path,
+                folder=str(folder),
                 processed_folder=str(processed), mailbox=normalize_address(str(mailbox)),
                 poll_seconds=float(poll)))
     names = [(a.name, a.folder) for a in accounts]
@@ -543,13 +548,11 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     transport = _prefixed(r, "outbound", o, "transport", str, d["outbound"]["transport"])
     if transport not in ("smtp", "maildir"):
         r.fail("outbound.transport", f"expected \"smtp\" or \"maildir\", got {transport!r}")
-    relay = Relay(_prefixed(r, "outbound", o, "host", str, d["outbound"]["host"]),
-                  _port_of(r, "outbound", o, d["outbound"]["port"]))
+    relay = _relay(r, "outbound", o, None, config_dir)
     gov_relay = None
     if "govcloud" in o:
         go = r.section("outbound.govcloud", o)
-        gov_relay = Relay(_prefixed(r, "outbound.govcloud", go, "host", str, relay.host),
-                          _port_of(r, "outbound.govcloud", go, relay.port))
+        gov_relay = _relay(r, "outbound.govcloud", go, relay, config_dir)
     retry_base = float(_prefixed(r, "outbound", o, "retry_base_seconds", (int, float),
                                  d["outbound"]["retry_base_seconds"]))
     retry_max = float(_prefixed(r, "outbound", o, "retry_max_seconds", (int, float),
@@ -664,6 +667,56 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         staff_trusted_authserv_ids=authserv_ids, templates_dir=templates_dir, dkim_keys=dkim_keys,
         imap=imap_accounts, token_secret_file=Path(secret_value) if secret_value else None,
     )
+
+
+def _relay(r: _Reader, prefix: str, t: dict[str, Any], parent: Relay | None, config_dir: Path | None) -> Relay:
+    """`[outbound]`, or `[outbound.govcloud]` (`parent` set): host, port, TLS and SMTP AUTH.
+
+    The GovCloud relay takes host, port, tls and ca_file from `[outbound]` unless it
+    sets them; the login never: credentials of one relay are not sent to another.
+    """
+    dflt = parent or Relay(_defaults()["outbound"]["host"], _defaults()["outbound"]["port"])
+    host = _prefixed(r, prefix, t, "host", str, dflt.host)
+    tls = _prefixed(r, prefix, t, "tls", str, dflt.tls)
+    if tls not in TLS_MODES:
+        r.fail(f"{prefix}.tls", f"expected one of {', '.join(map(repr, TLS_MODES))}, got {tls!r}")
+        tls = dflt.tls
+    # 465 is the port of implicit TLS (RFC 8314 §7.3); STARTTLS on 587 is set explicitly
+    port = _port_of(r, prefix, t, dflt.port if parent and parent.tls == tls
+                    else 465 if tls == "implicit" else dflt.port)
+
+    def path(key: str, fallback: Path | None) -> Path | None:
+        value = _prefixed(r, prefix, t, key, str, "")
+        if not value:
+            return fallback
+        p = _resolve(value, config_dir)
+        if not os.access(p, os.R_OK):
+            r.fail(f"{prefix}.{key}", f"cannot read {str(p)!r}")
+        return p
+
+    ca_file = path("ca_file", dflt.ca_file)
+    if ca_file is not None and ca_file != dflt.ca_file and os.access(ca_file, os.R_OK):
+        try:
+            client_tls_context(ca_file)
+        except (ssl.SSLError, OSError, ValueError) as e:
+            r.fail(f"{prefix}.ca_file", f"{str(ca_file)!r} holds no CA certificate in PEM form: {e}")
+    username = _prefixed(r, prefix, t, "username", str, "") or None
+    password = _prefixed(r, prefix, t, "password", str, "") or None
+    password_file = path("password_file", None)
+    password_env = _prefixed(r, prefix, t, "password_env", str, "") or None
+    given = [k for k, v in (("password", password), ("password_file", password_file),
+                            ("password_env", password_env)) if v is not None]
+    if username is None and given:
+        r.fail(f"{prefix}.{given[0]}", "set username too (the login for SMTP AUTH), or remove it")
+    elif username is not None and len(given) != 1:
+        r.fail(f"{prefix}.password", "set exactly one of password, password_file and password_env")
+    elif password_env is not None and not os.environ.get(password_env):
+        r.fail(f"{prefix}.password_env", f"the environment variable {password_env} is not set")
+    if username is not None and tls == "none" and host not in ("127.0.0.1", "::1", "localhost"):
+        r.fail(f"{prefix}.tls", f"tls = \"none\" would send the password to {host} in clear text; "
+                                "use \"required\" or \"implicit\"")
+    return Relay(host=host, port=port, tls=tls, ca_file=ca_file, username=username, password=password,
+                 password_file=password_file, password_env=password_env)
 
 
 def _limits_and_staff_auth(r: _Reader, data: dict[str, Any]) -> tuple[Limits, bool, frozenset[str]]:

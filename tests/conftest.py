@@ -228,7 +228,9 @@ class GatewayProc:
 
     def __init__(self, root: Path, sink: Sink, gov_sink: Sink, *, extra_toml: str = "",
                  max_size: int = 2_000_000, transport: str = "smtp", lmtp: bool = False,
-                 relay_port: int | None = None, store_url: str | None = None, secret_file: str | None = None):
+                 relay_port: int | None = None, store_url: str | None = None, secret_file: str | None = None,
+                 outbound: dict[str, Any] | None = None):
+        """`outbound`: keys of [outbound] to add or override (tls, username...)."""
         self.root = root
         self.port = free_port()
         self.sink, self.gov_sink = sink, gov_sink
@@ -244,6 +246,10 @@ class GatewayProc:
                 extra_toml = extra_toml.replace("[store]", f'[store]\nurl = "{self.store_url}"', 1)
             else:
                 store = f'[store]\nurl = "{self.store_url}"\n'
+        ob = {"transport": transport, "host": "127.0.0.1", "port": relay_port or sink.port,
+              "retry_base_seconds": 60, "poll_seconds": 0.2, **(outbound or {})}
+        # JSON's strings, numbers and booleans are TOML's too
+        outbound_keys = "\n            ".join(f"{k} = {json.dumps(v)}" for k, v in ob.items())
         self.config.write_text(store + textwrap.dedent(f"""
             [gateway]
             data_dir = "{self.data_dir}"
@@ -265,11 +271,7 @@ class GatewayProc:
             govcloud = true
 
             [outbound]
-            transport = "{transport}"
-            host = "127.0.0.1"
-            port = {relay_port or sink.port}
-            retry_base_seconds = 60
-            poll_seconds = 0.2
+            {outbound_keys}
 
             [outbound.govcloud]
             host = "127.0.0.1"

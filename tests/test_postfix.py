@@ -40,7 +40,8 @@ VENV_CACHE = Path("/var/tmp/gw-test-pipe-venv")
 # -- a private Postfix ----------------------------------------------------------
 
 class Postfix:
-    def __init__(self, transport: str, master_extra: str = ""):
+    def __init__(self, transport: str, master_extra: str = "", main_extra: str = ""):
+        """`main_extra` lines come after the defaults in main.cf (the later one wins)."""
         self.dir = Path(tempfile.mkdtemp(prefix="gw-postfix-"))
         os.chmod(self.dir, 0o755)
         self.etc = self.dir / "etc"
@@ -69,7 +70,7 @@ class Postfix:
             transport_maps = inline:{{ support@example.com={transport}, support@examplegov.com={transport} }}
             default_transport = error:5.7.0 no outbound mail from the test MTA
             gateway_destination_recipient_limit = 1
-            """))
+            """) + main_extra)
         (self.etc / "master.cf").write_text(textwrap.dedent(f"""\
             127.0.0.1:{self.port} inet n - n - - smtpd
             pickup    unix  n - n 60 1 pickup
