@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.model import REGIONS, mailbox_of, normalize_address
+from gateway.outbound.dkim import RSA as DKIM_RSA
 from gateway.outbound.dkim import DkimKey, DkimSigner
 from gateway.outbound.transport import TLS_MODES, Relay, client_tls_context, read_secret
 from gateway.rules.settings import SUPPORTED_LANGUAGES, RulesConfig, default_rules, parse_rules, unknown_key
@@ -112,7 +113,7 @@ class Config:
     staff_require_authenticated: bool = False
     staff_trusted_authserv_ids: frozenset[str] = frozenset()
     templates_dir: Path | None = None         # operators' overrides of gateway/templates
-    dkim_keys: Mapping[str, DkimKey] = field(default_factory=dict)
+    dkim_keys: Mapping[str, tuple[DkimKey, ...]] = field(default_factory=dict)
     imap: tuple[ImapAccount, ...] = ()
     token_secret_file: Path | None = None     # None: data_dir/secret.key
 
@@ -286,8 +287,11 @@ _DKIM_KEYS = frozenset({"domain", "selector", "key_file"})
 
 
 def parse_dkim(data: list[dict[str, Any]] | dict[str, Any],
-               base_dir: Path | None) -> tuple[dict[str, DkimKey], list[str]]:
+               base_dir: Path | None) -> tuple[dict[str, tuple[DkimKey, ...]], list[str]]:
     """The `[[dkim]]` tables of the configuration: keys by domain, and what is wrong.
+
+    A domain has at most one key per algorithm: an RSA key, an Ed25519 key
+    (RFC 8463), or one of each (its mail is then signed twice).
 
     ```toml
     [[dkim]]
@@ -306,8 +310,8 @@ def parse_dkim(data: list[dict[str, Any]] | dict[str, Any],
         entries, prefix = data, None
     else:
         return {}, ["dkim: must be a list of tables ([[dkim]]) with domain, selector and key_file"]
-    keys: dict[str, DkimKey] = {}
-    where: dict[str, str] = {}
+    keys: dict[str, tuple[DkimKey, ...]] = {}
+    where: dict[tuple[str, str], str] = {}
     problems: list[str] = []
     for n, entry in enumerate(entries):
         at = prefix or f"dkim[{n}]"
@@ -318,12 +322,14 @@ def parse_dkim(data: list[dict[str, Any]] | dict[str, Any],
         problems.extend(f"{at}.{k}: {unknown_key(k, _DKIM_KEYS)}" for k in sorted(set(entry) - _DKIM_KEYS))
         domain = _dkim_name(entry, "domain", at, problems, min_labels=2)
         selector = _dkim_name(entry, "selector", at, problems, min_labels=1)
-        if domain is not None and domain in keys:
-            problems.append(f"{at}.domain: {domain} already has a key ({where[domain]})")
-        pem = _dkim_key_file(entry, at, base_dir, problems)
-        if len(problems) == bad and domain and selector and pem is not None:
-            keys[domain] = DkimKey(domain=domain, selector=selector, private_key_pem=pem)
-            where[domain] = at
+        found = _dkim_key_file(entry, at, base_dir, problems)
+        if found is not None and domain is not None and (domain, found[1]) in where:
+            kind = "an RSA" if found[1] == DKIM_RSA else "an Ed25519"
+            problems.append(f"{at}.domain: {domain} already has {kind} key ({where[domain, found[1]]})")
+        if len(problems) == bad and domain and selector and found is not None:
+            keys[domain] = (*keys.get(domain, ()), DkimKey(domain=domain, selector=selector,
+                                                           private_key_pem=found[0]))
+            where[domain, found[1]] = at
     return keys, problems
 
 
@@ -347,10 +353,11 @@ def _dkim_name(entry: Mapping[str, Any], key: str, at: str, problems: list[str],
 
 
 def _dkim_key_file(entry: Mapping[str, Any], at: str, base_dir: Path | None,
-              problems: list[str]) -> bytes | None:
+              problems: list[str]) -> tuple[bytes, str] | None:
+    """The key file's bytes and the key's algorithm (`rsa-sha256`, `ed25519-sha256`)."""
     value = entry.get("key_file")
     if value is None:
-        problems.append(f"{at}.key_file: missing (the PEM file with the domain's RSA private key)")
+        problems.append(f"{at}.key_file: missing (the file with the domain's RSA or Ed25519 private key)")
         return None
     if not isinstance(value, str) or not value.strip():
         problems.append(f"{at}.key_file: must be a file name")
@@ -368,11 +375,11 @@ def _dkim_key_file(entry: Mapping[str, Any], at: str, base_dir: Path | None,
                         f"(keep the file readable by the gateway only)")
         return None
     try:
-        DkimSigner(DkimKey("check.invalid", "check", pem))
+        signer = DkimSigner(DkimKey("check.invalid", "check", pem))
     except ValueError as e:
         problems.append(f"{at}.key_file: {path}: {e}")
         return None
-    return pem
+    return pem, signer.algorithm
 
 
 def _defaults() -> dict[str, Any]:
