@@ -42,6 +42,7 @@ from gateway.store.leases import dead_predecessors, holder_id
 log = structlog.get_logger("gateway.outbox")
 
 PARALLEL = 8
+OUTAGE_LOG_EVERY = timedelta(minutes=1)
 
 
 @dataclass
@@ -70,6 +71,26 @@ class OutboxSender:
         self._unrecorded: list[_Result] = []      # delivered, not yet committed
         self._flushing: asyncio.Future[None] | None = None
         self._took_back = False
+        # while the store is away: since, last line logged, passes not logged since, passes
+        self._away: tuple[datetime, datetime, int, int] | None = None
+
+    def _store_away(self, e: StoreUnavailable) -> None:
+        """One warning when the store goes away, then one a minute while it stays
+        away (with the passes in between), not one per poll."""
+        now = self.wall()
+        since, logged, quiet, passes = self._away or (now, now - OUTAGE_LOG_EVERY, 0, 0)
+        if now - logged >= OUTAGE_LOG_EVERY:
+            log.warning("outbox.store_unavailable", unrecorded=len(self._unrecorded), error=str(e),
+                        since=since.isoformat(timespec="seconds"), passes_not_logged=quiet)
+            logged, quiet = now, -1
+        self._away = (since, logged, quiet + 1, passes + 1)
+
+    def _store_back(self) -> None:
+        if self._away is not None:
+            since, _, _, passes = self._away
+            log.info("outbox.store_back", away_s=round((self.wall() - since).total_seconds(), 1),
+                     passes=passes)
+            self._away = None
 
     def wake(self) -> None:
         self._loop.wake()
@@ -96,13 +117,18 @@ class OutboxSender:
                 self._took_back = True
             await self._record()                # what an outage left unrecorded, first
         except StoreUnavailable as e:
-            log.warning("outbox.store_unavailable", unrecorded=len(self._unrecorded), error=str(e))
+            self._store_away(e)
             return 0
         sent_total = 0
         batch = PARALLEL * 8
         while True:
-            items = await self.store.claim_due(now or self.clock(), self.lease_s, limit=batch,
-                                               holder=self.holder, wall=self.wall())
+            try:
+                items = await self.store.claim_due(now or self.clock(), self.lease_s, limit=batch,
+                                                   holder=self.holder, wall=self.wall())
+            except StoreUnavailable as e:
+                self._store_away(e)
+                return sent_total
+            self._store_back()
             if not items:
                 return sent_total
             # claims are renewed until every result is recorded: a row sent but
