@@ -31,7 +31,7 @@ from gateway.ops.sandbox import Sandbox
 from gateway.outbound.compose import Composer, check_templates
 from gateway.outbound.sender import OutboxSender
 from gateway.outbound.tokens import TicketTokens, open_store, shared_secret
-from gateway.outbound.transport import MaildirDrop, SmtpRelay, Transport
+from gateway.outbound.transport import MaildirDrop, NoRelay, SmtpRelay, Transport
 from gateway.store import Failure, Store, StoreUnavailable, Tx
 from gateway.store.blobs import Blobs
 
@@ -96,10 +96,12 @@ def transports(config: Config) -> dict[str, Transport]:
     if config.outbound_transport == "maildir":
         drop = MaildirDrop(config.data_dir / "outbound")
         return {"default": drop, "govcloud": drop}
-    default = SmtpRelay(config.relay)
-    # GovCloud mail goes only through its own relay when one is configured
-    return {"default": default,
-            "govcloud": SmtpRelay(config.govcloud_relay) if config.govcloud_relay else default}
+    # GovCloud mail goes only through its own relay, never the commercial one: without
+    # [outbound.govcloud] it stays queued (a GovCloud mailbox then fails config.parse)
+    return {"default": SmtpRelay(config.relay),
+            "govcloud": SmtpRelay(config.govcloud_relay) if config.govcloud_relay else NoRelay(
+                "no [outbound.govcloud] relay is configured: GovCloud mail never goes through "
+                "the commercial relay, it stays queued")}
 
 
 async def open_gateway(config: Config, clock: Clock = system_clock, *, resident: bool = False) -> Gateway:

@@ -560,6 +560,14 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     if "govcloud" in o:
         go = r.section("outbound.govcloud", o)
         gov_relay = _relay(r, "outbound.govcloud", go, relay, config_dir)
+    if transport == "smtp" and gov_relay is None:
+        # GovCloud mail never leaves through the commercial relay (issue 18): without
+        # its own relay a GovCloud mailbox has no way out, so the file is wrong
+        for i, m in enumerate(boxes):
+            if m.govcloud:
+                r.fail("outbound.govcloud", f"mailbox[{i}] {m.address} is a GovCloud mailbox, but there is "
+                       "no [outbound.govcloud] relay (host, port): GovCloud mail never goes through the "
+                       "commercial [outbound] relay")
     retry_base = float(_prefixed(r, "outbound", o, "retry_base_seconds", (int, float),
                                  d["outbound"]["retry_base_seconds"]))
     retry_max = float(_prefixed(r, "outbound", o, "retry_max_seconds", (int, float),
@@ -780,8 +788,8 @@ def _is_str(r: _Reader, key: str, value: Any) -> bool:
 def environment_problems(config: Config) -> list[str]:
     """What a valid file still gets wrong on this machine, for `gateway check-config`
     (serve would fail or misroute only later): `data_dir` that this user cannot
-    write, relay hosts that do not resolve, a GovCloud mailbox whose mail would
-    leave through the commercial relay for want of `[outbound.govcloud]`."""
+    write, relay hosts that do not resolve. (A GovCloud mailbox without
+    `[outbound.govcloud]` is an error of the file itself: `parse`.)"""
     problems = [f"gateway.data_dir: {p}" for p in _unwritable(config.data_dir)]
     if config.outbound_transport == "smtp":
         relays = [("outbound", config.relay)]
@@ -792,10 +800,6 @@ def environment_problems(config: Config) -> list[str]:
                 socket.getaddrinfo(relay.host, relay.port, type=socket.SOCK_STREAM)
             except (OSError, UnicodeError) as e:
                 problems.append(f"{key}.host: {relay.host!r} does not resolve ({e})")
-        if config.govcloud_relay is None:
-            problems += [f"mailbox[{i}]: {m.address} is a GovCloud mailbox, but there is no "
-                         "[outbound.govcloud] relay: its answers would leave through the commercial one"
-                         for i, m in enumerate(config.mailboxes) if m.govcloud]
     return problems
 
 

@@ -219,7 +219,9 @@ class OutboxSender:
                 log.warning("outbox.claims_not_renewed", rows=len(ids), error=str(e))
 
     async def _deliver(self, item: OutboxItem) -> DeliveryError | None:
-        transport = self.transports.get(item.relay) or self.transports["default"]
+        transport = self.transports.get(item.relay)
+        if transport is None:      # never another relay's: GovCloud mail stays GovCloud's
+            return DeliveryError(f"no transport for relay {item.relay!r}", permanent=False)
         try:
             refused = await transport.send(item.mail_from, item.rcpt_to, item.content)
         except Exception as e:  # noqa: BLE001 - any error of one row is that row's result

@@ -243,6 +243,24 @@ async def _drop(client: aiosmtplib.SMTP | None) -> None:
         client.close()
 
 
+class NoRelay:
+    """Where GovCloud mail would go when no `[outbound.govcloud]` relay is set:
+    nowhere. Each try is a temporary failure, so the mail stays queued (retried
+    with backoff, in `gateway outbox`) until the relay is configured; it never
+    falls back to the commercial relay (issue 18). Only reached when the rules
+    make a GovCloud ticket of mail to a commercial mailbox: a GovCloud mailbox
+    without its relay is a configuration error."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+    async def send(self, mail_from: str, rcpt_to: Sequence[str], content: bytes) -> dict[str, str]:
+        raise DeliveryError(self.why, permanent=False)
+
+    async def close(self) -> None:
+        return None
+
+
 class MaildirDrop:
     """Writes each mail into a Maildir (`new/`), for a gateway with no relay.
 
