@@ -47,7 +47,7 @@ STOP_GRACE_S = 10.0
 RELOADABLE = frozenset({
     "ticket_tag", "mailboxes", "staff_addresses", "staff_domains", "queues", "default_region",
     "redirects", "policy", "rules", "staff_require_authenticated", "staff_trusted_authserv_ids",
-    "templates_dir", "dkim_keys",
+    "templates_dir", "dkim_keys", "govcloud_staff",
 })
 
 

@@ -75,6 +75,18 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class GovCloudStaff:
+    """`[staff.govcloud]`: who may answer and command GovCloud tickets (besides the
+    GOVCLOUD queue address), and how their mail proves its author. `[staff]`
+    addresses and domains are not GovCloud staff (issue 18)."""
+
+    addresses: frozenset[str] = frozenset()
+    domains: frozenset[str] = frozenset()
+    require_authenticated: bool = False
+    trusted_authserv_ids: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path
     ticket_tag: str
@@ -116,6 +128,7 @@ class Config:
     dkim_keys: Mapping[str, tuple[DkimKey, ...]] = field(default_factory=dict)
     imap: tuple[ImapAccount, ...] = ()
     token_secret_file: Path | None = None     # None: data_dir/secret.key
+    govcloud_staff: GovCloudStaff = field(default_factory=GovCloudStaff)
 
     # -- lookups used across the gateway ---------------------------------
     @property
@@ -139,10 +152,31 @@ class Config:
 
     def is_staff(self, address: str) -> bool:
         """A `[staff]` address, an address at a `[staff] domains` domain, or a queue
-        address (a shared team mailbox whose members answer from it)."""
+        address (a shared team mailbox whose members answer from it); or GovCloud
+        staff (`[staff.govcloud]`). Who may answer a given ticket: `may_answer`."""
         addr = normalize_address(address)
         return addr in self.staff_addresses or addr.rpartition("@")[2] in self.staff_domains \
-            or addr in self.queues.values()           # normalized when the config is read
+            or addr in self.queues.values() \
+            or self.is_govcloud_staff(addr)           # normalized when the config is read
+
+    def is_govcloud_staff(self, address: str) -> bool:
+        """A `[staff.govcloud]` address or domain, or the GOVCLOUD queue address."""
+        addr = normalize_address(address)
+        gov = self.govcloud_staff
+        return addr in gov.addresses or addr.rpartition("@")[2] in gov.domains \
+            or addr == self.queues.get("GOVCLOUD")
+
+    def may_answer(self, address: str, govcloud: bool) -> bool:
+        """Whether staff mail from `address` may answer or command a ticket: a
+        GovCloud ticket only GovCloud staff's, a commercial one any staff's."""
+        return self.is_govcloud_staff(address) if govcloud else self.is_staff(address)
+
+    def staff_proof(self, govcloud: bool) -> tuple[bool, frozenset[str]]:
+        """`require_authenticated` and `trusted_authserv_ids` for staff mail about a
+        GovCloud ticket (`[staff.govcloud]`) or a commercial one (`[staff]`)."""
+        if govcloud:
+            return self.govcloud_staff.require_authenticated, self.govcloud_staff.trusted_authserv_ids
+        return self.staff_require_authenticated, self.staff_trusted_authserv_ids
 
 
 # -- [[imap]] -------------------------------------------------------------------
@@ -579,11 +613,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         r.fail("outbound.poll_seconds", "must be > 0")
 
     st = r.section("staff")
-    addrs = _prefixed(r, "staff", st, "addresses", list, d["staff"]["addresses"])
-    domains = _prefixed(r, "staff", st, "domains", list, d["staff"]["domains"])
-    staff_addresses = frozenset(_check_address(r, "staff.addresses", a) for a in addrs
-                                if _is_str(r, "staff.addresses", a))
-    staff_domains = frozenset(x.strip().lower() for x in domains if _is_str(r, "staff.domains", x))
+    staff_addresses, staff_domains = _staff_who(r, "staff", st, d["staff"]["addresses"], d["staff"]["domains"])
     q = st.get("queues", d["staff"]["queues"])
     if not isinstance(q, dict):
         r.fail("staff.queues", "expected a table [staff.queues]")
@@ -638,6 +668,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         r.fail("scheduler.interval_seconds", "must be > 0")
 
     limits, require_auth, authserv_ids = _limits_and_staff_auth(r, data)
+    gov_staff = _govcloud_staff(r, require_auth, authserv_ids)
 
     me = r.section("metrics")
     metrics_enabled = _prefixed(r, "metrics", me, "enabled", bool, False)
@@ -681,6 +712,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         limits=limits, staff_require_authenticated=require_auth,
         staff_trusted_authserv_ids=authserv_ids, templates_dir=templates_dir, dkim_keys=dkim_keys,
         imap=imap_accounts, token_secret_file=Path(secret_value) if secret_value else None,
+        govcloud_staff=gov_staff,
     )
 
 
@@ -750,15 +782,39 @@ def _limits_and_staff_auth(r: _Reader, data: dict[str, Any]) -> tuple[Limits, bo
         if value < low:
             r.fail(f"limits.{key}", f"must be at least {low}, got {value}")
         values[key] = float(value) if key == "parse_seconds" else value
-    st = r.section("staff")
-    require = _prefixed(r, "staff", st, "require_authenticated", bool, False)
-    ids = _prefixed(r, "staff", st, "trusted_authserv_ids", list, [])
-    trusted = frozenset(x.strip().lower() for x in ids
-                        if _is_str(r, "staff.trusted_authserv_ids", x) and x.strip())
-    if require and not trusted:
-        r.fail("staff.trusted_authserv_ids",
-               "name at least one authserv-id when staff.require_authenticated = true")
+    require, trusted = _staff_proof(r, "staff", r.section("staff"), False, frozenset())
     return Limits(**values), require, trusted
+
+
+def _staff_who(r: _Reader, prefix: str, st: dict[str, Any], addresses: list[str],
+               domains: list[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """`addresses` and `domains` of `[staff]` or `[staff.govcloud]`."""
+    addrs = _prefixed(r, prefix, st, "addresses", list, addresses)
+    doms = _prefixed(r, prefix, st, "domains", list, domains)
+    return (frozenset(_check_address(r, f"{prefix}.addresses", a) for a in addrs
+                      if _is_str(r, f"{prefix}.addresses", a)),
+            frozenset(x.strip().lower() for x in doms if _is_str(r, f"{prefix}.domains", x)))
+
+
+def _staff_proof(r: _Reader, prefix: str, st: dict[str, Any], require_default: bool,
+                 trusted_default: frozenset[str]) -> tuple[bool, frozenset[str]]:
+    """`require_authenticated` and `trusted_authserv_ids` of `[staff]` or `[staff.govcloud]`."""
+    require = _prefixed(r, prefix, st, "require_authenticated", bool, require_default)
+    ids = _prefixed(r, prefix, st, "trusted_authserv_ids", list, sorted(trusted_default))
+    trusted = frozenset(x.strip().lower() for x in ids
+                        if _is_str(r, f"{prefix}.trusted_authserv_ids", x) and x.strip())
+    if require and not trusted:
+        r.fail(f"{prefix}.trusted_authserv_ids",
+               f"name at least one authserv-id when {prefix}.require_authenticated = true")
+    return require, trusted
+
+
+def _govcloud_staff(r: _Reader, require: bool, trusted: frozenset[str]) -> GovCloudStaff:
+    """`[staff.govcloud]`: GovCloud's own staff; its proof settings default to `[staff]`'s."""
+    gs = r.section("staff.govcloud", r.section("staff"))
+    addresses, domains = _staff_who(r, "staff.govcloud", gs, [], [])
+    gov_require, gov_trusted = _staff_proof(r, "staff.govcloud", gs, require, trusted)
+    return GovCloudStaff(addresses, domains, gov_require, gov_trusted)
 
 
 def _prefixed(r: _Reader, prefix: str, sect: dict[str, Any], key: str,

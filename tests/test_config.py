@@ -58,6 +58,10 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     ({"outbound": {"govcloud": {"port": -1}}}, "outbound.govcloud.port"),
     ({"staff": {"addresses": ["x"]}}, "staff.addresses"),
     ({"staff": {"queues": {"MARS": "m@x.example"}}}, "staff.queues.MARS"),
+    ({"staff": {"govcloud": {"addresses": ["x"]}}}, "staff.govcloud.addresses"),
+    ({"staff": {"govcloud": {"adresses": []}}}, "staff.govcloud.adresses"),
+    ({"staff": {"govcloud": {"require_authenticated": True}}}, "staff.govcloud.trusted_authserv_ids"),
+    ({"outbound": {"transport": "smtp"}}, "outbound.govcloud"),   # the GovCloud mailbox has no relay
     ({"staff": {"queues": {"EMEA": 3}}}, "staff.queues.EMEA"),
     ({"rules": {"default_region": "MOON"}}, "rules.default_region"),
     ({"redirects": {"billing": "nope"}}, "redirects.billing"),
@@ -220,3 +224,17 @@ def test_relay_tls_and_login_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_relay_tls_and_login_mistakes_are_named(outbound: dict, key: str, words: str) -> None:
     found = [p for p in problems({"outbound": outbound}) if p.startswith(key + ":")]
     assert found and words in found[0], problems({"outbound": outbound})
+
+
+def test_govcloud_staff_are_their_own_and_inherit_the_proof_settings() -> None:
+    c = parse({"staff": {"addresses": ["agent@example.com"], "require_authenticated": True,
+                         "trusted_authserv_ids": ["mx.example.com"],
+                         "govcloud": {"addresses": ["Gail@Staff.ExampleGov.com"], "domains": ["gov.example"]}}})
+    assert c.is_staff("agent@example.com") and not c.is_govcloud_staff("agent@example.com")
+    assert c.may_answer("agent@example.com", False) and not c.may_answer("agent@example.com", True)
+    for gov in ("gail@staff.examplegov.com", "x@gov.example", "gov@staff.examplegov.com"):
+        assert c.may_answer(gov, True) and c.may_answer(gov, False), gov
+    assert not c.may_answer("amer@staff.example.com", True)        # a regional queue is not GovCloud's
+    assert c.staff_proof(True) == (True, frozenset({"mx.example.com"}))
+    own = parse({"staff": {"govcloud": {"require_authenticated": True, "trusted_authserv_ids": ["mx.gov.example"]}}})
+    assert own.staff_proof(True) == (True, frozenset({"mx.gov.example"})) and own.staff_proof(False) == (False, frozenset())

@@ -8,8 +8,22 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
+from email.message import EmailMessage
+from typing import Any
 
-from conftest import GOV, QUEUES, SUPPORT, GatewayProc, Sink, free_port, mail, uniq, wait_for
+from conftest import (
+    GOV,
+    QUEUES,
+    STAFF,
+    SUPPORT,
+    GatewayProc,
+    Sink,
+    agent_reply,
+    free_port,
+    mail,
+    uniq,
+    wait_for,
+)
 
 GOV_RELAY = '[outbound.govcloud]\nhost = "127.0.0.1"\nport = {port}'
 
@@ -114,3 +128,123 @@ def test_govcloud_mail_without_any_govcloud_relay_stays_queued(make_gateway: Cal
     gw.sink.wait_to("ann@customer.example")
     assert gw.sink.to("gina@agency.example") == [] and gw.sink.to(QUEUES["GOVCLOUD"]) == []
     assert gw.gov_sink.messages == []
+
+
+# -- GovCloud staff -----------------------------------------------------------
+
+GOV_AGENT = "gail@staff.examplegov.com"
+GOV_CUSTOMER = "gina@agency.example"
+SECRET = "tenant gv-4711 at the Cheyenne site"
+GOV_STAFF = f'[staff.govcloud]\naddresses = ["{GOV_AGENT}"]\n'
+TRUSTED = "mx.staff.examplegov.com"
+
+
+def gov_ticket(gw: GatewayProc) -> tuple[dict[str, Any], EmailMessage]:
+    """A GovCloud ticket whose text is secret, and the GOVCLOUD queue's notification."""
+    key = uniq("FedRAMP export")
+    assert gw.send(mail(GOV_CUSTOMER, GOV, f"{key} {SECRET}", f"The export of {SECRET} fails."))[0] == 250
+    t = gw.ticket_by_subject(key)
+    note = next(m for m in gw.gov_sink.wait_to(QUEUES["GOVCLOUD"]) if f"#{t['id']}]" in str(m["Subject"]))
+    gw.gov_sink.wait_to(GOV_CUSTOMER)
+    return t, note
+
+
+def refusals(gw: GatewayProc, to: str, count: int = 1) -> list[EmailMessage]:
+    return gw.gov_sink.wait_to(to, count)
+
+
+def assert_refused_quoting_nothing(gw: GatewayProc, t: dict[str, Any], notice: EmailMessage,
+                                   sender: str) -> None:
+    text = notice.as_string()
+    assert SECRET not in text and t["subject"] not in text, text
+    assert f"[Support #{t['id']}] GovCloud ticket" == str(notice["Subject"])
+    assert "is not GovCloud staff" in " ".join(notice.get_body(("plain",)).get_content().split())
+    assert GOV in str(notice["From"]) and sender not in str(notice["Reply-To"] or "")
+    after = gw.ticket(t["id"])
+    assert after["status"] == "open" and after["priority"] == 3 and after["first_response_at"] is None
+    assert "staff_reply" not in [m["kind"] for m in after["messages"]]
+    to_customer = [m for m in gw.gov_sink.to(GOV_CUSTOMER) if f"#{t['id']}]" in str(m["Subject"])]
+    assert [m["Auto-Submitted"] for m in to_customer] == ["auto-replied"]     # the ack: nothing relayed
+    assert gw.sink.to(GOV_CUSTOMER) == [] and gw.sink.to(sender) == []
+    refused = [e for e in gw.log_events() if e.get("event") == "govcloud.staff_refused"
+               and e.get("ticket_id") == t["id"]]
+    assert refused and refused[0]["sender"] == sender and refused[0]["staff"] is True
+
+
+def commercial_answer(gw: GatewayProc, agent: str) -> None:
+    """`agent` answers the AMER queue's notification of a new commercial ticket: relayed."""
+    key = uniq("Backup fails")
+    assert gw.send(mail("ann@customer.example", SUPPORT, key, "Backup fails."))[0] == 250
+    c = gw.ticket_by_subject(key)
+    note = next(m for m in gw.sink.wait_to(QUEUES["AMER"]) if f"#{c['id']}]" in str(m["Subject"]))
+    assert gw.send(agent_reply(note, "Try again.", frm=agent))[0] == 250
+    wait_for(lambda: gw.ticket(c["id"])["status"] == "pending", what=f"{agent}'s commercial answer")
+
+
+def test_commercial_staff_with_a_valid_staff_proof_may_not_answer_a_govcloud_ticket(
+        make_gateway: Callable[..., GatewayProc]) -> None:
+    """The GOVCLOUD queue's notification forwarded to a commercial agent, who answers it:
+    the token proves a staff answer to this ticket, but the agent is not GovCloud staff."""
+    gw = make_gateway(extra_toml=GOV_STAFF)
+    gw.start()
+    t, note = gov_ticket(gw)
+    assert gw.send(agent_reply(note, "#status resolved\n#priority 1\nHere is the fix.", frm=STAFF))[0] == 250
+    notice = refusals(gw, STAFF)[0]
+    assert_refused_quoting_nothing(gw, t, notice, STAFF)
+    kinds = [(m["kind"], m["from"]) for m in gw.ticket(t["id"])["messages"] if m["direction"] == "in"]
+    assert kinds == [("customer", GOV_CUSTOMER), ("note", STAFF)]    # kept for GovCloud staff
+
+    # by the subject tag alone, with a command error: refused, the text never quoted back
+    # (the hourly notice already went out: the log says so)
+    t2, _ = gov_ticket(gw)
+    tagged = mail(STAFF, GOV, f"Re: [Support #{t2['id']}] {t2['subject']}", "#stauts closed\nDone.")
+    assert gw.send(tagged)[0] == 250
+    notice2 = next(m for m in refusals(gw, STAFF, 2) if f"#{t2['id']}]" in str(m["Subject"]))
+    assert_refused_quoting_nothing(gw, t2, notice2, STAFF)
+    assert "#stauts" not in notice2.as_string()
+
+    # someone not staff at all answering the forwarded GovCloud notification: the same notice
+    colleague = "cole@partner.example"
+    assert gw.send(agent_reply(note, "I think it is fixed.", frm=colleague))[0] == 250
+    notice3 = gw.gov_sink.wait_to(colleague)[0]
+    text = notice3.as_string()
+    assert SECRET not in text and str(notice3["Subject"]) == f"[Support #{t['id']}] GovCloud ticket"
+    assert any(e.get("event") == "govcloud.staff_refused" and e.get("sender") == colleague
+               and e.get("staff") is False for e in gw.log_events())
+    assert gw.sink.to(colleague) == []
+
+
+def test_govcloud_staff_answer_govcloud_tickets(make_gateway: Callable[..., GatewayProc]) -> None:
+    gw = make_gateway(extra_toml=GOV_STAFF)
+    gw.start()
+    t, note = gov_ticket(gw)
+    # the queue's notification forwarded to a GovCloud agent, who answers it
+    assert gw.send(agent_reply(note, "#priority 2\nWe restored the export.", frm=GOV_AGENT))[0] == 250
+    relayed = gw.gov_sink.wait_to(GOV_CUSTOMER, 2)[1]
+    assert "We restored the export." in relayed.get_body(("plain",)).get_content()
+    after = wait_for(lambda: (a := gw.ticket(t["id"]))["status"] == "pending" and a, what="pending")
+    assert after["priority"] == 2
+    # and the queue address itself
+    t2, note2 = gov_ticket(gw)
+    assert gw.send(agent_reply(note2, "Done from the queue.", frm=QUEUES["GOVCLOUD"]))[0] == 250
+    wait_for(lambda: gw.ticket(t2["id"])["status"] == "pending", what="the queue's answer")
+    assert gw.sink.messages == []                 # nothing of it through the commercial relay
+    # a GovCloud agent is no less staff on a commercial ticket (answering its notification)
+    commercial_answer(gw, GOV_AGENT)
+
+
+def test_govcloud_staff_have_their_own_proof_settings(make_gateway: Callable[..., GatewayProc]) -> None:
+    """`[staff.govcloud] require_authenticated`: a token is no proof for GovCloud
+    tickets, while commercial staff still prove themselves with one."""
+    gw = make_gateway(extra_toml=GOV_STAFF + f'require_authenticated = true\ntrusted_authserv_ids = ["{TRUSTED}"]\n')
+    gw.start()
+    t, note = gov_ticket(gw)
+    assert gw.send(agent_reply(note, "#status closed\nDone.", frm=GOV_AGENT))[0] == 250
+    unproven = gw.gov_sink.wait_to(GOV_AGENT)[0]
+    assert "did not prove" in unproven.get_body(("plain",)).get_content()
+    assert gw.ticket(t["id"])["status"] == "open"
+    ok = mail(GOV_AGENT, GOV, f"Re: [Support #{t['id']}] x", "Restored.",
+              headers={"Authentication-Results": f"{TRUSTED}; dkim=pass header.d=staff.examplegov.com"})
+    assert gw.send(ok)[0] == 250
+    wait_for(lambda: gw.ticket(t["id"])["status"] == "pending", what="the authenticated answer")
+    commercial_answer(gw, STAFF)                  # [staff]'s own settings: a token proves

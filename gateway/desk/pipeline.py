@@ -83,6 +83,7 @@ class Pipeline:
         # every address our mail to staff goes to, whose tokens an answer may quote
         # (a queue's notification forwarded to a colleague, a forward to billing)
         self.staff_mail_to = (*config.queues.values(), *sorted(config.staff_addresses),
+                              *sorted(config.govcloud_staff.addresses),
                               *config.redirects.values())
 
     async def handle(self, tx: Tx, inbound_id: int, mail: ParsedMail, received: Received) -> Outcome:
@@ -157,6 +158,9 @@ class Pipeline:
             return await self._open_ticket(tx, inbound_id, mail, received, sender, placement, linked, tagged)
         ticket = by_reference if by_reference and by_reference.id == placement.ticket_id else by_tag
         assert ticket is not None
+        if staff and not self.config.may_answer(sender, ticket.govcloud):
+            # staff, but not GovCloud staff, on a GovCloud ticket (issue 18): refused as not staff
+            return await self._not_staff(tx, inbound_id, mail, ticket, sender, now)
         if staff:
             unproven = self._staff_unproven(mail, received, ticket, sender)
             if unproven is None:
@@ -481,17 +485,16 @@ class Pipeline:
         domain (`gateway.mail.authres`). `[staff] require_authenticated` takes
         only (b). The reason is for the log only: it is never mailed.
         """
-        if not self.config.staff_require_authenticated and self.tokens.staff_proof(
+        require, trusted = self.config.staff_proof(ticket.govcloud)   # GovCloud's own settings
+        if not require and self.tokens.staff_proof(
                 ticket.id, mail.thread_ids, (*mail.to, *mail.cc, *received.rcpt_to),
                 (sender, *self.config.queues.values())):
             return None
-        why = "no staff token of this ticket" if not self.config.staff_require_authenticated else \
-            "require_authenticated: tokens not taken"
-        if not self.config.staff_trusted_authserv_ids:
+        why = "no staff token of this ticket" if not require else "require_authenticated: tokens not taken"
+        if not trusted:
             return why
         verdict = authres.verify(authres.header_values(received.raw),
-                                 from_domain=sender.rpartition("@")[2],
-                                 trusted_ids=self.config.staff_trusted_authserv_ids)
+                                 from_domain=sender.rpartition("@")[2], trusted_ids=trusted)
         return None if verdict.authenticated else f"{why}; {verdict.reason}"
 
     async def _unproven_staff(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket,
@@ -510,7 +513,7 @@ class Pipeline:
         queued = 0
         if await tx.staff_warning_due(ticket.id, sender, now, now - timedelta(hours=1)):
             why = ("Your mail server's Authentication-Results did not prove it either."
-                   if self.config.staff_trusted_authserv_ids else "")
+                   if self.config.staff_proof(ticket.govcloud)[1] else "")
             queued = await self.desk.to_staff(tx, ticket, sender, now, answers=[],
                                               template="staff_unproven", context={"why": why})
         log.warning("staff.unauthenticated", ticket_id=ticket.id, message_id=mail.message_id,
@@ -525,15 +528,21 @@ class Pipeline:
 
         Kept on the ticket as an internal note, never relayed, nothing applied;
         the sender is told why (at most once per ticket an hour, quoting nothing
-        and carrying no staff token), so the answer is never lost in silence."""
+        and carrying no staff token), so the answer is never lost in silence.
+
+        On a GovCloud ticket the same for anyone not GovCloud staff, commercial
+        staff too (issue 18): the notice says so, and not even its subject
+        quotes the ticket's (only its number)."""
         await self._record(tx, ticket.id, Kind.NOTE, mail, inbound_id, now)
         queued = 0
         if await tx.staff_warning_due(ticket.id, sender, now, now - timedelta(hours=1)):
-            queued = await self.desk.to_staff(tx, ticket, sender, now, answers=[mail.message_id],
-                                              template="not_staff", context={"sender": sender},
-                                              token=False)
-        log.warning("staff.not_staff", ticket_id=ticket.id, message_id=mail.message_id,
-                    sender=sender, told=bool(queued))
+            shown = replace(ticket, subject="GovCloud ticket") if ticket.govcloud else ticket
+            queued = await self.desk.to_staff(tx, shown, sender, now, answers=[mail.message_id],
+                                              template="govcloud_refused" if ticket.govcloud else "not_staff",
+                                              context={"sender": sender}, token=False)
+        log.warning("govcloud.staff_refused" if ticket.govcloud else "staff.not_staff",
+                    ticket_id=ticket.id, message_id=mail.message_id, sender=sender,
+                    staff=self.config.is_staff(sender), told=bool(queued))
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
                        "answered our mail to staff but is not staff: kept as a note")
 

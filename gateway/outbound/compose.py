@@ -343,6 +343,7 @@ SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "command_error": ({"errors": ["unknown command #stauts"], "text": "#stauts closed\nDone."},
                       {"errors": [], "text": ""}),
     "not_staff": ({"sender": "colleague@partner.example"}, {"sender": "x@y.example"}),
+    "govcloud_refused": ({"sender": "agent@example.com"}, {"sender": "x@y.example"}),
     "staff_unproven": ({"why": "It answered no notification of ours and carried no trusted"
                                " Authentication-Results."}, {"why": ""}),
     "undeliverable": ({"addresses": ["ann@customer.example"], "marked": ["ann@customer.example"],
