@@ -248,3 +248,23 @@ def test_govcloud_staff_have_their_own_proof_settings(make_gateway: Callable[...
     assert gw.send(ok)[0] == 250
     wait_for(lambda: gw.ticket(t["id"])["status"] == "pending", what="the authenticated answer")
     commercial_answer(gw, STAFF)                  # [staff]'s own settings: a token proves
+
+
+def test_govcloud_mail_for_billing_stays_with_govcloud_staff(make_gateway: Callable[..., GatewayProc]) -> None:
+    """`[redirects]` are commercial addresses: a GovCloud customer's invoice question is
+    not forwarded there (its raw mail attached), it is a GovCloud ticket like any other."""
+    gw = make_gateway(extra_toml='[redirects]\nbilling = "billing@example.com"\n')
+    gw.start()
+    key = uniq("Invoice question")
+    body = "Hello, please send me a corrected invoice for November and refund the double payment."
+    assert gw.send(mail(GOV_CUSTOMER, GOV, key, body))[0] == 250
+    t = gw.ticket_by_subject(key)
+    gw.gov_sink.wait_to(QUEUES["GOVCLOUD"])
+    ack = gw.gov_sink.wait_to(GOV_CUSTOMER)[0]
+    assert ack["Auto-Submitted"] == "auto-replied"
+    assert t["govcloud"] is True and t["status"] == "open" and t["redirect"] is None
+    assert gw.sink.to("billing@example.com") == [] and gw.gov_sink.to("billing@example.com") == []
+    assert any(e.get("event") == "ticket.redirect_withheld" for e in gw.log_events())
+    # the same mail at the commercial mailbox is still forwarded
+    assert gw.send(mail("carla@shop.example", SUPPORT, uniq("Invoice question"), body))[0] == 250
+    gw.sink.wait_to("billing@example.com")

@@ -257,6 +257,12 @@ class Pipeline:
         if decision.redirect and not redirect_to:
             log.warning("ticket.redirect_unconfigured", redirect=decision.redirect,
                         message_id=mail.message_id)
+        elif redirect_to and decision.govcloud:
+            # [redirects] are commercial addresses: GovCloud mail stays with GovCloud staff
+            # (issue 18), who get it as any ticket; the decision keeps the redirect's evidence
+            log.info("ticket.redirect_withheld", redirect=decision.redirect, message_id=mail.message_id,
+                     reason="govcloud")
+            redirect_to = None
         mailbox = self._answering_mailbox(received.mailbox, decision.govcloud)
         own = self.own_addresses | {sender}
         cc = tuple(dict.fromkeys(a for a in mail.cc + mail.to if a not in own and not self.config.mailbox_for(a)))
