@@ -326,7 +326,8 @@ async def test_a_slow_relay_gets_each_mail_once_though_sending_outlasts_the_leas
 
     def config() -> Any:
         return parse({"gateway": {"data_dir": tempfile.mkdtemp(prefix="gw-slow-"), "token_secret_file": key},
-                      "outbound": {"transport": "smtp", "host": "127.0.0.1", "port": relay_port},
+                      "outbound": {"transport": "smtp", "host": "127.0.0.1", "port": relay_port,
+                                   "govcloud": {"port": relay_port}},   # required with a GovCloud mailbox
                       "store": {"url": db_url, "lease_seconds": 1}})
     a, b = await open_gateway(config()), await open_gateway(config())
     try:
