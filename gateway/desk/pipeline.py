@@ -238,8 +238,7 @@ class Pipeline:
                            sender: str, placement: Placement, linked: Ticket | None = None,
                            tagged: Ticket | None = None) -> Outcome:
         now = received.received_at
-        counts = await tx.sender_counts(mailbox_of(sender), domain_of(sender), now - timedelta(hours=1),
-                                        AUTO_ANSWER_KINDS)
+        counts = await tx.sender_counts(mailbox_of(sender), domain_of(sender), now - timedelta(hours=1))
         over = self._over_ticket_cap(counts)
         if over is not None:
             log.warning("ticket.rate_limited", message_id=mail.message_id, sender=sender,
@@ -548,4 +547,3 @@ def _follows_up(linked: Ticket | None, sender: str) -> dict[str, object] | None:
 
 
 # Our automatic answers to a customer, counted by the hourly caps
-AUTO_ANSWER_KINDS = (Kind.ACK.value, Kind.REDIRECT.value)
