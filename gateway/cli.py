@@ -25,7 +25,7 @@ from gateway.clock import fixed_clock, system_clock
 from gateway.config import Config, ConfigError, environment_problems, load
 from gateway.desk import stats
 from gateway.inbound import answers
-from gateway.model import Status, Ticket
+from gateway.model import Status, Ticket, search_terms
 from gateway.ops import logs
 from gateway.outbound.tokens import open_store
 from gateway.store import Store, StoreUnavailable, iso
@@ -69,10 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("--sender", help="envelope sender, as the MTA passes it")
 
     tickets = sub.add_parser("tickets", parents=[common], help="list or show tickets")
-    tsub = tickets.add_subparsers(dest="tickets_command", required=True, metavar="list|show")
+    tsub = tickets.add_subparsers(dest="tickets_command", required=True, metavar="list|search|show")
     tl = tsub.add_parser("list", parents=[common], help="one row per ticket, newest first")
     tl.add_argument("--status", choices=[s.value for s in Status])
     tl.add_argument("--json", action="store_true")
+    tq = tsub.add_parser("search", parents=[common],
+                         help="tickets whose mail or requester holds every word of TEXT, newest first")
+    tq.add_argument("text", nargs="+")
+    tq.add_argument("--limit", type=int, default=50, help="at most this many tickets (1-500, default 50)")
+    tq.add_argument("--json", action="store_true")
     ts = tsub.add_parser("show", parents=[common], help="one ticket with all its messages")
     ts.add_argument("id", type=int)
     ts.add_argument("--json", action="store_true")
@@ -416,17 +421,30 @@ async def _tickets(config: Config, args: argparse.Namespace) -> int:
             else:
                 _print_table(rows)
             return answers.EX_OK
+        if args.tickets_command == "search":
+            terms = search_terms(" ".join(args.text))
+            if not terms or not 1 <= args.limit <= 500:
+                print("gateway: tickets search needs a word to look for and --limit 1-500", file=sys.stderr)
+                return answers.EX_USAGE
+            rows = await store.search(terms, args.limit)
+            if args.json:
+                print(json.dumps([ticket_json(t) for t in rows], ensure_ascii=False))
+            else:
+                _print_table(rows)
+            return answers.EX_OK
         ticket = await store.ticket(args.id)
         if ticket is None:
             print(f"gateway: no ticket #{args.id}", file=sys.stderr)
             return 1
         messages = await store.messages(ticket.id)
+        decision = await store.decision(ticket.id)
     finally:
         await store.close()
     if args.json:
-        print(json.dumps({**ticket_json(ticket), "messages": messages}, ensure_ascii=False))
+        print(json.dumps({**ticket_json(ticket), "decision": decision, "messages": messages},
+                         ensure_ascii=False))
     else:
-        _print_ticket(ticket, messages)
+        _print_ticket(ticket, messages, decision)
     return answers.EX_OK
 
 
@@ -454,7 +472,7 @@ def _print_table(rows: list[Ticket]) -> None:
     _say(f"({len(rows)} ticket{'s' if len(rows) != 1 else ''})")
 
 
-def _print_ticket(t: Ticket, messages: list[dict[str, Any]]) -> None:
+def _print_ticket(t: Ticket, messages: list[dict[str, Any]], decision: dict[str, Any] | None = None) -> None:
     _say(f"Ticket #{t.id}: {t.subject}")
     _say(f"  status {t.status.value}, priority {t.priority}, region {t.region}"
           f"{', GovCloud' if t.govcloud else ''}, mailbox {t.mailbox}")
@@ -462,6 +480,12 @@ def _print_ticket(t: Ticket, messages: list[dict[str, Any]]) -> None:
     if t.linked_ticket:
         _say(f"  follows up ticket #{t.linked_ticket}")
     _say(f"  created {iso(t.created_at)}")
+    if decision:
+        _say("  rules decision (the first line of each part decided it):")
+        for ev in decision.get("evidence", []):
+            _say(f"    {ev['part']:<9} {ev['rule']:<28} {ev['detail']}")
+        if "language" in decision:
+            _say(f"    {'language':<9} {decision['language']['value']:<28} {decision['language']['why']}")
     for m in messages:
         arrow = "<-" if m["direction"] == "in" else "->"
         _say(f"\n{arrow} {m['created_at']}  {m['kind']}  from {m['from']} to {', '.join(m['to'])}")

@@ -155,3 +155,20 @@ class Ticket:
 
     def deliverable(self, addresses: tuple[str, ...] | list[str]) -> tuple[str, ...]:
         return tuple(a for a in addresses if a and a not in self.undeliverable)
+
+
+SEARCH_MAX_TERMS = 16
+SEARCH_MAX_TERM = 100
+
+
+def search_terms(text: str) -> list[str]:
+    """The words of a `tickets search` text, each matched on its own (every one
+    must occur): at most 16 of at most 100 characters, quotes dropped, duplicates
+    once. What the stores' query syntax means (`OR`, `*`, `NEAR`) is not taken
+    from the user: each term is searched as the words it holds."""
+    out: list[str] = []
+    for word in text.replace('"', " ").split():
+        word = word[:SEARCH_MAX_TERM]
+        if word not in out:
+            out.append(word)
+    return out[:SEARCH_MAX_TERMS]

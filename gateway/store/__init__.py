@@ -33,6 +33,7 @@ from gateway.model import AUTO_ANSWER_KINDS, Attachment, Status, Ticket, domain_
 from gateway.store.drivers import PostgresDriver, SQLiteDriver, StoreConflict, StoreUnavailable, connect
 
 BUSY_TIMEOUT_MS = 5000
+SEARCH_SCAN = 1000        # matching messages `Store.search` reads at most, newest first
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the walking skeleton
@@ -214,6 +215,30 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (scope, minute)
     );
     CREATE INDEX sender_load_minute ON sender_load(minute);
+    """,
+    # 13: `gateway tickets search` (issue 20): the mail received on a ticket (subject,
+    # text) and each ticket's subject and requester, full-text indexed. SQLite keeps
+    # FTS5 tables without a copy of the text (content=''), fed by triggers; PostgreSQL
+    # GIN indexes over the same text. Each message counts with its first 64 KiB: a
+    # 20 MB mail costs no more to index than that, and PostgreSQL's tsvector limit
+    # (1 MB) is never reached. The /*sqlite*/ and /*postgresql*/ marks say which
+    # store runs a statement (gateway.store.drivers.statements).
+    """
+    /*sqlite*/ CREATE VIRTUAL TABLE message_search USING fts5(text, content='');
+    /*sqlite*/ CREATE VIRTUAL TABLE ticket_search USING fts5(text, content='');
+    /*sqlite*/ INSERT INTO message_search (rowid, text)
+        SELECT id, substr(subject || ' ' || body_text, 1, 65536) FROM messages WHERE direction = 'in';
+    /*sqlite*/ INSERT INTO ticket_search (rowid, text) SELECT id, subject || ' ' || requester FROM tickets;
+    /*sqlite*/ CREATE TRIGGER messages_search AFTER INSERT ON messages WHEN new.direction = 'in' BEGIN
+        INSERT INTO message_search (rowid, text) VALUES (new.id, substr(new.subject || ' ' || new.body_text, 1, 65536));
+    END;
+    /*sqlite*/ CREATE TRIGGER tickets_search AFTER INSERT ON tickets BEGIN
+        INSERT INTO ticket_search (rowid, text) VALUES (new.id, new.subject || ' ' || new.requester);
+    END;
+    /*postgresql*/ CREATE INDEX messages_search ON messages USING GIN (
+        (to_tsvector('simple', left(subject || ' ' || body_text, 65536)))) WHERE direction = 'in';
+    /*postgresql*/ CREATE INDEX tickets_search ON tickets USING GIN (
+        (to_tsvector('simple', subject || ' ' || requester || ' ' || translate(requester, '@.+', '   '))));
     """,
 )
 
@@ -656,6 +681,47 @@ class Store:
         where, params = ("WHERE status = ?", (status,)) if status else ("", ())
         rows = await self._rows(f"SELECT {_TICKET_COLS} FROM tickets {where} ORDER BY id DESC", params)
         return [_ticket(r) for r in rows]
+
+    async def search(self, terms: Sequence[str], limit: int) -> list[Ticket]:
+        """Tickets whose received mail (subject, text) or whose subject and requester
+        hold every one of `terms`, newest first, at most `limit`.
+
+        Bounded: each index is read newest first and stops after `SEARCH_SCAN`
+        messages and `limit` tickets (a word in every mail costs no more than a rare
+        one); the tickets are then read by primary key."""
+        if not terms:
+            return []
+        if self.dialect == "sqlite":
+            # every term a quoted FTS5 string: the user's text is never query syntax
+            match = " ".join('"' + t.replace('"', '""') + '"' for t in terms)
+            found = await self._rows(
+                "SELECT m.ticket_id FROM messages m WHERE m.id IN (SELECT rowid FROM message_search"
+                " WHERE message_search MATCH ? ORDER BY rowid DESC LIMIT ?)"
+                " UNION SELECT id FROM (SELECT rowid AS id FROM ticket_search WHERE ticket_search MATCH ?"
+                " ORDER BY rowid DESC LIMIT ?)", (match, SEARCH_SCAN, match, limit))
+        else:
+            # PostgreSQL's parser keeps an address or host name as one word, FTS5 splits
+            # it: either form matches, so that "example.com" finds what it finds there
+            query = " ".join(terms)
+            tsquery = ("(plainto_tsquery('simple', ?) || plainto_tsquery('simple', translate(?, '@.+', '   ')))")
+            found = await self._rows(
+                "SELECT m.ticket_id FROM messages m WHERE m.id IN (SELECT id FROM messages"
+                " WHERE direction = 'in' AND to_tsvector('simple', left(subject || ' ' || body_text, 65536))"
+                f" @@ {tsquery} ORDER BY id DESC LIMIT ?)"
+                " UNION SELECT id FROM (SELECT id FROM tickets WHERE to_tsvector('simple', subject || ' '"
+                f" || requester || ' ' || translate(requester, '@.+', '   ')) @@ {tsquery}"
+                " ORDER BY id DESC LIMIT ?) t", (query, query, SEARCH_SCAN, query, query, limit))
+        ids = sorted({int(r[0]) for r in found}, reverse=True)[:limit]
+        if not ids:
+            return []
+        rows = await self._rows(f"SELECT {_TICKET_COLS} FROM tickets WHERE id IN ({','.join('?' * len(ids))})"
+                                " ORDER BY id DESC", ids)
+        return [_ticket(r) for r in rows]
+
+    async def decision(self, ticket_id: int) -> dict[str, Any] | None:
+        """The rules stage's decision with its evidence, as stored when the ticket was made."""
+        rows = await self._rows("SELECT decision FROM tickets WHERE id = ?", (ticket_id,))
+        return json.loads(rows[0][0]) if rows and rows[0][0] else None
 
     async def messages(self, ticket_id: int) -> list[dict[str, Any]]:
         rows = await self._rows(
