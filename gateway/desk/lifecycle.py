@@ -14,11 +14,15 @@ no stale reminder is ever sent for a ticket that has moved on.
 """
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from email.utils import getaddresses
 
 from gateway.config import Policy
-from gateway.model import Kind, Status, Ticket
+from gateway.mail.parse import answerable
+from gateway.model import Kind, Status, Ticket, mailbox_of, normalize_address
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,8 @@ def sla_warning_due(ticket: Ticket, now: datetime) -> bool:
 
 # -- commands at the top of a staff reply -----------------------------------
 
-COMMANDS = ("note", "status", "priority", "escalate")
+COMMANDS = ("note", "status", "priority", "escalate", "cc", "uncc")
+MAX_COMMAND_ADDRESSES = 20     # addresses one #cc / #uncc line may name
 
 
 @dataclass(frozen=True)
@@ -129,13 +134,31 @@ class StaffCommands:
     status: Status | None = None
     priority: int | None = None
     escalate: bool = False
+    cc: tuple[str, ...] = ()       # `#cc`: addresses to add as participants (normalized)
+    uncc: tuple[str, ...] = ()     # `#uncc`: addresses to remove
     errors: tuple[str, ...] = ()
     text: str = ""                 # what is left to relay, commands removed
 
 
+def command_addresses(word: str, arg: str) -> tuple[tuple[str, ...], str | None]:
+    """The addresses of a `#cc` / `#uncc` line (`a@x.example, Bob <b@y.example>`),
+    normalized, or an error naming what is wrong."""
+    # `Name <a@x>` lists as in a header; bare addresses also apart by blanks
+    found_any = [a for _, a in getaddresses([arg])] if "<" in arg else re.split(r"[\s,;]+", arg)
+    found = tuple(dict.fromkeys(normalize_address(a) for a in found_any if a.strip()))
+    if not found:
+        return (), f"#{word} needs an address; got {arg!r}"
+    if len(found) > MAX_COMMAND_ADDRESSES:
+        return (), f"#{word} takes at most {MAX_COMMAND_ADDRESSES} addresses; got {len(found)}"
+    bad = [a for a in found if not answerable(a)]
+    if bad:
+        return (), f"#{word}: not an address mail can be sent to: {bad[0]!r}"
+    return found, None
+
+
 def staff_commands(text: str) -> StaffCommands:
-    """Read `#note`, `#status S`, `#priority N`, `#escalate` from the lines at
-    the top of a staff reply (blank lines between them allowed)."""
+    """Read `#note`, `#status S`, `#priority N`, `#escalate`, `#cc A`, `#uncc A`
+    from the lines at the top of a staff reply (blank lines between them allowed)."""
     lines = text.replace("\r\n", "\n").split("\n")
     found: dict[str, object] = {}
     errors: list[str] = []
@@ -163,6 +186,11 @@ def staff_commands(text: str) -> StaffCommands:
                 found["priority"] = int(arg)
             else:
                 errors.append(f"#priority needs 1, 2, 3 or 4; got {arg!r}")
+        elif word in ("cc", "uncc"):
+            addresses, error = command_addresses(word, arg)
+            if error:
+                errors.append(error)
+            found[word] = (*found.get(word, ()), *addresses)  # type: ignore[misc]
         elif word in COMMANDS:
             errors.append(f"#{word} takes no argument; got {arg!r}")
         else:
@@ -171,4 +199,36 @@ def staff_commands(text: str) -> StaffCommands:
     rest = "\n".join(lines[i:]).strip()
     return StaffCommands(note=bool(found.get("note")), status=found.get("status"),  # type: ignore[arg-type]
                          priority=found.get("priority"), escalate=bool(found.get("escalate")),  # type: ignore[arg-type]
+                         cc=tuple(found.get("cc", ())), uncc=tuple(found.get("uncc", ())),  # type: ignore[call-overload]
                          errors=tuple(errors), text=rest)
+
+
+def new_participants(ticket: Ticket, add: Sequence[str], remove: Sequence[str], *,
+                     refused: Callable[[str], str | None], max_participants: int
+                     ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The ticket's Cc after `#cc add` / `#uncc remove` (and staff Cc'd on the
+    answer), and the errors that forbid it.
+
+    `refused(address)` says why an address may not be a participant (one of our
+    own mailboxes or a queue: mail to it would come back to us), or None. The
+    requester stays; an address is on the ticket once (case and `+tag` folded);
+    [limits] max_participants bounds the whole."""
+    errors: list[str] = []
+    cc = list(ticket.cc)
+    for address in remove:
+        if mailbox_of(address) == mailbox_of(ticket.requester):
+            errors.append(f"#uncc: {address} is the requester, who stays on the ticket")
+        elif not any(mailbox_of(c) == mailbox_of(address) for c in cc):
+            errors.append(f"#uncc: {address} is not on the ticket")
+        cc = [c for c in cc if mailbox_of(c) != mailbox_of(address)]
+    for address in add:
+        why = refused(address)
+        if why:
+            errors.append(f"#cc: {address} {why}")
+        elif mailbox_of(address) in {mailbox_of(p) for p in (ticket.requester, *cc)}:
+            continue
+        else:
+            cc.append(address)
+    if len(cc) + 1 > max_participants and len(cc) > len(ticket.cc):
+        errors.append(f"#cc: a ticket has at most {max_participants} participants (limits.max_participants)")
+    return tuple(cc), tuple(errors)

@@ -343,6 +343,14 @@ class Pipeline:
                            sender: str, now: datetime, placement: Placement) -> Outcome:
         """Staff answered from their mail client: commands, then relay to the customer."""
         cmds = lifecycle.staff_commands(mail.reply_text)
+        relay = bool(cmds.text) and not cmds.note
+        cc, cc_errors = lifecycle.new_participants(
+            ticket, cmds.cc, cmds.uncc, refused=self._not_a_participant,
+            max_participants=self.config.limits.max_participants)
+        if cc_errors:
+            cmds = replace(cmds, errors=(*cmds.errors, *cc_errors))
+        elif relay:
+            cc = self._with_staff_cc(replace(ticket, cc=cc), mail, sender)
         if cmds.errors:
             # nothing is applied or relayed; the agent is told why
             await self._record(tx, ticket.id, Kind.NOTE, mail, inbound_id, now)
@@ -353,9 +361,10 @@ class Pipeline:
                         errors=list(cmds.errors))
             return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
                            "staff commands rejected: " + "; ".join(cmds.errors))
-        relay = bool(cmds.text) and not cmds.note
         await self._record(tx, ticket.id, Kind.STAFF if relay else Kind.NOTE, mail, inbound_id, now)
         changes: dict[str, object] = {}
+        if cc != ticket.cc:
+            changes["cc"] = cc
         if cmds.priority is not None and cmds.priority != ticket.priority:
             changes["priority"] = cmds.priority
         if cmds.escalate and not ticket.escalated:
@@ -380,6 +389,27 @@ class Pipeline:
         log.info("ticket.replied", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, staff=True, relayed=relay, reason=placement.reason)
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, placement.reason)
+
+    def _not_a_participant(self, address: str) -> str | None:
+        """Why `address` may not be on a ticket's Cc: the gateway's own mailboxes and
+        the staff queues (mail to them comes back to the gateway: a loop, or the
+        customer's thread in the queue), or None."""
+        if self.config.mailbox_for(address) is not None:
+            return "is one of the gateway's own mailboxes"
+        if mailbox_of(address) in {mailbox_of(q) for q in self.config.queues.values()}:
+            return "is a staff queue, which gets the ticket's notifications already"
+        return None
+
+    def _with_staff_cc(self, ticket: Ticket, mail: ParsedMail, sender: str) -> tuple[str, ...]:
+        """The ticket's Cc with the staff the agent Cc'd on a relayed answer: they
+        get the answer, and the ticket's later mail to its participants (never a
+        staff token: what participants get is customer mail). Anyone else the agent
+        Cc'd is not added (`#cc` adds them); nor past [limits] max_participants."""
+        room = self.config.limits.max_participants - 1 - len(ticket.cc)
+        added = [a for a in dict.fromkeys((*mail.to, *mail.cc))
+                 if room > 0 and self.config.is_staff(a) and a != sender
+                 and not self._not_a_participant(a) and not ticket.is_participant(a)]
+        return (*ticket.cc, *added[:max(room, 0)])
 
     async def _notify(self, tx: Tx, ticket: Ticket, mail: ParsedMail, sender: str, *,
                       is_new: bool, now: datetime, dropped: int = 0, linked_reason: str = "",
