@@ -47,7 +47,7 @@ STOP_GRACE_S = 10.0
 RELOADABLE = frozenset({
     "ticket_tag", "mailboxes", "staff_addresses", "staff_domains", "queues", "default_region",
     "redirects", "policy", "rules", "staff_require_authenticated", "staff_trusted_authserv_ids",
-    "templates_dir", "dkim_keys",
+    "templates_dir", "dkim_keys", "answers_dir",
 })
 
 
@@ -77,9 +77,9 @@ class Gateway:
                                 override_dir=new.templates_dir, dkim_keys=new.dkim_keys)
         except ValueError as e:
             raise ConfigError([f"dkim: {e}"]) from None
-        if problems := check_templates(composer):
-            raise ConfigError([f"template error: {problem}" for problem in problems])
         desk = Desk(new, composer)
+        if problems := check_templates(composer) + desk.answers_problems():
+            raise ConfigError([f"template error: {problem}" for problem in problems])
         self.intake.pipeline = Pipeline(new, desk, pipeline.tokens)
         self.scheduler.desk, self.scheduler.policy = desk, new.policy
         self.config = new

@@ -132,8 +132,12 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"gateway: invalid configuration: {problem}", file=sys.stderr)
         return answers.EX_CONFIG
     if command == "check-config":
-        from gateway.outbound.compose import check_templates, templates
-        problems = [f"template error: {p}" for p in check_templates(templates(config.templates_dir))]
+        from gateway.desk.writer import Desk
+        from gateway.outbound.compose import Composer, check_templates, templates
+        from gateway.outbound.tokens import TicketTokens
+        env = templates(config.templates_dir)
+        desk = Desk(config, Composer(ticket_tag=config.ticket_tag, tokens=TicketTokens(b"\0" * 32), env=env))
+        problems = [f"template error: {p}" for p in check_templates(env) + desk.answers_problems()]
         problems += [f"invalid configuration: {p}" for p in environment_problems(config)]
         if problems:
             for problem in problems:

@@ -116,6 +116,7 @@ class Config:
     dkim_keys: Mapping[str, tuple[DkimKey, ...]] = field(default_factory=dict)
     imap: tuple[ImapAccount, ...] = ()
     token_secret_file: Path | None = None     # None: data_dir/secret.key
+    answers_dir: Path | None = None           # [answers] folder: canned answers (#answer NAME)
 
     # -- lookups used across the gateway ---------------------------------
     @property
@@ -489,7 +490,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     """Validate a TOML tree (already merged over nothing: missing keys take defaults)."""
     d = _defaults()
     r = _Reader(data)
-    known = set(d) | {"imap", "metrics", "limits", "dkim"}
+    known = set(d) | {"imap", "metrics", "limits", "dkim", "answers"}
     for key in data:
         if key not in known:
             r.fail(key, unknown_key(key, known).replace("key", "section", 1))
@@ -509,6 +510,12 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
             templates_dir = config_dir / templates_dir
         if not templates_dir.is_dir():
             r.fail("gateway.templates_dir", f"no such directory: {str(templates_dir)!r}")
+    answers_value = _prefixed(r, "answers", r.section("answers"), "folder", str, "")
+    answers_dir = None
+    if answers_value:
+        answers_dir = _resolve(answers_value, config_dir)
+        if not answers_dir.is_dir():
+            r.fail("answers.folder", f"no such directory: {str(answers_dir)!r}")
     if not tag or any(c in tag for c in "[]#\r\n") or len(tag) > 40:
         r.fail("gateway.ticket_tag", "must be 1-40 characters without '[', ']', '#' or line breaks")
 
@@ -673,6 +680,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         limits=limits, staff_require_authenticated=require_auth,
         staff_trusted_authserv_ids=authserv_ids, templates_dir=templates_dir, dkim_keys=dkim_keys,
         imap=imap_accounts, token_secret_file=Path(secret_value) if secret_value else None,
+        answers_dir=answers_dir,
     )
 
 

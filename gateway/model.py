@@ -6,6 +6,7 @@ CONTRACT.md.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -156,6 +157,9 @@ class Ticket:
     def deliverable(self, addresses: tuple[str, ...] | list[str]) -> tuple[str, ...]:
         return tuple(a for a in addresses if a and a not in self.undeliverable)
 
+
+# a canned answer's name (`#answer NAME`, the file NAME.txt in [answers] folder)
+ANSWER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 SEARCH_MAX_TERMS = 16
 SEARCH_MAX_TERM = 100

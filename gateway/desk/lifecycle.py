@@ -22,7 +22,7 @@ from email.utils import getaddresses
 
 from gateway.config import Policy
 from gateway.mail.parse import answerable
-from gateway.model import Kind, Status, Ticket, mailbox_of, normalize_address
+from gateway.model import ANSWER_NAME, Kind, Status, Ticket, mailbox_of, normalize_address
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def sla_warning_due(ticket: Ticket, now: datetime) -> bool:
 
 # -- commands at the top of a staff reply -----------------------------------
 
-COMMANDS = ("note", "status", "priority", "escalate", "cc", "uncc")
+COMMANDS = ("note", "status", "priority", "escalate", "cc", "uncc", "answer", "help")
 MAX_COMMAND_ADDRESSES = 20     # addresses one #cc / #uncc line may name
 
 
@@ -136,6 +136,8 @@ class StaffCommands:
     escalate: bool = False
     cc: tuple[str, ...] = ()       # `#cc`: addresses to add as participants (normalized)
     uncc: tuple[str, ...] = ()     # `#uncc`: addresses to remove
+    answer: str | None = None      # `#answer NAME`: the canned answer to insert
+    help: bool = False             # `#help`: mail the agent the commands and canned answers
     errors: tuple[str, ...] = ()
     text: str = ""                 # what is left to relay, commands removed
 
@@ -186,6 +188,14 @@ def staff_commands(text: str) -> StaffCommands:
                 found["priority"] = int(arg)
             else:
                 errors.append(f"#priority needs 1, 2, 3 or 4; got {arg!r}")
+        elif word == "help" and not arg:
+            found["help"] = True
+        elif word == "answer":
+            if not ANSWER_NAME.fullmatch(arg.lower()):
+                errors.append(f"#answer needs the name of a canned answer; got {arg!r}")
+            elif "answer" in found:
+                errors.append("#answer: one canned answer per reply")
+            found["answer"] = arg.lower()
         elif word in ("cc", "uncc"):
             addresses, error = command_addresses(word, arg)
             if error:
@@ -199,8 +209,25 @@ def staff_commands(text: str) -> StaffCommands:
     rest = "\n".join(lines[i:]).strip()
     return StaffCommands(note=bool(found.get("note")), status=found.get("status"),  # type: ignore[arg-type]
                          priority=found.get("priority"), escalate=bool(found.get("escalate")),  # type: ignore[arg-type]
-                         cc=tuple(found.get("cc", ())), uncc=tuple(found.get("uncc", ())),  # type: ignore[call-overload]
+                         cc=tuple(found.get("cc", ())), uncc=tuple(found.get("uncc", ())),  # type: ignore[arg-type]
+                         answer=found.get("answer"), help=bool(found.get("help")),  # type: ignore[arg-type]
                          errors=tuple(errors), text=rest)
+
+
+def with_answer(cmds: StaffCommands, name: str, canned: StaffCommands) -> StaffCommands:
+    """The agent's commands with a canned answer's: its text first (where the
+    `#answer` line stood), then the agent's own; its commands where the agent
+    gave none of that kind (the agent's own win). A canned answer can't insert
+    another or ask for help."""
+    errors = list(canned.errors)
+    if canned.answer or canned.help:
+        errors.append(f"#answer {name}: a canned answer can't use #answer or #help")
+    return replace(
+        cmds, note=cmds.note or canned.note, status=cmds.status or canned.status,
+        priority=cmds.priority if cmds.priority is not None else canned.priority,
+        escalate=cmds.escalate or canned.escalate, cc=(*cmds.cc, *canned.cc), uncc=(*cmds.uncc, *canned.uncc),
+        errors=(*cmds.errors, *(f"#answer {name}: {e}" for e in errors)),
+        text="\n\n".join(t for t in (canned.text, cmds.text) if t))
 
 
 def new_participants(ticket: Ticket, add: Sequence[str], remove: Sequence[str], *,

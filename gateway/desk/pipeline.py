@@ -343,6 +343,10 @@ class Pipeline:
                            sender: str, now: datetime, placement: Placement) -> Outcome:
         """Staff answered from their mail client: commands, then relay to the customer."""
         cmds = lifecycle.staff_commands(mail.reply_text)
+        if cmds.help and not cmds.errors:
+            return await self._help(tx, inbound_id, mail, ticket, sender, now, placement)
+        if cmds.answer and not cmds.errors:
+            cmds = self._with_answer(cmds, cmds.answer, ticket, mail)
         relay = bool(cmds.text) and not cmds.note
         cc, cc_errors = lifecycle.new_participants(
             ticket, cmds.cc, cmds.uncc, refused=self._not_a_participant,
@@ -389,6 +393,41 @@ class Pipeline:
         log.info("ticket.replied", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, staff=True, relayed=relay, reason=placement.reason)
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, placement.reason)
+
+    def _canned(self, name: str, ticket: Ticket, agent: str) -> lifecycle.StaffCommands:
+        """Canned answer `name` rendered for `ticket`, read as an agent's reply
+        (its own commands, then its text), or its errors."""
+        answers = self.desk.answers
+        try:
+            text = answers.render(name, ticket.language, self.desk.answer_context(ticket, agent))
+        except LookupError:
+            known = ", ".join(answers.names(ticket.language)) or "none configured"
+            return lifecycle.StaffCommands(errors=(f"no such canned answer (known: {known})",))
+        except Exception as e:  # noqa: BLE001 - a template's failure (sandbox, undefined name): the agent is told
+            log.warning("staff.answer_failed", ticket_id=ticket.id, answer=name, error=f"{type(e).__name__}: {e}")
+            return lifecycle.StaffCommands(errors=(f"could not be rendered: {type(e).__name__}: {e}",))
+        return lifecycle.staff_commands(text)
+
+    def _with_answer(self, cmds: lifecycle.StaffCommands, name: str, ticket: Ticket,
+                     mail: ParsedMail) -> lifecycle.StaffCommands:
+        return lifecycle.with_answer(cmds, name, self._canned(name, ticket, mail.sender_name or "Support"))
+
+    async def _help(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket, sender: str,
+                    now: datetime, placement: Placement) -> Outcome:
+        """`#help`: the agent gets the commands and the canned answers for this
+        ticket's language; nothing is relayed or changed (the mail is a note)."""
+        await self._record(tx, ticket.id, Kind.NOTE, mail, inbound_id, now)
+        listed = []
+        for name in self.desk.answers.names(ticket.language)[:HELP_ANSWERS]:
+            canned = self._canned(name, ticket, mail.sender_name or "Support")
+            first = (canned.text.strip().splitlines() or [""])[0]
+            listed.append({"name": name, "preview": "(fails: " + canned.errors[0] + ")" if canned.errors
+                           else first[:80] + ("..." if len(first) > 80 else "")})
+        queued = await self.desk.to_staff(tx, ticket, sender, now, answers=[mail.message_id], template="help",
+                                          context={"answers": listed})
+        log.info("ticket.replied", ticket_id=ticket.id, message_id=mail.message_id,
+                 mailbox=ticket.mailbox, staff=True, relayed=False, reason=placement.reason)
+        return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, "staff asked for #help")
 
     def _not_a_participant(self, address: str) -> str | None:
         """Why `address` may not be on a ticket's Cc: the gateway's own mailboxes and
@@ -575,5 +614,7 @@ def _follows_up(linked: Ticket | None, sender: str) -> dict[str, object] | None:
         return None
     return {"id": linked.id, "status": linked.status.value}
 
+
+HELP_ANSWERS = 100     # canned answers a #help mail lists at most
 
 # Our automatic answers to a customer, counted by the hourly caps

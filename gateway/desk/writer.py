@@ -17,7 +17,8 @@ import structlog
 from gateway.config import Config
 from gateway.desk.lifecycle import Transition, timers_of
 from gateway.model import Attachment, Kind, Ticket
-from gateway.outbound.compose import Composer, Outgoing
+from gateway.outbound.canned import CannedAnswers
+from gateway.outbound.compose import SAMPLE_TICKET, Composer, Outgoing
 from gateway.rules import language
 from gateway.store import Tx
 
@@ -33,6 +34,15 @@ class Desk:
     def __init__(self, config: Config, composer: Composer):
         self.config = config
         self.composer = composer
+        self.answers = CannedAnswers(config.answers_dir)
+
+    def answer_context(self, ticket: Ticket, agent: str) -> dict[str, Any]:
+        """What a canned answer is rendered with: the ticket's fields and the agent's name."""
+        return self.composer.context(ticket, ticket.mailbox, ticket.language, {"agent": agent})
+
+    def answers_problems(self) -> list[str]:
+        """The canned answers that fail to render (check-config, SIGHUP)."""
+        return self.answers.problems(self.answer_context(SAMPLE_TICKET, "Agent Smith"))
 
     async def apply(self, tx: Tx, ticket: Ticket, tr: Transition, now: datetime) -> tuple[Ticket, int]:
         """Write `tr` for `ticket`; queue its notices. Returns the ticket as it

@@ -310,6 +310,7 @@ _SAMPLE_TICKET = Ticket(
     priority=2, mailbox="support@example.com", linked_ticket=1041,
     created_at=datetime(2026, 11, 23, 9, 0, tzinfo=UTC), plan="Professional",
     missing=("account_email", "organisation"))
+SAMPLE_TICKET = _SAMPLE_TICKET      # for other checks of templates (canned answers)
 _LEAN_TICKET = replace(_SAMPLE_TICKET, status=Status.CLOSED, cc=(), govcloud=False, linked_ticket=None,
                        subject="", plan="", missing=())
 _NOTICE = {"hours_left": 24, "hours": 48, "reopen_days": 7}
@@ -343,6 +344,7 @@ SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "command_error": ({"errors": ["unknown command #stauts"], "text": "#stauts closed\nDone."},
                       {"errors": [], "text": ""}),
     "not_staff": ({"sender": "colleague@partner.example"}, {"sender": "x@y.example"}),
+    "help": ({"answers": [{"name": "need-logs", "preview": "Could you send us the <logs>?"}]}, {"answers": []}),
     "staff_unproven": ({"why": "It answered no notification of ours and carried no trusted"
                                " Authentication-Results."}, {"why": ""}),
     "undeliverable": ({"addresses": ["ann@customer.example"], "marked": ["ann@customer.example"],
