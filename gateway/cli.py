@@ -39,7 +39,10 @@ def ticket_json(t: Ticket) -> dict[str, Any]:
             "resolved_at": iso(t.resolved_at), "closed_at": iso(t.closed_at),
             "escalated": t.escalated, "undeliverable": list(t.undeliverable),
             "plan": t.plan, "response_due_at": iso(t.response_due_at), "missing": list(t.missing),
-            "redirect": t.redirect}
+            "redirect": t.redirect, "tier": t.tier, "owner": t.owner,
+            "escalation": None if not t.escalated else {
+                "tier": t.tier, "by": t.escalated_by, "at": iso(t.escalated_at),
+                "queue": t.escalation_queue, "customer_told_at": iso(t.customer_told_at)}}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -232,6 +235,7 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     from gateway.mail.automatic import automatic_kind
     from gateway.mail.parse import parse_mail
     from gateway.mail.subject import tagged_ticket_id
+    from gateway.rules import process
     from gateway.rules.decision import decide
     try:
         raw = Path(args.file).read_bytes()
@@ -251,7 +255,8 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
            "ticket_tag": tagged_ticket_id(mail.subject, config.ticket_tag),
            "answers": list(mail.thread_ids),
            "redirect_to": config.redirects.get(decision.redirect) if decision.redirect else None,
-           "decision": decision.to_json()}
+           "decision": decision.to_json(),
+           "process": process.explain(f"{mail.subject}\n{mail.reply_text}")}
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
         return answers.EX_OK
@@ -273,6 +278,8 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     _say("evidence (the first line of each part decided it):")
     for e in d.evidence:
         _say(f"  {e.part:<9} {e.rule:<28} {e.detail}")
+    for p in out["process"]:
+        _say(f"  process   {p['rule']:<28} {p['language']} wording {p['phrase']!r}")
     return answers.EX_OK
 
 
@@ -339,12 +346,14 @@ async def _tickets(config: Config, args: argparse.Namespace) -> int:
             print(f"gateway: no ticket #{args.id}", file=sys.stderr)
             return 1
         messages = await store.messages(ticket.id)
+        events = await store.events(ticket.id)
     finally:
         await store.close()
     if args.json:
-        print(json.dumps({**ticket_json(ticket), "messages": messages}, ensure_ascii=False))
+        print(json.dumps({**ticket_json(ticket), "events": events, "messages": messages},
+                         ensure_ascii=False))
     else:
-        _print_ticket(ticket, messages)
+        _print_ticket(ticket, messages, events)
     return answers.EX_OK
 
 
@@ -372,7 +381,7 @@ def _print_table(rows: list[Ticket]) -> None:
     _say(f"({len(rows)} ticket{'s' if len(rows) != 1 else ''})")
 
 
-def _print_ticket(t: Ticket, messages: list[dict[str, Any]]) -> None:
+def _print_ticket(t: Ticket, messages: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
     _say(f"Ticket #{t.id}: {t.subject}")
     _say(f"  status {t.status.value}, priority {t.priority}, region {t.region}"
           f"{', GovCloud' if t.govcloud else ''}, mailbox {t.mailbox}")
@@ -380,6 +389,12 @@ def _print_ticket(t: Ticket, messages: list[dict[str, Any]]) -> None:
     if t.linked_ticket:
         _say(f"  follows up ticket #{t.linked_ticket}")
     _say(f"  created {iso(t.created_at)}")
+    if t.escalated:
+        _say(f"  escalated to tier {t.tier} by {t.escalated_by} at {iso(t.escalated_at)}, "
+             f"queue {t.escalation_queue}; owner {t.owner or '(none yet)'}")
+    for e in events:
+        detail = ", ".join(f"{k} {v}" for k, v in e.items() if k not in ("at", "rule"))
+        _say(f"  [{e['at']}] {e['rule']}: {detail}")
     for m in messages:
         arrow = "<-" if m["direction"] == "in" else "->"
         _say(f"\n{arrow} {m['created_at']}  {m['kind']}  from {m['from']} to {', '.join(m['to'])}")

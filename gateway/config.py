@@ -45,6 +45,20 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class Escalation:
+    """`[escalation]`: the tiers above the owning technician (gateway.desk.lifecycle.escalate)."""
+
+    tier2: Mapping[str, str] = field(default_factory=lambda: {
+        "AMER": "tier2-amer@staff.example.com", "EMEA": "tier2-emea@staff.example.com",
+        "APAC": "tier2-apac@staff.example.com"})
+    engineering: str = "engineering@staff.example.com"     # tier 3, the escalation engineers
+    contact_after: timedelta = timedelta(hours=24)   # owner reminded: nobody wrote to the customer
+    close_reminder_after: timedelta = timedelta(hours=48)  # after the last customer contact
+    review_hours: int = 24                           # what the customer is told review takes
+    auto_priority: int = 1                           # tickets of this priority or higher escalate; 0 never
+
+
+@dataclass(frozen=True)
 class Mailbox:
     address: str
     govcloud: bool = False
@@ -108,6 +122,7 @@ class Config:
     templates_dir: Path | None = None         # operators' overrides of gateway/templates
     dkim_keys: Mapping[str, DkimKey] = field(default_factory=dict)
     imap: tuple[ImapAccount, ...] = ()
+    escalation: Escalation = field(default_factory=Escalation)
 
     # -- lookups used across the gateway ---------------------------------
     @property
@@ -430,7 +445,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     """Validate a TOML tree (already merged over nothing: missing keys take defaults)."""
     d = _defaults()
     r = _Reader(data)
-    known = set(d) | {"imap", "metrics", "limits", "dkim"}
+    known = set(d) | {"imap", "metrics", "limits", "dkim", "escalation"}
     for key in data:
         if key not in known:
             r.fail(key, "unknown section")
@@ -569,6 +584,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         r.fail("scheduler.interval_seconds", "must be > 0")
 
     limits, require_auth, authserv_ids = _limits_and_staff_auth(r, data)
+    escalation = _escalation(r)
 
     me = r.section("metrics")
     metrics_enabled = _prefixed(r, "metrics", me, "enabled", bool, False)
@@ -608,8 +624,50 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         metrics_probe_s=metrics_probe_s,
         limits=limits, staff_require_authenticated=require_auth,
         staff_trusted_authserv_ids=authserv_ids, templates_dir=templates_dir, dkim_keys=dkim_keys,
-        imap=imap_accounts,
+        imap=imap_accounts, escalation=escalation,
     )
+
+
+ESCALATION_KEYS = ("engineering", "contact_after_hours", "close_reminder_after_hours", "review_hours",
+                   "auto_priority", "tier2")
+
+
+def _escalation(r: _Reader) -> Escalation:
+    """`[escalation]` and `[escalation.tier2]` (one queue address per region)."""
+    es = r.section("escalation")
+    d = Escalation()
+    for key in es:
+        if key not in ESCALATION_KEYS:
+            r.fail(f"escalation.{key}", f"unknown key; expected one of {', '.join(ESCALATION_KEYS)}")
+    engineering = _prefixed(r, "escalation", es, "engineering", str, d.engineering)
+    engineering = _check_address(r, "escalation.engineering", engineering)
+    hours: dict[str, float] = {}
+    for key, default in (("contact_after_hours", 24), ("close_reminder_after_hours", 48)):
+        hours[key] = float(_prefixed(r, "escalation", es, key, (int, float), default))
+        if hours[key] <= 0:
+            r.fail(f"escalation.{key}", f"must be > 0, got {hours[key]:g}")
+    review = _prefixed(r, "escalation", es, "review_hours", int, d.review_hours)
+    if review < 1:
+        r.fail("escalation.review_hours", f"must be at least 1, got {review}")
+    auto = _prefixed(r, "escalation", es, "auto_priority", int, d.auto_priority)
+    if not 0 <= auto <= 4:
+        r.fail("escalation.auto_priority", f"expected 0 (never) to 4, got {auto}")
+    t2 = es.get("tier2", {})
+    if not isinstance(t2, dict):
+        r.fail("escalation.tier2", "expected a table [escalation.tier2]")
+        t2 = {}
+    tier2: dict[str, str] = {}
+    for region in REGIONS:
+        value = t2.get(region, d.tier2[region])
+        if _is_str(r, f"escalation.tier2.{region}", value):
+            tier2[region] = _check_address(r, f"escalation.tier2.{region}", value)
+    for name in t2:
+        if name not in REGIONS:
+            r.fail(f"escalation.tier2.{name}", f"unknown region; expected one of {', '.join(REGIONS)}")
+    return Escalation(tier2=tier2, engineering=engineering,
+                      contact_after=timedelta(hours=hours["contact_after_hours"]),
+                      close_reminder_after=timedelta(hours=hours["close_reminder_after_hours"]),
+                      review_hours=review, auto_priority=auto)
 
 
 def _limits_and_staff_auth(r: _Reader, data: dict[str, Any]) -> tuple[Limits, bool, frozenset[str]]:

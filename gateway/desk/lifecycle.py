@@ -14,11 +14,13 @@ no stale reminder is ever sent for a ticket that has moved on.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from gateway.config import Policy
+from gateway.config import Escalation, Policy
 from gateway.model import Kind, Status, Ticket
+from gateway.rules.sla import BusinessCalendar, next_open
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,16 @@ def is_closed(ticket: Ticket, now: datetime) -> bool:
             and now >= ticket.close_due_at)
 
 
+def held(ticket: Ticket, tr: Transition) -> Transition:
+    """An escalated ticket is never reminded nor auto-closed (NinjaOne: escalated
+    tickets are closed by hand): its pending timers are dropped. The owner's
+    reminders (`owner_reminder_due`) take their place."""
+    if not ticket.escalated or (tr.timers.reminder_due_at is None and tr.timers.autoclose_due_at is None):
+        return tr
+    return replace(tr, timers=replace(tr.timers, reminder_due_at=None, autoclose_due_at=None),
+                   notices=tuple(n for n in tr.notices if n not in (Kind.REMINDER, Kind.AUTOCLOSE)))
+
+
 def after_customer_reply(ticket: Ticket, now: datetime, policy: Policy) -> Transition:
     """A customer answered: a pending or resolved ticket is open again."""
     if ticket.status in (Status.PENDING, Status.RESOLVED):
@@ -85,7 +97,7 @@ def after_staff_reply(ticket: Ticket, requested: Status | None, relayed: bool, n
         return Transition(ticket.status, timers_of(ticket), cause="staff note")
     notices = (Kind.CLOSURE,) if status in (Status.RESOLVED, Status.CLOSED) \
         and ticket.status not in (Status.RESOLVED, Status.CLOSED) else ()
-    return enter(status, now, policy, cause="staff reply", notices=notices)
+    return held(ticket, enter(status, now, policy, cause="staff reply", notices=notices))
 
 
 def due(ticket: Ticket, now: datetime, policy: Policy) -> Transition | None:
@@ -95,6 +107,9 @@ def due(ticket: Ticket, now: datetime, policy: Policy) -> Transition | None:
     due too, the reminder is skipped and the ticket is closed at once.
     """
     t = timers_of(ticket)
+    if ticket.escalated and (t.reminder_due_at or t.autoclose_due_at):
+        # timers from before the escalation: an escalated ticket waits for its owner
+        return held(ticket, Transition(ticket.status, t, cause="escalated: no reminder, no auto-close"))
     if ticket.status is Status.PENDING:
         if t.autoclose_due_at and now >= t.autoclose_due_at:
             return enter(Status.CLOSED, now, policy, cause="no customer reply: auto-close",
@@ -118,9 +133,98 @@ def sla_warning_due(ticket: Ticket, now: datetime) -> bool:
             and ticket.status not in (Status.RESOLVED, Status.CLOSED))
 
 
+# -- escalation tiers (NinjaOne support model, Kaseya escalation) ------------
+
+# Follow the sun: when a region's desk closes, the next one to open takes over.
+FOLLOW_THE_SUN = ("AMER", "APAC", "EMEA")
+TIER_NAMES = {1: "support technician", 2: "technical support engineer", 3: "escalation engineer"}
+
+
+@dataclass(frozen=True)
+class Escalated:
+    """Where an escalation goes, and why: written to the ticket and its record."""
+
+    tier: int
+    queue: str
+    region: str | None                 # tier 2: the region whose desk took it
+    by: str
+    why: str
+    tell_customer: bool                # first escalation: the customer is told, once
+    contact_due_at: datetime | None
+    fields: dict[str, object] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {"tier": self.tier, "tier_name": TIER_NAMES[self.tier], "queue": self.queue,
+                "region": self.region, "by": self.by, "why": self.why}
+
+
+def tier2_region(region: str, now: datetime, hours: Mapping[str, BusinessCalendar]) -> tuple[str, str]:
+    """The region whose business hours are nearest: the ticket's own region when its
+    desk is open, else the next region (follow the sun) that is open now, else the
+    one that opens first. Returns the region and the reason."""
+    start = FOLLOW_THE_SUN.index(region) if region in FOLLOW_THE_SUN else 0
+    order = FOLLOW_THE_SUN[start:] + FOLLOW_THE_SUN[:start]
+    opens = {r: (next_open(now, hours[r]) if r in hours else now) for r in order}
+    for r in order:
+        if opens[r] <= now:
+            return r, (f"{r} desk open now" if r == region
+                       else f"{region} desk closed; {r} open now")
+    first = min(order, key=lambda r: (opens[r], order.index(r)))
+    return first, f"every desk closed; {first} opens first, at {opens[first].isoformat()}"
+
+
+def escalate(ticket: Ticket, *, engineering: bool, by: str, now: datetime, config: Escalation,
+             hours: Mapping[str, BusinessCalendar], owner: str | None) -> Escalated | None:
+    """`#escalate` (tier 2) or `#escalate engineering` (tier 3), or an automatic
+    escalation. None when the ticket is at that tier or above already."""
+    tier = 3 if engineering else 2
+    if ticket.tier >= tier:
+        return None
+    if tier == 3:
+        queue, region, why = config.engineering, None, "escalation engineers"
+    else:
+        region, why = tier2_region(ticket.region, now, hours)
+        queue = config.tier2[region]
+    tell = ticket.customer_told_at is None
+    contact_due = now + config.contact_after
+    fields: dict[str, object] = {
+        "escalated": True, "tier": tier, "escalated_at": now, "escalated_by": by,
+        "escalation_queue": queue, "contact_due_at": contact_due,
+        "manual_close_due_at": now + config.close_reminder_after, "reminder_due_at": None, "autoclose_due_at": None}
+    if ticket.owner is None and owner is not None:
+        fields["owner"] = owner
+    if tell:
+        fields["customer_told_at"] = now
+    return Escalated(tier, queue, region, by, why, tell, contact_due, fields)
+
+
+def after_customer_contact(ticket: Ticket, now: datetime, config: Escalation,
+                           *, by_staff: bool) -> dict[str, object]:
+    """Mail went between the owner and the customer of an escalated ticket: the
+    owner's reminders start again from it (fields to write; empty when not escalated)."""
+    if not ticket.escalated:
+        return {}
+    fields: dict[str, object] = {"manual_close_due_at": now + config.close_reminder_after}
+    if by_staff:
+        fields["contact_due_at"] = None
+    return fields
+
+
+def owner_reminder_due(ticket: Ticket, now: datetime) -> tuple[str, str] | None:
+    """The owner's reminder due on an escalated ticket at `now`: (timer field, what to do)."""
+    if not ticket.escalated or ticket.status in (Status.RESOLVED, Status.CLOSED):
+        return None
+    if ticket.contact_due_at is not None and now >= ticket.contact_due_at:
+        return "contact_due_at", "nobody has written to the customer since the escalation: please do"
+    if ticket.manual_close_due_at is not None and now >= ticket.manual_close_due_at:
+        return ("manual_close_due_at", ("no mail with the customer for a while: close the ticket by hand"
+                " (#status closed) when it is done; escalated tickets are never closed automatically"))
+    return None
+
+
 # -- commands at the top of a staff reply -----------------------------------
 
-COMMANDS = ("note", "status", "priority", "escalate")
+COMMANDS = ("note", "status", "priority", "escalate", "customer")
 
 
 @dataclass(frozen=True)
@@ -129,6 +233,8 @@ class StaffCommands:
     status: Status | None = None
     priority: int | None = None
     escalate: bool = False
+    engineering: bool = False      # `#escalate engineering`: tier 3
+    customer: bool = False         # `#customer`: an engineer's reply goes to the customer after all
     errors: tuple[str, ...] = ()
     text: str = ""                 # what is left to relay, commands removed
 
@@ -151,8 +257,13 @@ def staff_commands(text: str) -> StaffCommands:
         word, arg = word.lower(), arg.strip()
         if word == "note" and not arg:
             found["note"] = True
-        elif word == "escalate" and not arg:
+        elif word == "escalate" and arg.lower() in ("", "engineering"):
             found["escalate"] = True
+            found["engineering"] = arg.lower() == "engineering"
+        elif word == "escalate":
+            errors.append(f"#escalate takes nothing or 'engineering'; got {arg!r}")
+        elif word == "customer" and not arg:
+            found["customer"] = True
         elif word == "status":
             try:
                 found["status"] = Status(arg.lower())
@@ -171,4 +282,5 @@ def staff_commands(text: str) -> StaffCommands:
     rest = "\n".join(lines[i:]).strip()
     return StaffCommands(note=bool(found.get("note")), status=found.get("status"),  # type: ignore[arg-type]
                          priority=found.get("priority"), escalate=bool(found.get("escalate")),  # type: ignore[arg-type]
+                         engineering=bool(found.get("engineering")), customer=bool(found.get("customer")),
                          errors=tuple(errors), text=rest)

@@ -22,6 +22,7 @@ from gateway.mail.automatic import automatic_kind
 from gateway.mail.subject import tagged_ticket_id
 from gateway.model import Attachment, Kind, ParsedMail, Status, Ticket, normalize_address
 from gateway.outbound.tokens import TicketTokens
+from gateway.rules import process
 from gateway.rules.decision import Decision, decide
 from gateway.rules.language import choose_language
 from gateway.store import Tx
@@ -193,6 +194,9 @@ class Pipeline:
                              "missing": list(decision.missing)})
             queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now,
                                          dropped=len(dropped))
+            ticket, more = await self._auto_escalate(tx, ticket, [mail.message_id], now)
+            queued += more
+            queued += await self._escalation_request(tx, ticket, mail, now)
         log.info("ticket.created", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, region=ticket.region, govcloud=ticket.govcloud,
                  priority=ticket.priority, plan=ticket.plan, queue=decision.queue,
@@ -243,8 +247,14 @@ class Pipeline:
                               sender: str, now: datetime, placement: Placement) -> Outcome:
         await self._record(tx, ticket.id, Kind.CUSTOMER, mail, inbound_id, now)
         ticket, queued = await self.desk.apply(
-            tx, ticket, lifecycle.after_customer_reply(ticket, now, self.config.policy), now)
+            tx, ticket, lifecycle.held(ticket, lifecycle.after_customer_reply(ticket, now, self.config.policy)),
+            now)
+        contact = lifecycle.after_customer_contact(ticket, now, self.config.escalation, by_staff=False)
+        if contact:
+            await tx.update_ticket(ticket.id, now, **contact)
+            ticket = replace(ticket, **contact)  # type: ignore[arg-type]
         queued += await self._notify(tx, ticket, mail, sender, is_new=False, now=now)
+        queued += await self._escalation_request(tx, ticket, mail, now)
         log.info("ticket.replied", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, staff=False, reason=placement.reason)
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, placement.reason)
@@ -264,25 +274,50 @@ class Pipeline:
             return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
                            "staff commands rejected: " + "; ".join(cmds.errors))
         relay = bool(cmds.text) and not cmds.note
+        # an engineer's answer on an escalated ticket goes to its owner, who answers the customer
+        internal = relay and ticket.escalated and ticket.owner not in (None, sender) and not cmds.customer
+        relay = relay and not internal
         await self._record(tx, ticket.id, Kind.STAFF if relay else Kind.NOTE, mail, inbound_id, now)
         changes: dict[str, object] = {}
         if cmds.priority is not None and cmds.priority != ticket.priority:
             changes["priority"] = cmds.priority
-        if cmds.escalate and not ticket.escalated:
-            changes["escalated"] = True
         if relay and ticket.first_response_at is None:
             changes["first_response_at"] = now
+        if ticket.owner is None and (relay or cmds.escalate):
+            changes["owner"] = sender         # the technician who answers owns the ticket
+        if relay:
+            changes.update(lifecycle.after_customer_contact(ticket, now, self.config.escalation,
+                                                            by_staff=True))
         if changes:
             await tx.update_ticket(ticket.id, now, **changes)
             ticket = replace(ticket, **changes)  # type: ignore[arg-type]
             log.info("ticket.updated", ticket_id=ticket.id, by="staff",
                      fields=sorted(changes))
         queued = 0
+        if internal:
+            assert ticket.owner is not None
+            queued += await self.desk.to_staff(
+                tx, ticket, ticket.owner, now, answers=[mail.message_id], template="escalation_staff",
+                context={"headline": f"Internal answer from {sender} (not sent to the customer)",
+                         "why": "engineers answer the owning technician, who answers the customer;"
+                                " start a reply with #customer to send it to the customer directly",
+                         "text": cmds.text})
         if relay:
             queued += await self.desk.to_customer(
                 tx, ticket, Kind.STAFF_REPLY, now, context={"text": cmds.text,
                                                             "agent": mail.sender_name or "Support"},
                 from_name=mail.sender_name or None, attachments=mail.attachments)
+        if cmds.escalate:
+            esc = lifecycle.escalate(ticket, engineering=cmds.engineering, by=sender, now=now,
+                                     config=self.config.escalation, hours=self.config.rules.hours,
+                                     owner=sender)
+            if esc is not None:
+                ticket, more = await self.desk.escalate(tx, ticket, esc, now, answers=[mail.message_id],
+                                                        text=cmds.text, contacted=relay)
+                queued += more
+        else:
+            ticket, more = await self._auto_escalate(tx, ticket, [mail.message_id], now)
+            queued += more
         ticket, more = await self.desk.apply(
             tx, ticket, lifecycle.after_staff_reply(ticket, cmds.status, relay, now, self.config.policy),
             now)
@@ -290,6 +325,34 @@ class Pipeline:
         log.info("ticket.replied", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, staff=True, relayed=relay, reason=placement.reason)
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, placement.reason)
+
+    async def _auto_escalate(self, tx: Tx, ticket: Ticket, answers: list[str],
+                             now: datetime) -> tuple[Ticket, int]:
+        """Kaseya: business-critical (priority 1) tickets escalate on their own, to tier 2."""
+        limit = self.config.escalation.auto_priority
+        if not limit or ticket.priority > limit:
+            return ticket, 0
+        esc = lifecycle.escalate(ticket, engineering=False, by=f"rules: priority {ticket.priority}",
+                                 now=now, config=self.config.escalation, hours=self.config.rules.hours,
+                                 owner=None)
+        if esc is None:
+            return ticket, 0
+        return await self.desk.escalate(tx, ticket, esc, now, answers=answers)
+
+    async def _escalation_request(self, tx: Tx, ticket: Ticket, mail: ParsedMail, now: datetime) -> int:
+        """The customer asks for escalation: the owner is alerted, and it is recorded."""
+        found = process.escalation_request(f"{mail.subject}\n{mail.reply_text}")
+        if found is None:
+            return 0
+        await tx.add_event(ticket.id, now, "escalation_request", found.to_json())
+        log.info("ticket.escalation_requested", ticket_id=ticket.id, **found.to_json())
+        return await self.desk.to_staff(
+            tx, ticket, self.desk.owner_of(ticket), now, answers=[mail.message_id],
+            template="escalation_staff",
+            context={"headline": f"The customer asks for escalation (ticket at tier {ticket.tier})",
+                     "why": f"{found.language} wording {found.phrase!r}; reply with #escalate or "
+                            "#escalate engineering to hand it on",
+                     "text": mail.reply_text})
 
     async def _notify(self, tx: Tx, ticket: Ticket, mail: ParsedMail, sender: str, *,
                       is_new: bool, now: datetime, dropped: int = 0) -> int:

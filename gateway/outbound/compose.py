@@ -333,6 +333,10 @@ SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "sla_warning": ({"due": "within 1 hour 24/7: by Mon 23 Nov 2026, 10:00 UTC"}, {"due": "None"}),
     "forward": ({"sender": "ann@customer.example", "department": "billing", "body_text": "Invoice 7 is wrong."},
                 {"sender": "ann@customer.example", "department": "sales", "body_text": ""}),
+    "escalation": ({"review_hours": 24}, {"review_hours": 48}),
+    "escalation_staff": ({"headline": "Escalated to tier 2 by agent@example.com", "why": "EMEA desk open now",
+                          "text": "Please look at the VSS writer."},
+                         {"headline": "Owner reminder", "why": "close it by hand", "text": ""}),
     "command_error": ({"errors": ["unknown command #stauts"], "text": "#stauts closed\nDone."},
                       {"errors": [], "text": ""}),
 }

@@ -172,6 +172,29 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE outbox ADD COLUMN claimed_by TEXT;
     """,
+    # 8: escalation tiers (issue 17): who owns an escalated ticket, where it went,
+    # the owner's reminders, and the ticket's record of process rules applied
+    """
+    ALTER TABLE tickets ADD COLUMN tier INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE tickets ADD COLUMN owner TEXT;
+    ALTER TABLE tickets ADD COLUMN escalated_at TEXT;
+    ALTER TABLE tickets ADD COLUMN escalated_by TEXT;
+    ALTER TABLE tickets ADD COLUMN escalation_queue TEXT;
+    ALTER TABLE tickets ADD COLUMN customer_told_at TEXT;
+    ALTER TABLE tickets ADD COLUMN contact_due_at TEXT;
+    ALTER TABLE tickets ADD COLUMN manual_close_due_at TEXT;
+    CREATE INDEX tickets_contact_due ON tickets(contact_due_at) WHERE contact_due_at IS NOT NULL;
+    CREATE INDEX tickets_manual_close_due ON tickets(manual_close_due_at)
+        WHERE manual_close_due_at IS NOT NULL;
+    CREATE TABLE ticket_events (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        ticket_id INTEGER NOT NULL REFERENCES tickets(id),
+        at        TEXT NOT NULL,
+        rule      TEXT NOT NULL,
+        detail    TEXT NOT NULL
+    );
+    CREATE INDEX ticket_events_ticket ON ticket_events(ticket_id, id);
+    """,
 )
 
 
@@ -205,7 +228,9 @@ class OutboxItem:
 _TICKET_COLS = ("id, subject, status, requester, cc, region, govcloud, priority, mailbox, "
                 "linked_ticket, created_at, first_response_at, resolved_at, closed_at, escalated, "
                 "reminder_due_at, autoclose_due_at, close_due_at, undeliverable, plan, "
-                "response_due_at, sla_warned_at, missing, redirect, language")
+                "response_due_at, sla_warned_at, missing, redirect, language, tier, owner, "
+                "escalated_at, escalated_by, escalation_queue, customer_told_at, contact_due_at, "
+                "manual_close_due_at")
 
 
 def _ticket(row: Sequence[Any]) -> Ticket:
@@ -218,7 +243,9 @@ def _ticket(row: Sequence[Any]) -> Ticket:
         autoclose_due_at=from_iso(row[16]), close_due_at=from_iso(row[17]),
         undeliverable=tuple(json.loads(row[18])), plan=row[19], response_due_at=from_iso(row[20]),
         sla_warned_at=from_iso(row[21]), missing=tuple(json.loads(row[22])), redirect=row[23],
-        language=row[24],
+        language=row[24], tier=row[25], owner=row[26], escalated_at=from_iso(row[27]),
+        escalated_by=row[28], escalation_queue=row[29], customer_told_at=from_iso(row[30]),
+        contact_due_at=from_iso(row[31]), manual_close_due_at=from_iso(row[32]),
     )
 
 
@@ -300,8 +327,12 @@ class Tx:
                                " SELECT id FROM tickets WHERE close_due_at <= ?"
                                " AND close_due_at IS NOT NULL UNION"
                                " SELECT id FROM tickets WHERE response_due_at <= ? AND sla_warned_at IS NULL"
-                               " AND first_response_at IS NULL AND response_due_at IS NOT NULL"
-                               " ORDER BY 1 LIMIT ?", (t, t, t, t, limit))
+                               " AND first_response_at IS NULL AND response_due_at IS NOT NULL UNION"
+                               " SELECT id FROM tickets WHERE contact_due_at <= ?"
+                               " AND contact_due_at IS NOT NULL UNION"
+                               " SELECT id FROM tickets WHERE manual_close_due_at <= ?"
+                               " AND manual_close_due_at IS NOT NULL"
+                               " ORDER BY 1 LIMIT ?", (t, t, t, t, t, t, limit))
         return [r[0] for r in rows]
 
     # -- tickets and messages -------------------------------------------
@@ -330,7 +361,8 @@ class Tx:
     async def update_ticket(self, ticket_id: int, now: datetime, **fields: Any) -> None:
         allowed = {"status", "cc", "priority", "first_response_at", "resolved_at", "closed_at",
                    "escalated", "reminder_due_at", "autoclose_due_at", "close_due_at", "undeliverable",
-                   "sla_warned_at"}
+                   "sla_warned_at", "tier", "owner", "escalated_at", "escalated_by",
+                   "escalation_queue", "customer_told_at", "contact_due_at", "manual_close_due_at"}
         assert set(fields) <= allowed, set(fields) - allowed
         values = [json.dumps(list(v)) if k in ("cc", "undeliverable")
                   else iso(v) if isinstance(v, datetime)
@@ -356,6 +388,11 @@ class Tx:
             " content_id) VALUES (?,?,?,?,?,?,?)",
             [(message_row, i, a.filename, a.content_type, a.size, a.sha256, a.content_id)
              for i, a in enumerate(attachments)])
+
+    async def add_event(self, ticket_id: int, now: datetime, rule: str, detail: dict[str, Any]) -> None:
+        """Record a process rule applied to the ticket, with its evidence (`tickets show`)."""
+        await self.db.execute("INSERT INTO ticket_events (ticket_id, at, rule, detail) VALUES (?,?,?,?)",
+                              (ticket_id, iso(now), rule, json.dumps(detail, ensure_ascii=False)))
 
     # -- outbox ----------------------------------------------------------
     async def enqueue(self, *, message_row: int, ticket_id: int, kind: str, relay: str,
@@ -501,6 +538,11 @@ class Store:
                  "cc": json.loads(r[5]), "subject": r[6], "message_id": r[7], "body_text": r[8],
                  "reply_text": r[9], "created_at": r[10], "attachments": by_row.get(r[0], [])}
                 for r in rows]
+
+    async def events(self, ticket_id: int) -> list[dict[str, Any]]:
+        rows = await self._rows("SELECT at, rule, detail FROM ticket_events WHERE ticket_id = ?"
+                                " ORDER BY id", (ticket_id,))
+        return [{"at": r[0], "rule": r[1], **json.loads(r[2])} for r in rows]
 
     async def inbound_raw(self, inbound_id: int) -> tuple[bytes | None, str | None]:
         rows = await self._rows("SELECT raw, raw_path FROM inbound WHERE id = ?", (inbound_id,))

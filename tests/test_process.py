@@ -1,0 +1,64 @@
+"""The process rules' pure decisions (issue 17): tier-2 region, wording tables, commands."""
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from gateway.config import Escalation
+from gateway.desk import lifecycle
+from gateway.model import Status, Ticket
+from gateway.rules import process
+from gateway.rules.settings import default_rules
+
+HOURS = default_rules().hours
+
+
+def ticket(region: str = "EMEA", tier: int = 1) -> Ticket:
+    return Ticket(id=1, subject="x", status=Status.PENDING, requester="ann@c.example", cc=(),
+                  region=region, govcloud=False, priority=3, mailbox="support@example.com",
+                  linked_ticket=None, created_at=datetime(2026, 12, 1, tzinfo=UTC), tier=tier)
+
+
+@pytest.mark.parametrize(("region", "at", "expected"), [
+    ("EMEA", datetime(2026, 12, 2, 10, 0, tzinfo=UTC), "EMEA"),     # Wednesday, Europe open
+    ("EMEA", datetime(2026, 12, 2, 20, 0, tzinfo=UTC), "AMER"),     # Europe closed, Americas open
+    ("AMER", datetime(2026, 12, 3, 2, 0, tzinfo=UTC), "APAC"),      # Americas closed, Asia open
+])
+def test_tier2_goes_to_the_region_whose_desk_is_open(region: str, at: datetime, expected: str) -> None:
+    assert lifecycle.tier2_region(region, at, HOURS)[0] == expected
+
+
+def test_tier2_on_a_weekend_goes_to_the_desk_that_opens_first() -> None:
+    region, why = lifecycle.tier2_region("EMEA", datetime(2026, 12, 5, 12, 0, tzinfo=UTC), HOURS)
+    assert "every desk closed" in why and region in ("APAC", "EMEA", "AMER")
+
+
+def test_escalation_clears_pending_timers_and_tells_the_customer_once() -> None:
+    now = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
+    esc = lifecycle.escalate(ticket(), engineering=True, by="a@x.example", now=now, config=Escalation(),
+                             hours=HOURS, owner="a@x.example")
+    assert esc is not None and esc.tier == 3 and esc.queue == Escalation().engineering
+    assert esc.tell_customer and esc.fields["reminder_due_at"] is None
+    assert lifecycle.escalate(ticket(tier=3), engineering=True, by="a", now=now, config=Escalation(),
+                              hours=HOURS, owner=None) is None
+
+
+@pytest.mark.parametrize(("text", "language"), [
+    ("Could you please escalate this?", "en"),
+    ("Ich bitte um Eskalation des Tickets.", "de"),
+    ("至急エスカレーションをお願いします。", "ja"),
+])
+def test_escalation_request_wording(text: str, language: str) -> None:
+    found = process.escalation_request(text)
+    assert found is not None and found.language == language
+
+
+def test_ordinary_mail_is_no_escalation_request() -> None:
+    assert process.escalation_request("The backup fails again with 0x80040115.") is None
+
+
+def test_escalate_commands() -> None:
+    assert lifecycle.staff_commands("#escalate engineering\nText").engineering
+    assert lifecycle.staff_commands("#escalate\nText").escalate
+    assert lifecycle.staff_commands("#escalate nowhere").errors

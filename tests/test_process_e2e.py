@@ -1,0 +1,71 @@
+"""The support process of the policies (issue 17), end to end against a real
+`serve`, the clock moved by `run-due --now`: escalation tiers."""
+from __future__ import annotations
+
+from conftest import STAFF, SUPPORT, GatewayProc, mail, uniq, wait_for
+from test_lifecycle_e2e import CUSTOMER, kinds, open_ticket, run_due, staff_answer
+
+from gateway.config import Escalation
+
+ENGINEERING = Escalation().engineering
+TIER2 = set(Escalation().tier2.values())
+
+
+def test_escalated_pending_ticket_is_never_reminded_nor_auto_closed(gateway: GatewayProc) -> None:
+    t, _ = open_ticket(gateway)
+    tid = t["id"]
+    staff_answer(gateway, tid, "Please send the backup log.")
+    wait_for(lambda: gateway.ticket(tid)["status"] == "pending")
+    staff_answer(gateway, tid, "#escalate\n#note\nVSS writer fails, please look.")
+    shown = wait_for(lambda: (x := gateway.ticket(tid))["tier"] == 2 and x)
+    assert shown["escalation"]["by"] == STAFF and shown["escalation"]["queue"] in TIER2
+    assert shown["owner"] == STAFF and shown["status"] == "pending"
+    assert [e["rule"] for e in shown["events"]] == ["escalation"]
+    queue = gateway.sink.wait_to(shown["escalation"]["queue"])[-1]
+    assert f"#{tid}]" in str(queue["Subject"]) and "tier 2" in queue.get_body(("plain",)).get_content()
+    told = gateway.sink.wait_to(CUSTOMER, count=3)      # ack, staff reply, escalation notice
+    assert "at least 24 hours" in told[-1].get_body(("plain",)).get_content()
+
+    # tier 3: the engineering queue; the customer is not told a second time
+    staff_answer(gateway, tid, "#escalate engineering\n#note\nReproduced, needs a fix.")
+    wait_for(lambda: gateway.ticket(tid)["tier"] == 3)
+    assert f"#{tid}]" in str(gateway.sink.wait_to(ENGINEERING)[-1]["Subject"])
+    assert kinds(gateway, tid, "out").count("escalation") == 1
+
+    # 25 h: no reminder to the customer; the owner is told to write to them
+    run_due(gateway, 25)
+    reminders = gateway.sink.wait_to(STAFF)
+    assert any("nobody has written to the customer" in m.get_body(("plain",)).get_content()
+               for m in reminders)
+    # 49 h and a week later: never auto-closed; the owner is reminded to close by hand
+    run_due(gateway, 49)
+    run_due(gateway, 24 * 8)
+    after = gateway.ticket(tid)
+    assert after["status"] == "pending"
+    assert "reminder" not in kinds(gateway, tid, "out") and "autoclose" not in kinds(gateway, tid, "out")
+    assert any("close the ticket by hand" in m.get_body(("plain",)).get_content()
+               for m in gateway.sink.wait_to(STAFF, count=2))
+    rules = [e["rule"] for e in after["events"]]
+    assert rules.count("escalation") == 2 and rules.count("escalation_owner_reminder") == 2
+
+
+def test_priority_1_escalates_itself_and_a_customer_asking_for_escalation_alerts_staff(
+        gateway: GatewayProc) -> None:
+    key = uniq("Server down")
+    assert gateway.send(mail(f"Ann <{CUSTOMER}>", SUPPORT, key,
+                             "Priority: 1\nAll backups fail. Bitte eskalieren Sie das Ticket."))[0] == 250
+    t = gateway.ticket_by_subject(key)
+    assert t["priority"] == 1 and t["escalation"]["by"] == "rules: priority 1"
+    rules = [e["rule"] for e in gateway.ticket(t["id"])["events"]]
+    assert rules == ["escalation", "escalation_request"]
+    request = gateway.ticket(t["id"])["events"][1]
+    assert request["language"] == "de"
+
+
+def test_explain_shows_an_escalation_request(gateway: GatewayProc, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    f = tmp_path / "m.eml"
+    f.write_bytes(bytes(mail(CUSTOMER, SUPPORT, "Stuck", "Please escalate this to engineering.")))
+    r = gateway.cli("explain", str(f), "--json")
+    import json
+    assert json.loads(r.stdout)["process"] == [
+        {"rule": "escalation_request", "language": "en", "phrase": "please escalate"}]
