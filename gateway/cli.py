@@ -39,7 +39,7 @@ def ticket_json(t: Ticket) -> dict[str, Any]:
             "resolved_at": iso(t.resolved_at), "closed_at": iso(t.closed_at),
             "escalated": t.escalated, "undeliverable": list(t.undeliverable),
             "plan": t.plan, "response_due_at": iso(t.response_due_at), "missing": list(t.missing),
-            "redirect": t.redirect, "tier": t.tier, "owner": t.owner,
+            "redirect": t.redirect, "emergency": t.emergency, "tier": t.tier, "owner": t.owner,
             "escalation": None if not t.escalated else {
                 "tier": t.tier, "by": t.escalated_by, "at": iso(t.escalated_at),
                 "queue": t.escalation_queue, "customer_told_at": iso(t.customer_told_at)}}
@@ -248,7 +248,8 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     mail = parse_mail(raw)
     now = datetime.now(UTC)
     decision = decide(mail, mailbox_address=mailbox.address, mailbox_govcloud=mailbox.govcloud,
-                      rules=config.rules, directory=config.rules.directory, now=now)
+                      rules=config.rules, directory=config.rules.directory, now=now,
+                      mailbox_emergency=mailbox.emergency)
     out = {"message_id": mail.message_id, "from": mail.sender, "subject": mail.subject,
            "mailbox": mailbox.address, "at": iso(now),
            "automatic": automatic_kind(mail.headers, sender=mail.sender, mail_from=None),

@@ -59,10 +59,30 @@ class Escalation:
 
 
 @dataclass(frozen=True)
+class Emergency:
+    """`[emergency]`: HKN's emergency ticket type (priority 1, 24/7)."""
+
+    queue: str = "emergency@staff.example.com"   # alerted at once with every emergency ticket
+    pager: str | None = None                     # optional: a pager/SMS gateway address, alerted too
+    instructions: Mapping[str, str] = field(default_factory=lambda: dict(EMERGENCY_INSTRUCTIONS))
+
+
+EMERGENCY_INSTRUCTIONS = {
+    "en": "Emergency support is charged separately at the emergency rate. For immediate help "
+          "call +1 555 0100 (24/7) and quote your ticket number.",
+    "de": "Notfall-Support wird gesondert zum Notfalltarif berechnet. Für sofortige Hilfe rufen Sie "
+          "+49 30 1234 5678 an (rund um die Uhr) und nennen Sie Ihre Ticketnummer.",
+    "ja": "緊急サポートは緊急料金にて別途請求されます。至急のご対応が必要な場合は、"
+          "+81 3 1234 5678（24時間受付）までお電話のうえ、チケット番号をお伝えください。",
+}
+
+
+@dataclass(frozen=True)
 class Mailbox:
     address: str
     govcloud: bool = False
     language: str = "en"          # answers when nothing tells the customer's language
+    emergency: bool = False       # every mail to it is an emergency ticket (`[emergency]`)
 
 
 @dataclass(frozen=True)
@@ -123,6 +143,7 @@ class Config:
     dkim_keys: Mapping[str, DkimKey] = field(default_factory=dict)
     imap: tuple[ImapAccount, ...] = ()
     escalation: Escalation = field(default_factory=Escalation)
+    emergency: Emergency = field(default_factory=Emergency)
 
     # -- lookups used across the gateway ---------------------------------
     @property
@@ -445,7 +466,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     """Validate a TOML tree (already merged over nothing: missing keys take defaults)."""
     d = _defaults()
     r = _Reader(data)
-    known = set(d) | {"imap", "metrics", "limits", "dkim", "escalation"}
+    known = set(d) | {"imap", "metrics", "limits", "dkim", "escalation", "emergency"}
     for key in data:
         if key not in known:
             r.fail(key, "unknown section")
@@ -499,7 +520,12 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         if language not in SUPPORTED_LANGUAGES:
             r.fail(f"mailbox[{i}].language", f"expected one of {', '.join(SUPPORTED_LANGUAGES)}, got {language!r}")
             language = "en"
-        boxes.append(Mailbox(_check_address(r, f"mailbox[{i}].address", mb["address"]), gov, language))
+        urgent = mb.get("emergency", False)
+        if not isinstance(urgent, bool):
+            r.fail(f"mailbox[{i}].emergency", f"expected true or false, got {urgent!r}")
+            urgent = False
+        boxes.append(Mailbox(_check_address(r, f"mailbox[{i}].address", mb["address"]), gov, language,
+                             urgent))
     if len({b.address for b in boxes}) != len(boxes):
         r.fail("mailbox", "the same address is configured twice")
 
@@ -585,6 +611,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
 
     limits, require_auth, authserv_ids = _limits_and_staff_auth(r, data)
     escalation = _escalation(r)
+    emergency = _emergency(r)
 
     me = r.section("metrics")
     metrics_enabled = _prefixed(r, "metrics", me, "enabled", bool, False)
@@ -624,8 +651,44 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         metrics_probe_s=metrics_probe_s,
         limits=limits, staff_require_authenticated=require_auth,
         staff_trusted_authserv_ids=authserv_ids, templates_dir=templates_dir, dkim_keys=dkim_keys,
-        imap=imap_accounts, escalation=escalation,
+        imap=imap_accounts, escalation=escalation, emergency=emergency,
     )
+
+
+EMERGENCY_KEYS = ("queue", "pager", "instructions")
+
+
+def _only_known(r: _Reader, prefix: str, sect: dict[str, Any], keys: tuple[str, ...]) -> None:
+    for key in sect:
+        if key not in keys:
+            r.fail(f"{prefix}.{key}", f"unknown key; expected one of {', '.join(keys)}")
+
+
+def _subtable(r: _Reader, prefix: str, sect: dict[str, Any], name: str) -> dict[str, Any]:
+    value = sect.get(name, {})
+    if not isinstance(value, dict):
+        r.fail(f"{prefix}.{name}", f"expected a table [{prefix}.{name}]")
+        return {}
+    return value
+
+
+def _emergency(r: _Reader) -> Emergency:
+    """`[emergency]` and `[emergency.instructions]` (one text per language)."""
+    em = r.section("emergency")
+    d = Emergency()
+    _only_known(r, "emergency", em, EMERGENCY_KEYS)
+    queue = _check_address(r, "emergency.queue", _prefixed(r, "emergency", em, "queue", str, d.queue))
+    pager_value = _prefixed(r, "emergency", em, "pager", str, "")
+    pager = _check_address(r, "emergency.pager", pager_value) if pager_value else None
+    raw = _subtable(r, "emergency", em, "instructions")
+    instructions = dict(d.instructions)
+    for language, text in raw.items():
+        if language not in SUPPORTED_LANGUAGES:
+            r.fail(f"emergency.instructions.{language}",
+                   f"unknown language; expected one of {', '.join(SUPPORTED_LANGUAGES)}")
+        elif _is_str(r, f"emergency.instructions.{language}", text):
+            instructions[language] = text.strip()
+    return Emergency(queue=queue, pager=pager, instructions=instructions)
 
 
 ESCALATION_KEYS = ("engineering", "contact_after_hours", "close_reminder_after_hours", "review_hours",
@@ -636,9 +699,7 @@ def _escalation(r: _Reader) -> Escalation:
     """`[escalation]` and `[escalation.tier2]` (one queue address per region)."""
     es = r.section("escalation")
     d = Escalation()
-    for key in es:
-        if key not in ESCALATION_KEYS:
-            r.fail(f"escalation.{key}", f"unknown key; expected one of {', '.join(ESCALATION_KEYS)}")
+    _only_known(r, "escalation", es, ESCALATION_KEYS)
     engineering = _prefixed(r, "escalation", es, "engineering", str, d.engineering)
     engineering = _check_address(r, "escalation.engineering", engineering)
     hours: dict[str, float] = {}
@@ -652,10 +713,7 @@ def _escalation(r: _Reader) -> Escalation:
     auto = _prefixed(r, "escalation", es, "auto_priority", int, d.auto_priority)
     if not 0 <= auto <= 4:
         r.fail("escalation.auto_priority", f"expected 0 (never) to 4, got {auto}")
-    t2 = es.get("tier2", {})
-    if not isinstance(t2, dict):
-        r.fail("escalation.tier2", "expected a table [escalation.tier2]")
-        t2 = {}
+    t2 = _subtable(r, "escalation", es, "tier2")
     tier2: dict[str, str] = {}
     for region in REGIONS:
         value = t2.get(region, d.tier2[region])

@@ -126,6 +126,7 @@ class Ticket:
     customer_told_at: datetime | None = None  # the customer was told of the escalation (once)
     contact_due_at: datetime | None = None   # owner reminder: nobody wrote to the customer yet
     manual_close_due_at: datetime | None = None  # owner reminder: close it by hand
+    emergency: bool = False                  # HKN's emergency type: P1 on a 24/7 clock
 
     @property
     def participants(self) -> frozenset[str]:

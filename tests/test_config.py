@@ -96,3 +96,13 @@ def test_mailbox_lookup_ignores_case_and_plus_tags() -> None:
     assert c.mailbox_for("Support@Example.COM").address == "support@example.com"  # type: ignore[union-attr]
     assert c.mailbox_for("<support+x1@example.com>") is not None
     assert c.mailbox_for("supportx@example.com") is None
+
+
+def test_escalation_and_emergency_keys_are_checked() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse({"escalation": {"tier2": {"MARS": "x@y.example"}, "auto_priority": 7, "engineer": "a@b.example"},
+               "emergency": {"pager": "not-an-address", "instructions": {"fr": "Appelez"}}})
+    text = str(e.value)
+    for key in ("escalation.tier2.MARS", "escalation.auto_priority", "escalation.engineer",
+                "emergency.pager", "emergency.instructions.fr"):
+        assert key in text, text

@@ -62,3 +62,26 @@ def test_escalate_commands() -> None:
     assert lifecycle.staff_commands("#escalate engineering\nText").engineering
     assert lifecycle.staff_commands("#escalate\nText").escalate
     assert lifecycle.staff_commands("#escalate nowhere").errors
+
+
+@pytest.mark.parametrize(("text", "language"), [
+    ("Type: emergency\nAll servers down.", "en"),
+    ("Typ: Notfall\nAlle Server sind ausgefallen.", "de"),
+    ("種類：緊急\nサーバーが停止しました。", "ja"),
+    ("EMERGENCY: production backup is gone", "en"),
+    ("Das ist ein Notfall, bitte sofort melden.", "de"),
+    ("緊急のお願いです。", "ja"),
+])
+def test_emergency_wording_and_type_lines(text: str, language: str) -> None:
+    found = process.emergency(text)
+    assert found is not None and found.language == language
+
+
+@pytest.mark.parametrize("text", [
+    "This is not an emergency, just a question.",
+    "Kein Notfall, aber bitte prüfen.",
+    "緊急ではありませんが、確認をお願いします。",
+    "Type: question\nHow do I restore one file?",
+])
+def test_no_emergency_when_negated_or_other_type(text: str) -> None:
+    assert process.emergency(text) is None

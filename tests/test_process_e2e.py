@@ -2,6 +2,8 @@
 `serve`, the clock moved by `run-due --now`: escalation tiers."""
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 from conftest import STAFF, SUPPORT, GatewayProc, mail, uniq, wait_for
 from test_lifecycle_e2e import CUSTOMER, kinds, open_ticket, run_due, staff_answer
 
@@ -69,3 +71,43 @@ def test_explain_shows_an_escalation_request(gateway: GatewayProc, tmp_path) -> 
     import json
     assert json.loads(r.stdout)["process"] == [
         {"rule": "escalation_request", "language": "en", "phrase": "please escalate"}]
+
+
+EMERGENCY_QUEUE = "emergency@staff.example.com"
+PAGER = "pager@staff.example.com"
+
+
+def test_emergency_is_p1_around_the_clock_alerts_at_once_and_answers_with_instructions(
+        make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(extra_toml=f'''
+        [emergency]
+        queue = "{EMERGENCY_QUEUE}"
+        pager = "{PAGER}"
+        [emergency.instructions]
+        de = "Notfalleinsätze kosten 250 EUR pro Stunde. Rufen Sie +49 30 999 an."
+        [rules]
+        default_plan = "professional"
+        ''')
+    gw.start()
+    key = uniq("Server steht")
+    assert gw.send(mail("Jörg <joerg@kunde.example>", SUPPORT, key,
+                        "Typ: Notfall\nGuten Tag, unser Backup-Server ist komplett ausgefallen.",
+                        headers={"Content-Language": "de"}))[0] == 250
+    t = gw.ticket_by_subject(key)
+    assert t["priority"] == 1 and t["emergency"] is True
+    assert [e["rule"] for e in t["events"]][:1] == ["emergency"]
+    for address in (EMERGENCY_QUEUE, PAGER):
+        alert = gw.sink.wait_to(address)[-1]
+        assert "EMERGENCY" in alert.get_body(("plain",)).get_content()
+    ack = gw.sink.wait_to("joerg@kunde.example")[0].get_body(("plain",)).get_content()
+    assert "250 EUR pro Stunde" in ack and "NOTFALL" in ack
+    # 24/7: professional's P1 target of 3 business hours counts around the clock
+    due = datetime.fromisoformat(t["response_due_at"]) - datetime.fromisoformat(t["created_at"])
+    assert due == timedelta(hours=3)
+    decision = next(e for e in gw.ticket(t["id"])["events"] if e["rule"] == "emergency")
+    assert "Notfall" in decision["why"]
+
+    ordinary = uniq("Frage")
+    assert gw.send(mail("jan@kunde.example", SUPPORT, ordinary,
+                        "Kein Notfall: wie stelle ich eine Datei wieder her?"))[0] == 250
+    assert gw.ticket_by_subject(ordinary)["priority"] != 1      # "kein Notfall": how-to, P4

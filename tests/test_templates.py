@@ -20,9 +20,9 @@ NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 LANGUAGES = ("en", "de", "ja")
 CUSTOMER_KINDS = ("ack", "staff_reply", "reminder", "autoclose", "closure", "info_request", "redirect",
                   "escalation")
-STAFF_KINDS = ("staff_notify", "sla_warning", "forward", "command_error", "escalation_staff")
+STAFF_KINDS = ("staff_notify", "sla_warning", "forward", "command_error", "process_staff")
 TEMPLATE_ONLY = {"sla_warning": Kind.STAFF_NOTIFY, "forward": Kind.STAFF_NOTIFY,
-                 "command_error": Kind.STAFF_NOTIFY, "escalation_staff": Kind.STAFF_NOTIFY}
+                 "command_error": Kind.STAFF_NOTIFY, "process_staff": Kind.STAFF_NOTIFY}
 TRANSLATED_MARKER = {"de": "-- Bitte oberhalb dieser Zeile antworten --",
                      "ja": "-- この行より上にご返信ください --"}
 # a word each language's customer templates are sure to use

@@ -155,7 +155,8 @@ class Pipeline:
     def decide(self, mail: ParsedMail, mailbox: Mailbox, now: datetime) -> Decision:
         """The rules stage for a new ticket (also what `gateway explain` shows)."""
         return decide(mail, mailbox_address=mailbox.address, mailbox_govcloud=mailbox.govcloud,
-                      rules=self.config.rules, directory=self.config.rules.directory, now=now)
+                      rules=self.config.rules, directory=self.config.rules.directory, now=now,
+                      mailbox_emergency=mailbox.emergency)
 
     async def _open_ticket(self, tx: Tx, inbound_id: int, mail: ParsedMail, received: Received,
                            sender: str, placement: Placement) -> Outcome:
@@ -178,7 +179,8 @@ class Pipeline:
             linked_ticket=placement.linked_ticket, now=now, plan=decision.plan,
             response_due_at=decision.response_due if redirect_to is None else None,
             missing=decision.missing, redirect=decision.redirect if redirect_to else None,
-            language=lang, decision={**decision.to_json(), "language": {"value": lang, "why": lang_why}})
+            language=lang, decision={**decision.to_json(), "language": {"value": lang, "why": lang_why}},
+            emergency=decision.emergency and redirect_to is None)
         await self._record(tx, ticket.id, Kind.CUSTOMER, mail, inbound_id, now)
         if dropped:
             await self._participants_dropped(tx, ticket, mail, dropped, inbound_id, now)
@@ -191,9 +193,11 @@ class Pipeline:
                     tx, ticket, Kind.ACK, now, include_cc=False, thread=[mail.message_id],
                     context={"name": mail.sender_name or sender,
                              "target": self.desk.target_text(ticket, decision.response_due),
-                             "missing": list(decision.missing)})
+                             "missing": list(decision.missing),
+                             "emergency": self._emergency_instructions(ticket)})
             queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now,
                                          dropped=len(dropped))
+            queued += await self._emergency_alert(tx, ticket, mail, decision, now)
             ticket, more = await self._auto_escalate(tx, ticket, [mail.message_id], now)
             queued += more
             queued += await self._escalation_request(tx, ticket, mail, now)
@@ -297,7 +301,7 @@ class Pipeline:
         if internal:
             assert ticket.owner is not None
             queued += await self.desk.to_staff(
-                tx, ticket, ticket.owner, now, answers=[mail.message_id], template="escalation_staff",
+                tx, ticket, ticket.owner, now, answers=[mail.message_id], template="process_staff",
                 context={"headline": f"Internal answer from {sender} (not sent to the customer)",
                          "why": "engineers answer the owning technician, who answers the customer;"
                                 " start a reply with #customer to send it to the customer directly",
@@ -339,6 +343,31 @@ class Pipeline:
             return ticket, 0
         return await self.desk.escalate(tx, ticket, esc, now, answers=answers)
 
+    def _emergency_instructions(self, ticket: Ticket) -> str | None:
+        """The configured emergency instructions, in the customer's language."""
+        if not ticket.emergency:
+            return None
+        texts = self.config.emergency.instructions
+        return texts.get(ticket.language) or texts.get("en")
+
+    async def _emergency_alert(self, tx: Tx, ticket: Ticket, mail: ParsedMail, decision: Decision,
+                               now: datetime) -> int:
+        """An emergency alerts the emergency queue, and the pager when there is one, at once."""
+        if not ticket.emergency:
+            return 0
+        why = next((e.detail for e in decision.evidence if e.rule == "priority.emergency"), "")
+        await tx.add_event(ticket.id, now, "emergency", {"why": why, "queue": self.config.emergency.queue,
+                                                         "pager": self.config.emergency.pager})
+        log.warning("ticket.emergency", ticket_id=ticket.id, why=why, queue=self.config.emergency.queue,
+                    pager=self.config.emergency.pager)
+        queued = 0
+        for address in filter(None, (self.config.emergency.queue, self.config.emergency.pager)):
+            queued += await self.desk.to_staff(
+                tx, ticket, address, now, answers=[mail.message_id], template="process_staff",
+                context={"headline": f"EMERGENCY: ticket #{ticket.id}, priority 1, 24/7", "why": why,
+                         "text": mail.reply_text})
+        return queued
+
     async def _escalation_request(self, tx: Tx, ticket: Ticket, mail: ParsedMail, now: datetime) -> int:
         """The customer asks for escalation: the owner is alerted, and it is recorded."""
         found = process.escalation_request(f"{mail.subject}\n{mail.reply_text}")
@@ -348,7 +377,7 @@ class Pipeline:
         log.info("ticket.escalation_requested", ticket_id=ticket.id, **found.to_json())
         return await self.desk.to_staff(
             tx, ticket, self.desk.owner_of(ticket), now, answers=[mail.message_id],
-            template="escalation_staff",
+            template="process_staff",
             context={"headline": f"The customer asks for escalation (ticket at tier {ticket.tier})",
                      "why": f"{found.language} wording {found.phrase!r}; reply with #escalate or "
                             "#escalate engineering to hand it on",

@@ -94,7 +94,7 @@ class Scheduler:
         await tx.update_ticket(ticket.id, at, **{timer: None})
         await tx.add_event(ticket.id, at, "escalation_owner_reminder", {"timer": timer, "what": what})
         await self.desk.to_staff(tx, ticket, self.desk.owner_of(ticket), at, answers=[],
-                                 template="escalation_staff",
+                                 template="process_staff",
                                  context={"headline": f"Escalated ticket #{ticket.id}: owner reminder",
                                           "why": what, "text": ""})
 

@@ -68,7 +68,7 @@ class Desk:
         await tx.update_ticket(ticket.id, now, **fields)
         after = replace(ticket, **fields)  # type: ignore[arg-type]
         await tx.add_event(ticket.id, now, "escalation", esc.to_json())
-        queued = await self.to_staff(tx, after, esc.queue, now, answers=answers, template="escalation_staff",
+        queued = await self.to_staff(tx, after, esc.queue, now, answers=answers, template="process_staff",
                                      context={"headline": f"Escalated to tier {esc.tier} "
                                                           f"({esc.to_json()['tier_name']}s) by {esc.by}",
                                               "why": esc.why, "text": text})
@@ -130,7 +130,8 @@ class Desk:
         target = plan.target(ticket.priority) if plan else None
         if target is None or due is None:
             return None
-        calendar = None if target.around_the_clock else self.config.rules.hours.get(ticket.region)
+        calendar = None if target.around_the_clock or ticket.emergency \
+            else self.config.rules.hours.get(ticket.region)
         return language.target_text(ticket.language, target, due, calendar)
 
     def queue_of(self, ticket: Ticket) -> str:

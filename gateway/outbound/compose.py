@@ -315,7 +315,8 @@ _ATTACHMENT = Attachment("backup log.txt", "text/plain", 1200, "0" * 64)
 # would in production.
 SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "ack": ({"name": "Ann Müller", "target": "within 3 business hours: by Mon 23 Nov 2026, 10:00 CET",
-             "missing": ["account_email", "organisation"]},
+             "missing": ["account_email", "organisation"],
+             "emergency": "Emergency support is charged at the emergency rate. Call +1 555 0100."},
             {"name": "ann@customer.example", "target": None, "missing": []}),
     "staff_notify": ({"is_new": True, "sender": "ann@customer.example", "reply_text": "It fails again.",
                       "body_text": "It fails again.\n\n> earlier text", "attachments": [_ATTACHMENT]},
@@ -334,7 +335,7 @@ SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "forward": ({"sender": "ann@customer.example", "department": "billing", "body_text": "Invoice 7 is wrong."},
                 {"sender": "ann@customer.example", "department": "sales", "body_text": ""}),
     "escalation": ({"review_hours": 24}, {"review_hours": 48}),
-    "escalation_staff": ({"headline": "Escalated to tier 2 by agent@example.com", "why": "EMEA desk open now",
+    "process_staff": ({"headline": "Escalated to tier 2 by agent@example.com", "why": "EMEA desk open now",
                           "text": "Please look at the VSS writer."},
                          {"headline": "Owner reminder", "why": "close it by hand", "text": ""}),
     "command_error": ({"errors": ["unknown command #stauts"], "text": "#stauts closed\nDone."},

@@ -25,6 +25,23 @@ ESCALATION_REQUEST: Wording = {
 }
 
 
+# HKN's paid emergency ticket type: a type line, or the word, in the mail's own text
+EMERGENCY: Wording = {
+    "en": ("emergency",),
+    "de": ("notfall",),
+    "ja": ("緊急",),
+}
+# "this is not an emergency" is no emergency
+EMERGENCY_NEGATED: Wording = {
+    "en": ("not an emergency", "no emergency", "not urgent"),
+    "de": ("kein notfall", "keinen notfall", "nicht dringend"),
+    "ja": ("緊急ではありません", "緊急ではない", "急ぎではありません"),
+}
+_TYPE_LINE = re.compile(r"^\s*(?:type|ticket type|typ|ticket-typ|種類|タイプ)\s*[:：]\s*(\S.*?)\s*$",
+                        re.IGNORECASE | re.MULTILINE)
+_EMERGENCY_TYPES = {"emergency": "en", "notfall": "de", "緊急": "ja"}
+
+
 @dataclass(frozen=True)
 class Match:
     rule: str          # the table's name, e.g. "escalation_request"
@@ -57,7 +74,19 @@ def escalation_request(text: str) -> Match | None:
     return find("escalation_request", ESCALATION_REQUEST, text)
 
 
+def emergency(text: str) -> Match | None:
+    """An emergency: a type line (`Type: emergency`, `Typ: Notfall`), or emergency
+    wording that is not negated ("kein Notfall")."""
+    for value in _TYPE_LINE.findall(text):
+        language = _EMERGENCY_TYPES.get(value.casefold())
+        if language is not None:
+            return Match("emergency", language, f"type line {value!r}")
+    if find("emergency_negated", EMERGENCY_NEGATED, text) is not None:
+        return None
+    return find("emergency", EMERGENCY, text)
+
+
 def explain(text: str) -> list[dict[str, str]]:
     """Every process rule the text matches, with its evidence (`gateway explain`)."""
-    found = [escalation_request(text)]
+    found = [escalation_request(text), emergency(text)]
     return [m.to_json() for m in found if m is not None]

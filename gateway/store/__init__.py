@@ -195,6 +195,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX ticket_events_ticket ON ticket_events(ticket_id, id);
     """,
+    # 9: emergency tickets (issue 17): priority 1 on a 24/7 clock
+    """
+    ALTER TABLE tickets ADD COLUMN emergency INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 
@@ -230,7 +234,7 @@ _TICKET_COLS = ("id, subject, status, requester, cc, region, govcloud, priority,
                 "reminder_due_at, autoclose_due_at, close_due_at, undeliverable, plan, "
                 "response_due_at, sla_warned_at, missing, redirect, language, tier, owner, "
                 "escalated_at, escalated_by, escalation_queue, customer_told_at, contact_due_at, "
-                "manual_close_due_at")
+                "manual_close_due_at, emergency")
 
 
 def _ticket(row: Sequence[Any]) -> Ticket:
@@ -246,6 +250,7 @@ def _ticket(row: Sequence[Any]) -> Ticket:
         language=row[24], tier=row[25], owner=row[26], escalated_at=from_iso(row[27]),
         escalated_by=row[28], escalation_queue=row[29], customer_told_at=from_iso(row[30]),
         contact_due_at=from_iso(row[31]), manual_close_due_at=from_iso(row[32]),
+        emergency=bool(row[33]),
     )
 
 
@@ -341,22 +346,22 @@ class Tx:
                             linked_ticket: int | None, now: datetime, plan: str = "",
                             response_due_at: datetime | None = None, missing: Sequence[str] = (),
                             redirect: str | None = None, language: str = "en",
-                            decision: dict[str, Any] | None = None) -> Ticket:
+                            decision: dict[str, Any] | None = None, emergency: bool = False) -> Ticket:
         ticket_id = await self._insert(
             "INSERT INTO tickets (subject, status, requester, cc, region, govcloud, priority,"
             " mailbox, linked_ticket, created_at, updated_at, plan, response_due_at, missing,"
-            " redirect, decision, language) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " redirect, decision, language, emergency) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (subject, Status.OPEN.value, requester, json.dumps(list(cc)), region, int(govcloud),
              priority, mailbox, linked_ticket, iso(now), iso(now), plan, iso(response_due_at),
              json.dumps(list(missing)), redirect, json.dumps(decision) if decision else None,
-             language))
+             language, int(emergency)))
         # the row as written (times at the stored one-second precision), without reading it back
         return Ticket(id=ticket_id, subject=subject, status=Status.OPEN, requester=requester,
                       cc=tuple(cc), region=region, govcloud=govcloud, priority=priority,
                       mailbox=mailbox, linked_ticket=linked_ticket,
                       created_at=from_iso(iso(now)), plan=plan,  # type: ignore[arg-type]
                       response_due_at=from_iso(iso(response_due_at)), missing=tuple(missing),
-                      redirect=redirect, language=language)
+                      redirect=redirect, language=language, emergency=emergency)
 
     async def update_ticket(self, ticket_id: int, now: datetime, **fields: Any) -> None:
         allowed = {"status", "cc", "priority", "first_response_at", "resolved_at", "closed_at",
