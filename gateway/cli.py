@@ -257,7 +257,7 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
            "answers": list(mail.thread_ids),
            "redirect_to": config.redirects.get(decision.redirect) if decision.redirect else None,
            "decision": decision.to_json(),
-           "process": process.explain(f"{mail.subject}\n{mail.reply_text}")}
+           "process": process.explain(f"{mail.subject}\n{mail.reply_text}", mail.reply_text)}
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
         return answers.EX_OK

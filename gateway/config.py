@@ -78,6 +78,14 @@ EMERGENCY_INSTRUCTIONS = {
 
 
 @dataclass(frozen=True)
+class StatusRequests:
+    """`[status_requests]`: the automatic answer to "any update?" (HKN)."""
+
+    enabled: bool = True
+    interval: timedelta = timedelta(hours=4)     # at most one automatic status answer per ticket per this
+
+
+@dataclass(frozen=True)
 class Mailbox:
     address: str
     govcloud: bool = False
@@ -144,6 +152,7 @@ class Config:
     imap: tuple[ImapAccount, ...] = ()
     escalation: Escalation = field(default_factory=Escalation)
     emergency: Emergency = field(default_factory=Emergency)
+    status_requests: StatusRequests = field(default_factory=StatusRequests)
 
     # -- lookups used across the gateway ---------------------------------
     @property
@@ -466,7 +475,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     """Validate a TOML tree (already merged over nothing: missing keys take defaults)."""
     d = _defaults()
     r = _Reader(data)
-    known = set(d) | {"imap", "metrics", "limits", "dkim", "escalation", "emergency"}
+    known = set(d) | {"imap", "metrics", "limits", "dkim", "escalation", "emergency", "status_requests"}
     for key in data:
         if key not in known:
             r.fail(key, "unknown section")
@@ -612,6 +621,13 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     limits, require_auth, authserv_ids = _limits_and_staff_auth(r, data)
     escalation = _escalation(r)
     emergency = _emergency(r)
+    sr = r.section("status_requests")
+    _only_known(r, "status_requests", sr, ("enabled", "interval_hours"))
+    status_interval = float(_prefixed(r, "status_requests", sr, "interval_hours", (int, float), 4))
+    if status_interval <= 0:
+        r.fail("status_requests.interval_hours", f"must be > 0, got {status_interval:g}")
+    status_requests = StatusRequests(_prefixed(r, "status_requests", sr, "enabled", bool, True),
+                                     timedelta(hours=status_interval))
 
     me = r.section("metrics")
     metrics_enabled = _prefixed(r, "metrics", me, "enabled", bool, False)
@@ -651,7 +667,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         metrics_probe_s=metrics_probe_s,
         limits=limits, staff_require_authenticated=require_auth,
         staff_trusted_authserv_ids=authserv_ids, templates_dir=templates_dir, dkim_keys=dkim_keys,
-        imap=imap_accounts, escalation=escalation, emergency=emergency,
+        imap=imap_accounts, escalation=escalation, emergency=emergency, status_requests=status_requests,
     )
 
 

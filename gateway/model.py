@@ -36,6 +36,7 @@ class Kind(StrEnum):
     CLOSURE = "closure"
     INFO_REQUEST = "info_request"
     REDIRECT = "redirect"
+    STATUS = "status"                # the automatic answer to a status request
     ESCALATION = "escalation"        # the customer is told the ticket went to engineering
 
 

@@ -85,3 +85,57 @@ def test_emergency_wording_and_type_lines(text: str, language: str) -> None:
 ])
 def test_no_emergency_when_negated_or_other_type(text: str) -> None:
     assert process.emergency(text) is None
+
+
+@pytest.mark.parametrize(("text", "language"), [
+    ("Any update? What is the status?", "en"),
+    ("Hallo, wie ist der Stand bei meinem Ticket?", "de"),
+    ("進捗はいかがでしょうか。", "ja"),
+])
+def test_status_request_wording(text: str, language: str) -> None:
+    found = process.status_request(text)
+    assert found is not None and found.language == language
+
+
+def test_a_long_reply_that_mentions_the_status_is_no_status_request() -> None:
+    assert process.status_request("Any update? " + "Here is the full log of the failure. " * 20) is None
+
+
+@pytest.mark.parametrize(("text", "language"), [
+    ("Solved, thanks! You can close the ticket.", "en"),
+    ("Problem gelöst, danke!", "de"),
+    ("おかげさまで解決しました。", "ja"),
+])
+def test_solved_wording(text: str, language: str) -> None:
+    found = process.solved(text)
+    assert found is not None and found.language == language
+
+
+@pytest.mark.parametrize("text", [
+    "It is not solved, the backup still fails.",
+    "Das Problem ist noch nicht gelöst.",
+    "まだ解決していません。",
+    "Is it solved on your side?",
+    "Please don't close the ticket yet.",
+])
+def test_negated_or_asked_solved_wording_does_not_close(text: str) -> None:
+    assert process.solved(text) is None
+
+
+def test_customer_confirmation_resolves_unless_escalated() -> None:
+    from gateway.config import Policy
+    now = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
+    tr = lifecycle.after_customer_reply(ticket(), now, Policy(), solved=True)
+    assert tr.status is Status.RESOLVED and tr.notices and tr.timers.close_due_at is not None
+    from dataclasses import replace
+    held = lifecycle.after_customer_reply(replace(ticket(), escalated=True), now, Policy(), solved=True)
+    assert held.status is Status.OPEN
+
+
+def test_status_answer_at_most_once_per_interval() -> None:
+    from datetime import timedelta
+    now = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
+    four = timedelta(hours=4)
+    assert lifecycle.status_answer_due(ticket(), None, now, four)
+    assert not lifecycle.status_answer_due(ticket(), now - timedelta(hours=1), now, four)
+    assert lifecycle.status_answer_due(ticket(), now - four, now, four)

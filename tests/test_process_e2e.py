@@ -111,3 +111,51 @@ def test_emergency_is_p1_around_the_clock_alerts_at_once_and_answers_with_instru
     assert gw.send(mail("jan@kunde.example", SUPPORT, ordinary,
                         "Kein Notfall: wie stelle ich eine Datei wieder her?"))[0] == 250
     assert gw.ticket_by_subject(ordinary)["priority"] != 1      # "kein Notfall": how-to, P4
+
+
+def test_status_request_gets_one_automatic_answer_and_marks_the_chaser(gateway: GatewayProc) -> None:
+    from conftest import QUEUES
+    t, _ = open_ticket(gateway)
+    tid = t["id"]
+    ask = mail(CUSTOMER, SUPPORT, f"Re: [Support #{tid}] Backup fails", "Any update? What is the status?")
+    assert gateway.send(ask)[0] == 250
+    answer = wait_for(lambda: [m for m in gateway.sink.to(CUSTOMER) if "P3" in m.get_body(("plain",)).get_content()])
+    text = answer[0].get_body(("plain",)).get_content()
+    assert f"#{tid}" in text and "open, with our support team" in text and "not escalated" in text
+    note = [m for m in gateway.sink.wait_to(QUEUES["AMER"], count=2) if f"#{tid}]" in str(m["Subject"])][-1]
+    assert "CHASER" in note.get_body(("plain",)).get_content()
+    # a second chaser inside the interval: staff see it, no second automatic answer
+    again = mail(CUSTOMER, SUPPORT, f"Re: [Support #{tid}] Backup fails", "Wie ist der Stand?")
+    assert gateway.send(again)[0] == 250
+    events = [e for e in gateway.ticket(tid)["events"] if e["rule"] == "status_request"]
+    assert [e["answered"] for e in events] == [True, False] and events[1]["language"] == "de"
+    assert kinds(gateway, tid, "out").count("status") == 1
+
+
+def test_customer_confirming_the_solution_resolves_and_negation_does_not(gateway: GatewayProc) -> None:
+    t, _ = open_ticket(gateway)
+    tid = t["id"]
+    staff_answer(gateway, tid, "Please install update 7.2 and try again.")
+    assert gateway.ticket(tid)["status"] == "pending"
+    no = mail(CUSTOMER, SUPPORT, f"Re: [Support #{tid}] Backup fails", "Sorry, it is not solved yet.")
+    assert gateway.send(no)[0] == 250
+    assert gateway.ticket(tid)["status"] == "open"
+    staff_answer(gateway, tid, "Then please send the log.")
+    yes = mail(CUSTOMER, SUPPORT, f"Re: [Support #{tid}] Backup fails", "Solved, thanks! You can close the ticket.")
+    assert gateway.send(yes)[0] == 250
+    shown = gateway.ticket(tid)
+    assert shown["status"] == "resolved" and shown["resolved_at"]
+    assert "closure" in kinds(gateway, tid, "out")
+    assert [e["rule"] for e in shown["events"]] == ["customer_closed"]
+    assert run_due(gateway, 24 * 8)["jobs"] == {"reopen window over": 1}
+    assert gateway.ticket(tid)["status"] == "closed"
+
+
+def test_staff_status_stays_authoritative_after_the_customer_closed(gateway: GatewayProc) -> None:
+    t, _ = open_ticket(gateway)
+    tid = t["id"]
+    yes = mail(CUSTOMER, SUPPORT, f"Re: [Support #{tid}] Backup fails", "Problem gelöst, danke!")
+    assert gateway.send(yes)[0] == 250
+    assert gateway.ticket(tid)["status"] == "resolved"
+    staff_answer(gateway, tid, "#status open\n#note\nNot really: the nightly job still fails.")
+    assert gateway.ticket(tid)["status"] == "open"

@@ -19,7 +19,7 @@ from gateway.outbound.tokens import TicketTokens
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 LANGUAGES = ("en", "de", "ja")
 CUSTOMER_KINDS = ("ack", "staff_reply", "reminder", "autoclose", "closure", "info_request", "redirect",
-                  "escalation")
+                  "escalation", "status")
 STAFF_KINDS = ("staff_notify", "sla_warning", "forward", "command_error", "process_staff")
 TEMPLATE_ONLY = {"sla_warning": Kind.STAFF_NOTIFY, "forward": Kind.STAFF_NOTIFY,
                  "command_error": Kind.STAFF_NOTIFY, "process_staff": Kind.STAFF_NOTIFY}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from gateway.config import Escalation, Policy
 from gateway.model import Kind, Status, Ticket
@@ -80,8 +80,15 @@ def held(ticket: Ticket, tr: Transition) -> Transition:
                    notices=tuple(n for n in tr.notices if n not in (Kind.REMINDER, Kind.AUTOCLOSE)))
 
 
-def after_customer_reply(ticket: Ticket, now: datetime, policy: Policy) -> Transition:
-    """A customer answered: a pending or resolved ticket is open again."""
+def after_customer_reply(ticket: Ticket, now: datetime, policy: Policy, *,
+                         solved: bool = False) -> Transition:
+    """A customer answered: a pending or resolved ticket is open again. A customer
+    who confirms the problem is solved resolves an open or pending ticket (NinjaOne),
+    with the closure notice and the reopen window; an escalated one waits for its
+    owner to close it by hand."""
+    if solved and ticket.status in (Status.OPEN, Status.PENDING) and not ticket.escalated:
+        return enter(Status.RESOLVED, now, policy, cause="customer confirmed the problem is solved",
+                     notices=(Kind.CLOSURE,))
     if ticket.status in (Status.PENDING, Status.RESOLVED):
         return enter(Status.OPEN, now, policy, cause="customer reply")
     return Transition(ticket.status, timers_of(ticket), cause="customer reply")
@@ -208,6 +215,24 @@ def after_customer_contact(ticket: Ticket, now: datetime, config: Escalation,
     if by_staff:
         fields["contact_due_at"] = None
     return fields
+
+
+def status_answer_due(ticket: Ticket, last_answer_at: datetime | None, now: datetime,
+                      interval: timedelta) -> bool:
+    """A status request gets the automatic status answer: on a ticket still being
+    worked on, at most one per `interval` (HKN: ask after 4 hours)."""
+    if ticket.status in (Status.RESOLVED, Status.CLOSED):
+        return False
+    return last_answer_at is None or now - last_answer_at >= interval
+
+
+def response_state(ticket: Ticket, now: datetime) -> str:
+    """Whether the first-response target is met: met, missed, due or none."""
+    if ticket.response_due_at is None:
+        return "none"
+    if ticket.first_response_at is not None:
+        return "met" if ticket.first_response_at <= ticket.response_due_at else "missed"
+    return "missed" if now > ticket.response_due_at else "due"
 
 
 def owner_reminder_due(ticket: Ticket, now: datetime) -> tuple[str, str] | None:

@@ -250,14 +250,29 @@ class Pipeline:
     async def _customer_reply(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket,
                               sender: str, now: datetime, placement: Placement) -> Outcome:
         await self._record(tx, ticket.id, Kind.CUSTOMER, mail, inbound_id, now)
-        ticket, queued = await self.desk.apply(
-            tx, ticket, lifecycle.held(ticket, lifecycle.after_customer_reply(ticket, now, self.config.policy)),
-            now)
+        marks: list[str] = []
+        solved = process.solved(mail.reply_text) if ticket.status in (Status.OPEN, Status.PENDING) else None
+        tr = lifecycle.after_customer_reply(ticket, now, self.config.policy, solved=solved is not None)
+        ticket, queued = await self.desk.apply(tx, ticket, lifecycle.held(ticket, tr), now)
+        if solved is not None:
+            closed = ticket.status is Status.RESOLVED
+            await tx.add_event(ticket.id, now, "customer_closed" if closed else "customer_says_solved",
+                               {**solved.to_json(), "resolved": closed})
+            marks.append("The customer confirms the problem is solved: ticket resolved "
+                         "(reply #status open to reopen it)" if closed else
+                         "The customer says the problem is solved: escalated, so close it by hand")
+        chaser = process.status_request(mail.reply_text) if solved is None else None
+        if chaser is not None:
+            answered = await self._status_answer(tx, ticket, now)
+            queued += answered
+            await tx.add_event(ticket.id, now, "status_request", {**chaser.to_json(), "answered": bool(answered)})
+            marks.append("CHASER: the customer asks for the status"
+                         + (" (sent the automatic status answer)" if answered else ""))
         contact = lifecycle.after_customer_contact(ticket, now, self.config.escalation, by_staff=False)
         if contact:
             await tx.update_ticket(ticket.id, now, **contact)
             ticket = replace(ticket, **contact)  # type: ignore[arg-type]
-        queued += await self._notify(tx, ticket, mail, sender, is_new=False, now=now)
+        queued += await self._notify(tx, ticket, mail, sender, is_new=False, now=now, marks=marks)
         queued += await self._escalation_request(tx, ticket, mail, now)
         log.info("ticket.replied", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, staff=False, reason=placement.reason)
@@ -383,11 +398,25 @@ class Pipeline:
                             "#escalate engineering to hand it on",
                      "text": mail.reply_text})
 
+    async def _status_answer(self, tx: Tx, ticket: Ticket, now: datetime) -> int:
+        """HKN's status request: the automatic answer, at most one per ticket per interval."""
+        cfg = self.config.status_requests
+        last = await tx.last_message_at(ticket.id, (Kind.STATUS.value,))
+        if not cfg.enabled or not lifecycle.status_answer_due(ticket, last, now, cfg.interval):
+            return 0
+        staff_at = await tx.last_message_at(ticket.id, (Kind.STAFF_REPLY.value,))
+        return await self.desk.to_customer(
+            tx, ticket, Kind.STATUS, now,
+            context={"target": self.desk.target_text(ticket, ticket.response_due_at),
+                     "response": lifecycle.response_state(ticket, now),
+                     "staff_at": staff_at.strftime("%Y-%m-%d %H:%M UTC") if staff_at else None})
+
     async def _notify(self, tx: Tx, ticket: Ticket, mail: ParsedMail, sender: str, *,
-                      is_new: bool, now: datetime, dropped: int = 0) -> int:
+                      is_new: bool, now: datetime, dropped: int = 0,
+                      marks: list[str] | None = None) -> int:
         return await self.desk.to_staff(
             tx, ticket, self.desk.queue_of(ticket), now, answers=[mail.message_id],
-            context={"is_new": is_new, "sender": sender, "reply_text": mail.reply_text,
+            context={"is_new": is_new, "sender": sender, "reply_text": mail.reply_text, "marks": marks or [],
                      "body_text": mail.body_text, "attachments": [a for a, _ in mail.attachments],
                      "participants_dropped": dropped,
                      "max_participants": self.config.limits.max_participants})

@@ -26,7 +26,7 @@ log = structlog.get_logger("gateway.desk")
 # What the customer sees of a ticket: their own mail and what we sent them.
 CUSTOMER_THREAD = tuple(k.value for k in (
     Kind.CUSTOMER, Kind.ACK, Kind.STAFF_REPLY, Kind.REMINDER, Kind.AUTOCLOSE, Kind.CLOSURE,
-    Kind.INFO_REQUEST, Kind.REDIRECT, Kind.ESCALATION))
+    Kind.INFO_REQUEST, Kind.REDIRECT, Kind.ESCALATION, Kind.STATUS))
 
 
 class Desk:

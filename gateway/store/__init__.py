@@ -394,6 +394,13 @@ class Tx:
             [(message_row, i, a.filename, a.content_type, a.size, a.sha256, a.content_id)
              for i, a in enumerate(attachments)])
 
+    async def last_message_at(self, ticket_id: int, kinds: Sequence[str]) -> datetime | None:
+        """When the ticket's latest message of one of `kinds` was recorded."""
+        marks = ",".join("?" * len(kinds))
+        rows = await self._all(f"SELECT max(created_at) FROM messages WHERE ticket_id = ? AND kind IN ({marks})",
+                               (ticket_id, *kinds))
+        return from_iso(rows[0][0]) if rows else None
+
     async def add_event(self, ticket_id: int, now: datetime, rule: str, detail: dict[str, Any]) -> None:
         """Record a process rule applied to the ticket, with its evidence (`tickets show`)."""
         await self.db.execute("INSERT INTO ticket_events (ticket_id, at, rule, detail) VALUES (?,?,?,?)",
@@ -547,7 +554,7 @@ class Store:
     async def events(self, ticket_id: int) -> list[dict[str, Any]]:
         rows = await self._rows("SELECT at, rule, detail FROM ticket_events WHERE ticket_id = ?"
                                 " ORDER BY id", (ticket_id,))
-        return [{"at": r[0], "rule": r[1], **json.loads(r[2])} for r in rows]
+        return [{**json.loads(r[2]), "at": r[0], "rule": r[1]} for r in rows]
 
     async def inbound_raw(self, inbound_id: int) -> tuple[bytes | None, str | None]:
         rows = await self._rows("SELECT raw, raw_path FROM inbound WHERE id = ?", (inbound_id,))
