@@ -92,7 +92,7 @@ async def open_gateway(config: Config, clock: Clock = system_clock, *, resident:
                     limits=config.limits, max_message_size=config.max_message_size,
                     sandbox=Sandbox(config.limits.parse_processes, preload=preload, fork_server=resident),
                     small_sandbox=Sandbox(1, preload=preload, fork_server=resident))
-    scheduler = Scheduler(store, desk, config.policy, clock, interval_s=config.scheduler_interval_s,
+    scheduler = Scheduler(store, desk, config.policy_for, clock, interval_s=config.scheduler_interval_s,
                           on_queued=sender.wake)
     return Gateway(config, clock, store, intake, sender, scheduler)
 

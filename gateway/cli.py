@@ -234,7 +234,7 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     it cannot write anything or send anything."""
     from gateway.mail.automatic import automatic_kind
     from gateway.mail.parse import parse_mail
-    from gateway.mail.subject import tagged_ticket_id
+    from gateway.mail.subject import problem_key, tagged_ticket_id
     from gateway.rules import process
     from gateway.rules.decision import decide
     try:
@@ -257,7 +257,11 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
            "answers": list(mail.thread_ids),
            "redirect_to": config.redirects.get(decision.redirect) if decision.redirect else None,
            "decision": decision.to_json(),
-           "process": process.explain(f"{mail.subject}\n{mail.reply_text}", mail.reply_text)}
+           "process": process.explain(f"{mail.subject}\n{mail.reply_text}", mail.reply_text),
+           "lifecycle": config.policy_for(mailbox.address, decision.plan).to_json(),
+           # one ticket per problem: a new mail with this key joins the sender's open ticket of the same key
+           "same_problem": {"key": problem_key(mail.subject, config.ticket_tag),
+                            "within_hours": config.same_problem_within.total_seconds() / 3600}}
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
         return answers.EX_OK
@@ -281,7 +285,18 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
         _say(f"  {e.part:<9} {e.rule:<28} {e.detail}")
     for p in out["process"]:
         _say(f"  process   {p['rule']:<28} {p['language']} wording {p['phrase']!r}")
+    _say(f"  lifecycle {_lifecycle_text(out['lifecycle'])}")
+    sp = out["same_problem"]
+    _say(f"  problem   {sp['key']!r}: a new mail joins the sender's open ticket of this subject within "
+         f"{sp['within_hours']:g} h" if sp["key"] and sp["within_hours"] else
+         "  problem   - (no subject, or [threading] same_problem_hours = 0): a new mail opens a new ticket")
     return answers.EX_OK
+
+
+def _lifecycle_text(lc: dict[str, Any]) -> str:
+    reminders = ", ".join(f"{h:g} h" for h in lc["reminder_after_hours"]) or "none"
+    return (f"pending: reminders at {reminders}, {lc['no_reply']} at {lc['autoclose_after_hours']:g} h; "
+            f"reopen within {lc['reopen_days']:g} days ({lc['from']})")
 
 
 # -- quarantine -----------------------------------------------------------
@@ -351,10 +366,11 @@ async def _tickets(config: Config, args: argparse.Namespace) -> int:
     finally:
         await store.close()
     if args.json:
-        print(json.dumps({**ticket_json(ticket), "events": events, "messages": messages},
+        lc = config.policy_for(ticket.mailbox, ticket.plan).to_json()
+        print(json.dumps({**ticket_json(ticket), "lifecycle": lc, "events": events, "messages": messages},
                          ensure_ascii=False))
     else:
-        _print_ticket(ticket, messages, events)
+        _print_ticket(ticket, messages, events, config.policy_for(ticket.mailbox, ticket.plan).to_json())
     return answers.EX_OK
 
 
@@ -382,7 +398,8 @@ def _print_table(rows: list[Ticket]) -> None:
     _say(f"({len(rows)} ticket{'s' if len(rows) != 1 else ''})")
 
 
-def _print_ticket(t: Ticket, messages: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+def _print_ticket(t: Ticket, messages: list[dict[str, Any]], events: list[dict[str, Any]],
+                  lifecycle: dict[str, Any]) -> None:
     _say(f"Ticket #{t.id}: {t.subject}")
     _say(f"  status {t.status.value}, priority {t.priority}, region {t.region}"
           f"{', GovCloud' if t.govcloud else ''}, mailbox {t.mailbox}")
@@ -390,6 +407,7 @@ def _print_ticket(t: Ticket, messages: list[dict[str, Any]], events: list[dict[s
     if t.linked_ticket:
         _say(f"  follows up ticket #{t.linked_ticket}")
     _say(f"  created {iso(t.created_at)}")
+    _say(f"  lifecycle {_lifecycle_text(lifecycle)}")
     if t.escalated:
         _say(f"  escalated to tier {t.tier} by {t.escalated_by} at {iso(t.escalated_at)}, "
              f"queue {t.escalation_queue}; owner {t.owner or '(none yet)'}")

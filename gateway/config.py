@@ -37,11 +37,29 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Policy:
-    """`[lifecycle]`: how long a ticket waits in each state (gateway.desk.lifecycle)."""
+    """`[lifecycle]`: how long a ticket waits in each state (gateway.desk.lifecycle),
+    for one mailbox and plan (`Config.policy_for`): NinjaOne's 24 h reminder and
+    close at 48 h, or Kaseya's repeated contact attempts and "resolved after 7 days"."""
 
-    reminder_after: timedelta = timedelta(hours=24)
-    autoclose_after: timedelta = timedelta(hours=48)
+    reminders: tuple[timedelta, ...] = (timedelta(hours=24),)   # after entering pending, ascending
+    autoclose_after: timedelta = timedelta(hours=48)            # pending this long: no_reply happens
+    no_reply: str = "close"                                     # "close" or "resolve" (reopen window)
     reopen_within: timedelta = timedelta(days=7)
+    source: str = "[lifecycle]"                                 # the tables it came from (evidence)
+
+    @property
+    def reminder_after(self) -> timedelta | None:
+        return self.reminders[0] if self.reminders else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reminder_after_hours": [r.total_seconds() / 3600 for r in self.reminders],
+                "autoclose_after_hours": self.autoclose_after.total_seconds() / 3600,
+                "no_reply": self.no_reply, "reopen_days": self.reopen_within.total_seconds() / 86400,
+                "from": self.source}
+
+
+LIFECYCLE_KEYS = ("reminder_after_hours", "autoclose_after_hours", "no_reply", "reopen_days")
+NO_REPLY = ("close", "resolve")
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,8 @@ class Mailbox:
     govcloud: bool = False
     language: str = "en"          # answers when nothing tells the customer's language
     emergency: bool = False       # every mail to it is an emergency ticket (`[emergency]`)
+    # its `lifecycle` table and `lifecycle.plans.<plan>` tables (raw, validated; Config.policy_for)
+    lifecycle: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -153,6 +173,10 @@ class Config:
     escalation: Escalation = field(default_factory=Escalation)
     emergency: Emergency = field(default_factory=Emergency)
     status_requests: StatusRequests = field(default_factory=StatusRequests)
+    # one ticket per problem: a new mail with an open ticket's requester and subject joins it
+    same_problem_within: timedelta = timedelta(hours=72)
+    # (mailbox address or "", plan or "") -> the lifecycle merged for it (`policy_for`)
+    policies: Mapping[tuple[str, str], Policy] = field(default_factory=dict)
 
     # -- lookups used across the gateway ---------------------------------
     @property
@@ -169,6 +193,15 @@ class Config:
             if mb.address in (addr, base):
                 return mb
         return None
+
+    def policy_for(self, mailbox: str, plan: str) -> Policy:
+        """The lifecycle of a ticket of `plan` in `mailbox`: `[lifecycle]`, then
+        `[lifecycle.plans.<plan>]`, then the mailbox's `lifecycle`, then its
+        `lifecycle.plans.<plan>`, each key taken from the last table that sets it."""
+        for key in ((mailbox, plan), (mailbox, ""), ("", plan), ("", "")):
+            if key in self.policies:
+                return self.policies[key]
+        return self.policy
 
     def is_staff(self, address: str) -> bool:
         addr = normalize_address(address)
@@ -420,7 +453,8 @@ def _defaults() -> dict[str, Any]:
         "rules": {"default_region": "AMER"},
         "redirects": {},
         "store": {},
-        "lifecycle": {"reminder_after_hours": 24, "autoclose_after_hours": 48, "reopen_days": 7},
+        "lifecycle": {"reminder_after_hours": 24, "autoclose_after_hours": 48, "no_reply": "close",
+                      "reopen_days": 7},
         "scheduler": {"interval_seconds": 60},
     }
 
@@ -475,7 +509,8 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     """Validate a TOML tree (already merged over nothing: missing keys take defaults)."""
     d = _defaults()
     r = _Reader(data)
-    known = set(d) | {"imap", "metrics", "limits", "dkim", "escalation", "emergency", "status_requests"}
+    known = set(d) | {"imap", "metrics", "limits", "dkim", "escalation", "emergency", "status_requests",
+                      "threading"}
     for key in data:
         if key not in known:
             r.fail(key, "unknown section")
@@ -533,8 +568,12 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         if not isinstance(urgent, bool):
             r.fail(f"mailbox[{i}].emergency", f"expected true or false, got {urgent!r}")
             urgent = False
+        own = mb.get("lifecycle", {})
+        if not isinstance(own, dict):
+            r.fail(f"mailbox[{i}].lifecycle", f"expected a table, got {own!r}")
+            own = {}
         boxes.append(Mailbox(_check_address(r, f"mailbox[{i}].address", mb["address"]), gov, language,
-                             urgent))
+                             urgent, own))
     if len({b.address for b in boxes}) != len(boxes):
         r.fail("mailbox", "the same address is configured twice")
 
@@ -600,18 +639,6 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     if not 0 <= busy_timeout_ms <= 600_000:
         r.fail("store.busy_timeout_ms", f"expected 0 to 600000 milliseconds, got {busy_timeout_ms}")
 
-    lc = r.section("lifecycle")
-    dl = d["lifecycle"]
-    reminder_h = float(_prefixed(r, "lifecycle", lc, "reminder_after_hours", (int, float),
-                                 dl["reminder_after_hours"]))
-    autoclose_h = float(_prefixed(r, "lifecycle", lc, "autoclose_after_hours", (int, float),
-                                  dl["autoclose_after_hours"]))
-    reopen_d = float(_prefixed(r, "lifecycle", lc, "reopen_days", (int, float), dl["reopen_days"]))
-    if not 0 < reminder_h < autoclose_h:
-        r.fail("lifecycle.reminder_after_hours",
-               "must be > 0 and below lifecycle.autoclose_after_hours")
-    if reopen_d <= 0:
-        r.fail("lifecycle.reopen_days", "must be > 0")
     sch = r.section("scheduler")
     interval = float(_prefixed(r, "scheduler", sch, "interval_seconds", (int, float),
                                d["scheduler"]["interval_seconds"]))
@@ -628,6 +655,13 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         r.fail("status_requests.interval_hours", f"must be > 0, got {status_interval:g}")
     status_requests = StatusRequests(_prefixed(r, "status_requests", sr, "enabled", bool, True),
                                      timedelta(hours=status_interval))
+
+    th = r.section("threading")
+    _only_known(r, "threading", th, ("same_problem_hours",))
+    same_problem_h = _prefixed(r, "threading", th, "same_problem_hours", (int, float), 72)
+    if not 0 <= same_problem_h <= 24 * 365:
+        r.fail("threading.same_problem_hours", f"expected 0 (off) to 8760 hours, got {same_problem_h:g}")
+        same_problem_h = 0
 
     me = r.section("metrics")
     metrics_enabled = _prefixed(r, "metrics", me, "enabled", bool, False)
@@ -647,6 +681,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
 
     rules, rule_problems = parse_rules(data)
     r.problems.extend(rule_problems)
+    policies = _lifecycles(r, boxes, tuple(rules.plans))
 
     if r.problems:
         raise ConfigError(r.problems)
@@ -659,19 +694,88 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         default_region=default_region, redirects=redirects,
         store_url=store_url or f"sqlite:///{data_dir / 'gateway.db'}", source=source,
         busy_timeout_ms=busy_timeout_ms, lease_s=float(lease_s),
-        policy=Policy(reminder_after=timedelta(hours=reminder_h),
-                      autoclose_after=timedelta(hours=autoclose_h),
-                      reopen_within=timedelta(days=reopen_d)),
+        policy=policies[("", "")], policies=policies,
         scheduler_interval_s=interval, rules=rules, workers=workers,
         metrics_enabled=metrics_enabled, metrics_host=metrics_host, metrics_port=metrics_port,
         metrics_probe_s=metrics_probe_s,
         limits=limits, staff_require_authenticated=require_auth,
         staff_trusted_authserv_ids=authserv_ids, templates_dir=templates_dir, dkim_keys=dkim_keys,
         imap=imap_accounts, escalation=escalation, emergency=emergency, status_requests=status_requests,
+        same_problem_within=timedelta(hours=same_problem_h),
     )
 
 
 EMERGENCY_KEYS = ("queue", "pager", "instructions")
+
+
+def _lifecycles(r: _Reader, boxes: list[Mailbox], plans: tuple[str, ...]) -> dict[tuple[str, str], Policy]:
+    """`[lifecycle]`, `[lifecycle.plans.<plan>]` and each mailbox's `lifecycle` (with
+    its own `plans`): one merged Policy per (mailbox, plan) that any table touches."""
+    layers: list[tuple[str, str, str, dict[str, Any]]] = []      # (mailbox, plan, where, table)
+
+    def read(mailbox: str, where: str, table: dict[str, Any]) -> None:
+        _only_known(r, where, table, (*LIFECYCLE_KEYS, "plans"))
+        layers.append((mailbox, "", where, {k: v for k, v in table.items() if k != "plans"}))
+        per_plan = table.get("plans", {})
+        if not isinstance(per_plan, dict):
+            r.fail(f"{where}.plans", f"expected a table of plans, got {per_plan!r}")
+            return
+        for plan, sub in per_plan.items():
+            key = f"{where}.plans.{plan}"
+            if plan not in plans:
+                r.fail(key, f"no such plan {plan!r}; plans: {', '.join(plans)}")
+            elif not isinstance(sub, dict):
+                r.fail(key, f"expected a table, got {sub!r}")
+            else:
+                _only_known(r, key, sub, LIFECYCLE_KEYS)
+                layers.append((mailbox, plan, key, sub))
+
+    read("", "lifecycle", r.section("lifecycle"))
+    for i, mb in enumerate(boxes):
+        read(mb.address, f"mailbox[{i}].lifecycle", dict(mb.lifecycle))
+    used = [(m, p) for m, p, w, t in layers if t or w == "lifecycle"]
+    out: dict[tuple[str, str], Policy] = {}
+    for mailbox in {m for m, _ in used}:
+        for plan in {p for _, p in used}:
+            merged: dict[str, Any] = dict(_defaults()["lifecycle"])
+            where: list[str] = []
+            for m, p, w, table in layers:
+                if m in ("", mailbox) and p in ("", plan) and (table or w == "lifecycle"):
+                    merged.update(table)
+                    where.append(w)
+            out[(mailbox, plan)] = _policy(r, where, merged)
+    r.problems[:] = list(dict.fromkeys(r.problems))     # a bad [lifecycle] value: said once
+    return out
+
+
+def _policy(r: _Reader, tables: list[str], t: dict[str, Any]) -> Policy:
+    """One merged lifecycle table: every value checked, the reminders before the end."""
+    before = len(r.problems)
+    where = tables[-1]
+    reminders = t["reminder_after_hours"]
+    if isinstance(reminders, (int, float)) and not isinstance(reminders, bool):
+        reminders = [reminders]
+    if not isinstance(reminders, list) or any(isinstance(h, bool) or not isinstance(h, (int, float))
+                                              for h in reminders):
+        r.fail(f"{where}.reminder_after_hours", f"expected hours or a list of hours, got {reminders!r}")
+        reminders = []
+    after = t["autoclose_after_hours"]
+    if isinstance(after, bool) or not isinstance(after, (int, float)) or after <= 0:
+        r.fail(f"{where}.autoclose_after_hours", f"expected hours > 0, got {after!r}")
+        after = 48
+    if any(not 0 < h < after for h in reminders) or sorted(set(reminders)) != list(reminders):
+        r.fail(f"{where}.reminder_after_hours",
+               f"expected ascending hours > 0 and below autoclose_after_hours ({after:g}), got {reminders!r}")
+    if t["no_reply"] not in NO_REPLY:
+        r.fail(f"{where}.no_reply", f"expected one of {', '.join(NO_REPLY)}, got {t['no_reply']!r}")
+    reopen = t["reopen_days"]
+    if isinstance(reopen, bool) or not isinstance(reopen, (int, float)) or reopen <= 0:
+        r.fail(f"{where}.reopen_days", f"expected days > 0, got {reopen!r}")
+        reopen = 7
+    if len(r.problems) > before:
+        return Policy()
+    return Policy(tuple(timedelta(hours=h) for h in reminders), timedelta(hours=after), t["no_reply"],
+                  timedelta(days=reopen), " + ".join(f"[{w}]" for w in tables))
 
 
 def _only_known(r: _Reader, prefix: str, sect: dict[str, Any], keys: tuple[str, ...]) -> None:

@@ -137,6 +137,14 @@ def reply_to(original: EmailMessage, frm: str, body: str, subject: str | None = 
     return m
 
 
+def agent_reply(note, body, *, frm=STAFF, client=None, subject=None):
+    to = str(note["Reply-To"] or SUPPORT)
+    if client is not None:
+        from mailclients import CLIENTS
+        return CLIENTS[client](note, frm, to, body)
+    return reply_to(note, frm, body, subject, to=to)
+
+
 def uniq(word: str = "case") -> str:
     return f"{word}-{uuid.uuid4().hex[:8]}"
 

@@ -1,13 +1,14 @@
 """The process rules' pure decisions (issue 17): tier-2 region, wording tables, commands."""
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.config import Escalation
+from gateway.config import ConfigError, Escalation, Policy, parse
 from gateway.desk import lifecycle
-from gateway.model import Status, Ticket
+from gateway.model import Kind, Status, Ticket
 from gateway.rules import process
 from gateway.rules.settings import default_rules
 
@@ -139,3 +140,87 @@ def test_status_answer_at_most_once_per_interval() -> None:
     assert lifecycle.status_answer_due(ticket(), None, now, four)
     assert not lifecycle.status_answer_due(ticket(), now - timedelta(hours=1), now, four)
     assert lifecycle.status_answer_due(ticket(), now - four, now, four)
+
+
+# -- lifecycle per mailbox and plan ------------------------------------------
+
+KASEYA = Policy(reminders=(timedelta(hours=48), timedelta(hours=96), timedelta(hours=144)),
+                autoclose_after=timedelta(hours=168), no_reply="resolve")
+
+
+def test_repeated_reminders_one_at_a_time_and_none_stale_after_downtime() -> None:
+    t0 = datetime(2026, 12, 1, tzinfo=UTC)
+    pending = replace(ticket(), **lifecycle.enter(Status.PENDING, t0, KASEYA, cause="x").timers.__dict__)
+    assert pending.reminder_due_at == t0 + timedelta(hours=48)
+    assert lifecycle.due(pending, t0 + timedelta(hours=47), KASEYA) is None
+    first = lifecycle.due(pending, t0 + timedelta(hours=48), KASEYA)
+    assert first is not None and first.notices == (Kind.REMINDER,)
+    assert first.timers.reminder_due_at == t0 + timedelta(hours=96)
+    # down from 40 h to 100 h: one reminder, and the next one is the 144 h one, not a burst
+    late = lifecycle.due(pending, t0 + timedelta(hours=100), KASEYA)
+    assert late is not None and late.notices == (Kind.REMINDER,)
+    assert late.timers.reminder_due_at == t0 + timedelta(hours=144)
+    last = lifecycle.due(replace(pending, reminder_due_at=t0 + timedelta(hours=144)),
+                         t0 + timedelta(hours=150), KASEYA)
+    assert last is not None and last.timers.reminder_due_at is None
+    end = lifecycle.due(pending, t0 + timedelta(hours=168), KASEYA)
+    assert end is not None and end.status is Status.RESOLVED and end.notices == (Kind.AUTOCLOSE,)
+    assert end.timers.close_due_at == t0 + timedelta(hours=168) + KASEYA.reopen_within
+    none = Policy(reminders=())
+    assert lifecycle.enter(Status.PENDING, t0, none, cause="x").timers.reminder_due_at is None
+
+
+def test_policy_for_merges_key_by_key_mailbox_over_plan_over_default() -> None:
+    config = parse({"lifecycle": {"reopen_days": 14, "plans": {"advanced": {"reminder_after_hours": 12}}},
+                    "mailbox": [{"address": "support@example.com"},
+                                {"address": "kaseya@example.com",
+                                 "lifecycle": {"autoclose_after_hours": 168, "no_reply": "resolve",
+                                               "plans": {"basic": {"reminder_after_hours": [24, 72]}}}}]})
+    default = config.policy_for("support@example.com", "professional")
+    assert (default.reminders, default.reopen_within) == ((timedelta(hours=24),), timedelta(days=14))
+    assert config.policy_for("support@example.com", "advanced").reminders == (timedelta(hours=12),)
+    k = config.policy_for("kaseya@example.com", "advanced")
+    assert (k.reminders, k.autoclose_after, k.no_reply, k.reopen_within) == (
+        (timedelta(hours=12),), timedelta(hours=168), "resolve", timedelta(days=14))
+    assert config.policy_for("kaseya@example.com", "basic").reminders == (timedelta(hours=24), timedelta(hours=72))
+    assert config.policy_for("gone@example.com", "advanced") == config.policy_for("", "advanced")
+
+
+@pytest.mark.parametrize(("table", "problem"), [
+    ({"reminder_after_hours": 48}, "lifecycle.reminder_after_hours: expected ascending hours > 0 and below"),
+    ({"reminder_after_hours": [1, "2"]}, "lifecycle.reminder_after_hours: expected hours or a list"),
+    ({"no_reply": "archive"}, "lifecycle.no_reply: expected one of close, resolve"),
+    ({"reopen_days": 0}, "lifecycle.reopen_days: expected days > 0"),
+    ({"autoclose_after_hours": True}, "lifecycle.autoclose_after_hours: expected hours > 0"),
+    ({"remind": 3}, "lifecycle.remind: unknown key"),
+    ({"plans": {"gold": {}}}, "lifecycle.plans.gold: no such plan 'gold'"),
+])
+def test_a_bad_lifecycle_value_is_named(table: dict[str, object], problem: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse({"lifecycle": table})
+    assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
+
+
+# -- one ticket per problem ---------------------------------------------------
+
+def test_same_problem_needs_the_requester_the_subject_an_open_ticket_and_the_window() -> None:
+    from gateway.desk.conversation import Placement, same_problem
+    new = Placement(None, None, "new conversation")
+    t = replace(ticket(), subject="Re: [Support #1] Backup  fails", status=Status.OPEN)
+    now = t.created_at + timedelta(hours=10)
+
+    def placed(subject: str, sender: str = "ann@c.example", within: float = 72, **changes: object) -> int | None:
+        return same_problem(new, sender=sender, subject=subject, ticket_tag="Support",
+                            candidates=[replace(t, **changes)], now=now,   # type: ignore[arg-type]
+                            within=timedelta(hours=within)).ticket_id
+    assert placed("AW: backup fails") == 1 and placed("Fwd: Re: BACKUP FAILS") == 1
+    assert placed("backup fails", status=Status.PENDING) == 1
+    assert placed("Backup fails again") is None
+    assert placed("backup fails", sender="bob@c.example") is None
+    assert placed("backup fails", status=Status.RESOLVED) is None
+    assert placed("backup fails", within=9) is None and placed("backup fails", within=0) is None
+    assert same_problem(new, sender="ann@c.example", subject="Re:", ticket_tag="Support",   # no subject
+                        candidates=[replace(t, subject="Re: ")], now=now, within=timedelta(hours=72)) is new
+    linked = Placement(None, 7, "subject tag from a non-participant: new linked ticket")
+    assert same_problem(linked, sender="ann@c.example", subject="backup fails", ticket_tag="Support",
+                        candidates=[t], now=now, within=timedelta(hours=72)) is linked

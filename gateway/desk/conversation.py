@@ -11,15 +11,21 @@ The policy (README, "Threading"):
    of the old ticket is sent to them.
 3. A mail for a closed ticket (or a resolved one past its reopen window)
    opens a new ticket linked to it: closed tickets are never reopened.
-4. Anything else opens a new ticket.
+4. One ticket per problem (Kaseya, NinjaOne): a new mail (neither a reply
+   nor tagged) from a ticket's requester with the same subject (tag and
+   Re:/Fwd: stripped, case ignored), while that ticket is open or pending
+   and within `[threading] same_problem_hours` of its creation, joins it.
+5. Anything else opens a new ticket.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from gateway.desk.lifecycle import is_closed
-from gateway.model import Ticket
+from gateway.mail.subject import problem_key
+from gateway.model import Status, Ticket
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,7 @@ class Placement:
     ticket_id: int | None          # the ticket to join; None: open a new one
     linked_ticket: int | None      # for a new ticket: the ticket it follows up
     reason: str                    # for logs and `explain`
+    same_problem: bool = False     # joined by rule 4: a new mail about the ticket's problem
 
 
 def place(*, sender: str, sender_is_staff: bool, by_reference: Ticket | None,
@@ -49,3 +56,20 @@ def _join_unless_closed(ticket: Ticket, reason: str, now: datetime) -> Placement
     if is_closed(ticket, now):
         return Placement(None, ticket.id, f"{reason}, but it is closed: new linked ticket")
     return Placement(ticket.id, None, reason)
+
+
+def same_problem(placement: Placement, *, sender: str, subject: str, ticket_tag: str,
+                 candidates: Sequence[Ticket], now: datetime, within: timedelta) -> Placement:
+    """Rule 4: a new conversation joins the requester's open ticket about the
+    same problem. `candidates` are the sender's recent open tickets."""
+    key = problem_key(subject, ticket_tag)
+    if placement.ticket_id is not None or placement.linked_ticket is not None or not key or not within:
+        return placement
+    for t in candidates:
+        if (t.requester == sender and t.status in (Status.OPEN, Status.PENDING)
+                and now - t.created_at <= within and problem_key(t.subject, ticket_tag) == key):
+            hours = (now - t.created_at).total_seconds() / 3600
+            return Placement(t.id, None, f"same sender and subject as open ticket #{t.id}, opened {hours:.1f} h "
+                                         f"ago (within {within.total_seconds() / 3600:g} h): one ticket per problem",
+                             same_problem=True)
+    return placement

@@ -1,12 +1,13 @@
 """Ticket status transitions and their timers (pure: no I/O, `now` passed in).
 
     open ──staff reply──▶ pending ──customer reply──▶ open
-    pending ──24 h──▶ reminder (once) ──48 h──▶ closed, with an autoclose notice
+    pending ──24 h──▶ reminder (one or several) ──48 h──▶ closed (or resolved), with an autoclose notice
     any ──#status resolved──▶ resolved, with a closure notice
     resolved ──customer reply within 7 days──▶ open
     resolved ──7 days──▶ closed (quietly: the closure notice said so)
     closed: never reopened; a reply opens a new linked ticket (gateway.desk.conversation)
 
+The durations are the ticket's `Policy` (per mailbox and plan, `Config.policy_for`).
 Every transition returns the ticket's new timers. The timers are stored on
 the ticket, so the scheduler finds due work after a restart, and a
 transition that moves a ticket on clears the timers of the state it left:
@@ -51,7 +52,8 @@ def enter(status: Status, now: datetime, policy: Policy, *, cause: str,
           notices: tuple[Kind, ...] = ()) -> Transition:
     """The ticket enters `status` at `now`: the timers and stamps that go with it."""
     if status is Status.PENDING:
-        return Transition(status, Timers(reminder_due_at=now + policy.reminder_after,
+        first = policy.reminder_after
+        return Transition(status, Timers(reminder_due_at=now + first if first is not None else None,
                                          autoclose_due_at=now + policy.autoclose_after),
                           notices, cause=cause)
     if status is Status.RESOLVED:
@@ -119,11 +121,14 @@ def due(ticket: Ticket, now: datetime, policy: Policy) -> Transition | None:
         return held(ticket, Transition(ticket.status, t, cause="escalated: no reminder, no auto-close"))
     if ticket.status is Status.PENDING:
         if t.autoclose_due_at and now >= t.autoclose_due_at:
+            if policy.no_reply == "resolve":     # Kaseya: resolved, the reopen window follows
+                return enter(Status.RESOLVED, now, policy, cause="no customer reply: auto-resolve",
+                             notices=(Kind.AUTOCLOSE,))
             return enter(Status.CLOSED, now, policy, cause="no customer reply: auto-close",
                          notices=(Kind.AUTOCLOSE,))
         if t.reminder_due_at and now >= t.reminder_due_at:
-            return Transition(Status.PENDING, replace(t, reminder_due_at=None), (Kind.REMINDER,),
-                              cause="no customer reply: reminder")
+            return Transition(Status.PENDING, replace(t, reminder_due_at=next_reminder(t, now, policy)),
+                              (Kind.REMINDER,), cause="no customer reply: reminder")
     elif ticket.status is Status.RESOLVED:
         if t.close_due_at and now >= t.close_due_at:
             return enter(Status.CLOSED, now, policy, cause="reopen window over")
@@ -131,6 +136,16 @@ def due(ticket: Ticket, now: datetime, policy: Policy) -> Transition | None:
         # timers left from a state the ticket has left: drop them, send nothing
         return Transition(ticket.status, Timers(), cause="stale timers cleared")
     return None
+
+
+def next_reminder(t: Timers, now: datetime, policy: Policy) -> datetime | None:
+    """The reminder after the one due at `now` (Kaseya's repeated contact attempts):
+    the policy's offsets counted from when the ticket went pending. Those already
+    past are skipped (after downtime one reminder goes, not a burst)."""
+    if t.autoclose_due_at is None:
+        return None
+    since = t.autoclose_due_at - policy.autoclose_after
+    return next((since + r for r in policy.reminders if since + r > now), None)
 
 
 def sla_warning_due(ticket: Ticket, now: datetime) -> bool:

@@ -13,9 +13,9 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from gateway.config import Config, Mailbox
+from gateway.config import Config, Mailbox, Policy
 from gateway.desk import lifecycle
-from gateway.desk.conversation import Placement, place
+from gateway.desk.conversation import Placement, place, same_problem
 from gateway.desk.writer import Desk
 from gateway.mail import authres
 from gateway.mail.automatic import automatic_kind
@@ -107,9 +107,12 @@ class Pipeline:
             return Outcome(inbound_id, "joined", ticket.id, mail.message_id, 0,
                            f"{auto} mail recorded: no answer, no status change")
 
+        joined = None
+        if placement.ticket_id is None and not self.config.is_staff(sender):
+            placement, joined = await self._same_problem(tx, placement, mail, received, sender, now)
         if placement.ticket_id is None:
             return await self._open_ticket(tx, inbound_id, mail, received, sender, placement)
-        ticket = by_reference if by_reference and by_reference.id == placement.ticket_id else by_tag
+        ticket = joined or (by_reference if by_reference and by_reference.id == placement.ticket_id else by_tag)
         assert ticket is not None
         if self.config.is_staff(sender):
             unverified = self._staff_unverified(received, sender)
@@ -117,6 +120,21 @@ class Pipeline:
                 return await self._staff_reply(tx, inbound_id, mail, ticket, sender, now, placement)
             return await self._unverified_staff(tx, inbound_id, mail, ticket, sender, now, unverified)
         return await self._customer_reply(tx, inbound_id, mail, ticket, sender, now, placement)
+
+    async def _same_problem(self, tx: Tx, placement: Placement, mail: ParsedMail, received: Received,
+                            sender: str, now: datetime) -> tuple[Placement, Ticket | None]:
+        """One ticket per problem: the sender's open ticket answered from this
+        mailbox with the same subject, if any (conversation.same_problem)."""
+        within = self.config.same_problem_within
+        if not within or placement.linked_ticket is not None:
+            return placement, None
+        candidates = [t for t in await tx.open_tickets_of(sender, now - within)
+                      if t.mailbox == self._answering_mailbox(received.mailbox, t.govcloud)]
+        found = same_problem(placement, sender=sender, subject=mail.subject, ticket_tag=self.config.ticket_tag,
+                             candidates=candidates, now=now, within=within)
+        if found.ticket_id is None:
+            return placement, None
+        return found, await tx.ticket(found.ticket_id)      # locked, as read now
 
     async def _ticket_answered(self, tx: Tx, ids: tuple[str, ...]) -> Ticket | None:
         if not ids:
@@ -218,6 +236,9 @@ class Pipeline:
             accept_language=mail.headers.get("accept-language"),
             text=f"{mail.subject}\n{mail.reply_text}", default=mailbox.language)
 
+    def _policy(self, ticket: Ticket) -> Policy:
+        return self.config.policy_for(ticket.mailbox, ticket.plan)
+
     def _answering_mailbox(self, reached: Mailbox, govcloud: bool) -> str:
         """GovCloud tickets are answered from a GovCloud mailbox, even when the
         mail reached the commercial one (the rules found it belongs to GovCloud)."""
@@ -242,7 +263,7 @@ class Pipeline:
             context={"name": mail.sender_name or ticket.requester, "department": ticket.redirect,
                      "address": address})
         _, more = await self.desk.apply(
-            tx, ticket, lifecycle.enter(Status.RESOLVED, now, self.config.policy,
+            tx, ticket, lifecycle.enter(Status.RESOLVED, now, self._policy(ticket),
                                         cause=f"redirected to {ticket.redirect}"), now)
         log.info("ticket.redirected", ticket_id=ticket.id, redirect=ticket.redirect, to=address)
         return queued + more
@@ -251,8 +272,12 @@ class Pipeline:
                               sender: str, now: datetime, placement: Placement) -> Outcome:
         await self._record(tx, ticket.id, Kind.CUSTOMER, mail, inbound_id, now)
         marks: list[str] = []
+        if placement.same_problem:
+            await tx.add_event(ticket.id, now, "same_problem", {"message_id": mail.message_id,
+                                                                "subject": mail.subject, "why": placement.reason})
+            marks.append(f"ONE TICKET PER PROBLEM: a new mail (not a reply) joined this ticket: {placement.reason}")
         solved = process.solved(mail.reply_text) if ticket.status in (Status.OPEN, Status.PENDING) else None
-        tr = lifecycle.after_customer_reply(ticket, now, self.config.policy, solved=solved is not None)
+        tr = lifecycle.after_customer_reply(ticket, now, self._policy(ticket), solved=solved is not None)
         ticket, queued = await self.desk.apply(tx, ticket, lifecycle.held(ticket, tr), now)
         if solved is not None:
             closed = ticket.status is Status.RESOLVED
@@ -338,7 +363,7 @@ class Pipeline:
             ticket, more = await self._auto_escalate(tx, ticket, [mail.message_id], now)
             queued += more
         ticket, more = await self.desk.apply(
-            tx, ticket, lifecycle.after_staff_reply(ticket, cmds.status, relay, now, self.config.policy),
+            tx, ticket, lifecycle.after_staff_reply(ticket, cmds.status, relay, now, self._policy(ticket)),
             now)
         queued += more
         log.info("ticket.replied", ticket_id=ticket.id, message_id=mail.message_id,

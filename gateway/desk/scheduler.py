@@ -29,11 +29,11 @@ SLA_WARNING = "first-response target missed: SLA warning"
 
 
 class Scheduler:
-    def __init__(self, store: Store, desk: Desk, policy: Policy, clock: Clock, *,
+    def __init__(self, store: Store, desk: Desk, policy_for: Callable[[str, str], Policy], clock: Clock, *,
                  interval_s: float = 60.0, on_queued: Callable[[], None] = lambda: None):
         self.store = store
         self.desk = desk
-        self.policy = policy
+        self.policy_for = policy_for         # (mailbox, plan) -> its lifecycle
         self.clock = clock
         self.interval_s = interval_s
         self.on_queued = on_queued
@@ -74,7 +74,7 @@ class Scheduler:
             if owner is not None:
                 await self._owner_reminder(tx, ticket, at, *owner)
                 jobs.append((ticket.id, f"escalated: owner reminded ({owner[0]})", ticket.status.value, 1))
-            tr = lifecycle.due(ticket, at, self.policy)
+            tr = lifecycle.due(ticket, at, self.policy_for(ticket.mailbox, ticket.plan))
             if tr is None:
                 continue
             _, queued = await self.desk.apply(tx, ticket, tr, at)

@@ -84,11 +84,12 @@ class Desk:
         return ticket.owner or self.queue_of(ticket)
 
     def _notice_context(self, ticket: Ticket, kind: Kind, now: datetime) -> dict[str, Any]:
-        policy = self.config.policy
+        policy = self.config.policy_for(ticket.mailbox, ticket.plan)
         left = (ticket.autoclose_due_at - now).total_seconds() / 3600 if ticket.autoclose_due_at else 0
         return {"hours_left": max(1, round(left)),
                 "hours": round(policy.autoclose_after.total_seconds() / 3600),
-                "reopen_days": round(policy.reopen_within.total_seconds() / 86400)}
+                "reopen_days": round(policy.reopen_within.total_seconds() / 86400),
+                "resolve": policy.no_reply == "resolve"}
 
     async def to_customer(self, tx: Tx, ticket: Ticket, kind: Kind, now: datetime, *,
                           context: Mapping[str, Any], template: str | None = None,

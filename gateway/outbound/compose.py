@@ -50,7 +50,7 @@ from jinja2 import (
 
 from gateway.mail.parse import one_line
 from gateway.mail.reply import REPLY_MARKER
-from gateway.mail.subject import strip_tag
+from gateway.mail.subject import clean_subject
 from gateway.model import Attachment, Kind, Status, Ticket
 from gateway.outbound.dkim import DkimKey, DkimSigner, signer_for
 from gateway.outbound.tokens import TicketTokens
@@ -74,7 +74,6 @@ _UTF8_BASE64 = Charset("utf-8")
 _UTF8_BASE64.header_encoding = QP
 REFERENCES_MAX = 900
 DEFAULT_AUTO = "auto-generated"
-_SUBJECT_PREFIX = ("re:", "aw:", "fw:", "fwd:", "wg:", "antw:", "sv:", "vs:")
 
 
 @dataclass(frozen=True)
@@ -89,14 +88,6 @@ class Outgoing:
     subject: str
     body_text: str
     content: bytes
-
-
-def clean_subject(subject: str, ticket_tag: str) -> str:
-    """The subject without our tag and without reply/forward prefixes."""
-    s = strip_tag(subject, ticket_tag)
-    while s.lower().startswith(_SUBJECT_PREFIX):
-        s = s.split(":", 1)[1].strip()
-    return s
 
 
 class Headers:
@@ -306,7 +297,8 @@ _SAMPLE_TICKET = Ticket(
     missing=("account_email", "organisation"))
 _LEAN_TICKET = replace(_SAMPLE_TICKET, status=Status.CLOSED, cc=(), govcloud=False, linked_ticket=None,
                        subject="", plan="", missing=())
-_NOTICE = {"hours_left": 24, "hours": 48, "reopen_days": 7}
+_NOTICE = {"hours_left": 24, "hours": 48, "reopen_days": 7, "resolve": False}
+_RESOLVE = {**_NOTICE, "hours_left": 48, "hours": 168, "resolve": True}   # [lifecycle] no_reply = "resolve"
 _ATTACHMENT = Attachment("backup log.txt", "text/plain", 1200, "0" * 64)
 
 # Per template, the contexts its callers pass (desk.py, pipeline.py,
@@ -325,8 +317,8 @@ SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                       "body_text": "x", "attachments": []}),
     "staff_reply": ({"text": "Please run the backup again.\n\nJörg", "agent": "Jörg Müller"},
                     {"text": "", "agent": "Support"}),
-    "reminder": (_NOTICE, _NOTICE),
-    "autoclose": (_NOTICE, _NOTICE),
+    "reminder": (_RESOLVE, _NOTICE),
+    "autoclose": (_RESOLVE, _NOTICE),
     "closure": (_NOTICE, _NOTICE),
     "info_request": ({"name": "Ann", "missing": ["account_email", "organisation"]},
                      {"missing": ["organisation"]}),

@@ -315,6 +315,14 @@ class Tx:
         transaction on it waits, then sees what this one wrote)."""
         return await _fetch_ticket(self.db, ticket_id, lock=True)
 
+    async def open_tickets_of(self, requester: str, since: datetime, limit: int = 20) -> list[Ticket]:
+        """The requester's open and pending tickets created since `since`, newest
+        first (one ticket per problem; the tickets_requester index)."""
+        rows = await self._all(
+            f"SELECT {_TICKET_COLS} FROM tickets WHERE requester = ? AND created_at >= ?"
+            " AND status IN ('open', 'pending') ORDER BY id DESC LIMIT ?", (requester, iso(since), limit))
+        return [_ticket(r) for r in rows]
+
     async def customer_thread(self, ticket_id: int, customer_kinds: Sequence[str]) -> list[str]:
         """Message-IDs of what the customer saw and wrote, oldest first."""
         marks = ",".join("?" * len(customer_kinds))
