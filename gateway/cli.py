@@ -40,6 +40,7 @@ def ticket_json(t: Ticket) -> dict[str, Any]:
             "escalated": t.escalated, "undeliverable": list(t.undeliverable),
             "plan": t.plan, "response_due_at": iso(t.response_due_at), "missing": list(t.missing),
             "redirect": t.redirect, "emergency": t.emergency, "tier": t.tier, "owner": t.owner,
+            "contact": t.contact or None,
             "escalation": None if not t.escalated else {
                 "tier": t.tier, "by": t.escalated_by, "at": iso(t.escalated_at),
                 "queue": t.escalation_queue, "customer_told_at": iso(t.customer_told_at)}}
@@ -65,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     tl = tsub.add_parser("list", parents=[common], help="one row per ticket, newest first")
     tl.add_argument("--status", choices=[s.value for s in Status])
     tl.add_argument("--json", action="store_true")
+    tl.add_argument("--certified-first", action="store_true",
+                    help="tickets of certified administrators first (Kaseya), each part newest first")
     ts = tsub.add_parser("show", parents=[common], help="one ticket with all its messages")
     ts.add_argument("id", type=int)
     ts.add_argument("--json", action="store_true")
@@ -351,7 +354,7 @@ async def _tickets(config: Config, args: argparse.Namespace) -> int:
     store = await Store.open(config.store_url, config.busy_timeout_ms)
     try:
         if args.tickets_command == "list":
-            rows = await store.tickets(args.status)
+            rows = await store.tickets(args.status, certified_first=args.certified_first)
             if args.json:
                 print(json.dumps([ticket_json(t) for t in rows], ensure_ascii=False))
             else:
@@ -408,6 +411,8 @@ def _print_ticket(t: Ticket, messages: list[dict[str, Any]], events: list[dict[s
         _say(f"  follows up ticket #{t.linked_ticket}")
     _say(f"  created {iso(t.created_at)}")
     _say(f"  lifecycle {_lifecycle_text(lifecycle)}")
+    if t.contact:
+        _say(f"  contact {t.contact}" + (" (ranked first)" if t.contact == "certified" else ""))
     if t.escalated:
         _say(f"  escalated to tier {t.tier} by {t.escalated_by} at {iso(t.escalated_at)}, "
              f"queue {t.escalation_queue}; owner {t.owner or '(none yet)'}")

@@ -128,6 +128,7 @@ class Ticket:
     contact_due_at: datetime | None = None   # owner reminder: nobody wrote to the customer yet
     manual_close_due_at: datetime | None = None  # owner reminder: close it by hand
     emergency: bool = False                  # HKN's emergency type: P1 on a 24/7 clock
+    contact: str = ""                        # Kaseya: certified | authorised | unlisted; "" = not listed for
 
     @property
     def participants(self) -> frozenset[str]:

@@ -171,3 +171,103 @@ def test_one_ticket_per_problem_can_be_switched_off(make_gateway) -> None:  # ty
     for body in ("first", "second"):
         assert gw.send(mail(ANN, SUPPORT, key, body))[0] == 250
     wait_for(lambda: len(tickets_of(gw, ANN)) == 2)
+
+
+# -- authorised contacts (Kaseya) --------------------------------------------
+
+CONTACTS = '''
+    [rules.plans.professional]
+    p1 = {hours = 3}
+    p2 = {hours = 6}
+    p3 = {hours = 9}
+    [rules.plans.professional.certified]
+    p3 = {hours = 1}
+
+    [[rules.customer]]
+    organisation = "Acme"
+    domains = ["acme.example"]
+    plan = "professional"
+    contacts = ["ann@acme.example", "bob@acme.example"]
+    contacts_policy = "flag"
+    certified = [{address = "cert@acme.example", expires = 2099-12-31},
+                 {address = "old@acme.example", expires = 2020-01-01}]
+
+    [[rules.customer]]
+    organisation = "Locked Ltd"
+    domains = ["locked.example"]
+    contacts = ["ann@locked.example"]
+    contacts_policy = "restrict"
+    '''
+
+
+def new_ticket(gw: GatewayProc, frm: str, body: str = "The backup fails with 0x80040115.") -> dict[str, Any]:
+    key = uniq("Backup fails")
+    assert gw.send(mail(frm, SUPPORT, key, body))[0] == 250
+    return gw.ticket_by_subject(key)
+
+
+def staff_note(gw: GatewayProc, t: dict[str, Any]) -> str:
+    notes = wait_for(lambda: [m for m in gw.sink.to(QUEUES[t["region"]]) if f"#{t['id']}]" in str(m["Subject"])])
+    return " ".join(notes[0].get_body(("plain",)).get_content().split())
+
+
+def test_flag_marks_a_ticket_from_anyone_else_and_certified_administrators_rank_first(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(extra_toml=CONTACTS)
+    gw.start()
+    cert = new_ticket(gw, "Cy <cert@acme.example>")
+    ann = new_ticket(gw, "Ann <ann@acme.example>")
+    zed = new_ticket(gw, "Zed <zed@acme.example>")
+    old = new_ticket(gw, "old@acme.example")
+    assert (cert["contact"], ann["contact"], zed["contact"], old["contact"]) == (
+        "certified", "authorised", "unlisted", "authorised")        # an expired certificate does not count
+    assert "NOT AN AUTHORISED CONTACT: zed@acme.example is not an authorised contact of Acme" in staff_note(gw, zed)
+    assert "CERTIFIED ADMINISTRATOR (ranked first)" in staff_note(gw, cert)
+    assert "AUTHORISED CONTACT" not in staff_note(gw, ann) and "CERTIFIED" not in staff_note(gw, ann)
+    assert "certificate expired 2020-01-01" in next(e for e in old["events"] if e["rule"] == "contact")["why"]
+    assert [e["rule"] for e in zed["events"]] == ["contact"]
+
+    # the certified administrator's shorter target (1 business hour against 9)
+    assert cert["response_due_at"] < ann["response_due_at"]
+    assert cert["response_due_at"] < old["response_due_at"]
+    # newest first, as always; --certified-first puts the certified administrator's ticket first
+    assert [t["id"] for t in gw.tickets()][:4] == [old["id"], zed["id"], ann["id"], cert["id"]]
+    assert [t["id"] for t in gw.tickets("--certified-first")][:4] == [cert["id"], old["id"], zed["id"], ann["id"]]
+
+
+def test_authorised_contacts_answer_on_each_others_tickets(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(extra_toml=CONTACTS)
+    gw.start()
+    ann = new_ticket(gw, "Ann <ann@acme.example>")
+    tagged = f"Re: [Support #{ann['id']}] {ann['subject']}"
+    assert gw.send(mail("Bob <bob@acme.example>", SUPPORT, tagged, "Here is the log Ann promised."))[0] == 250
+    shown = wait_for(lambda: (x := gw.ticket(ann["id"]))["cc"] and x)
+    assert shown["cc"] == ["bob@acme.example"]
+    event = next(e for e in shown["events"] if e["rule"] == "colleague")
+    assert event["organisation"] == "Acme" and "authorised contact of Acme" in event["why"]
+    staff_answers(gw, ann["id"], "Thanks, looking at it.")
+    gw.sink.wait_to("bob@acme.example")                       # the colleague gets the answer too
+
+    # someone at Acme who is no authorised contact: a new linked ticket, as before
+    assert gw.send(mail("zed@acme.example", SUPPORT, tagged, "Me too."))[0] == 250
+    linked = wait_for(lambda: [t for t in gw.tickets() if t["linked_ticket"] == ann["id"]])
+    assert linked[0]["requester"] == "zed@acme.example"
+
+
+def test_restrict_keeps_the_mail_without_a_ticket_until_the_contact_is_added(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(extra_toml=CONTACTS)
+    gw.start()
+    key = uniq("Locked out")
+    assert gw.send(mail("Zed <zed@locked.example>", SUPPORT, key, "Please reset my password."))[0] == 250
+    (entry,) = wait_for(lambda: json.loads(gw.cli("quarantine", "list", "--json").stdout))
+    assert entry["error"].startswith("contact.refused: zed@locked.example is not an authorised contact of "
+                                     "Locked Ltd (contacts_policy restrict)")
+    assert not [t for t in gw.tickets() if key in t["subject"]]
+    assert any(e["event"] == "contact.refused" for e in gw.log_events())
+    assert new_ticket(gw, "ann@locked.example")["contact"] == "authorised"
+
+    # the organisation adds Zed: the kept mail becomes a ticket on retry
+    gw.config.write_text(gw.config.read_text().replace('contacts = ["ann@locked.example"]',
+                                                       'contacts = ["ann@locked.example", "zed@locked.example"]'))
+    r = gw.cli("quarantine", "retry", str(entry["id"]))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert gw.ticket_by_subject(key)["contact"] == "authorised"

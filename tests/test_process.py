@@ -224,3 +224,52 @@ def test_same_problem_needs_the_requester_the_subject_an_open_ticket_and_the_win
     linked = Placement(None, 7, "subject tag from a non-participant: new linked ticket")
     assert same_problem(linked, sender="ann@c.example", subject="backup fails", ticket_tag="Support",
                         candidates=[t], now=now, within=timedelta(hours=72)) is linked
+
+
+# -- authorised contacts ------------------------------------------------------
+
+def test_contact_standing_certified_until_expiry_authorised_or_unlisted() -> None:
+    from datetime import date
+
+    from gateway.rules import contacts
+    from gateway.rules.settings import Certified, Customer, CustomerDirectory
+    acme = Customer("Acme", ("acme.example",), contacts=("ann@acme.example", "bob@acme.example"),
+                    contacts_policy="restrict", certified=(Certified("cy@acme.example", date(2027, 6, 30)),))
+    day = date(2027, 6, 30)
+    assert contacts.standing(acme, "CY@acme.example", day).rank == "certified"           # the last valid day
+    late = contacts.standing(acme, "cy@acme.example", date(2027, 7, 1))
+    assert late.rank == "authorised" and "certificate expired 2027-06-30" in late.why
+    zed = contacts.standing(acme, "zed@acme.example", day)
+    assert zed.rank == "unlisted" and zed.refused and not zed.flagged
+    assert contacts.standing(replace(acme, contacts_policy="flag"), "zed@acme.example", day).flagged
+    assert not contacts.standing(replace(acme, contacts_policy="open"), "zed@acme.example", day).refused
+    assert contacts.standing(Customer("Open", ("open.example",)), "x@open.example", day) is None
+    directory = CustomerDirectory((acme, Customer("Other", ("other.example",), contacts=("o@other.example",))))
+    assert contacts.colleagues(directory, "bob@acme.example", "ann@acme.example", day) == "Acme"
+    assert contacts.colleagues(directory, "bob@mail.acme.example", "ann@acme.example", day) is None
+    assert contacts.colleagues(directory, "zed@acme.example", "ann@acme.example", day) is None
+    assert contacts.colleagues(directory, "o@other.example", "ann@acme.example", day) is None
+
+
+@pytest.mark.parametrize(("entry", "problem"), [
+    ({"contacts_policy": "closed"}, "rules.customer[0].contacts_policy: expected one of open, flag, restrict"),
+    ({"contacts": "ann@acme.example"}, "rules.customer[0].contacts"),
+    ({"certified": [{"address": "a@acme.example", "expires": "soon"}]},
+     "rules.customer[0].certified[0].expires: expected a date like 2027-06-30"),
+    ({"certified": [{"address": "a@acme.example", "expires": "2027-06-30", "level": 2}]},
+     "rules.customer[0].certified[0].level"),
+])
+def test_a_bad_contacts_entry_is_named(entry: dict[str, object], problem: str) -> None:
+    from gateway.rules.settings import parse_rules
+    _, problems = parse_rules({"rules": {"customer": [{"organisation": "Acme", "domains": ["acme.example"], **entry}]}})
+    assert any(p.startswith(problem) for p in problems), problems
+
+
+def test_a_certified_target_is_shorter_and_other_priorities_keep_the_plans() -> None:
+    from gateway.rules.settings import parse_rules
+    rules, problems = parse_rules({"rules": {"plans": {"professional": {
+        "p2": {"hours": 6}, "p3": {"hours": 9}, "certified": {"p3": {"hours": 1}}}}}})
+    assert problems == []
+    plan = rules.plans["professional"]
+    assert plan.target(3, certified=True).hours == 1 and plan.target(3).hours == 9
+    assert plan.target(2, certified=True).hours == 6

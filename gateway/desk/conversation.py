@@ -6,7 +6,9 @@ The policy (README, "Threading"):
    a genuine ticket token) joins that ticket, whoever sends it: only people
    who received our mail know those IDs.
 2. A mail whose subject carries `[<tag> #<id>]` joins that ticket only when
-   it comes from a participant (requester, the ticket's Cc, staff).
+   it comes from a participant (requester, the ticket's Cc, staff) or from
+   an authorised contact of the requester's organisation who is one too
+   (Kaseya: colleagues answer on each other's tickets).
    From anyone else it opens a new ticket linked to the old one, and nothing
    of the old ticket is sent to them.
 3. A mail for a closed ticket (or a resolved one past its reopen window)
@@ -20,7 +22,7 @@ The policy (README, "Threading"):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from gateway.desk.lifecycle import is_closed
@@ -34,20 +36,27 @@ class Placement:
     linked_ticket: int | None      # for a new ticket: the ticket it follows up
     reason: str                    # for logs and `explain`
     same_problem: bool = False     # joined by rule 4: a new mail about the ticket's problem
+    colleague_of: str | None = None  # joined by rule 2 as an authorised contact of this organisation
 
 
 def place(*, sender: str, sender_is_staff: bool, by_reference: Ticket | None,
-          by_tag: Ticket | None, now: datetime) -> Placement:
+          by_tag: Ticket | None, now: datetime, colleague_of: str | None = None) -> Placement:
     """Decide where a mail goes, given the tickets its headers point at.
 
     `by_reference` is the ticket whose message (or genuine token) the mail
-    answers; `by_tag` the ticket its subject tag names, if that exists.
+    answers; `by_tag` the ticket its subject tag names, if that exists;
+    `colleague_of` the organisation when the sender and the tagged ticket's
+    requester are both its authorised contacts (gateway.rules.contacts).
     """
     if by_reference is not None:
         return _join_unless_closed(by_reference, "answers a message of the ticket", now)
     if by_tag is not None:
         if sender_is_staff or sender in by_tag.participants:
             return _join_unless_closed(by_tag, "subject tag from a participant", now)
+        if colleague_of is not None:
+            joined = _join_unless_closed(by_tag, f"subject tag from an authorised contact of {colleague_of}, "
+                                                 "the requester's organisation", now)
+            return replace(joined, colleague_of=colleague_of) if joined.ticket_id else joined
         return Placement(None, by_tag.id, "subject tag from a non-participant: new linked ticket")
     return Placement(None, None, "new conversation")
 

@@ -22,7 +22,8 @@ from gateway.mail.automatic import automatic_kind
 from gateway.mail.subject import tagged_ticket_id
 from gateway.model import Attachment, Kind, ParsedMail, Status, Ticket, normalize_address
 from gateway.outbound.tokens import TicketTokens
-from gateway.rules import process
+from gateway.rules import contacts, process
+from gateway.rules.contacts import CERTIFIED, Standing
 from gateway.rules.decision import Decision, decide
 from gateway.rules.language import choose_language
 from gateway.store import Tx
@@ -91,8 +92,10 @@ class Pipeline:
             by_reference = await self._ticket_answered(tx, self.tokens.ids_in(received.raw))
         tag_id = tagged_ticket_id(mail.subject, self.config.ticket_tag)
         by_tag = await tx.ticket(tag_id) if tag_id is not None and by_reference is None else None
+        colleague = contacts.colleagues(self.config.rules.directory, sender, by_tag.requester, now.date()) \
+            if by_tag is not None and sender not in by_tag.participants else None
         placement = place(sender=sender, sender_is_staff=self.config.is_staff(sender),
-                          by_reference=by_reference, by_tag=by_tag, now=now)
+                          by_reference=by_reference, by_tag=by_tag, now=now, colleague_of=colleague)
 
         if auto is not None:
             ticket = by_reference or by_tag
@@ -180,6 +183,14 @@ class Pipeline:
                            sender: str, placement: Placement) -> Outcome:
         now = received.received_at
         decision = self.decide(mail, received.mailbox, now)
+        if decision.contact is not None and decision.contact.refused:
+            # Kaseya: only authorised contacts open tickets. Kept (quarantined:
+            # `quarantine retry` once the organisation has added them), no ticket.
+            log.warning("contact.refused", message_id=mail.message_id, sender=sender,
+                        **decision.contact.to_json())
+            return Outcome(inbound_id, "quarantined", None, mail.message_id, 0,
+                           f"contact.refused: {decision.contact.why}; no ticket (quarantine retry "
+                           f"once {decision.contact.organisation} has added the sender)")
         redirect_to = self.config.redirects.get(decision.redirect) if decision.redirect else None
         if decision.redirect and not redirect_to:
             log.warning("ticket.redirect_unconfigured", redirect=decision.redirect,
@@ -198,8 +209,13 @@ class Pipeline:
             response_due_at=decision.response_due if redirect_to is None else None,
             missing=decision.missing, redirect=decision.redirect if redirect_to else None,
             language=lang, decision={**decision.to_json(), "language": {"value": lang, "why": lang_why}},
-            emergency=decision.emergency and redirect_to is None)
+            emergency=decision.emergency and redirect_to is None,
+            contact=decision.contact.rank if decision.contact else "")
         await self._record(tx, ticket.id, Kind.CUSTOMER, mail, inbound_id, now)
+        marks = []
+        if decision.contact is not None:
+            await tx.add_event(ticket.id, now, "contact", decision.contact.to_json())
+            marks = contact_marks(decision.contact)
         if dropped:
             await self._participants_dropped(tx, ticket, mail, dropped, inbound_id, now)
         if redirect_to:
@@ -214,7 +230,7 @@ class Pipeline:
                              "missing": list(decision.missing),
                              "emergency": self._emergency_instructions(ticket)})
             queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now,
-                                         dropped=len(dropped))
+                                         dropped=len(dropped), marks=marks)
             queued += await self._emergency_alert(tx, ticket, mail, decision, now)
             ticket, more = await self._auto_escalate(tx, ticket, [mail.message_id], now)
             queued += more
@@ -272,6 +288,13 @@ class Pipeline:
                               sender: str, now: datetime, placement: Placement) -> Outcome:
         await self._record(tx, ticket.id, Kind.CUSTOMER, mail, inbound_id, now)
         marks: list[str] = []
+        if placement.colleague_of and sender not in ticket.participants \
+                and len(ticket.cc) < self.config.limits.max_participants:
+            # a colleague who answers gets the ticket's mail from now on
+            await tx.update_ticket(ticket.id, now, cc=(*ticket.cc, sender))
+            ticket = replace(ticket, cc=(*ticket.cc, sender))
+            await tx.add_event(ticket.id, now, "colleague", {"sender": sender, "organisation": placement.colleague_of,
+                                                             "why": placement.reason})
         if placement.same_problem:
             await tx.add_event(ticket.id, now, "same_problem", {"message_id": mail.message_id,
                                                                 "subject": mail.subject, "why": placement.reason})
@@ -520,3 +543,12 @@ class Pipeline:
 
 # Our automatic answers to a customer, counted by the per-sender hourly cap
 AUTO_ANSWER_KINDS = (Kind.ACK.value, Kind.REDIRECT.value)
+
+
+def contact_marks(standing: Standing) -> list[str]:
+    """What staff mail says about the requester's standing (Kaseya)."""
+    if standing.flagged:
+        return [f"NOT AN AUTHORISED CONTACT: {standing.why}"]
+    if standing.rank == CERTIFIED:
+        return [f"CERTIFIED ADMINISTRATOR (ranked first): {standing.why}"]
+    return []

@@ -199,6 +199,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE tickets ADD COLUMN emergency INTEGER NOT NULL DEFAULT 0;
     """,
+    # 10: authorised contacts (issue 17): the requester's standing with its organisation
+    """
+    ALTER TABLE tickets ADD COLUMN contact TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 
@@ -234,7 +238,7 @@ _TICKET_COLS = ("id, subject, status, requester, cc, region, govcloud, priority,
                 "reminder_due_at, autoclose_due_at, close_due_at, undeliverable, plan, "
                 "response_due_at, sla_warned_at, missing, redirect, language, tier, owner, "
                 "escalated_at, escalated_by, escalation_queue, customer_told_at, contact_due_at, "
-                "manual_close_due_at, emergency")
+                "manual_close_due_at, emergency, contact")
 
 
 def _ticket(row: Sequence[Any]) -> Ticket:
@@ -250,7 +254,7 @@ def _ticket(row: Sequence[Any]) -> Ticket:
         language=row[24], tier=row[25], owner=row[26], escalated_at=from_iso(row[27]),
         escalated_by=row[28], escalation_queue=row[29], customer_told_at=from_iso(row[30]),
         contact_due_at=from_iso(row[31]), manual_close_due_at=from_iso(row[32]),
-        emergency=bool(row[33]),
+        emergency=bool(row[33]), contact=row[34],
     )
 
 
@@ -354,22 +358,23 @@ class Tx:
                             linked_ticket: int | None, now: datetime, plan: str = "",
                             response_due_at: datetime | None = None, missing: Sequence[str] = (),
                             redirect: str | None = None, language: str = "en",
-                            decision: dict[str, Any] | None = None, emergency: bool = False) -> Ticket:
+                            decision: dict[str, Any] | None = None, emergency: bool = False,
+                            contact: str = "") -> Ticket:
         ticket_id = await self._insert(
             "INSERT INTO tickets (subject, status, requester, cc, region, govcloud, priority,"
             " mailbox, linked_ticket, created_at, updated_at, plan, response_due_at, missing,"
-            " redirect, decision, language, emergency) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " redirect, decision, language, emergency, contact) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (subject, Status.OPEN.value, requester, json.dumps(list(cc)), region, int(govcloud),
              priority, mailbox, linked_ticket, iso(now), iso(now), plan, iso(response_due_at),
              json.dumps(list(missing)), redirect, json.dumps(decision) if decision else None,
-             language, int(emergency)))
+             language, int(emergency), contact))
         # the row as written (times at the stored one-second precision), without reading it back
         return Ticket(id=ticket_id, subject=subject, status=Status.OPEN, requester=requester,
                       cc=tuple(cc), region=region, govcloud=govcloud, priority=priority,
                       mailbox=mailbox, linked_ticket=linked_ticket,
                       created_at=from_iso(iso(now)), plan=plan,  # type: ignore[arg-type]
                       response_due_at=from_iso(iso(response_due_at)), missing=tuple(missing),
-                      redirect=redirect, language=language, emergency=emergency)
+                      redirect=redirect, language=language, emergency=emergency, contact=contact)
 
     async def update_ticket(self, ticket_id: int, now: datetime, **fields: Any) -> None:
         allowed = {"status", "cc", "priority", "first_response_at", "resolved_at", "closed_at",
@@ -537,9 +542,10 @@ class Store:
             (iso(since) if since else "", iso(until) if until else "9999"))
         return [_ticket(r) for r in rows]
 
-    async def tickets(self, status: str | None = None) -> list[Ticket]:
+    async def tickets(self, status: str | None = None, *, certified_first: bool = False) -> list[Ticket]:
         where, params = ("WHERE status = ?", (status,)) if status else ("", ())
-        rows = await self._rows(f"SELECT {_TICKET_COLS} FROM tickets {where} ORDER BY id DESC", params)
+        order = "CASE WHEN contact = 'certified' THEN 0 ELSE 1 END, id DESC" if certified_first else "id DESC"
+        rows = await self._rows(f"SELECT {_TICKET_COLS} FROM tickets {where} ORDER BY {order}", params)
         return [_ticket(r) for r in rows]
 
     async def messages(self, ticket_id: int) -> list[dict[str, Any]]:
