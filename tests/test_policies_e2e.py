@@ -226,8 +226,10 @@ def test_flag_marks_a_ticket_from_anyone_else_and_certified_administrators_rank_
     assert "certificate expired 2020-01-01" in next(e for e in old["events"] if e["rule"] == "contact")["why"]
     assert [e["rule"] for e in zed["events"]] == ["contact"]
 
-    # the certified administrator's shorter target (1 business hour against 9)
+    # the certified administrator's shorter target (1 business hour against 9), and the ack says so
     assert cert["response_due_at"] < ann["response_due_at"]
+    ack = " ".join(gw.sink.wait_to("cert@acme.example")[0].get_body(("plain",)).get_content().split())
+    assert "within 1 business hour" in ack
     assert cert["response_due_at"] < old["response_due_at"]
     # newest first, as always; --certified-first puts the certified administrator's ticket first
     assert [t["id"] for t in gw.tickets()][:4] == [old["id"], zed["id"], ann["id"], cert["id"]]

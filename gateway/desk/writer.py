@@ -128,7 +128,7 @@ class Desk:
     def target_text(self, ticket: Ticket, due: datetime | None) -> str | None:
         """The first-response promise, honestly: the plan's target and when it falls due."""
         plan = self.config.rules.plans.get(ticket.plan)
-        target = plan.target(ticket.priority) if plan else None
+        target = plan.target(ticket.priority, certified=ticket.contact == "certified") if plan else None
         if target is None or due is None:
             return None
         calendar = None if target.around_the_clock or ticket.emergency \
