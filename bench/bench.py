@@ -253,9 +253,10 @@ def write_config(tmp: Path, port: int, relay_port: int, size: int, store: str, w
 
 
 def start_gateway(cfg: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "LOG_LEVEL": "warning"})
+    with open(log, "wb") as out:        # the child has its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
+                                stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "LOG_LEVEL": "warning"})
     end = time.monotonic() + 30
     while time.monotonic() < end:
         try:

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +19,36 @@ import structlog
 import structlog.contextvars
 
 from gateway.clock import Clock, system_clock
-from gateway.config import Config
+from gateway.config import Config, ConfigError, load
 from gateway.desk.pipeline import Pipeline
 from gateway.desk.scheduler import Scheduler
 from gateway.desk.writer import Desk
 from gateway.inbound.intake import Intake
 from gateway.inbound.smtp import Listener, SupportHandler
+from gateway.model import Kind
 from gateway.ops import logs, metrics, systemd, workers
 from gateway.ops.sandbox import Sandbox
-from gateway.outbound.compose import Composer
+from gateway.outbound.compose import Composer, check_templates
 from gateway.outbound.sender import OutboxSender
-from gateway.outbound.tokens import TicketTokens, load_secret
+from gateway.outbound.tokens import TicketTokens, open_store, shared_secret
 from gateway.outbound.transport import MaildirDrop, SmtpRelay, Transport
-from gateway.store import Store, StoreUnavailable
+from gateway.store import Failure, Store, StoreUnavailable, Tx
 from gateway.store.blobs import Blobs
 
 log = structlog.get_logger("gateway")
 
 STOP_GRACE_S = 10.0
+
+# What SIGHUP changes in a running `serve` (README "Reloading the configuration"):
+# the settings read afresh for each mail and each scheduler round. Every other
+# setting is bound to a socket, a process, the store, the sender or a running
+# poller; a change to one of those refuses the reload and needs a restart (a
+# setting added later is restart-only until it is named here).
+RELOADABLE = frozenset({
+    "ticket_tag", "mailboxes", "staff_addresses", "staff_domains", "queues", "default_region",
+    "redirects", "policy", "rules", "staff_require_authenticated", "staff_trusted_authserv_ids",
+    "templates_dir", "dkim_keys",
+})
 
 
 @dataclass
@@ -47,6 +59,31 @@ class Gateway:
     intake: Intake
     sender: OutboxSender
     scheduler: Scheduler
+
+    def reconfigure(self, new: Config) -> list[str]:
+        """Put `new` in place for the next mail and the next scheduler round and
+        return the settings that changed; templates (and template files) are read
+        again. Raises ConfigError, leaving the running configuration as it was,
+        when a restart-only setting changed or a template or DKIM key is unusable."""
+        old = self.config
+        changed = [f.name for f in fields(Config) if f.name != "source"
+                   and getattr(old, f.name) != getattr(new, f.name)]
+        fixed = [name for name in changed if name not in RELOADABLE]
+        if fixed:
+            raise ConfigError([f"{name}: changed, takes effect only on a restart" for name in fixed])
+        pipeline = self.intake.pipeline
+        try:
+            composer = Composer(ticket_tag=new.ticket_tag, tokens=pipeline.tokens,
+                                override_dir=new.templates_dir, dkim_keys=new.dkim_keys)
+        except ValueError as e:
+            raise ConfigError([f"dkim: {e}"]) from None
+        if problems := check_templates(composer):
+            raise ConfigError([f"template error: {problem}" for problem in problems])
+        desk = Desk(new, composer)
+        self.intake.pipeline = Pipeline(new, desk, pipeline.tokens)
+        self.scheduler.desk, self.scheduler.policy_for = desk, new.policy_for
+        self.config = new
+        return changed
 
     async def close(self) -> None:
         await self.intake.stop()
@@ -69,24 +106,21 @@ async def open_gateway(config: Config, clock: Clock = system_clock, *, resident:
     """`resident`: for `serve` (parse workers from a fork server, see gateway.ops.sandbox)."""
     try:
         private_data_dir(config.data_dir)
-        secret = load_secret(config.data_dir)
     except OSError as e:
         raise StoreUnavailable(f"data_dir {config.data_dir}: {e}") from e
-    store = await Store.open(config.store_url, config.busy_timeout_ms)
-    # Every instance on one database signs and checks ticket tokens with the
-    # same key: the first one stored (this data_dir's, on a single instance).
+    store = await open_store(config.store_url, config.busy_timeout_ms, config.token_secret_path)
     try:
-        secret = bytes.fromhex(await store.shared_setting("ticket_token_secret", secret.hex()))
+        tokens = TicketTokens(await shared_secret(store, config.token_secret_path))
     except BaseException:
         await store.close()
         raise
-    tokens = TicketTokens(secret)
     desk = Desk(config, Composer(ticket_tag=config.ticket_tag, tokens=tokens,
                                  override_dir=config.templates_dir, dkim_keys=config.dkim_keys))
     pipeline = Pipeline(config, desk, tokens)
     sender = OutboxSender(store, transports(config), clock, retry_base_s=config.outbound_retry_base_s,
                           retry_max_s=config.outbound_retry_max_s, poll_s=config.outbound_poll_s,
-                          lease_s=config.lease_s)
+                          lease_s=config.lease_s, data_dir=str(config.data_dir),
+                          on_failed=lambda failures: notice_failures(store, desk, clock, failures))
     preload = ["gateway.mail.structure"]
     intake = Intake(store, pipeline, Blobs(config.data_dir), clock, on_commit=sender.wake,
                     limits=config.limits, max_message_size=config.max_message_size,
@@ -95,6 +129,28 @@ async def open_gateway(config: Config, clock: Clock = system_clock, *, resident:
     scheduler = Scheduler(store, desk, config.policy_for, clock, interval_s=config.scheduler_interval_s,
                           on_queued=sender.wake)
     return Gateway(config, clock, store, intake, sender, scheduler)
+
+
+async def notice_failures(store: Store, desk: Desk, clock: Clock, failures: list[Failure]) -> int:
+    """The queue hears of mail the relay refused for good: a staff answer that did
+    not go out, or a customer's address now undeliverable (project issue 15).
+    Never about staff mail itself (a notice about a notice could go on forever)."""
+    now = clock()
+
+    async def work(tx: Tx) -> int:
+        queued = 0
+        for f in failures:
+            if f.kind == Kind.STAFF_NOTIFY.value or not (f.marked or f.kind == Kind.STAFF_REPLY.value):
+                continue
+            ticket = await tx.ticket(f.ticket_id)
+            if ticket is not None:
+                what = ("The relay refused the staff answer for good: the customer did not get it."
+                        if f.kind == Kind.STAFF_REPLY.value else
+                        f"The relay refused our {f.kind.replace('_', ' ')} mail for good.")
+                queued += await desk.undeliverable_notice(tx, ticket, now, addresses=f.rcpt_to,
+                                                          marked=f.marked, what=what, detail=f.error)
+        return queued
+    return await store.run(work)
 
 
 STORE_FILES = ("gateway.db", "gateway.db-wal", "gateway.db-shm", "gateway.db-journal")
@@ -122,6 +178,9 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
     workers and runs the sender and scheduler; see gateway.ops.workers."""
     count = config.workers
     primary = worker == 0
+    # SIGHUP's default action ends the process: caught from the start, acted on once serving
+    hup = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hup.set)
     structlog.contextvars.bind_contextvars(worker=worker)    # on every line this process logs
     if not primary:
         workers.die_with_parent()
@@ -137,7 +196,8 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
     if primary and count > 1:
         others = workers.Workers(config.path, count, gw.sender.wake)
         await others.start()
-    listener = Listener(config, SupportHandler(config, gw.intake, clock), reuse_port=count > 1)
+    handler = SupportHandler(config, gw.intake, clock)
+    listener = Listener(config, handler, reuse_port=count > 1)
     try:
         await listener.start()
     except OSError as e:
@@ -163,7 +223,7 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
             from gateway.inbound.imap import STATE_FILE, ImapPoller, ImapState
             from gateway.store.leases import StoreLease, holder_id
             state = ImapState(config.data_dir / STATE_FILE)
-            holder = holder_id()
+            holder = holder_id(str(config.data_dir))
             for account in config.imap:
                 mailbox = config.mailbox_for(account.mailbox)
                 assert mailbox is not None      # parse_imap checked it
@@ -191,8 +251,11 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
     log.info("gateway.started", host=host, port=port, protocol="lmtp" if config.lmtp else "smtp",
              data_dir=str(config.data_dir), config=config.source, worker=worker, workers=count,
              mailboxes=[m.address for m in config.mailboxes], transport=config.outbound_transport)
+    status = f"STATUS=listening on {host}:{port}, {count} worker(s)"
+    helpers.append(asyncio.create_task(_reloads(hup, gw, handler, pollers, others, status if primary else None),
+                                       name="reload"))
     if primary:
-        systemd.notify(f"READY=1\nSTATUS=listening on {host}:{port}, {count} worker(s)")
+        systemd.notify(f"READY=1\n{status}")
         if (every := systemd.watchdog_interval()) is not None:
             helpers.append(asyncio.create_task(_watchdog(every, health), name="watchdog"))
     await stop.wait()
@@ -224,6 +287,36 @@ async def serve(config: Config, clock: Clock = system_clock, *, worker: int = 0)
     await gw.close()
     log.info("gateway.stopped", worker=worker, outbox_queued=counts.get("queued", 0))
     return 0
+
+
+async def _reloads(hup: asyncio.Event, gw: Gateway, handler: SupportHandler, pollers: list[Any],
+                   others: workers.Workers | None, status: str | None) -> None:
+    """On each SIGHUP: read the config file again and apply it (`Gateway.reconfigure`),
+    or keep the running one and log why. Sessions stay open; a mail in flight
+    finishes under the configuration it started with. The primary passes the
+    signal on to the other workers, which reload their own copy; `status` (the
+    primary's) tells systemd the reload began and ended."""
+    while True:
+        await hup.wait()
+        hup.clear()
+        if status is not None:
+            systemd.notify("RELOADING=1\nSTATUS=reloading the configuration")
+        if others is not None:
+            others.signal(signal.SIGHUP)
+        source = gw.config.source
+        try:
+            new = await asyncio.to_thread(load, gw.config.path)
+            changed = gw.reconfigure(new)
+        except ConfigError as e:
+            log.error("config.reload_refused", config=source, problems=e.problems,
+                      kept="the running configuration")
+        else:
+            handler.config = new
+            for poller in pollers:
+                poller.mailbox = new.mailbox_for(poller.mailbox.address) or poller.mailbox
+            log.info("config.reloaded", config=source, changed=changed)
+        if status is not None:
+            systemd.notify(f"READY=1\n{status}")
 
 
 async def _watchdog(every_s: float, health: metrics.Health) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -21,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from gateway.clock import fixed_clock, system_clock
-from gateway.config import Config, ConfigError, load
+from gateway.config import Config, ConfigError, environment_problems, load
 from gateway.desk import stats
 from gateway.inbound import answers
 from gateway.model import Status, Ticket
 from gateway.ops import logs
+from gateway.outbound.tokens import open_store
 from gateway.store import Store, StoreUnavailable, iso
 
 INGEST_SEND_TIMEOUT_S = 20.0
@@ -46,12 +48,21 @@ def ticket_json(t: Ticket) -> dict[str, Any]:
                 "queue": t.escalation_queue, "customer_told_at": iso(t.customer_told_at)}}
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("support-gateway")
+    except PackageNotFoundError:   # run from a checkout that was never installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
                         help="TOML configuration (default: $GATEWAY_CONFIG, else built-in defaults)")
     p = argparse.ArgumentParser(prog="gateway", parents=[common],
                                 description="Email-driven support ticket gateway")
+    p.add_argument("--version", action="version", version=f"gateway {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sv = sub.add_parser("serve", parents=[common], help="run the daemon (SMTP/LMTP listener, sender)")
@@ -120,10 +131,11 @@ def _main(argv: Sequence[str] | None) -> int:
         return answers.EX_CONFIG
     if command == "check-config":
         from gateway.outbound.compose import check_templates, templates
-        template_problems = check_templates(templates(config.templates_dir))
-        if template_problems:
-            for problem in template_problems:
-                print(f"gateway: template error: {problem}", file=sys.stderr)
+        problems = [f"template error: {p}" for p in check_templates(templates(config.templates_dir))]
+        problems += [f"invalid configuration: {p}" for p in environment_problems(config)]
+        if problems:
+            for problem in problems:
+                print(f"gateway: {problem}", file=sys.stderr)
             return answers.EX_CONFIG
         print(f"configuration OK ({config.source}): {len(config.mailboxes)} mailbox(es), "
               f"data in {config.data_dir}, {'LMTP' if config.lmtp else 'SMTP'} on "
@@ -145,15 +157,23 @@ def _main(argv: Sequence[str] | None) -> int:
             return asyncio.run(_stats(config, args))
         if command == "explain":
             return _explain(config, args)
+    except NoDatabase as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return EX_NOINPUT
     except StoreUnavailable as e:
         print(f"gateway: store unavailable: {e}", file=sys.stderr)
         return answers.EX_TEMPFAIL
+    except BrokenPipeError:
+        # `gateway tickets list | head -1`: the reader has gone; end quietly,
+        # with the status a shell gives a command killed by SIGPIPE.
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE
     except UsageError as e:
         print(f"gateway: {e}", file=sys.stderr)
         return answers.EX_USAGE
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # noqa: BLE001 - for ingest, anything unexpected is "try again later"
+    except Exception as e:
         if command == "ingest":
             # An MTA bounces mail on any other status: a bug here must not send
             # the customer's mail back to them (sysexits EX_TEMPFAIL defers it).
@@ -161,6 +181,30 @@ def _main(argv: Sequence[str] | None) -> int:
             return answers.EX_TEMPFAIL
         raise
     raise AssertionError(command)  # pragma: no cover - argparse restricts commands
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush
+    does not raise again on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+class NoDatabase(Exception):
+    """A read-only command found no database: it never creates one."""
+
+
+EX_NOINPUT = 66   # sysexits.h: cannot open input
+
+
+async def _open_existing(config: Config) -> Store:
+    """The store, for a command that only reads it (or reads before it writes):
+    a missing SQLite file means a wrong --config, not an empty desk."""
+    if config.store_url.startswith("sqlite:///"):
+        path = Path(config.store_url[len("sqlite:///"):])
+        if not path.exists():
+            raise NoDatabase(f"no database at {path}: is --config right?")
+    return await open_store(config.store_url, config.busy_timeout_ms, config.token_secret_path)
 
 
 # -- ingest ---------------------------------------------------------------
@@ -236,6 +280,7 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     """The rules stage on one message, with its evidence. Opens no store:
     it cannot write anything or send anything."""
     from gateway.mail.automatic import automatic_kind
+    from gateway.mail.bounce import read_bounce
     from gateway.mail.parse import parse_mail
     from gateway.mail.subject import problem_key, tagged_ticket_id
     from gateway.rules import process
@@ -253,9 +298,10 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     decision = decide(mail, mailbox_address=mailbox.address, mailbox_govcloud=mailbox.govcloud,
                       rules=config.rules, directory=config.rules.directory, now=now,
                       mailbox_emergency=mailbox.emergency)
-    out = {"message_id": mail.message_id, "from": mail.sender, "subject": mail.subject,
+    out: dict[str, Any] = {"message_id": mail.message_id, "from": mail.sender, "subject": mail.subject,
            "mailbox": mailbox.address, "at": iso(now),
-           "automatic": automatic_kind(mail.headers, sender=mail.sender, mail_from=None),
+           "automatic": automatic_kind(mail.headers, sender=mail.sender, mail_from=None,
+                                       content_types=mail.content_types),
            "ticket_tag": tagged_ticket_id(mail.subject, config.ticket_tag),
            "answers": list(mail.thread_ids),
            "redirect_to": config.redirects.get(decision.redirect) if decision.redirect else None,
@@ -265,6 +311,9 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
            # one ticket per problem: a new mail with this key joins the sender's open ticket of the same key
            "same_problem": {"key": problem_key(mail.subject, config.ticket_tag),
                             "within_hours": config.same_problem_within.total_seconds() / 3600}}
+    # how a bounce is read (gateway.mail.bounce): which addresses it stops, which it only delays
+    bounce = read_bounce(raw).to_json() if out["automatic"] == "bounce" else None
+    out["bounce"] = bounce
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
         return answers.EX_OK
@@ -273,6 +322,9 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     _say(f"  subject: {mail.subject}")
     if out["automatic"]:
         _say(f"  automatic mail ({out['automatic']}): never answered; makes no ticket unless it belongs to one")
+    if bounce is not None:
+        _say(f"  bounce: failed for good {', '.join(bounce['failed']) or '-'};"
+             f" only delayed {', '.join(bounce['delayed']) or '-'}")
     if out["ticket_tag"] is not None or mail.thread_ids:
         _say(f"  threading: tag #{out['ticket_tag']}, answers {len(mail.thread_ids)} message(s)"
               " (a reply joins its ticket when it answers one of its messages, or carries the"
@@ -281,11 +333,11 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     _say(f"  govcloud  {str(d.govcloud).lower():<10}")
     _say(f"  priority  P{d.priority}")
     _say(f"  plan      {d.plan:<10} first response due {iso(d.response_due) or 'no target'}")
-    _say(f"  redirect  {d.redirect or '-':<10} {('to ' + out['redirect_to']) if out['redirect_to'] else ''}")
+    _say(f"  redirect  {d.redirect or '-':<10} {('to ' + str(out['redirect_to'])) if out['redirect_to'] else ''}")
     _say(f"  missing   {', '.join(d.missing) or '-'}")
     _say("evidence (the first line of each part decided it):")
-    for e in d.evidence:
-        _say(f"  {e.part:<9} {e.rule:<28} {e.detail}")
+    for ev in d.evidence:
+        _say(f"  {ev.part:<9} {ev.rule:<28} {ev.detail}")
     for p in out["process"]:
         _say(f"  process   {p['rule']:<28} {p['language']} wording {p['phrase']!r}")
     _say(f"  lifecycle {_lifecycle_text(out['lifecycle'])}")
@@ -326,7 +378,7 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
             print(f"gateway: no quarantined mail {args.id}: already processed", file=sys.stderr)
             return 1
         return answers.EX_OK if result.processed else answers.EX_DATAERR
-    store = await Store.open(config.store_url, config.busy_timeout_ms)
+    store = await _open_existing(config)
     try:
         if args.quarantine_command == "list":
             rows = await quarantine.entries(store)
@@ -351,7 +403,7 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
 # -- tickets --------------------------------------------------------------
 
 async def _tickets(config: Config, args: argparse.Namespace) -> int:
-    store = await Store.open(config.store_url, config.busy_timeout_ms)
+    store = await _open_existing(config)
     try:
         if args.tickets_command == "list":
             rows = await store.tickets(args.status, certified_first=args.certified_first)
@@ -447,7 +499,7 @@ def when(option: str, value: str) -> datetime:
 async def _stats(config: Config, args: argparse.Namespace) -> int:
     since = when("--since", args.since) if args.since else None
     until = when("--until", args.until) if args.until else None
-    store = await Store.open(config.store_url, config.busy_timeout_ms)
+    store = await _open_existing(config)
     try:
         rep = stats.report(await store.tickets_created(since, until))
     finally:

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from gateway.model import REGIONS, normalize_address
+from gateway.model import REGIONS, mailbox_of, normalize_address
 from gateway.outbound.dkim import DkimKey, DkimSigner
 from gateway.outbound.transport import Relay
-from gateway.rules.settings import SUPPORTED_LANGUAGES, RulesConfig, default_rules, parse_rules
+from gateway.rules.settings import SUPPORTED_LANGUAGES, RulesConfig, default_rules, parse_rules, unknown_key
 
 ENV_VAR = "GATEWAY_CONFIG"
 DEFAULTS_SOURCE = "built-in defaults"
@@ -85,7 +87,7 @@ class Emergency:
     instructions: Mapping[str, str] = field(default_factory=lambda: dict(EMERGENCY_INSTRUCTIONS))
 
 
-EMERGENCY_INSTRUCTIONS = {
+EMERGENCY_INSTRUCTIONS: dict[str, str] = {
     "en": "Emergency support is charged separately at the emergency rate. For immediate help "
           "call +1 555 0100 (24/7) and quote your ticket number.",
     "de": "Notfall-Support wird gesondert zum Notfalltarif berechnet. Für sofortige Hilfe rufen Sie "
@@ -120,7 +122,10 @@ class Limits:
     max_recipients: int = 50              # RCPT TO per transaction; more get 452 4.5.3
     max_attachments: int = 100            # MIME leaf parts besides the text; more get 554 5.6.0
     max_nesting: int = 10                 # multipart / message/rfc822 depth; deeper gets 554 5.6.0
-    auto_answers_per_sender_per_hour: int = 10   # acknowledgements to one address per hour
+    auto_answers_per_sender_per_hour: int = 10   # acknowledgements to one mailbox (case, +tag folded) per hour
+    auto_answers_per_domain_per_hour: int = 200  # acknowledgements to one sender domain per hour
+    new_tickets_per_sender_per_hour: int = 30    # new tickets from one mailbox per hour; more are quarantined
+    new_tickets_per_domain_per_hour: int = 1000  # new tickets from one sender domain per hour; more are quarantined
     max_participants: int = 50            # To/Cc addresses kept on a ticket, recipients of one outbound mail
     parse_seconds: float = 5.0            # CPU time one mail's parse may take; then it is quarantined
     parse_processes: int = 2              # worker processes that parse (killed and replaced past parse_seconds)
@@ -177,6 +182,7 @@ class Config:
     same_problem_within: timedelta = timedelta(hours=72)
     # (mailbox address or "", plan or "") -> the lifecycle merged for it (`policy_for`)
     policies: Mapping[tuple[str, str], Policy] = field(default_factory=dict)
+    token_secret_file: Path | None = None     # None: data_dir/secret.key
 
     # -- lookups used across the gateway ---------------------------------
     @property
@@ -184,11 +190,15 @@ class Config:
         """The file this configuration was read from; None for the built-in defaults."""
         return None if self.source == DEFAULTS_SOURCE else self.source
 
+    @property
+    def token_secret_path(self) -> Path:
+        """The key file of the ticket-token secret (unless $GATEWAY_TOKEN_SECRET is set)."""
+        return self.token_secret_file or self.data_dir / "secret.key"
+
     def mailbox_for(self, address: str) -> Mailbox | None:
         """The mailbox an address reaches, ignoring case and `+tag` suffixes."""
         addr = normalize_address(address)
-        local, _, domain = addr.partition("@")
-        base = local.split("+", 1)[0] + "@" + domain
+        base = mailbox_of(addr)
         for mb in self.mailboxes:
             if mb.address in (addr, base):
                 return mb
@@ -204,8 +214,11 @@ class Config:
         return self.policy
 
     def is_staff(self, address: str) -> bool:
+        """A `[staff]` address, an address at a `[staff] domains` domain, or a queue
+        address (a shared team mailbox whose members answer from it)."""
         addr = normalize_address(address)
-        return addr in self.staff_addresses or addr.rpartition("@")[2] in self.staff_domains
+        return addr in self.staff_addresses or addr.rpartition("@")[2] in self.staff_domains \
+            or addr in self.queues.values()           # normalized when the config is read
 
 
 # -- [[imap]] -------------------------------------------------------------------
@@ -266,7 +279,7 @@ def parse_imap(data: list[dict[str, Any]] | Any, mailbox_addresses: set[str],
             problems.append(f"{key}.{name}: {what}")
 
         for unknown in sorted(set(table) - _KEYS):
-            fail(unknown, "unknown key")
+            fail(unknown, unknown_key(unknown, _KEYS))
         host = table.get("host")
         if not isinstance(host, str) or not host.strip():
             fail("host", f"expected a host name, got {host!r}")
@@ -286,7 +299,7 @@ def parse_imap(data: list[dict[str, Any]] | Any, mailbox_addresses: set[str],
         user = table.get("user")
         if not isinstance(user, str) or not user:
             fail("user", f"expected the login name, got {user!r}")
-        def readable(key: str) -> Path | None:
+        def readable(key: str, table: Mapping[str, Any] = table) -> Path | None:
             """An optional file name: None when absent, else a readable path."""
             value = table.get(key)
             if value is None:
@@ -375,8 +388,7 @@ def parse_dkim(data: list[dict[str, Any]] | dict[str, Any],
             problems.append(f"{at}: must be a table with domain, selector and key_file")
             continue
         bad = len(problems)
-        problems.extend(f"{at}.{k}: unknown key (expected domain, selector, key_file)"
-                        for k in sorted(set(entry) - _DKIM_KEYS))
+        problems.extend(f"{at}.{k}: {unknown_key(k, _DKIM_KEYS)}" for k in sorted(set(entry) - _DKIM_KEYS))
         domain = _dkim_name(entry, "domain", at, problems, min_labels=2)
         selector = _dkim_name(entry, "selector", at, problems, min_labels=1)
         if domain is not None and domain in keys:
@@ -459,19 +471,54 @@ def _defaults() -> dict[str, Any]:
     }
 
 
+class _Table(dict[str, Any]):
+    """A TOML table that remembers the keys asked for: the known keys are the
+    ones the parser reads, so a key added to the parser is known everywhere."""
+
+    def __init__(self, value: dict[str, Any]):
+        super().__init__(value)
+        self.asked: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            self.asked.add(key)
+        return super().__contains__(key)
+
+
 class _Reader:
     """Reads typed values out of the TOML tree, recording every problem by key."""
 
     def __init__(self, data: dict[str, Any]):
         self.data = data
         self.problems: list[str] = []
+        self.tables: dict[str, _Table] = {}
 
-    def section(self, name: str) -> dict[str, Any]:
-        value = self.data.get(name, {})
+    def section(self, name: str, parent: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The table `name` (dotted for a sub-table of `parent`), recording which keys
+        the parser asks for: whatever else it holds is an unknown key (`unknown_keys`)."""
+        if name in self.tables:
+            return self.tables[name]
+        value = (self.data if parent is None else parent).get(name.rpartition(".")[2], {})
         if not isinstance(value, dict):
             self.problems.append(f"{name}: expected a table [{name}], got {type(value).__name__}")
-            return {}
-        return value
+            value = {}
+        table = self.tables[name] = _Table(value)
+        return table
+
+    def unknown_keys(self) -> None:
+        """Every key of a section that no parser asked for, with a "did you mean"."""
+        for name, table in self.tables.items():
+            for key in table:
+                if key not in table.asked:
+                    self.fail(f"{name}.{key}", unknown_key(key, table.asked))
 
     def get(self, sect: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
         value = sect.get(key, default)
@@ -513,12 +560,15 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
                       "threading"}
     for key in data:
         if key not in known:
-            r.fail(key, "unknown section")
+            r.fail(key, unknown_key(key, known).replace("key", "section", 1))
 
     g = r.section("gateway")
-    data_dir = Path(_prefixed(r, "gateway", g, "data_dir", str, d["gateway"]["data_dir"]))
+    # Relative paths are relative to the config file's folder (the built-in
+    # defaults, read from no file: to the working directory).
+    data_dir = _resolve(_prefixed(r, "gateway", g, "data_dir", str, d["gateway"]["data_dir"]), config_dir)
     tag = _prefixed(r, "gateway", g, "ticket_tag", str, d["gateway"]["ticket_tag"])
     _prefixed(r, "gateway", g, "rules_file", str, "")          # read by load()
+    secret_value = _prefixed(r, "gateway", g, "token_secret_file", str, "")
     templates_value = _prefixed(r, "gateway", g, "templates_dir", str, "")
     templates_dir = None
     if templates_value:
@@ -552,10 +602,11 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     if not isinstance(raw_boxes, list) or not raw_boxes:
         r.fail("mailbox", "expected one or more [[mailbox]] tables")
         raw_boxes = d["mailbox"]
-    for i, mb in enumerate(raw_boxes):
-        if not isinstance(mb, dict) or not isinstance(mb.get("address"), str):
+    for i, raw_mb in enumerate(raw_boxes):
+        if not isinstance(raw_mb, dict) or not isinstance(raw_mb.get("address"), str):
             r.fail(f"mailbox[{i}].address", "every [[mailbox]] needs an address string")
             continue
+        mb = r.section(f"mailbox[{i}]", {f"mailbox[{i}]": raw_mb})
         gov = mb.get("govcloud", False)
         if not isinstance(gov, bool):
             r.fail(f"mailbox[{i}].govcloud", f"expected true or false, got {gov!r}")
@@ -585,9 +636,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
                   _port_of(r, "outbound", o, d["outbound"]["port"]))
     gov_relay = None
     if "govcloud" in o:
-        go = o["govcloud"] if isinstance(o["govcloud"], dict) else {}
-        if not isinstance(o["govcloud"], dict):
-            r.fail("outbound.govcloud", "expected a table [outbound.govcloud]")
+        go = r.section("outbound.govcloud", o)
         gov_relay = Relay(_prefixed(r, "outbound.govcloud", go, "host", str, relay.host),
                           _port_of(r, "outbound.govcloud", go, relay.port))
     retry_base = float(_prefixed(r, "outbound", o, "retry_base_seconds", (int, float),
@@ -617,7 +666,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
             queues[name] = _check_address(r, f"staff.queues.{name}", value)
     for name in q:
         if name not in QUEUE_NAMES:
-            r.fail(f"staff.queues.{name}", f"unknown queue; expected one of {', '.join(QUEUE_NAMES)}")
+            r.fail(f"staff.queues.{name}", unknown_key(name, QUEUE_NAMES).replace("key", "queue", 1))
 
     ru = r.section("rules")
     default_region = _prefixed(r, "rules", ru, "default_region", str, d["rules"]["default_region"])
@@ -632,6 +681,8 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     store_url = _prefixed(r, "store", store, "url", str, "")
     if store_url and not store_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         r.fail("store.url", f"expected sqlite:///PATH or postgresql://..., got {store_url!r}")
+    elif store_url.startswith("sqlite:///"):
+        store_url = f"sqlite:///{_resolve(store_url[len('sqlite:///'):], config_dir)}"
     lease_s = _prefixed(r, "store", store, "lease_seconds", (int, float), 60)
     if isinstance(lease_s, bool) or not 1 <= lease_s <= 86_400:
         r.fail("store.lease_seconds", f"expected 1 to 86400 seconds, got {lease_s!r}")
@@ -682,6 +733,9 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     rules, rule_problems = parse_rules(data)
     r.problems.extend(rule_problems)
     policies = _lifecycles(r, boxes, tuple(rules.plans))
+    r.tables.pop("rules", None)        # parse_rules names the unknown keys of [rules]
+    r.tables.pop("redirects", None)    # any name is a redirect
+    r.unknown_keys()
 
     if r.problems:
         raise ConfigError(r.problems)
@@ -702,6 +756,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         staff_trusted_authserv_ids=authserv_ids, templates_dir=templates_dir, dkim_keys=dkim_keys,
         imap=imap_accounts, escalation=escalation, emergency=emergency, status_requests=status_requests,
         same_problem_within=timedelta(hours=same_problem_h),
+        token_secret_file=Path(secret_value) if secret_value else None,
     )
 
 
@@ -779,9 +834,13 @@ def _policy(r: _Reader, tables: list[str], t: dict[str, Any]) -> Policy:
 
 
 def _only_known(r: _Reader, prefix: str, sect: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """A table read as a whole: its unknown keys named here, with a "did you mean"
+    (and so not a second time by `_Reader.unknown_keys`)."""
     for key in sect:
         if key not in keys:
-            r.fail(f"{prefix}.{key}", f"unknown key; expected one of {', '.join(keys)}")
+            r.fail(f"{prefix}.{key}", unknown_key(key, keys))
+    if isinstance(sect, _Table):
+        sect.asked.update(sect)
 
 
 def _subtable(r: _Reader, prefix: str, sect: dict[str, Any], name: str) -> dict[str, Any]:
@@ -854,7 +913,9 @@ def _limits_and_staff_auth(r: _Reader, data: dict[str, Any]) -> tuple[Limits, bo
     dflt = Limits()
     values: dict[str, Any] = {}
     for key, low in (("max_recipients", 1), ("max_attachments", 0), ("max_nesting", 1),
-                     ("auto_answers_per_sender_per_hour", 0), ("max_participants", 1),
+                     ("auto_answers_per_sender_per_hour", 0), ("auto_answers_per_domain_per_hour", 0),
+                     ("new_tickets_per_sender_per_hour", 1), ("new_tickets_per_domain_per_hour", 1),
+                     ("max_participants", 1),
                      ("parse_seconds", 0.1), ("parse_processes", 1), ("max_sessions", 1),
                      ("session_memory", 4096), ("max_rcpt_errors", 1)):
         kind: type | tuple[type, ...] = (int, float) if key == "parse_seconds" else int
@@ -862,9 +923,6 @@ def _limits_and_staff_auth(r: _Reader, data: dict[str, Any]) -> tuple[Limits, bo
         if value < low:
             r.fail(f"limits.{key}", f"must be at least {low}, got {value}")
         values[key] = float(value) if key == "parse_seconds" else value
-    for key in lim:
-        if key not in values:
-            r.fail(f"limits.{key}", "unknown key")
     st = r.section("staff")
     require = _prefixed(r, "staff", st, "require_authenticated", bool, False)
     ids = _prefixed(r, "staff", st, "trusted_authserv_ids", list, [])
@@ -898,6 +956,45 @@ def _is_str(r: _Reader, key: str, value: Any) -> bool:
         r.fail(key, f"expected a string, got {value!r}")
         return False
     return True
+
+
+def environment_problems(config: Config) -> list[str]:
+    """What a valid file still gets wrong on this machine, for `gateway check-config`
+    (serve would fail or misroute only later): `data_dir` that this user cannot
+    write, relay hosts that do not resolve, a GovCloud mailbox whose mail would
+    leave through the commercial relay for want of `[outbound.govcloud]`."""
+    problems = [f"gateway.data_dir: {p}" for p in _unwritable(config.data_dir)]
+    if config.outbound_transport == "smtp":
+        relays = [("outbound", config.relay)]
+        if config.govcloud_relay is not None:
+            relays.append(("outbound.govcloud", config.govcloud_relay))
+        for key, relay in relays:
+            try:
+                socket.getaddrinfo(relay.host, relay.port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as e:
+                problems.append(f"{key}.host: {relay.host!r} does not resolve ({e})")
+        if config.govcloud_relay is None:
+            problems += [f"mailbox[{i}]: {m.address} is a GovCloud mailbox, but there is no "
+                         "[outbound.govcloud] relay: its answers would leave through the commercial one"
+                         for i, m in enumerate(config.mailboxes) if m.govcloud]
+    return problems
+
+
+def _unwritable(data_dir: Path) -> list[str]:
+    """Why serve could not store mail in `data_dir` (it creates the folder if
+    need be), tried by creating a file there, or in the nearest existing folder
+    above it: a read-only mount shows too, even for root."""
+    folder = data_dir if data_dir.exists() else next(p for p in data_dir.parents if p.exists())
+    what = "is" if folder == data_dir else f"cannot be created: {str(folder)!r} is"
+    if not folder.is_dir():
+        return [f"{str(data_dir)!r} {what} not a directory"]
+    probe = folder / f".gateway-check-config-{uuid.uuid4().hex}"
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as e:
+        return [f"{str(data_dir)!r} {what} not writable: {e.strerror or e}"]
+    return []
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:

@@ -49,6 +49,24 @@ def normalize_address(address: str) -> str:
     return address.strip().strip("<>").strip().lower()
 
 
+def mailbox_of(address: str) -> str:
+    """The mailbox an address delivers to: normalized, `+tag` folded.
+
+    `help+1042@x` and `Help+1043@X` reach one mailbox (RFC 5233
+    subaddressing, as helpdesks and mailing lists use it for reply
+    addresses): rate limits count per mailbox, and a subject tag is trusted
+    from any subaddress of a participant.
+    """
+    local, at, domain = normalize_address(address).rpartition("@")
+    if not at:
+        return domain
+    return local.split("+", 1)[0] + "@" + domain
+
+
+def domain_of(address: str) -> str:
+    return normalize_address(address).rpartition("@")[2]
+
+
 @dataclass(frozen=True)
 class Attachment:
     filename: str
@@ -79,6 +97,10 @@ class ParsedMail:
     defects: tuple[str, ...] = ()
     # MIME types of every part, in order (finds reports wrapped in multipart/mixed)
     content_types: tuple[str, ...] = ()
+    # the address of the From header itself; differs from `sender` when the author
+    # was taken from X-Original-From/Reply-To (a list rewrote From) or from
+    # Sender/Reply-To (no From): such an author is never taken as staff. None: same.
+    from_address: str | None = None
 
     @property
     def thread_ids(self) -> tuple[str, ...]:
@@ -133,6 +155,11 @@ class Ticket:
     @property
     def participants(self) -> frozenset[str]:
         return frozenset((self.requester, *self.cc))
+
+    def is_participant(self, address: str) -> bool:
+        """The address is the requester's or a Cc's mailbox (case and `+tag` folded)."""
+        mailbox = mailbox_of(address)
+        return any(mailbox_of(p) == mailbox for p in self.participants)
 
     def deliverable(self, addresses: tuple[str, ...] | list[str]) -> tuple[str, ...]:
         return tuple(a for a in addresses if a and a not in self.undeliverable)

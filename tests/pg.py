@@ -59,7 +59,7 @@ class Cluster:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
-        run = dict(check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        run = {"check": True, "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
         subprocess.run([*self._as_postgres(), str(b / "initdb"), "-D", str(self.dir / "data"),
                         "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8",
                         "--no-sync"], **run)  # type: ignore[call-overload]

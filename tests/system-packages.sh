@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # System packages the tests need (as root): a real Dovecot, Postfix and
 # PostgreSQL for tests/test_imap.py, tests/test_postfix.py and the PostgreSQL
-# store (tests/pg.py, tests/test_scale_out.py). The tests start them as private
+# store (tests/pg.py, tests/test_scale_out.py); Prometheus's promtool checks the
+# shipped alert rules (tests/test_metrics.py). The tests start them as private
 # processes; "No configuration" and policy-rc.d keep apt from setting up or
 # starting system instances.
 set -euo pipefail
-if ! command -v dovecot >/dev/null || ! command -v postfix >/dev/null \
+if ! command -v dovecot >/dev/null || ! command -v postfix >/dev/null || ! command -v promtool >/dev/null \
         || ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     if [ ! -e /usr/sbin/policy-rc.d ]; then
@@ -13,5 +14,5 @@ if ! command -v dovecot >/dev/null || ! command -v postfix >/dev/null \
         trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     fi
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dovecot-imapd postfix postgresql >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dovecot-imapd postfix postgresql prometheus >/dev/null
 fi

@@ -62,13 +62,16 @@ def test_our_own_address_coming_back_is_automatic() -> None:
                                      "Abwesenheitsnotiz: Backup fails",
                                      "Automatische Antwort: Backup fails",
                                      "Réponse automatique : Backup fails"])
-def test_exchange_out_of_office_needs_subject_and_header_evidence(subject: str) -> None:
+def test_out_of_office_by_subject_with_or_without_header_evidence(subject: str) -> None:
     base = f"From: Ann <ann@customer.example>\nTo: support@example.com\nSubject: {subject}"
     assert kind(base + "\nX-Auto-Response-Suppress: All") == "auto"
     assert kind(base + "\nX-MS-Exchange-Inbox-Rules-Loop: ann@customer.example") == "auto"
     assert kind(base, mail_from="") == "auto"
+    # the subject alone, a known phrase with its colon (issue 15)
+    assert kind(base, mail_from="ann@customer.example") == "auto"
     # a person may well write "Out of office next week" themselves
-    assert kind(base, mail_from="ann@customer.example") is None
+    week = "From: Ann <ann@customer.example>\nTo: support@example.com\nSubject: Out of office next week"
+    assert kind(week, mail_from="ann@customer.example") is None
 
 
 def test_x_auto_response_suppress_alone_is_a_person() -> None:

@@ -125,3 +125,34 @@ def test_help_lists_every_command() -> None:
     out = subprocess.run([sys.executable, "-m", "gateway", "--help"], capture_output=True, text=True).stdout
     for cmd in ("serve", "ingest", "tickets", "run-due", "check-config"):
         assert cmd in out
+
+
+def test_read_only_commands_never_create_a_database(tmp_path: Path) -> None:
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text('[gateway]\ndata_dir = "state"\n')
+    for args in (["tickets", "list"], ["tickets", "show", "1"], ["stats"], ["quarantine", "list"]):
+        r = subprocess.run([*GATEWAY, *args, "--config", str(cfg)], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=60)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert f"no database at {tmp_path / 'state' / 'gateway.db'}: is --config right?" in r.stderr
+    assert not (tmp_path / "state" / "gateway.db").exists()
+
+
+def test_a_closed_pipe_ends_a_command_quietly(gateway: GatewayProc) -> None:
+    for n in range(3):
+        gateway.send(mail("pipe@customer.example", SUPPORT, uniq(f"pipe {n}"), "body"))
+    wait_for(lambda: len(gateway.tickets()) >= 3)
+    r, w = os.pipe()
+    os.close(r)            # the reader (`| head -1`) has gone before the first line
+    try:
+        p = subprocess.run([*GATEWAY, "tickets", "list", "--config", str(gateway.config)],
+                           stdout=w, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(w)
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+    assert p.returncode == 141
+
+
+def test_version() -> None:
+    r = subprocess.run([*GATEWAY, "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("gateway 0.")

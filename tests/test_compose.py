@@ -60,7 +60,7 @@ def test_hostile_subject_and_name_cannot_add_headers_and_html_is_escaped() -> No
 
 def test_subject_cleanup_keeps_one_tag() -> None:
     assert clean_subject("Re: AW: [Support #1042] Backup fails", "Support") == "Backup fails"
-    out, msg = compose(ticket=ticket(subject="RE: [Support #1042] Backup fails"))
+    _, msg = compose(ticket=ticket(subject="RE: [Support #1042] Backup fails"))
     assert msg["Subject"] == "[Support #1042] Backup fails"
 
 
@@ -93,10 +93,10 @@ def test_non_ascii_subject_and_agent_name_are_encoded_and_decode_back() -> None:
 
 
 def test_language_picks_templates_and_sets_content_language() -> None:
-    out, msg = compose(language="de")
+    _, msg = compose(language="de")
     assert msg["Content-Language"] == "de"
     assert "Guten Tag Ann" in msg.get_body(("plain",)).get_content()
-    out, msg = compose()
+    _, msg = compose()
     assert msg["Content-Language"] == "en" and "Hello Ann" in msg.get_body(("plain",)).get_content()
 
 

@@ -106,3 +106,92 @@ def test_escalation_and_emergency_keys_are_checked() -> None:
     for key in ("escalation.tier2.MARS", "escalation.auto_priority", "escalation.engineer",
                 "emergency.pager", "emergency.instructions.fr"):
         assert key in text, text
+
+
+def test_every_unknown_key_in_every_section_is_named_with_a_suggestion(tmp_path: Path) -> None:
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text('[outbound]\ntrasnport = "smtp"\n[staff]\nadresses = ["a@b.example"]\n'
+                   '[smtp]\nprot = 25\n[gatway]\n[outbound.govcloud]\nhots = "x"\n'
+                   '[[mailbox]]\naddress = "s@e.example"\ngovclud = true\n'
+                   '[rules]\ndefault_regoin = "AMER"\n[limits]\nmax_recipient = 3\n'
+                   '[metrics]\nenabeld = true\n[store]\nurll = "x"\n[lifecycle]\nreopen_day = 1\n'
+                   '[scheduler]\ninterval = 1\n[staff.queues]\nEMAE = "q@e.example"\n')
+    r = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(cfg)],
+                       capture_output=True, text=True)
+    assert r.returncode == 78, r.stderr
+    for expected in ("gatway: unknown section; did you mean 'gateway'?",
+                     "outbound.trasnport: unknown key; did you mean 'transport'?",
+                     "staff.adresses: unknown key; did you mean 'addresses'?",
+                     "smtp.prot: unknown key; did you mean 'port'?",
+                     "outbound.govcloud.hots: unknown key; did you mean 'host'?",
+                     "mailbox[0].govclud: unknown key; did you mean 'govcloud'?",
+                     "rules.default_regoin: unknown key; did you mean 'default_region'?",
+                     "limits.max_recipient: unknown key; did you mean 'max_recipients'?",
+                     "metrics.enabeld: unknown key; did you mean 'enabled'?",
+                     "store.urll: unknown key; did you mean 'url'?",
+                     "lifecycle.reopen_day: unknown key; did you mean 'reopen_days'?",
+                     "scheduler.interval: unknown key; did you mean 'interval_seconds'?",
+                     "staff.queues.EMAE: unknown queue; did you mean 'EMEA'?"):
+        assert expected in r.stderr, (expected, r.stderr)
+
+
+def test_unknown_key_in_a_rules_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "rules.toml").write_text('[rules]\ndefualt_plan = "x"\n')
+    (tmp_path / "gateway.toml").write_text('[gateway]\nrules_file = "rules.toml"\n')
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path / "gateway.toml")
+    assert "rules.defualt_plan: unknown key; did you mean 'default_plan'?" in e.value.problems
+
+
+def test_relative_paths_follow_the_config_file_and_the_database_follows_data_dir(tmp_path: Path) -> None:
+    (tmp_path / "gateway.toml").write_text('[gateway]\ndata_dir = "state"\n')
+    c = load(tmp_path / "gateway.toml")
+    assert c.data_dir == tmp_path / "state"
+    assert c.store_url == f"sqlite:///{tmp_path / 'state' / 'gateway.db'}"
+    (tmp_path / "other.toml").write_text('[store]\nurl = "sqlite:///db/x.db"\n')
+    assert load(tmp_path / "other.toml").store_url == f"sqlite:///{tmp_path / 'db' / 'x.db'}"
+    # the shipped example, copied elsewhere, keeps its database in its own data_dir
+    copy = tmp_path / "copy" / "gateway.toml"
+    copy.parent.mkdir()
+    copy.write_text(EXAMPLE.read_text())
+    c = load(copy)
+    assert c.store_url == f"sqlite:///{c.data_dir / 'gateway.db'}" and c.data_dir.is_relative_to(copy.parent)
+
+
+def test_check_config_checks_what_only_this_machine_can_tell(tmp_path: Path) -> None:
+    """A file can be valid and still fail here: data_dir not writable, a relay host
+    that does not resolve, GovCloud mail that would leave through the commercial relay."""
+    def check(text: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "gateway.toml"
+        path.write_text(text)
+        return subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(path)],
+                              capture_output=True, text=True, timeout=60)
+
+    gov_box = '[[mailbox]]\naddress = "support@examplegov.com"\ngovcloud = true\n'
+    relays = '[outbound]\ntransport = "smtp"\nhost = "127.0.0.1"\n[outbound.govcloud]\nhost = "localhost"\n'
+    ok = check(f'[gateway]\ndata_dir = "data"\n{gov_box}{relays}')
+    assert ok.returncode == 0, ok.stderr
+    assert not (tmp_path / "data").exists()                   # checking creates nothing
+    (tmp_path / "data").mkdir()
+    assert check(f'[gateway]\ndata_dir = "data"\n{gov_box}{relays}').returncode == 0
+    assert list((tmp_path / "data").iterdir()) == []          # the probe file is gone again
+
+    (tmp_path / "a-file").write_text("")
+    for data_dir, says in (("a-file", "is not a directory"), ("a-file/below", "is not a directory"),
+                           ("/proc/gateway-data", "cannot be created"),
+                           ("/proc/self", "is not writable")):
+        r = check(f'[gateway]\ndata_dir = "{data_dir}"\n{relays}')
+        assert r.returncode == 78 and "gateway.data_dir:" in r.stderr and says in r.stderr, (data_dir, r.stderr)
+
+    r = check(f'{gov_box}[outbound]\ntransport = "smtp"\nhost = "relay.does-not-exist.invalid"\n'
+              '[outbound.govcloud]\nhost = "gov-relay.does-not-exist.invalid"\n')
+    assert r.returncode == 78, r.stderr
+    assert "outbound.host: 'relay.does-not-exist.invalid' does not resolve" in r.stderr
+    assert "outbound.govcloud.host: 'gov-relay.does-not-exist.invalid' does not resolve" in r.stderr
+
+    r = check(f'{gov_box}[outbound]\ntransport = "smtp"\nhost = "127.0.0.1"\n')
+    assert r.returncode == 78 and "support@examplegov.com is a GovCloud mailbox" in r.stderr, r.stderr
+    assert "[outbound.govcloud]" in r.stderr
+    # the Maildir transport sends nothing anywhere: neither check applies
+    assert check(f'{gov_box}[outbound]\ntransport = "maildir"\nhost = "relay.does-not-exist.invalid"\n'
+                 ).returncode == 0

@@ -10,12 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import SHARED
+from conftest import needs_shared
 
 
 def test_shared_contract_check_passes() -> None:
-    check = SHARED / "contract" / "check.py"
-    assert check.exists(), f"the shared contract check is missing at {check}"
+    check = needs_shared("contract/check.py", "the shared contract check")
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
            "GATEWAY_BIN": str(Path(bin_dir) / "gateway")}

@@ -36,15 +36,15 @@ from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
-import pg
 import yaml
+from conftest import SHARED, needs_shared
 
 from gateway.mail.automatic import automatic_kind
 from gateway.mail.parse import html_to_text, parse_mail
 from gateway.mail.reply import reply_text
 from gateway.model import ParsedMail
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+CORPUS = SHARED / "corpus"
 MIN_MATCH_RATE = 0.97
 
 _LOTUS_CID = ("mail-parser names Lotus Notes' inline GIFs by their Content-ID with its angle "
@@ -609,6 +609,7 @@ def table(counts: dict[str, tuple[int, int]], checks: list[Check]) -> str:
 
 
 def test_corpus_parses_every_mail_and_matches_the_expectations() -> None:
+    needs_shared("corpus", "the shared mail corpus")
     counts, checks, crashes, took = run_everything()
     print(f"\nreal-world corpus ({took:.1f} s)\n" + table(counts, checks))
     misses = [c for c in checks if not c.ok and (c.file, c.field) not in JUDGED_WRONG]
@@ -639,6 +640,7 @@ def intake_sample(every: int = 12) -> list[Path]:
 async def test_corpus_sample_goes_through_the_real_intake(tmp_path: Path) -> None:
     """Real intake, real SQLite store: nothing is lost, automatic mail makes no
     ticket, each person's mail makes one, broken mail is kept in quarantine."""
+    needs_shared("corpus", "the shared mail corpus")
     from gateway.app import open_gateway
     from gateway.config import parse as parse_config
     from gateway.desk.pipeline import Received

@@ -225,7 +225,7 @@ def test_parse_dkim_names_every_problem(tmp_path: Path) -> None:
     assert problems[0] == "dkim[1].domain: example.com already has a key (dkim[0])"
     assert problems[1] == "dkim[2].domain: 'localhost' is not a domain name like example.com"
     assert problems[2] == "dkim[3].selector: 'bad selector' is not letters, digits, '-' and '.'"
-    assert problems[3] == "dkim[4].keyfile: unknown key (expected domain, selector, key_file)"
+    assert problems[3] == "dkim[4].keyfile: unknown key; did you mean 'key_file'?"
     assert problems[4] == "dkim[4].selector: missing"
     assert problems[5].startswith(f"dkim[4].key_file: cannot read {tmp_path / 'missing.pem'}: No such file")
     assert problems[6].startswith("dkim[5].key_file: ") and "512 bits" in problems[6]

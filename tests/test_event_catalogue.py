@@ -8,7 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from conftest import QUEUES, STAFF, SUPPORT, GatewayProc, free_port, mail, reply_to, uniq, wait_for
+from conftest import QUEUES, SUPPORT, GatewayProc, agent_reply, free_port, mail, uniq, wait_for
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # on every line, added by the logging setup itself
@@ -51,8 +51,8 @@ def test_every_event_of_a_full_scenario_is_in_the_catalogue(
     gw.send(mail("ann@customer.example", SUPPORT, t_key, "Backup fails"))
     t = gw.ticket_by_subject(t_key)
     note = gw.sink.wait_to(QUEUES["AMER"])[0]
-    gw.send(reply_to(note, STAFF, "#priority 2\nWhich version?"))
-    gw.send(reply_to(note, STAFF, "#frobnicate\nx"))
+    gw.send(agent_reply(note, "#priority 2\nWhich version?"))
+    gw.send(agent_reply(note, "#frobnicate\nx"))
     gw.send(mail("ann@customer.example", SUPPORT, f"Re: [Support #{t['id']}]", "5.2"))
     gw.send(mail("ann@customer.example", SUPPORT, uniq("refund"),
                  "Please refund the double payment on my last invoice."))
@@ -60,7 +60,7 @@ def test_every_event_of_a_full_scenario_is_in_the_catalogue(
                  headers={"Auto-Submitted": "auto-replied"}))
     gw.send(mail("x@customer.example", "nobody@example.com", "x", "x"))
     gw.send(b"Subject: no sender\r\n\r\nhi\r\n", [SUPPORT], "")
-    gw.send(reply_to(note, STAFF, "#status resolved\nFixed."))
+    gw.send(agent_reply(note, "#status resolved\nFixed."))
     # time passes: reminders, closes, SLA
     for hours in (25, 49, 24 * 8):
         r = gw.cli("run-due", "--now", (datetime.now(UTC) + timedelta(hours=hours)).isoformat())

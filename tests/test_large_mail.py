@@ -286,7 +286,10 @@ async def test_spooled_data_answers_as_aiosmtpd_does(
     our_server, our_port = await serving(lambda: Ours(our_handler, **kw))
     try:
         for data in CASES:
-            want = await transcript(ref_port, data, lmtp)
+            # the one answer worded differently: 552 with RFC 3463's 5.3.4 (README)
+            want = [b"552 5.3.4 Message too big for system (at most %d bytes)" % SIZE_LIMIT
+                    if line == b"552 Error: Too much mail data" else line
+                    for line in await transcript(ref_port, data, lmtp)]
             got = await transcript(our_port, data, lmtp)
             assert got == want, data[:80]
     finally:

@@ -22,6 +22,7 @@ from email.message import EmailMessage
 import pg
 import pytest
 from conftest import QUEUES, STAFF, SUPPORT, GatewayProc, mail, reply_to, uniq, wait_for
+from conftest import settle as settle_sink
 
 from gateway.mail.authres import aligned, parse, verify
 
@@ -34,10 +35,8 @@ def processed(gw: GatewayProc, message_id: str) -> dict:
 
 
 def settle(gw: GatewayProc) -> None:
-    """Send a human mail and wait for its ack: the outbox has delivered what was queued before."""
-    who = f"{uniq('sync')}@customer.example"
-    assert gw.send(mail(who, SUPPORT, uniq("sync"), "sync"))[0] == 250
-    gw.sink.wait_to(who)
+    """conftest.settle, and the outbox is empty: nothing queued is still to go."""
+    settle_sink(gw)
     wait_for(lambda: json.loads(gw.cli("run-due").stdout)["outbox"].get("queued", 0) == 0,
              what="an empty outbox")
 
@@ -223,7 +222,9 @@ def test_authentication_results_are_read_per_rfc_8601() -> None:
     assert ok(f"{TRUSTED}; dmarc=pass header.from=staff.example.com")
     assert ok(f"{TRUSTED}; dkim=pass header.d=staff.example.com")
     assert ok(f"{TRUSTED}; dkim=pass header.i=@staff.example.com")
-    assert ok(f"{TRUSTED}; spf=pass smtp.mailfrom=agent@staff.example.com")
+    assert not ok(f"{TRUSTED}; spf=pass smtp.mailfrom=agent@staff.example.com")  # SPF is no proof
+    assert not ok(f"{TRUSTED}; dmarc=pass")                     # a pass for which domain?
+    assert not ok(f"{TRUSTED}; dmarc=pass header.from=example.com")  # another (parent) domain
     assert ok("MX.Staff.Example.COM; dkim=pass header.d=staff.example.com")   # ids are case-less
     assert not ok("mx.evil.example; dmarc=pass header.from=staff.example.com")  # untrusted server
     assert not ok(f"{TRUSTED}; dkim=pass header.d=evil.example")                # not aligned
@@ -276,10 +277,11 @@ def test_unauthenticated_staff_mail_is_kept_as_a_note_not_relayed_and_the_agent_
               f"{TRUSTED}; dkim=pass header.d=evil.example; spf=fail"]       # not aligned
     for auth in forged:
         assert gw.send(_staff_answer(note, "#status resolved\nYour refund is approved.", auth))[0] == 250
-    told = gw.sink.wait_to(STAFF, count=3)
-    assert all("not authenticate" in m.get_body(("plain",)).get_content() for m in told)
-    assert all(f"[Support #{t['id']}]" in str(m["Subject"]) for m in told)
     settle(gw)
+    told = gw.sink.wait_to(STAFF)
+    assert len(told) == 1                                 # once per ticket an hour, not per mail
+    assert "did not prove" in told[0].get_body(("plain",)).get_content()
+    assert f"[Support #{t['id']}]" in str(told[0]["Subject"]) and "refund" not in told[0].as_string()
     after = gw.ticket(t["id"])
     assert after["status"] == "open" and after["first_response_at"] is None
     assert [m["kind"] for m in after["messages"] if m["direction"] == "in"] == ["customer"] + ["note"] * 3
@@ -308,3 +310,211 @@ def test_require_authenticated_needs_a_trusted_authserv_id(make_gateway: Callabl
     gw = with_staff_keys(make_gateway(), "require_authenticated = true\n")
     r = gw.cli("check-config")
     assert r.returncode == 78 and "staff.trusted_authserv_ids" in r.stderr
+
+
+# -- loops with other automata (issue 14) -------------------------------------
+
+FOREIGN = "foreign.example"
+
+
+class ForeignHelpdesk:
+    """A naive helpdesk at `foreign.example` (project issue 14, attack 5).
+
+    It reads the relay sink the gateway delivers to and answers every mail
+    that reaches one of its addresses: a new ticket N per mail, answered from
+    `help+N@foreign.example`, quoting the subject, with no RFC 3834 header
+    (and, with `references=True`, In-Reply-To/References to our mail, as many
+    do; `address` chooses how its reply address is spelt). It runs in a thread
+    until stopped, or until `max_rounds` answers (a runaway loop fails the test
+    instead of running forever).
+    """
+
+    def __init__(self, gw: GatewayProc, *, references: bool = False,
+                 address: Callable[[int], str] = lambda n: f"help+{n}@{FOREIGN}", max_rounds: int = 40):
+        self.gw, self.references, self.address, self.max_rounds = gw, references, address, max_rounds
+        self.received: list[EmailMessage] = []      # mails of the gateway that reached the helpdesk
+        self.sent: list[EmailMessage] = []          # its answers (and its first mail)
+        self.seen = 0
+        self.stop = False
+        self.errors: list[BaseException] = []
+        import threading
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def first(self, subject: str) -> None:
+        """The helpdesk writes first (a notification it sends to a customer list that has us on it)."""
+        self._send(mail(self.address(1), SUPPORT, subject, "Your request #1 was received."))
+        self.thread.start()
+
+    def _send(self, m: EmailMessage) -> None:
+        assert self.gw.send(m)[0] == 250
+        self.sent.append(m)
+
+    def _run(self) -> None:
+        try:
+            self._answer_all()
+        except BaseException as e:  # noqa: BLE001 - the test fails on it, not the thread silently
+            self.errors.append(e)
+
+    def _answer_all(self) -> None:
+        import time
+        while not self.stop:
+            with self.gw.sink.lock:
+                new = self.gw.sink.messages[self.seen:]
+                self.seen += len(new)
+            for x in new:
+                if not any(r.endswith("@" + FOREIGN) for r in x["rcpt"]) or any(
+                        r.startswith("person") for r in x["rcpt"]):
+                    continue
+                self.received.append(x["msg"])
+                if len(self.sent) >= self.max_rounds:
+                    continue
+                n = len(self.sent) + 1
+                ours = x["msg"]
+                subject = " ".join(str(ours["Subject"]).split())
+                answer = mail(self.address(n), SUPPORT, f"[Foreign #{n}] Re: {subject}",
+                              f"Thank you, your request #{n} was received.\n\n> "
+                              + ours.get_body(("plain",)).get_content()[:200].replace("\n", "\n> "))
+                if self.references:
+                    answer["In-Reply-To"] = str(ours["Message-ID"])
+                    answer["References"] = str(ours["Message-ID"])
+                self._send(answer)
+            time.sleep(0.01)            # a poller's pace; the test waits on conditions, not on this
+
+    def quiet(self) -> bool:
+        """Nothing in flight: every answer processed, the outbox empty, every delivery answered."""
+        events = [e for e in self.gw.log_events() if e["event"] == "mail.processed"]
+        done = {e["message_id"] for e in events}
+        queued = self.gw.query("SELECT count(*) FROM outbox WHERE state = 'queued'")[0][0]
+        with self.gw.sink.lock:
+            delivered = len(self.gw.sink.messages)
+        answered = len(self.sent) == 1 + len(self.received) or len(self.sent) >= self.max_rounds
+        return bool(self.errors) or (all(str(m["Message-ID"]) in done for m in self.sent) and queued == 0
+                                     and self.seen == delivered and answered)
+
+    def run_until_quiet(self) -> int:
+        """Wait until the exchange ended by itself; the number of mails exchanged."""
+        wait_for(lambda: self.quiet() and self.quiet(), timeout=120, what="the loop to end by itself")
+        self.stop = True
+        self.thread.join(10)
+        assert not self.errors, self.errors
+        return len(self.sent) + len(self.received)
+
+
+HELPDESKS = [
+    ("help+N, subject only", {}),
+    ("help+N with References", {"references": True}),
+    ("ticket-N, subject only", {"address": lambda n: f"ticket-{n}@{FOREIGN}"}),
+    ("ticket-N with References", {"references": True, "address": lambda n: f"ticket-{n}@{FOREIGN}"}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", HELPDESKS, ids=[h[0] for h in HELPDESKS])
+def test_naive_foreign_helpdesk_loop_ends_by_itself_and_a_person_there_is_still_answered(
+        gateway: GatewayProc, name: str, kwargs: dict) -> None:
+    desk = ForeignHelpdesk(gateway, **kwargs)
+    key = uniq("outage notice")
+    desk.first(key)
+    # meanwhile a person at that domain writes to support, twice
+    person = f"person-{uniq('carol')}@{FOREIGN}"
+    assert gateway.send(mail(person, SUPPORT, uniq("question"), "Hello, my backup fails."))[0] == 250
+    exchanged = desk.run_until_quiet()
+    assert exchanged <= 20, f"{exchanged} mails exchanged with the foreign helpdesk"
+    assert len(desk.sent) < desk.max_rounds
+    assert len(gateway.sink.to(person)) == 1 and gateway.sink.to(person)[0]["Subject"]   # the ack
+    loop_tickets = [t for t in gateway.tickets() if t["requester"].endswith("@" + FOREIGN)
+                    and not t["requester"].startswith("person")]
+    assert 1 <= len(loop_tickets) <= 2
+    assert all(t["status"] == "open" for t in loop_tickets)
+    staff = [m for m in gateway.sink.to(QUEUES["AMER"]) if key in str(m["Subject"])]
+    assert len(staff) <= 3
+
+
+def test_fifteen_subaddresses_get_at_most_the_cap_of_acks_and_staff_are_told(gateway: GatewayProc) -> None:
+    run = uniq("victim")
+    for i in range(1, 16):
+        assert gateway.send(mail(f"Victim+{i}@victims.example", SUPPORT, f"{run} {i}", f"mail {i}"))[0] == 250
+    mine = sorted((t for t in gateway.tickets() if run in t["subject"]), key=lambda t: t["id"])
+    assert len(mine) == 15                                           # every mail is a ticket
+    notes = gateway.sink.wait_to(QUEUES["AMER"], count=15)
+    settle(gateway)
+    acks = [x for x in gateway.sink.messages if any(r.startswith("victim+") for r in x["rcpt"])]
+    assert len(acks) == 10                                           # [limits] default: 10 an hour
+    told = [m for m in notes if run in str(m["Subject"])
+            and "no acknowledgement" in m.get_body(("plain",)).get_content()]
+    assert len(told) == 5
+    suppressed = [e for e in gateway.log_events() if e["event"] == "ticket.ack_suppressed"
+                  and e["requester"].startswith("victim+")]
+    assert len(suppressed) == 5 and all(e["scope"] == "sender" and e["limit"] == 10 for e in suppressed)
+
+
+def test_domain_cap_and_new_ticket_cap(make_gateway: Callable[..., GatewayProc]) -> None:
+    from conftest import free_port
+    from test_metrics import get, series
+    port = free_port()
+    gw = make_gateway(extra_toml="[limits]\nauto_answers_per_domain_per_hour = 3\n"
+                                 "new_tickets_per_sender_per_hour = 2\n"
+                                 f"[metrics]\nenabled = true\nport = {port}\n")
+    gw.start()
+    run = uniq("busy")
+    for i in range(5):                        # five people of one domain: three acks
+        assert gw.send(mail(f"p{i}@busy.example", SUPPORT, f"{run} {i}", "x"))[0] == 250
+    other = f"{uniq('calm')}@calm.example"    # another domain is not affected
+    assert gw.send(mail(other, SUPPORT, uniq("calm"), "one mail"))[0] == 250
+    gw.sink.wait_to(other)
+    settle(gw)
+    assert sum(len(gw.sink.to(f"p{i}@busy.example")) for i in range(5)) == 3
+    assert len([t for t in gw.tickets() if run in t["subject"]]) == 5
+    assert [e["scope"] for e in gw.log_events() if e["event"] == "ticket.ack_suppressed"] == ["domain"] * 2
+    # the third new ticket of one mailbox in the hour is held in quarantine, with the reason
+    robot = f"robot@{uniq('robots')}.example"
+    first = mail(robot, SUPPORT, uniq("r1"), "x")
+    for m in (first, mail(robot.replace("robot@", "Robot+2@"), SUPPORT, uniq("r2"), "x"),
+              mail(robot, SUPPORT, uniq("r3"), "x")):
+        assert gw.send(m)[0] == 250
+    assert processed(gw, str(m["Message-ID"]))["action"] == "quarantined"
+    held = json.loads(gw.cli("quarantine", "list", "--json").stdout)
+    assert [h["message_id"] for h in held] == [str(m["Message-ID"])]
+    assert "new_tickets_per_sender_per_hour" in held[0]["error"]
+    limited = [e for e in gw.log_events() if e["event"] == "ticket.rate_limited"]
+    assert len(limited) == 1 and limited[0]["scope"] == "sender"
+    counted = series(get(port, "/metrics")[1], "gateway_loop_guard_total")
+    assert counted == {'gateway_loop_guard_total{action="ack_suppressed",scope="domain"}': 2.0,
+                       'gateway_loop_guard_total{action="ticket_held",scope="sender"}': 1.0}, counted
+    # a reply to one of its tickets still joins
+    ack = gw.sink.wait_to(robot)[0]
+    assert gw.send(reply_to(ack, robot, "more detail"))[0] == 250
+    t = gw.ticket_by_subject(str(first["Subject"]))
+    wait_for(lambda: len(gw.ticket(t["id"])["messages"]) >= 4, what="the reply on the ticket")
+    assert [m["kind"] for m in gw.ticket(t["id"])["messages"] if m["direction"] == "in"] == ["customer"] * 2
+
+
+def test_a_stranger_quoting_our_mail_is_automatic_and_changes_no_status(gateway: GatewayProc) -> None:
+    from conftest import agent_reply
+    key = uniq("quoted")
+    customer = f"{uniq('cust')}@customer.example"
+    assert gateway.send(mail(customer, SUPPORT, key, "question"))[0] == 250
+    t = gateway.ticket_by_subject(key)
+    ack = gateway.sink.wait_to(customer)[0]
+    note = next(m for m in gateway.sink.wait_to(QUEUES["AMER"]) if key in str(m["Subject"]))
+    assert gateway.send(agent_reply(note, "Please send the log."))[0] == 250
+    wait_for(lambda: gateway.ticket(t["id"])["status"] == "pending", what="the ticket pending")
+    answer = gateway.sink.wait_to(customer, count=2)[1]
+    # an autoresponder we never wrote to, answering our mail (References)
+    by_ref = reply_to(answer, "tickets@stranger.example", "Your request was received.")
+    # another quoting our Message-ID in its body only (it attached our headers)
+    in_body = mail("noticeboard@stranger2.example", SUPPORT, "Fwd: " + str(ack["Subject"]),
+                   f"Original message:\nMessage-ID: {ack['Message-ID']}\nSubject: {ack['Subject']}\n")
+    for m in (by_ref, in_body):
+        assert gateway.send(m)[0] == 250
+        out = processed(gateway, str(m["Message-ID"]))
+        assert out["action"] == "joined" and out["ticket_id"] == t["id"], out
+        assert "not on the ticket" in out["reason"]
+    settle(gateway)
+    after = gateway.ticket(t["id"])
+    assert after["status"] == "pending"
+    assert [m["kind"] for m in after["messages"] if m["direction"] == "in"][-2:] == ["auto", "auto"]
+    assert gateway.sink.to("tickets@stranger.example") == [] and gateway.sink.to("noticeboard@stranger2.example") == []
+    assert len([e for e in gateway.log_events() if e["event"] == "ticket.stranger_answer"]) == 2
+    # the customer's own answer still counts, and sets it open
+    assert gateway.send(reply_to(answer, customer, "Here is the log."))[0] == 250
+    wait_for(lambda: gateway.ticket(t["id"])["status"] == "open", what="the customer's reply to open it")

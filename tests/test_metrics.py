@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -33,6 +34,11 @@ def test_scrape_counts_mail_tickets_and_deliveries_across_workers(
     gw.config.write_text(gw.config.read_text().replace("lmtp = false", "lmtp = false\nworkers = 2"))
     gw.start()
     wait_for(lambda: get(port, "/healthz")[0] == 200, what="healthy")
+    idle = socket.create_connection(("127.0.0.1", port))    # connects, never sends a request
+    try:
+        assert get(port, "/healthz")[0] == 200               # answered beside it (5 s timeout)
+    finally:
+        idle.close()
     for _ in range(6):                              # new connections: both workers take some
         assert gw.send(mail("m@customer.example", SUPPORT, uniq("count"), "hi"))[0] == 250
     assert gw.send(mail("m@customer.example", "nobody@example.com", "x", "x"))[0] == 550
@@ -46,8 +52,11 @@ def test_scrape_counts_mail_tickets_and_deliveries_across_workers(
     received = series(text, "gateway_mails_received_total")
     assert received['gateway_mails_received_total{answer="250",mailbox="support@example.com"}'] == 6
     assert received['gateway_mails_received_total{answer="550",mailbox="-"}'] == 1
-    opened = series(text, "gateway_tickets_total")
-    assert opened['gateway_tickets_total{event="opened",priority="3",region="AMER"}'] == 6
+    opened = series(text, "gateway_tickets_opened_total")
+    assert opened['gateway_tickets_opened_total{priority="3",region="AMER"}'] == 6
+    assert "gateway_tickets_total" not in text       # opened and closed are apart
+    info = series(text, "gateway_build_info")
+    assert len(info) == 1 and list(info.values()) == [1.0] and 'version="' in next(iter(info))
     assert series(text, "gateway_mail_processing_seconds_count")
     assert "gateway_outbox_depth" in text and "gateway_quarantine_size" in text
     # names per the conventions; no label carries a ticket or a customer address
@@ -68,7 +77,7 @@ def test_healthz_fails_when_the_store_cannot_be_written_and_recovers(
         probe = gw.data_dir / ".health-probe"
         probe.mkdir()                          # opening it for writing now fails
         try:
-            code, body = wait_for(lambda: (r := get(port, "/healthz"))[0] == 503 and r,
+            _, body = wait_for(lambda: (r := get(port, "/healthz"))[0] == 503 and r,
                                   what="unhealthy")
             assert "store" in body
         finally:
@@ -85,3 +94,34 @@ def test_healthz_fails_when_the_store_cannot_be_written_and_recovers(
 
 def test_metrics_off_by_default(gateway: GatewayProc) -> None:
     assert not (gateway.data_dir / "metrics").exists()
+
+
+def test_each_event_is_counted_once() -> None:
+    from prometheus_client import generate_latest
+
+    from gateway.ops.metrics import Metrics
+    m = Metrics()
+    # what intake logs for one quarantined mail (gateway/inbound/intake.py)
+    m.count(None, "error", {"event": "mail.quarantined", "inbound_id": 1})
+    m.count(None, "info", {"event": "mail.processed", "action": "quarantined", "mailbox": SUPPORT})
+    m.count(None, "info", {"event": "ticket.status_changed", "old": "resolved", "new": "closed"})
+    text = generate_latest(m.registry).decode()
+    assert series(text, "gateway_mails_quarantined_total") == {"gateway_mails_quarantined_total": 1.0}
+    assert series(text, "gateway_tickets_closed_total") == {"gateway_tickets_closed_total": 1.0}
+    assert series(text, "gateway_tickets_reopened_total") == {"gateway_tickets_reopened_total": 0.0}
+
+
+def test_shipped_alert_rules_pass_promtool_and_name_only_real_metrics() -> None:
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    rules = Path(__file__).resolve().parents[1] / "config" / "alerts.yml"
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: run tests/system-packages.sh (Debian's prometheus package)"
+    r = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in set(re.findall(r"\bgateway_[a-z_]+", rules.read_text())):
+        assert f"`{name}`" in readme, f"{name} in config/alerts.yml is no metric of the README"

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import GOV, QUEUES, STAFF, SUPPORT, GatewayProc, mail, reply_to, uniq
+from conftest import GOV, QUEUES, SUPPORT, GatewayProc, agent_reply, mail, reply_to, uniq
 
 RULES = """
 [redirects]
@@ -145,8 +145,8 @@ def test_no_sla_warning_once_staff_answered(ruled: GatewayProc) -> None:
     key = uniq("Down again")
     ruled.send(mail("noc@atc.example.com", SUPPORT, key, "Total outage again."))
     t = ruled.ticket_by_subject(key)
-    note = [m for m in ruled.sink.wait_to(QUEUES["AMER"]) if key in str(m["Subject"])][0]
-    ruled.send(reply_to(note, STAFF, "Looking at it right now."))
+    note = next(m for m in ruled.sink.wait_to(QUEUES["AMER"]) if key in str(m["Subject"]))
+    ruled.send(agent_reply(note, "Looking at it right now."))
     assert ruled.ticket(t["id"])["first_response_at"] is not None
     jobs = run_due(ruled, datetime.fromisoformat(t["response_due_at"]) + timedelta(hours=1))
     assert "first-response target missed: SLA warning" not in jobs

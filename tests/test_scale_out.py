@@ -14,12 +14,25 @@ import subprocess
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pg
 import pytest
-from conftest import GATEWAY, QUEUES, STAFF, SUPPORT, GatewayProc, free_port, mail, reply_to, uniq, wait_for
-from mailclients import CLIENTS
+from conftest import (
+    GATEWAY,
+    LOAD_LIMITS,
+    QUEUES,
+    STAFF,
+    SUPPORT,
+    GatewayProc,
+    agent_reply,
+    free_port,
+    mail,
+    reply_to,
+    uniq,
+    wait_for,
+)
 from test_faults import load, run_clients
 
 from gateway.store import MIGRATIONS, Store
@@ -35,7 +48,9 @@ def db_url() -> str:
 @pytest.fixture
 def instances(make_gateway: Callable[..., GatewayProc], db_url: str) -> Callable[[int], list[GatewayProc]]:
     def start(n: int) -> list[GatewayProc]:
-        gws = [make_gateway(store_url=db_url, extra_toml=f"[store]\nlease_seconds = {LEASE_S}\n")
+        # the instances share one token secret: one key file (README "Running several instances")
+        gws = [make_gateway(store_url=db_url, extra_toml=f"[store]\nlease_seconds = {LEASE_S}\n" + LOAD_LIMITS,
+                            secret_file="shared")
                for _ in range(n)]
         for gw in gws:
             gw.start()
@@ -181,7 +196,7 @@ def test_the_same_mail_at_two_instances_is_one_message_and_replies_thread_across
     assert len(b.tickets()) == 1
     # a staff answer sent to A, to B's notification, reaches the customer threaded
     notes = a.sink.wait_to(QUEUES["AMER"], 2)
-    answer = CLIENTS["thunderbird"](notes[-1], f"Agent Smith <{STAFF}>", SUPPORT, "Please update.")
+    answer = agent_reply(notes[-1], "Please update.", frm=f"Agent Smith <{STAFF}>", client="thunderbird")
     assert a.send(answer)[0] == 250
     relayed = wait_for(lambda: [x for x in a.sink.to("ann@customer.example")
                                 if "Please update." in x.get_body(("plain",)).get_content()],
@@ -241,7 +256,7 @@ def test_kill_9_of_one_of_three_instances_loses_nothing_and_its_claims_pass_on(
     notes = sink.wait_to(QUEUES["AMER"], len(items))
     for n, t in enumerate(waiting):
         note = next(x for x in notes if f"#{t['id']}]" in str(x["Subject"]))
-        answer = CLIENTS["thunderbird"](note, f"Agent Smith <{STAFF}>", SUPPORT, "Which version?")
+        answer = agent_reply(note, "Which version?", frm=f"Agent Smith <{STAFF}>", client="thunderbird")
         assert survivors[n % 2].send(answer)[0] == 250
 
     def run_due_everywhere(hours: float) -> list[dict[str, Any]]:
@@ -309,8 +324,10 @@ async def test_a_slow_relay_gets_each_mail_once_though_sending_outlasts_the_leas
     relay = Controller(SlowRelay(), hostname="127.0.0.1", port=relay_port)
     relay.start()
 
+    key = str(Path(tempfile.mkdtemp(prefix="gw-slow-key-")) / "secret.key")
+
     def config() -> Any:
-        return parse({"gateway": {"data_dir": tempfile.mkdtemp(prefix="gw-slow-")},
+        return parse({"gateway": {"data_dir": tempfile.mkdtemp(prefix="gw-slow-"), "token_secret_file": key},
                       "outbound": {"transport": "smtp", "host": "127.0.0.1", "port": relay_port},
                       "store": {"url": db_url, "lease_seconds": 1}})
     a, b = await open_gateway(config()), await open_gateway(config())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import smtplib
 import socket
@@ -12,7 +13,7 @@ import threading
 from collections.abc import Callable
 
 import pg
-from conftest import GOV, QUEUES, STAFF, SUPPORT, GatewayProc, Sink, mail, reply_to, uniq, wait_for
+from conftest import GOV, QUEUES, SUPPORT, GatewayProc, Sink, agent_reply, mail, reply_to, uniq, wait_for
 
 
 def test_new_mail_opens_ticket_acknowledges_and_notifies_the_queue(gateway: GatewayProc) -> None:
@@ -42,7 +43,8 @@ def test_new_mail_opens_ticket_acknowledges_and_notifies_the_queue(gateway: Gate
     note = gateway.sink.wait_to(QUEUES["AMER"])[0]
     assert tag in str(note["Subject"])
     assert str(note["Auto-Submitted"]) == "auto-generated"
-    assert str(note["Reply-To"]) == SUPPORT
+    # staff answer to the mailbox, the staff token of this ticket as its +tag
+    assert re.fullmatch(r"support\+s\d+\.[0-9a-f]{20}@example\.com", str(note["Reply-To"]))
     assert "0x80040115" in note.get_body(("plain",)).get_content()
     # both outbound mails are recorded on the ticket with their Message-IDs
     kinds = {x["kind"]: x for x in gateway.ticket(t["id"])["messages"]}
@@ -105,7 +107,7 @@ def test_cc_participant_may_reply_by_tag(gateway: GatewayProc) -> None:
 
 
 def test_unknown_recipient_is_refused_at_rcpt_with_550(gateway: GatewayProc) -> None:
-    code, text = gateway.send(mail("x@customer.example", "nobody@example.com", "stray", "hi"))
+    code, _ = gateway.send(mail("x@customer.example", "nobody@example.com", "stray", "hi"))
     assert code == 550
     # plus-addressing reaches the mailbox
     code, _ = gateway.send(mail("x@customer.example", "support+billing@example.com", uniq("plus"), "hi"))
@@ -117,14 +119,22 @@ def test_oversize_mail_is_refused_with_552(make_gateway: Callable[..., GatewayPr
     gw.start()
     big = mail("big@customer.example", SUPPORT, uniq("huge"), "x")
     big.add_attachment(b"\0" * 60_000, maintype="application", subtype="octet-stream", filename="d.bin")
-    code, _ = gw.send(big)
-    assert code == 552
+    with smtplib.SMTP("127.0.0.1", gw.port) as s:      # no SIZE=: refused after the data
+        s.ehlo()
+        s.mail("big@customer.example")
+        s.rcpt(SUPPORT)
+        code, reply = s.data(big.as_bytes())
+        assert (code, reply) == (552, b"5.3.4 Message too big for system (at most 50000 bytes)")
     # the SIZE parameter is refused before any data is sent
     with smtplib.SMTP("127.0.0.1", gw.port) as s:
         s.ehlo()
-        code, _ = s.mail("big@customer.example", options=["SIZE=900000"])
-        assert code == 552
+        code, reply = s.mail("big@customer.example", options=["SIZE=900000"])
+        assert (code, reply) == (552, b"5.3.4 Message too big for system (at most 50000 bytes)")
     assert gw.tickets() == []
+    refused = wait_for(lambda: len(r := [e for e in gw.log_events() if e["event"] == "smtp.too_big"]) == 2 and r,
+                       what="both refusals logged")
+    assert [(e["stage"], e["limit"], e["level"]) for e in refused] == [("DATA", 50000, "warning"),
+                                                                        ("MAIL", 50000, "warning")]
 
 
 def test_locked_store_answers_451_and_nothing_is_half_stored(
@@ -323,7 +333,7 @@ def test_staff_reply_is_recorded_as_staff(gateway: GatewayProc) -> None:
     gateway.send(mail("kim@customer.example", SUPPORT, key, "question"))
     t = gateway.ticket_by_subject(key)
     note = gateway.sink.wait_to(QUEUES["AMER"])[0]
-    gateway.send(reply_to(note, STAFF, "We are on it."))
+    gateway.send(agent_reply(note, "We are on it."))
     kinds = [x["kind"] for x in gateway.ticket(t["id"])["messages"] if x["direction"] == "in"]
     assert kinds == ["customer", "staff"]
 

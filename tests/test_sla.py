@@ -220,3 +220,17 @@ def test_holiday_name_explains_a_closed_day() -> None:
     assert holiday_name(date(2026, 10, 5), EMEA) is None
     assert holiday_name(date(2026, 10, 3), BusinessCalendar("Europe/Berlin")) is None
     assert "Europe/Berlin" in EMEA.describe() and "DE" in EMEA.describe()
+
+
+@pytest.mark.parametrize("env", [{"LANG": "C"}, {"LANG": "de_DE.UTF-8"}, {"LANGUAGE": "de", "LANG": "C.UTF-8"},
+                                 {"LC_ALL": "ja_JP.UTF-8"}])
+def test_holiday_names_do_not_follow_the_locale(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # the library translates through gettext, which reads these variables on each lookup
+    for name in ("LANGUAGE", "LC_ALL", "LC_MESSAGES", "LANG"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert holiday_name(date(2026, 10, 3), EMEA) == "German Unity Day"
+    assert holiday_name(date(2026, 12, 25), AMER) == "Christmas Day"
+    assert holiday_name(date(2026, 8, 9), APAC) == "National Day"
+    assert holiday_name(date(2026, 1, 1), BusinessCalendar("Asia/Tokyo", holiday_country="JP")) == "New Year's Day"

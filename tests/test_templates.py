@@ -20,9 +20,10 @@ NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 LANGUAGES = ("en", "de", "ja")
 CUSTOMER_KINDS = ("ack", "staff_reply", "reminder", "autoclose", "closure", "info_request", "redirect",
                   "escalation", "status")
-STAFF_KINDS = ("staff_notify", "sla_warning", "forward", "command_error", "process_staff")
+STAFF_KINDS = ("staff_notify", "sla_warning", "forward", "command_error", "process_staff", "staff_unproven")
 TEMPLATE_ONLY = {"sla_warning": Kind.STAFF_NOTIFY, "forward": Kind.STAFF_NOTIFY,
-                 "command_error": Kind.STAFF_NOTIFY, "process_staff": Kind.STAFF_NOTIFY}
+                 "command_error": Kind.STAFF_NOTIFY, "process_staff": Kind.STAFF_NOTIFY,
+                 "staff_unproven": Kind.STAFF_NOTIFY}
 TRANSLATED_MARKER = {"de": "-- Bitte oberhalb dieser Zeile antworten --",
                      "ja": "-- この行より上にご返信ください --"}
 # a word each language's customer templates are sure to use
@@ -121,7 +122,8 @@ def test_missing_fields_and_departments_are_translated() -> None:
 
 def test_first_response_target_and_linked_ticket_appear() -> None:
     t = replace(ticket(), linked_ticket=1001)
-    context = {"name": "Ann", "target": "innerhalb von 3 Geschäftsstunden", "missing": []}
+    context = {"name": "Ann", "target": "innerhalb von 3 Geschäftsstunden", "missing": [],
+               "follows_up": {"id": 1001, "status": "closed"}}
     _, text, html = render("ack", "de", t=t, context=context)
     assert "Unsere erste Antwort erhalten Sie innerhalb von 3 Geschäftsstunden." in text
     assert "#1001" in text and html is not None and "#1001" in html
@@ -148,7 +150,7 @@ def test_html_escapes_hostile_subjects_names_and_text(name: str, language: str) 
     assert html is not None
     assert msg["Bcc"] is None and msg["To"] == "ann@c.example"
     assert "<script>" not in html and "<img src=x" not in html
-    assert "&lt;script&gt;" in html or name in ("staff_reply", "command_error")  # they show no subject
+    assert "&lt;script&gt;" in html or name in ("staff_reply", "command_error", "staff_unproven")  # no subject
     if hostile:
         assert "&lt;img src=x onerror=alert(1)&gt; &#34;Ann&#34; &amp; co" in html
         assert HOSTILE_NAME in text        # the text part is text: nothing to escape
@@ -164,7 +166,6 @@ def test_japanese_body_is_base64_and_german_quoted_printable_both_decode() -> No
     assert plain is not None and plain["Content-Transfer-Encoding"] == "base64"
     assert "バックアップが失敗します" in plain.get_content()
     assert msg["Subject"] == "[Support #1042] バックアップが失敗します"
-    _, de_text, _ = render("ack", "de")
     de = c.compose(Kind.ACK, ticket=ticket(), mailbox="support@example.com", to=["a@c.example"], answers=[],
                    now=NOW, language="de", context=SAMPLE_CONTEXTS["ack"][0])
     assert b"Content-Transfer-Encoding: quoted-printable" in de.content

@@ -4,11 +4,14 @@ The policy (README, "Threading"):
 1. A mail that answers one of the ticket's messages (In-Reply-To or
    References names a Message-ID the ticket has, or one of our own IDs with
    a genuine ticket token) joins that ticket, whoever sends it: only people
-   who received our mail know those IDs.
+   who received our mail know those IDs. (The pipeline records it as
+   automatic when the sender is not a participant and the ID is ours.)
 2. A mail whose subject carries `[<tag> #<id>]` joins that ticket only when
-   it comes from a participant (requester, the ticket's Cc, staff) or from
-   an authorised contact of the requester's organisation who is one too
-   (Kaseya: colleagues answer on each other's tickets).
+   it comes from a participant (requester, the ticket's Cc, staff; case and
+   `+tag` folded: `help+2@x` is `help+1@x`'s mailbox, as a helpdesk that
+   answers from per-ticket subaddresses uses them) or from an authorised
+   contact of the requester's organisation (Kaseya: colleagues answer on
+   each other's tickets).
    From anyone else it opens a new ticket linked to the old one, and nothing
    of the old ticket is sent to them.
 3. A mail for a closed ticket (or a resolved one past its reopen window)
@@ -51,7 +54,7 @@ def place(*, sender: str, sender_is_staff: bool, by_reference: Ticket | None,
     if by_reference is not None:
         return _join_unless_closed(by_reference, "answers a message of the ticket", now)
     if by_tag is not None:
-        if sender_is_staff or sender in by_tag.participants:
+        if sender_is_staff or by_tag.is_participant(sender):
             return _join_unless_closed(by_tag, "subject tag from a participant", now)
         if colleague_of is not None:
             joined = _join_unless_closed(by_tag, f"subject tag from an authorised contact of {colleague_of}, "

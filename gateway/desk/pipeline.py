@@ -7,6 +7,7 @@ only fetches what they need and writes what they decide (through `Desk`).
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -19,28 +20,34 @@ from gateway.desk.conversation import Placement, place, same_problem
 from gateway.desk.writer import Desk
 from gateway.mail import authres
 from gateway.mail.automatic import automatic_kind
+from gateway.mail.bounce import read_bounce
 from gateway.mail.subject import tagged_ticket_id
-from gateway.model import Attachment, Kind, ParsedMail, Status, Ticket, normalize_address
-from gateway.outbound.tokens import TicketTokens
+from gateway.model import Attachment, Kind, ParsedMail, Status, Ticket, domain_of, mailbox_of, normalize_address
+from gateway.outbound.tokens import TicketTokens, without_staff_tokens
 from gateway.rules import contacts, process
 from gateway.rules.contacts import CERTIFIED, Standing
 from gateway.rules.decision import Decision, decide
 from gateway.rules.language import choose_language
-from gateway.store import Tx
+from gateway.store import SenderCounts, Tx
 
 PARTICIPANTS_LISTED = 1000   # addresses named in the note about those left out
 log = structlog.get_logger("gateway.pipeline")
 
-# RFC 3464 §2.3.2: the recipient a delivery status notification is about
-_FINAL_RECIPIENT = re.compile(rb"^Final-Recipient:\s*rfc822;\s*<?([^\s<>]+@[^\s<>]+)>?\s*$",
-                              re.IGNORECASE | re.MULTILINE)
-_PERMANENT = re.compile(rb"^Status:\s*5\.\d{1,3}\.\d{1,3}", re.IGNORECASE | re.MULTILINE)
 # An address we could answer: a local part and a domain (RFC 5321 §4.1.2), no space,
 # control character or bracket, no empty domain label. `@customer.example`, `ann@` or
 # `ann@customer.` is no sender (found by
 # tests/test_fuzz.py): answering it only makes the relay bounce our mail.
 _ANSWERABLE = re.compile(r"[^\s@<>()\[\],;:\\\x00-\x1f\x7f]+"
                          r"@[^\s@<>()\[\],;:\\.\x00-\x1f\x7f]+(?:\.[^\s@<>()\[\],;:\\.\x00-\x1f\x7f]+)*")
+
+
+def content_digest(mail: ParsedMail) -> str:
+    """A digest of what survives re-delivery of one mail: From, Date, Subject, the
+    text and the attachments' digests, as parsed; not trace headers, transfer
+    encodings or line ends, which a relay or an IMAP server may change."""
+    parts = [mail.sender, mail.date.isoformat() if mail.date else "", mail.subject, mail.body_text,
+             *(a.sha256 for a, _ in mail.attachments)]
+    return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -69,33 +76,66 @@ class Pipeline:
         self.config = config
         self.desk = desk
         self.tokens = tokens
+        # addresses of ours that are never a participant of a ticket
         self.own_addresses = frozenset(
             [mb.address for mb in config.mailboxes] + list(config.queues.values()))
+        # mail From these is our own mail come back (a queue address is staff: a team
+        # answering from its shared mailbox is a person, judged by its headers)
+        self.mailbox_addresses = frozenset(mb.address for mb in config.mailboxes)
+        # every address our mail to staff goes to, whose tokens an answer may quote
+        # (a queue's notification forwarded to a colleague, a forward to billing)
+        self.staff_mail_to = (*config.queues.values(), *sorted(config.staff_addresses),
+                              *config.redirects.values())
 
     async def handle(self, tx: Tx, inbound_id: int, mail: ParsedMail, received: Received) -> Outcome:
         now = received.received_at
-        if not await tx.claim_inbound_message(mail.message_id):
+        key = content_digest(mail)
+        claim = await tx.claim_inbound_message(mail.message_id, key)
+        if claim == "duplicate":
             return Outcome(inbound_id, "duplicate", None, mail.message_id, 0,
-                           "a mail with this Message-ID was already received")
+                           "this mail (its Message-ID and content) was already received")
+        if claim == "reused":
+            # a stranger sending first with a customer's Message-ID must not silence
+            # the customer's mail: a different content is a different mail
+            log.warning("mail.message_id_reused", message_id=mail.message_id, inbound_id=inbound_id)
         sender = mail.sender or normalize_address(received.mail_from or "")
+        if mail.from_address is not None and mail.from_address != mail.sender \
+                and self.config.is_staff(sender):
+            # A rewritten or forwarded author (X-Original-From + Reply-To of a list,
+            # Sender/Reply-To without From) never becomes staff: the mail is
+            # whoever its From (or envelope) names, and is judged as theirs.
+            log.warning("staff.rewritten_sender", message_id=mail.message_id, claimed=sender)
+            sender = mail.from_address or normalize_address(received.mail_from or "")
+        staff = self.config.is_staff(sender)
         auto = automatic_kind(mail.headers, sender=sender, mail_from=received.mail_from,
-                              own_addresses=self.own_addresses, content_types=mail.content_types)
+                              own_addresses=self.mailbox_addresses, content_types=mail.content_types)
         if auto is None and not _ANSWERABLE.fullmatch(sender):
             # Nobody to answer and nobody to thread by: kept for ops, never ticketed blind.
             # (Automatic mail goes on: a bounce from a bare MAILER-DAEMON, as IMAP
             # delivers it without an envelope, still belongs on its ticket.)
+            await tx.release_inbound_message(f"{mail.message_id} {key}")
             return Outcome(inbound_id, "quarantined", None, mail.message_id, 0,
                            "no sender address in From: or the envelope")
         by_reference = await self._ticket_answered(tx, mail.thread_ids)
         if by_reference is None and auto == "bounce":
             # a DSN quotes our mail in its body, not in In-Reply-To
             by_reference = await self._ticket_answered(tx, self.tokens.ids_in(received.raw))
+        stranger = None
+        if auto is None and not staff:
+            stranger = await self._stranger_answering_us(tx, mail, received, sender, by_reference)
+            if stranger is not None:
+                auto, by_reference = "auto", stranger
         tag_id = tagged_ticket_id(mail.subject, self.config.ticket_tag)
         by_tag = await tx.ticket(tag_id) if tag_id is not None and by_reference is None else None
         colleague = contacts.colleagues(self.config.rules.directory, sender, by_tag.requester, now.date()) \
-            if by_tag is not None and sender not in by_tag.participants else None
-        placement = place(sender=sender, sender_is_staff=self.config.is_staff(sender),
+            if by_tag is not None and not by_tag.is_participant(sender) else None
+        placement = place(sender=sender, sender_is_staff=staff,
                           by_reference=by_reference, by_tag=by_tag, now=now, colleague_of=colleague)
+        answered = by_reference or by_tag
+        if auto is None and answered is None and sender in self.config.queues.values():
+            # a queue address answers tickets; mail from it about none is our own
+            # notification come back (a list, a forward): never a ticket of its own
+            auto = "auto"
 
         if auto is not None:
             ticket = by_reference or by_tag
@@ -105,23 +145,30 @@ class Pipeline:
                 return Outcome(inbound_id, "automatic", None, mail.message_id, 0,
                                f"{auto} mail that belongs to no ticket")
             await self._record(tx, ticket.id, Kind(auto), mail, inbound_id, now)
-            if auto == "bounce":
-                await self._mark_undeliverable(tx, ticket, received.raw, now)
-            return Outcome(inbound_id, "joined", ticket.id, mail.message_id, 0,
-                           f"{auto} mail recorded: no answer, no status change")
+            queued = await self._mark_undeliverable(tx, ticket, received.raw, now) if auto == "bounce" else 0
+            why = " (answers our mail but is not on the ticket)" if stranger is not None else ""
+            return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
+                           f"{auto} mail recorded{why}: no answer, no status change")
+
+        if answered is not None and not staff and self._answers_staff_mail(answered, mail, received):
+            return await self._not_staff(tx, inbound_id, mail, answered, sender, now)
 
         joined = None
-        if placement.ticket_id is None and not self.config.is_staff(sender):
+        if placement.ticket_id is None and not staff:
             placement, joined = await self._same_problem(tx, placement, mail, received, sender, now)
         if placement.ticket_id is None:
-            return await self._open_ticket(tx, inbound_id, mail, received, sender, placement)
+            # a subject tag from someone not on that ticket: `tagged` is the ticket quoted
+            linked = answered if answered is not None and answered.id == placement.linked_ticket else None
+            tagged = by_tag if by_tag is not None and linked is by_tag \
+                and not by_tag.is_participant(sender) else None
+            return await self._open_ticket(tx, inbound_id, mail, received, sender, placement, linked, tagged)
         ticket = joined or (by_reference if by_reference and by_reference.id == placement.ticket_id else by_tag)
         assert ticket is not None
-        if self.config.is_staff(sender):
-            unverified = self._staff_unverified(received, sender)
-            if unverified is None:
+        if staff:
+            unproven = self._staff_unproven(mail, received, ticket, sender)
+            if unproven is None:
                 return await self._staff_reply(tx, inbound_id, mail, ticket, sender, now, placement)
-            return await self._unverified_staff(tx, inbound_id, mail, ticket, sender, now, unverified)
+            return await self._unproven_staff(tx, inbound_id, mail, ticket, sender, now, unproven)
         return await self._customer_reply(tx, inbound_id, mail, ticket, sender, now, placement)
 
     async def _same_problem(self, tx: Tx, placement: Placement, mail: ParsedMail, received: Received,
@@ -151,6 +198,33 @@ class Pipeline:
                     return ticket
         return None
 
+    async def _stranger_answering_us(self, tx: Tx, mail: ParsedMail, received: Received, sender: str,
+                                     by_reference: Ticket | None) -> Ticket | None:
+        """The ticket whose mail of ours this mail quotes, when its sender is not on it.
+
+        Our Message-IDs (`gateway.outbound.tokens`) went only to the ticket's
+        participants. Someone else quoting one, in References/In-Reply-To or in
+        the body, is answering mail that was not sent to them: the responder
+        of a helpdesk or a forwarding rule that sets no RFC 3834 header (issue
+        14: a foreign helpdesk answering from `help+N@`), or a person our mail
+        was forwarded to. Either way it is treated as automatic: recorded on
+        the ticket for staff, never answered, no status change. (Answers to a
+        customer's own Message-ID, as a Cc'd colleague's reply-all, are not
+        ours and thread as before.)
+        """
+        if by_reference is not None:
+            ours = any(self.tokens.ticket_of(mid) == by_reference.id for mid in mail.thread_ids)
+            quoted = by_reference if ours else None
+        else:
+            quoted = await self._ticket_answered(tx, self.tokens.ids_in(received.raw))
+        if quoted is None or quoted.is_participant(sender):
+            return None
+        if self._answers_staff_mail(quoted, mail, received):
+            return None      # an answer to our mail to staff: told it is not staff (`_not_staff`)
+        log.warning("ticket.stranger_answer", ticket_id=quoted.id, message_id=mail.message_id,
+                    sender=sender, by="references" if by_reference is not None else "body")
+        return quoted
+
     async def _record(self, tx: Tx, ticket_id: int, kind: Kind, mail: ParsedMail,
                       inbound_id: int, now: datetime) -> int:
         cap = self.config.limits.max_participants
@@ -162,16 +236,20 @@ class Pipeline:
             await tx.add_attachments(row, [a for a, _ in mail.attachments])
         return row
 
-    async def _mark_undeliverable(self, tx: Tx, ticket: Ticket, raw: bytes, now: datetime) -> None:
-        """A permanent bounce flags the failed addresses of the ticket: no more mail to them."""
-        if not _PERMANENT.search(raw):
-            return
-        failed = {normalize_address(m.decode("ascii", "replace")) for m in _FINAL_RECIPIENT.findall(raw)}
-        failed &= set(ticket.participants)
-        if failed - set(ticket.undeliverable):
-            addresses = tuple(sorted(set(ticket.undeliverable) | failed))
-            await tx.update_ticket(ticket.id, now, undeliverable=addresses)
-            log.warning("ticket.undeliverable", ticket_id=ticket.id, addresses=sorted(failed))
+    async def _mark_undeliverable(self, tx: Tx, ticket: Ticket, raw: bytes, now: datetime) -> int:
+        """A bounce flags the ticket's addresses it reports failed for good (never
+        one only delayed: `gateway.mail.bounce`), and tells the queue. Returns the
+        mails queued."""
+        report = read_bounce(raw)
+        failed = {normalize_address(a) for a in report.failed} & set(ticket.participants)
+        new = sorted(failed - set(ticket.undeliverable))
+        if not new:
+            return 0
+        await tx.update_ticket(ticket.id, now, undeliverable=tuple(sorted(set(ticket.undeliverable) | failed)))
+        log.warning("ticket.undeliverable", ticket_id=ticket.id, addresses=new, delayed=list(report.delayed))
+        return await self.desk.undeliverable_notice(
+            tx, ticket, now, addresses=new, marked=new,
+            what="A delivery report came back saying this address does not take mail (a permanent failure).")
 
     def decide(self, mail: ParsedMail, mailbox: Mailbox, now: datetime) -> Decision:
         """The rules stage for a new ticket (also what `gateway explain` shows)."""
@@ -180,8 +258,19 @@ class Pipeline:
                       mailbox_emergency=mailbox.emergency)
 
     async def _open_ticket(self, tx: Tx, inbound_id: int, mail: ParsedMail, received: Received,
-                           sender: str, placement: Placement) -> Outcome:
+                           sender: str, placement: Placement, linked: Ticket | None = None,
+                           tagged: Ticket | None = None) -> Outcome:
         now = received.received_at
+        counts = await tx.sender_counts(mailbox_of(sender), domain_of(sender), now - timedelta(hours=1),
+                                        AUTO_ANSWER_KINDS)
+        over = self._over_ticket_cap(counts)
+        if over is not None:
+            log.warning("ticket.rate_limited", message_id=mail.message_id, sender=sender,
+                        scope=over[0], tickets_last_hour=over[1], limit=over[2])
+            return Outcome(inbound_id, "quarantined", None, mail.message_id, 0,
+                           f"rate limit: {over[1]} new tickets from this {over[0]} in the last hour "
+                           f"(limits.new_tickets_per_{over[0]}_per_hour = {over[2]}); retry it later "
+                           f"with `gateway quarantine retry`")
         decision = self.decide(mail, received.mailbox, now)
         if decision.contact is not None and decision.contact.refused:
             # Kaseya: only authorised contacts open tickets. Kept (quarantined:
@@ -222,15 +311,18 @@ class Pipeline:
             queued = await self._redirect(tx, ticket, mail, received, redirect_to, now)
         else:
             queued = 0
-            if await self._auto_answer_allowed(tx, ticket, sender, now):
+            no_ack = self._ack_suppressed(ticket, sender, counts, tagged)
+            if no_ack is None:
                 queued = await self.desk.to_customer(
                     tx, ticket, Kind.ACK, now, include_cc=False, thread=[mail.message_id],
                     context={"name": mail.sender_name or sender,
                              "target": self.desk.target_text(ticket, decision.response_due),
                              "missing": list(decision.missing),
+                             "follows_up": _follows_up(linked, sender),
                              "emergency": self._emergency_instructions(ticket)})
             queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now,
-                                         dropped=len(dropped), marks=marks)
+                                         dropped=len(dropped), linked_reason=placement.reason, no_ack=no_ack,
+                                         marks=marks)
             queued += await self._emergency_alert(tx, ticket, mail, decision, now)
             ticket, more = await self._auto_escalate(tx, ticket, [mail.message_id], now)
             queued += more
@@ -371,7 +463,7 @@ class Pipeline:
                          "text": cmds.text})
         if relay:
             queued += await self.desk.to_customer(
-                tx, ticket, Kind.STAFF_REPLY, now, context={"text": cmds.text,
+                tx, ticket, Kind.STAFF_REPLY, now, context={"text": without_staff_tokens(cmds.text),
                                                             "agent": mail.sender_name or "Support"},
                 from_name=mail.sender_name or None, attachments=mail.attachments)
         if cmds.escalate:
@@ -460,13 +552,14 @@ class Pipeline:
                      "staff_at": staff_at.strftime("%Y-%m-%d %H:%M UTC") if staff_at else None})
 
     async def _notify(self, tx: Tx, ticket: Ticket, mail: ParsedMail, sender: str, *,
-                      is_new: bool, now: datetime, dropped: int = 0,
-                      marks: list[str] | None = None) -> int:
+                      is_new: bool, now: datetime, dropped: int = 0, linked_reason: str = "",
+                      no_ack: str | None = None, marks: list[str] | None = None) -> int:
         return await self.desk.to_staff(
             tx, ticket, self.desk.queue_of(ticket), now, answers=[mail.message_id],
-            context={"is_new": is_new, "sender": sender, "reply_text": mail.reply_text, "marks": marks or [],
+            context={"is_new": is_new, "sender": sender, "reply_text": mail.reply_text, "no_ack": no_ack,
+                     "marks": marks or [],
                      "body_text": mail.body_text, "attachments": [a for a, _ in mail.attachments],
-                     "participants_dropped": dropped,
+                     "participants_dropped": dropped, "linked_reason": linked_reason,
                      "max_participants": self.config.limits.max_participants})
 
     async def _participants_dropped(self, tx: Tx, ticket: Ticket, mail: ParsedMail, dropped: tuple[str, ...],
@@ -487,61 +580,144 @@ class Pipeline:
                     kept=self.config.limits.max_participants, dropped=len(dropped))
 
     # -- loops, floods and forged staff mail -----------------------------
-    async def _auto_answer_allowed(self, tx: Tx, ticket: Ticket, sender: str, now: datetime) -> bool:
-        """At most `[limits] auto_answers_per_sender_per_hour` automatic answers to one address.
+    def _ack_suppressed(self, ticket: Ticket, sender: str, counts: SenderCounts,
+                        tagged: Ticket | None) -> str | None:
+        """Why this new ticket gets no acknowledgement, or None when it gets one.
 
-        A flood from one sender (or a responder that sets none of RFC 3834's
-        headers, so that `automatic_kind` can't tell) still makes its tickets
-        and reaches staff, but is not answered mail for mail: RFC 3834 §2
-        asks automatic responders to limit how often they answer one sender.
-        The window slides over the injected clock (`now`).
+        At most `[limits] auto_answers_per_sender_per_hour` acknowledgements to
+        one mailbox (case and `+tag` folded: a helpdesk answering from
+        `help+N@` is one mailbox) and `auto_answers_per_domain_per_hour` to one
+        domain (a responder answering from ever new addresses). A flood, or a
+        responder that sets none of RFC 3834's headers so that
+        `automatic_kind` can't tell, still makes its tickets and reaches staff,
+        but is not answered mail for mail: RFC 3834 §2 asks automatic
+        responders to limit how often they answer one sender. The window
+        slides over the injected clock (`counts` are of the last hour).
+
+        Nor is a new ticket acknowledged that quotes the subject tag of a
+        ticket whose requester is at the sender's domain, from an address not
+        on it (`tagged`): that is what a responder answering our mail from
+        per-ticket addresses (`ticket-N@`) sends, and acknowledging it would
+        start the loop again. A colleague writing so still gets a ticket and
+        staff are told why no acknowledgement went out.
         """
-        limit = self.config.limits.auto_answers_per_sender_per_hour
-        sent = await tx.auto_answers_to(sender, now - timedelta(hours=1), AUTO_ANSWER_KINDS)
-        if sent < limit:
-            return True
-        log.warning("ticket.ack_suppressed", ticket_id=ticket.id, requester=sender,
-                    sent_last_hour=sent, limit=limit)
-        return False
+        if tagged is not None and domain_of(tagged.requester) == domain_of(sender):
+            log.warning("ticket.ack_suppressed", ticket_id=ticket.id, requester=sender, scope="tag",
+                        quoted_ticket=tagged.id)
+            return (f"it quotes the subject of ticket #{tagged.id}, whose requester is at the same domain, "
+                    f"from an address not on that ticket (a responder answering our mail would loop)")
+        lim = self.config.limits
+        for scope, sent, limit in (("sender", counts.answers_to_mailbox, lim.auto_answers_per_sender_per_hour),
+                                   ("domain", counts.answers_to_domain, lim.auto_answers_per_domain_per_hour)):
+            if sent >= limit:
+                log.warning("ticket.ack_suppressed", ticket_id=ticket.id, requester=sender, scope=scope,
+                            sent_last_hour=sent, limit=limit)
+                return (f"{sent} acknowledgements went to this {scope} in the last hour "
+                        f"(limits.auto_answers_per_{scope}_per_hour = {limit})")
+        return None
 
-    def _staff_unverified(self, received: Received, sender: str) -> str | None:
-        """Why a staff address's mail can't be taken as staff, or None when it can.
+    def _over_ticket_cap(self, counts: SenderCounts) -> tuple[str, int, int] | None:
+        """(scope, tickets in the last hour, limit) when one more new ticket is one too many.
 
-        With `[staff] require_authenticated`, only mail that the receiving MTA
-        authenticated for the From domain (RFC 8601 Authentication-Results from
-        a trusted authserv-id: `gateway.mail.authres`) is relayed or obeyed.
+        `[limits] new_tickets_per_sender_per_hour` / `_per_domain_per_hour`:
+        past them mail that would open a ticket is quarantined with the reason
+        (kept, retried by ops), so that a runaway robot cannot fill the desk;
+        replies to existing tickets are never held back.
         """
-        if not self.config.staff_require_authenticated:
+        lim = self.config.limits
+        for scope, made, limit in (("sender", counts.tickets_by_mailbox, lim.new_tickets_per_sender_per_hour),
+                                   ("domain", counts.tickets_by_domain, lim.new_tickets_per_domain_per_hour)):
+            if made >= limit:
+                return scope, made, limit
+        return None
+
+    def _answers_staff_mail(self, ticket: Ticket, mail: ParsedMail, received: Received) -> bool:
+        """Whether the mail answers genuine mail of ours to staff about `ticket`: a
+        staff token for one of the addresses we send staff mail to, in what it
+        answers or where it was sent. It proves nobody (the sender may have had a
+        notification forwarded); a token a stranger made up is not taken."""
+        return self.tokens.staff_proof(ticket.id, mail.thread_ids, (*mail.to, *mail.cc, *received.rcpt_to),
+                                       self.staff_mail_to)
+
+    def _staff_unproven(self, mail: ParsedMail, received: Received, ticket: Ticket,
+                        sender: str) -> str | None:
+        """Why a mail from a staff address does not prove its author, or None when it does.
+
+        Proof is (a) a staff token of ours for this ticket, bound to this agent or
+        to a staff queue, in what the mail answers (In-Reply-To/References) or
+        where it was sent (To, Cc, envelope recipients): the agent replied to our
+        notification (`gateway.outbound.tokens`); or (b) a trusted
+        Authentication-Results header with DKIM or DMARC aligned to the agent's
+        domain (`gateway.mail.authres`). `[staff] require_authenticated` takes
+        only (b). The reason is for the log only: it is never mailed.
+        """
+        if not self.config.staff_require_authenticated and self.tokens.staff_proof(
+                ticket.id, mail.thread_ids, (*mail.to, *mail.cc, *received.rcpt_to),
+                (sender, *self.config.queues.values())):
             return None
+        why = "no staff token of this ticket" if not self.config.staff_require_authenticated else \
+            "require_authenticated: tokens not taken"
+        if not self.config.staff_trusted_authserv_ids:
+            return why
         verdict = authres.verify(authres.header_values(received.raw),
                                  from_domain=sender.rpartition("@")[2],
                                  trusted_ids=self.config.staff_trusted_authserv_ids)
-        return None if verdict.authenticated else verdict.reason
+        return None if verdict.authenticated else f"{why}; {verdict.reason}"
 
-    async def _unverified_staff(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket,
-                                sender: str, now: datetime, reason: str) -> Outcome:
-        """Mail from a staff address that the MTA did not authenticate.
+    async def _unproven_staff(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket,
+                              sender: str, now: datetime, reason: str) -> Outcome:
+        """Mail from a staff address that does not prove the agent wrote it.
 
         Kept on the ticket as a `note`: staff see it, the customer never does
         (notes are not relayed and are not on the customer's thread), no
         command is applied and the status does not change. The staff address
-        is told why, so a real agent whose mail setup broke learns of it, and
-        an agent being impersonated learns that too.
+        is told, at most once per ticket an hour, quoting nothing of the mail:
+        a real agent whose reply lost its token learns of it, an agent being
+        impersonated learns that too, and a forger can't make us mail the
+        agent their text.
         """
         await self._record(tx, ticket.id, Kind.NOTE, mail, inbound_id, now)
-        queued = await self.desk.to_staff(
-            tx, ticket, sender, now, answers=[mail.message_id], template="command_error",
-            context={"errors": [f"our mail server did not authenticate your mail as coming from "
-                                f"{sender.rpartition('@')[2]} ({reason}); it was kept as an internal "
-                                f"note only"],
-                     "text": mail.reply_text})
+        queued = 0
+        if await tx.staff_warning_due(ticket.id, sender, now, now - timedelta(hours=1)):
+            why = ("Your mail server's Authentication-Results did not prove it either."
+                   if self.config.staff_trusted_authserv_ids else "")
+            queued = await self.desk.to_staff(tx, ticket, sender, now, answers=[],
+                                              template="staff_unproven", context={"why": why})
         log.warning("staff.unauthenticated", ticket_id=ticket.id, message_id=mail.message_id,
-                    sender=sender, reason=reason)
+                    sender=sender, reason=reason, told=bool(queued))
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
-                       f"staff mail not authenticated, kept as a note: {reason}")
+                       f"staff mail not proven, kept as a note: {reason}")
+
+    async def _not_staff(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket,
+                         sender: str, now: datetime) -> Outcome:
+        """Someone who is not staff answered our mail to staff (a colleague the
+        notification was forwarded to, a team member missing from `[staff]`).
+
+        Kept on the ticket as an internal note, never relayed, nothing applied;
+        the sender is told why (at most once per ticket an hour, quoting nothing
+        and carrying no staff token), so the answer is never lost in silence."""
+        await self._record(tx, ticket.id, Kind.NOTE, mail, inbound_id, now)
+        queued = 0
+        if await tx.staff_warning_due(ticket.id, sender, now, now - timedelta(hours=1)):
+            queued = await self.desk.to_staff(tx, ticket, sender, now, answers=[mail.message_id],
+                                              template="not_staff", context={"sender": sender},
+                                              token=False)
+        log.warning("staff.not_staff", ticket_id=ticket.id, message_id=mail.message_id,
+                    sender=sender, told=bool(queued))
+        return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
+                       "answered our mail to staff but is not staff: kept as a note")
 
 
-# Our automatic answers to a customer, counted by the per-sender hourly cap
+def _follows_up(linked: Ticket | None, sender: str) -> dict[str, object] | None:
+    """What the ack may say of the ticket a new one is linked to: its number and
+    true status, to one of its participants only. A stranger who quoted a tag
+    learns nothing, not even that the ticket exists."""
+    if linked is None or not linked.is_participant(sender):
+        return None
+    return {"id": linked.id, "status": linked.status.value}
+
+
+# Our automatic answers to a customer, counted by the hourly caps
 AUTO_ANSWER_KINDS = (Kind.ACK.value, Kind.REDIRECT.value)
 
 

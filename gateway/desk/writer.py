@@ -47,9 +47,10 @@ class Desk:
         fields.update(tr.stamps)
         if fields:
             await tx.update_ticket(ticket.id, now, **fields)
+        stamps: dict[str, Any] = dict(tr.stamps)      # resolved_at, closed_at: Ticket fields
         after = replace(ticket, status=tr.status, reminder_due_at=tr.timers.reminder_due_at,
                         autoclose_due_at=tr.timers.autoclose_due_at,
-                        close_due_at=tr.timers.close_due_at, **tr.stamps)
+                        close_due_at=tr.timers.close_due_at, **stamps)
         if tr.status is not ticket.status:
             log.info("ticket.status_changed", ticket_id=ticket.id, old=ticket.status.value,
                      new=tr.status.value, cause=tr.cause)
@@ -118,12 +119,32 @@ class Desk:
     async def to_staff(self, tx: Tx, ticket: Ticket, address: str, now: datetime, *,
                        answers: Sequence[str], context: Mapping[str, Any],
                        template: str | None = None, reply_to: str | None = None,
-                       attachments: Sequence[tuple[Attachment, bytes]] = ()) -> int:
-        out = self.composer.compose(Kind.STAFF_NOTIFY, ticket=ticket, mailbox=ticket.mailbox,
-                                    to=[address], answers=answers, now=now,
-                                    reply_to=reply_to or ticket.mailbox, context=context,
-                                    template=template, attachments=attachments)
+                       attachments: Sequence[tuple[Attachment, bytes]] = (),
+                       token: bool = True) -> int:
+        """Queue a mail to a staff address. Its Message-ID and reply address carry the
+        token that proves a staff answer to it (`gateway.outbound.tokens`); `token`
+        False: none (a mail to someone who is not staff)."""
+        tokens = self.composer.tokens
+        if reply_to is None:
+            reply_to = tokens.staff_reply_address(ticket.id, ticket.mailbox, address) if token \
+                else ticket.mailbox
+        out = self.composer.compose(
+            Kind.STAFF_NOTIFY, ticket=ticket, mailbox=ticket.mailbox, to=[address], answers=answers,
+            now=now, reply_to=reply_to, context=context, template=template, attachments=attachments,
+            staff_to=address if token else None)
         return await self.enqueue(tx, ticket.id, out, now)
+
+    async def undeliverable_notice(self, tx: Tx, ticket: Ticket, now: datetime, *,
+                                   addresses: Sequence[str], marked: Sequence[str], what: str,
+                                   detail: str = "") -> int:
+        """Tell the ticket's queue that its mail did not reach `addresses` (a bounce
+        came back, or the relay refused a mail for good); `marked` are those now
+        undeliverable (project issue 15). Short, and quoting the report's status
+        only, never the returned mail."""
+        return await self.to_staff(tx, ticket, self.queue_of(ticket), now, answers=[],
+                                   template="undeliverable",
+                                   context={"addresses": list(addresses), "marked": list(marked),
+                                            "what": what, "detail": detail[:500]})
 
     def target_text(self, ticket: Ticket, due: datetime | None) -> str | None:
         """The first-response promise, honestly: the plan's target and when it falls due."""

@@ -9,8 +9,11 @@ RCPT_OK = "250 2.1.5 Recipient ok"
 NO_SUCH_MAILBOX = "550 5.1.1 <{address}>: no such mailbox here"
 # RFC 5321 §4.5.3.1.10: more recipients than we take in one transaction
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients (at most {limit} per message)"
+# RFC 3463 §3.4.4: 5.3.4 message too big for system (over max_message_size, at DATA or
+# for MAIL FROM ... SIZE=); the listener puts it in place of aiosmtpd's wording.
+TOO_BIG = "552 5.3.4 Message too big for system (at most {limit} bytes)"
 # RFC 3463 §3.7: 5.6.0 other media error (too many parts, nested too deep); 554, not
-# 552, which many MTAs retry as temporary. (552 for size is aiosmtpd's own answer.)
+# 552, which many MTAs retry as temporary.
 CONTENT_REFUSED = "554 5.6.0 Message refused: {reason}"
 TRY_LATER = "451 4.3.0 Cannot store the message right now; please try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down; please try again later"

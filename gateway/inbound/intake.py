@@ -247,7 +247,7 @@ class Intake:
                 batch.append(self._queue.get_nowait())
             try:
                 # a batch that lost a deadlock to another instance is simply run again
-                outcomes = await self.store.run(lambda tx: self._commit(tx, batch))
+                outcomes = await self.store.run(lambda tx: self._commit(tx, batch))  # noqa: B023 - run() ends first
             except Exception as e:  # noqa: BLE001 - every caller gets the failure, the writer lives on
                 error = e if isinstance(e, StoreUnavailable) else StoreUnavailable(f"{type(e).__name__}: {e}")
                 log.error("intake.commit_failed", error=str(e), mails=len(batch))
@@ -296,10 +296,10 @@ class Intake:
                         outcome = await self.pipeline.handle(tx, inbound_id, job.parsed, r)
                 except StoreUnavailable:
                     raise          # the store itself failed: the whole batch gets 451 (or a rerun)
-                except Exception as e:  # noqa: BLE001 - poison mail is quarantined
+                except Exception as e:
                     error = f"processing failed: {type(e).__name__}: {e}"[:2000]
                     log.exception("mail.quarantined", inbound_id=inbound_id,
-                                  message_id=job.parsed.message_id, exception=error)
+                                  message_id=job.parsed.message_id, error=error)
             if outcome is not None and outcome.action == "quarantined":
                 # a quarantined mail is not on a ticket: its Message-ID is free again
                 # (after a failure the savepoint took the claim back already)
@@ -309,12 +309,12 @@ class Intake:
                 message_id = job.parsed.message_id if job.parsed else header_message_id(r.raw)
                 if job.parsed is None:
                     log.error("mail.quarantined", inbound_id=inbound_id, message_id=message_id,
-                              exception=error)
+                              error=error)
                 outcome = Outcome(inbound_id, "quarantined", None, message_id, 0, error or "")
             else:
                 if outcome.action == "quarantined":
                     log.warning("mail.quarantined", inbound_id=inbound_id,
-                                message_id=outcome.message_id, exception=outcome.reason)
+                                message_id=outcome.message_id, error=outcome.reason)
                 state = {"duplicate": "duplicate", "automatic": "automatic",
                          "quarantined": "quarantined"}.get(outcome.action, "processed")
                 await tx.set_inbound_state(inbound_id, state,

@@ -14,12 +14,13 @@ headers carrying its own authserv-id from incoming mail (OpenDMARC,
 OpenDKIM and Exim do) so that those we trust are the ones it wrote.
 
 A mail is authenticated when a trusted header says
-- `dmarc=pass` (RFC 7489 §3: DMARC pass already means SPF or DKIM aligned
-  with the From domain; a `header.from` property, when present, must be
-  the From domain), or
-- `dkim=pass` with `header.d` (or `header.i`) aligned with the From domain, or
-- `spf=pass` with `smtp.mailfrom` aligned with the From domain,
-and no trusted header says `dmarc=fail` for it. Alignment is RFC 7489
+- `dmarc=pass` with a `header.from` property aligned with the From domain
+  (RFC 7489 §3: DMARC pass means SPF or DKIM aligned with that domain; a
+  pass that does not name its domain proves nothing about ours), or
+- `dkim=pass` with `header.d` (or `header.i`) aligned with the From domain,
+and no trusted header says `dmarc=fail` for it. An SPF pass is not taken:
+it vouches for the sending host of the envelope domain, which a shared
+host or a forwarder offers to others too. Alignment is RFC 7489
 §3.1's relaxed alignment approximated without a Public Suffix List: the two
 domains are equal, or one is a subdomain of the other (never a bare TLD).
 """
@@ -87,7 +88,9 @@ def _strip_comments(value: str) -> str:
 
 def _split(value: str, sep: str) -> list[str]:
     """Split on `sep` outside quoted strings."""
-    parts, buf, quoted = [], [], False
+    parts: list[str] = []
+    buf: list[str] = []
+    quoted = False
     for ch in value:
         if ch == '"':
             quoted = not quoted
@@ -156,17 +159,14 @@ def verify(header_values: Sequence[str], *, from_domain: str,
         if r.result != "pass":
             continue
         if r.method == "dmarc":
+            # without header.from a pass says nothing about WHICH domain passed
             hfrom = r.props.get("header.from")
-            if hfrom is None or hfrom == from_domain.lower():
-                return Verdict(True, "dmarc=pass")
+            if hfrom is not None and hfrom == from_domain.strip().strip(".").lower():
+                return Verdict(True, f"dmarc=pass (header.from={hfrom})")
         elif r.method == "dkim":
             d = r.props.get("header.d") or r.props.get("header.i", "")
             if aligned(d, from_domain):
                 return Verdict(True, f"dkim=pass aligned (d={d})")
-        elif r.method == "spf":
-            mfrom = r.props.get("smtp.mailfrom", "")
-            if aligned(mfrom, from_domain):
-                return Verdict(True, f"spf=pass aligned (mailfrom={mfrom})")
     summary = ", ".join(f"{r.method}={r.result}" for r in results)
     return Verdict(False, f"no aligned pass for {from_domain} ({summary})")
 

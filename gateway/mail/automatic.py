@@ -30,8 +30,9 @@ Other automatic mail (`"auto"`):
   iCloud and their translations ("Automatic reply:", "Out of Office:",
   "Abwesenheitsnotiz:", "Automatische Antwort:", ...) together with header
   evidence: `X-Auto-Response-Suppress` or an `X-MS-Exchange-*` header, or
-  the null sender. A subject alone is not enough: a person may write
-  "Out of office next week".
+  the null sender; or the subject alone when the phrase is all of it or a
+  prefix with a colon ("Out of Office", "Abwesenheitsnotiz: ...", in en, de,
+  fr, es, it, nl, ja and more). "Out of office next week" stays a person's.
 
 Delay warnings (DSN `Action: delayed`) are delivery reports too, so
 `"bounce"`: that lets the pipeline find their ticket by the Message-ID they
@@ -61,14 +62,22 @@ _BOUNCE_SUBJECT = re.compile(
     r"|could not be delivered|unzustellbar|nicht zustellbar|non remis|non recapitabile"
     r"|onbestelbaar|no se pudo entregar|message not delivered|delivery notification: delivery"
     r"|mail system error|rejected:|warning: could not send", re.IGNORECASE)
-_OOO_SUBJECT = re.compile(
-    r"^\s*(?:\[[^\]]*\]\s*)?(?:automatic reply|auto(?:matic)?[- ]?reply|auto(?:matic)? response"
+_OOO_PHRASES = (
+    r"(?:automatic reply|auto(?:matic)?[- ]?reply|auto(?:matic)? response"
     r"|out of (?:the )?office(?: autoreply)?|away from (?:the )?office|vacation(?: reply)?"
-    r"|abwesenheitsnotiz|automatische antwort|abwesend|réponse automatique|absence du bureau"
-    r"|respuesta automática|fuera de la oficina|risposta automatica|fuori ufficio"
-    r"|automatisch antwoord|afwezig|autosvar|frånvaro|fraværende|automaattinen vastaus"
-    r"|odpowiedź automatyczna|автоматический ответ|自動応答|自动回复)\b\s*[:：-]?",
-    re.IGNORECASE)
+    r"|abwesenheitsnotiz|automatische antwort|abwesend|abwesenheit"
+    r"|réponse automatique|absence du bureau|absent du bureau|absent\(e\)"
+    r"|respuesta automática|respuesta automatica|fuera de la oficina|fuera de oficina"
+    r"|risposta automatica|fuori ufficio|fuori sede|assente"
+    r"|automatisch antwoord|afwezig|niet aanwezig|buiten kantoor"
+    r"|autosvar|frånvaro|fraværende|automaattinen vastaus"
+    r"|odpowiedź automatyczna|автоматический ответ|自動応答|自動返信|不在通知|不在|自动回复)")
+_OOO_SUBJECT = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?" + _OOO_PHRASES + r"\b\s*[:：-]?", re.IGNORECASE)
+# the subject alone is enough when the phrase is the whole subject or a prefix with a
+# colon ("Out of Office: Re: ...", "Abwesenheitsnotiz", "自動返信："); "Out of office
+# next week" is a person's (project issue 15)
+_OOO_SUBJECT_ALONE = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?" + _OOO_PHRASES + r"\s*(?:[:：]|$)",
+                                re.IGNORECASE)
 _EXCHANGE_EVIDENCE = ("x-auto-response-suppress", "x-ms-exchange-inbox-rules-loop",
                       "x-ms-exchange-generated-message-source", "x-ms-exchange-message-is-ndr")
 
@@ -120,6 +129,8 @@ def automatic_kind(headers: Mapping[str, str], *, sender: str, mail_from: str | 
     if headers.get("x-loop", "").strip().lower() in ("yes", "true"):
         return "auto"
     if _OOO_SUBJECT.match(subject) and (null_sender or any(h in headers for h in _EXCHANGE_EVIDENCE)):
+        return "auto"
+    if _OOO_SUBJECT_ALONE.match(subject):
         return "auto"
     if headers.get("x-auto-response-suppress", "").strip().lower() == "all" \
             and "x-ms-exchange-inbox-rules-loop" in headers:

@@ -11,8 +11,9 @@ because the gateway must never lose a customer's mail:
   UTF-8, else in the message's own charset, else detected;
 - a Message-ID is always present (derived from the content when the sender
   gave none, so that a retried delivery of the same bytes is recognised);
-- the text body is every inline `text/plain` part outside attached messages;
-  HTML-only mail becomes readable text (inscriptis; no script or style
+- the text body is every inline `text/plain` part outside attached messages
+  (one with a filename is an attachment, and the body when there is no other
+  text: project issue 15); HTML-only mail becomes readable text (inscriptis; no script or style
   content), and its quote markup helps `reply_text`;
 - charsets: every charset Python knows, plus the usual mislabels (Shift_JIS
   or EUC-JP bytes labelled ISO-2022-JP, GB18030 labelled GB2312, cp1252
@@ -145,6 +146,7 @@ class _Parts:
     raw: bytes = b""
     plain: list[str] = field(default_factory=list)
     html: list[tuple[Message, str, bytes]] = field(default_factory=list)
+    named_text: list[str] = field(default_factory=list)    # inline text/plain parts with a filename
     raw_bodies: dict[int, bytes] = field(default_factory=dict)     # id(part) -> its raw body
     attachments: list[tuple[Attachment, bytes]] = field(default_factory=list)
     defects: list[str] = field(default_factory=list)
@@ -160,6 +162,7 @@ def parse_mail(raw: bytes) -> ParsedMail:
         headers.setdefault(name.lower(), one_line(decode_header(value, fallback)))
 
     name, sender = _first_address(_raw_all(msg, "From"), fallback)
+    from_address = sender
     if not sender:
         # no usable From: whoever else the mail names as its author (RFC 5322 §3.6.2)
         name, sender = _first_address(_raw_all(msg, "Sender") + _raw_all(msg, "Reply-To"), fallback)
@@ -182,11 +185,15 @@ def parse_mail(raw: bytes) -> ParsedMail:
     elif html.strip():
         body = _newlines(html_to_text(html)).strip("\n")
         reply = reply_text(body, html=html)
+    elif any(p.strip() for p in parts.named_text):
+        body = _newlines("\n".join(parts.named_text)).strip("\n")
+        reply = reply_text(body)
     else:
         body, reply = "", ""
     date = _date(_raw_header(msg, "Date"))
     return ParsedMail(
         sender=sender,
+        from_address=from_address,
         sender_name=one_line(name),
         to=_addresses(_raw_all(msg, "To"), fallback),
         cc=_addresses(_raw_all(msg, "Cc"), fallback),
@@ -633,6 +640,10 @@ def _walk(part: Message, out: _Parts, *, mode: str = "body") -> None:
         out.html.append((part, decode_bytes(data, _charset(part) or _meta_charset(data)),
                          data))
         return
+    if ctype == "text/plain" and filename and disposition != "attachment" and mode == "body":
+        # an inline text part that has a filename (Apple Mail, some phones): kept as the
+        # attachment it names, and the body when the mail has no other text (issue 15)
+        out.named_text.append(decode_bytes(data, _charset(part), None))
     is_tnef = ctype == "application/ms-tnef" or filename.lower() == "winmail.dat"
     if is_tnef and _unpack_tnef(data, out, body_allowed=mode == "body"):
         return

@@ -14,6 +14,7 @@ an address, only small fixed sets (mailbox, region, priority, kind ...).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -54,8 +56,12 @@ class Metrics:
         self.processing = Histogram("gateway_mail_processing_seconds",
                                     "From the end of DATA to the committed answer", registry=r,
                                     buckets=(.002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
-        self.tickets = Counter("gateway_tickets", "Ticket events by region and priority",
-                               ["event", "region", "priority"], registry=r)
+        # opened, closed and reopened apart: a sum over one metric's series must mean something
+        self.opened = Counter("gateway_tickets_opened", "Tickets opened, by region and priority",
+                              ["region", "priority"], registry=r)
+        self.closed = Counter("gateway_tickets_closed", "Tickets that became closed", registry=r)
+        self.reopened = Counter("gateway_tickets_reopened", "Resolved or pending tickets a reply opened again",
+                                registry=r)
         self.status = Counter("gateway_ticket_status_changes", "Status changes",
                               ["old", "new"], registry=r)
         self.deliveries = Counter("gateway_outbox_deliveries", "Delivery tries by result and kind",
@@ -65,13 +71,14 @@ class Metrics:
                            registry=r)
         self.quarantined = Counter("gateway_mails_quarantined", "Mails set aside as unprocessable",
                                    registry=r)
+        self.guarded = Counter("gateway_loop_guard", "Answers and tickets held back against loops and floods",
+                               ["action", "scope"], registry=r)
         self._rules: dict[str, Callable[[MutableMapping[str, Any]], None]] = {
             "mail.processed": self._processed,
             "mail.deferred": lambda e: self.received.labels(_s(e.get("mailbox")), "451").inc(),
             "smtp.rcpt_refused": lambda e: self.received.labels("-", "550").inc(),
             "smtp.too_big": lambda e: self.received.labels(_s(e.get("mailbox")), "552").inc(),
-            "ticket.created": lambda e: self.tickets.labels(
-                "opened", _s(e.get("region")), _s(e.get("priority"))).inc(),
+            "ticket.created": lambda e: self.opened.labels(_s(e.get("region")), _s(e.get("priority"))).inc(),
             "ticket.status_changed": self._status,
             "outbox.sent": lambda e: self.deliveries.labels("sent", _s(e.get("kind"))).inc(),
             "outbox.retry": lambda e: self.deliveries.labels("retry", _s(e.get("kind"))).inc(),
@@ -79,14 +86,15 @@ class Metrics:
             "scheduler.job": lambda e: self.jobs.labels(_s(e.get("job"))).inc(),
             "ticket.sla_missed": lambda e: self.sla.labels(_s(e.get("priority"))).inc(),
             "mail.quarantined": lambda e: self.quarantined.inc(),
+            "ticket.ack_suppressed": lambda e: self.guarded.labels("ack_suppressed", _s(e.get("scope"))).inc(),
+            "ticket.rate_limited": lambda e: self.guarded.labels("ticket_held", _s(e.get("scope"))).inc(),
+            "ticket.stranger_answer": lambda e: self.guarded.labels("stranger_answer", _s(e.get("by"))).inc(),
         }
 
     def _processed(self, e: MutableMapping[str, Any]) -> None:
         self.received.labels(_s(e.get("mailbox")), "250").inc()
         action = _s(e.get("action"))
-        self.processed.labels(action).inc()
-        if action == "quarantined":
-            self.quarantined.inc()
+        self.processed.labels(action).inc()     # a quarantined mail is counted by its own event
         if isinstance(e.get("duration_ms"), (int, float)):
             self.processing.observe(e["duration_ms"] / 1000)
 
@@ -94,18 +102,16 @@ class Metrics:
         old, new = _s(e.get("old")), _s(e.get("new"))
         self.status.labels(old, new).inc()
         if new == "closed":
-            self.tickets.labels("closed", "-", "-").inc()
+            self.closed.inc()
         elif new == "open" and old in ("resolved", "pending"):
-            self.tickets.labels("reopened", "-", "-").inc()
+            self.reopened.inc()
 
     def count(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         """structlog processor: count the event, pass it on unchanged."""
         rule = self._rules.get(str(event.get("event")))
         if rule is not None:
-            try:
+            with contextlib.suppress(Exception):     # counting must never cost a log line
                 rule(event)
-            except Exception:  # noqa: BLE001 - counting must never cost a log line
-                pass
         return event
 
     def events(self) -> Iterable[str]:
@@ -130,6 +136,12 @@ class Health:
                 and (now or time.monotonic()) - self.store_ok_at < HEALTH_MAX_AGE_S)
 
 
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """One thread per connection: an idle or slow client never holds up /healthz."""
+
+    daemon_threads = True
+
+
 class _Quiet(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:   # scrapes are not events
         pass
@@ -141,7 +153,8 @@ class MetricsServer:
     def __init__(self, host: str, port: int, health: Health, multiproc_dir: Path | None):
         self.health = health
         self.multiproc_dir = multiproc_dir
-        self.httpd: WSGIServer = make_server(host, port, self._app, handler_class=_Quiet)
+        self.httpd: WSGIServer = make_server(host, port, self._app, server_class=_ThreadingServer,
+                                            handler_class=_Quiet)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
 
     @property
@@ -177,11 +190,30 @@ class MetricsServer:
                 def collect(self) -> Iterable[GaugeMetricFamily]:
                     for name, (doc, value) in _gauge_families(gauges).items():
                         yield GaugeMetricFamily(name, doc, value=value)
-            registry.register(_Gauges())  # type: ignore[arg-type]
+            registry.register(_Gauges())
+            registry.register(_BuildInfo())
             start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
             return [generate_latest(registry)]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
+
+
+class _BuildInfo:
+    """`gateway_build_info{version, python} 1`: which build answers (Prometheus's info convention)."""
+
+    def collect(self) -> Iterable[Any]:
+        import platform
+        from importlib.metadata import PackageNotFoundError, version
+
+        from prometheus_client.core import GaugeMetricFamily
+        try:
+            ours = version("support-gateway")
+        except PackageNotFoundError:
+            ours = "unknown"
+        g = GaugeMetricFamily("gateway_build_info", "The gateway's version and Python, always 1",
+                              labels=["version", "python"])
+        g.add_metric([ours, platform.python_version()], 1.0)
+        yield g
 
 
 def _gauge_families(g: dict[str, float]) -> dict[str, tuple[str, float]]:

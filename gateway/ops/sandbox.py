@@ -117,9 +117,11 @@ class Sandbox:
                  max_rss: int = 256 << 20):
         self.processes = processes
         self.max_rss = max_rss
+        self._ctx: multiprocessing.context.BaseContext
         if fork_server:
-            self._ctx = multiprocessing.get_context("forkserver")
-            self._ctx.set_forkserver_preload(list(preload))
+            server = multiprocessing.get_context("forkserver")
+            server.set_forkserver_preload(list(preload))
+            self._ctx = server
         else:
             self._ctx = multiprocessing.get_context("fork")
         self._idle: list[_Worker] = []

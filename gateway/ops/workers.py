@@ -133,6 +133,13 @@ class Workers:
                 if not self._stopping:
                     await self._spawn(n)
 
+    def signal(self, sig: int) -> None:
+        """Pass `sig` on to every running worker (SIGHUP: each reloads its configuration)."""
+        for p in self.procs.values():
+            if p.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(sig)
+
     async def stop(self, grace_s: float) -> None:
         """SIGTERM every worker and wait: each finishes its transactions in flight."""
         self._stopping = True

@@ -108,7 +108,8 @@ def _address(name: str, address: str) -> str:
 
 def _text_part(text: str, subtype: str) -> Message:
     extra = len(text.encode("utf-8")) - len(text)      # 2 bytes more per kana or kanji
-    part = MIMEText(text, subtype, _UTF8_BASE64 if extra > len(text) // 2 else _UTF8)
+    # MIMEText takes a Charset object (and uses its body encoding); typeshed says str
+    part = MIMEText(text, subtype, _UTF8_BASE64 if extra > len(text) // 2 else _UTF8)  # type: ignore[arg-type]
     del part["MIME-Version"]          # once, on the whole message
     return part
 
@@ -233,7 +234,7 @@ class Composer:
                 reply_to: str | None = None, cc: Sequence[str] = (), template: str | None = None,
                 from_name: str | None = None,
                 attachments: Sequence[tuple[Attachment, bytes]] = (),
-                language: str = FALLBACK_LANGUAGE) -> Outgoing:
+                language: str = FALLBACK_LANGUAGE, staff_to: str | None = None) -> Outgoing:
         """Render template `kind` (or `template`) for `ticket`, from `mailbox` to `to`.
 
         `answers` is the thread: the Message-IDs this mail answers, oldest
@@ -241,6 +242,8 @@ class Composer:
         is the display name (an agent's name); the address is always the
         mailbox's, never the agent's own. `language` picks the templates
         (English where that language has none) and `Content-Language`.
+        `staff_to`: the staff address this mail goes to; its Message-ID then
+        carries that address's staff token (`gateway.outbound.tokens`).
         """
         used, text_template, html_template = self.templates_for(template or kind.value, language)
         ctx = self.context(ticket, mailbox, used, context)
@@ -263,7 +266,7 @@ class Composer:
         subject = self.subject(ticket)
         headers["Subject"] = subject
         headers["Date"] = format_datetime(now)
-        message_id = self.tokens.message_id(ticket.id, domain)
+        message_id = self.tokens.message_id(ticket.id, domain, staff=staff_to)
         headers["Message-ID"] = message_id
         thread = [m for m in answers if m]
         if thread:
@@ -307,11 +310,12 @@ _ATTACHMENT = Attachment("backup log.txt", "text/plain", 1200, "0" * 64)
 # would in production.
 SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "ack": ({"name": "Ann Müller", "target": "within 3 business hours: by Mon 23 Nov 2026, 10:00 CET",
-             "missing": ["account_email", "organisation"],
+             "missing": ["account_email", "organisation"], "follows_up": {"id": 1041, "status": "closed"},
              "emergency": "Emergency support is charged at the emergency rate. Call +1 555 0100."},
             {"name": "ann@customer.example", "target": None, "missing": []}),
     "staff_notify": ({"is_new": True, "sender": "ann@customer.example", "reply_text": "It fails again.",
                       "body_text": "It fails again.\n\n> earlier text", "attachments": [_ATTACHMENT],
+                      "linked_reason": "answers a message of the ticket, but it is closed: new linked ticket",
                       "marks": ["CHASER: the customer asks for the status"]},
                      {"is_new": False, "sender": "ann@customer.example", "reply_text": "x",
                       "body_text": "x", "attachments": []}),
@@ -336,6 +340,13 @@ SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                          {"headline": "Owner reminder", "why": "close it by hand", "text": ""}),
     "command_error": ({"errors": ["unknown command #stauts"], "text": "#stauts closed\nDone."},
                       {"errors": [], "text": ""}),
+    "not_staff": ({"sender": "colleague@partner.example"}, {"sender": "x@y.example"}),
+    "staff_unproven": ({"why": "It answered no notification of ours and carried no trusted"
+                               " Authentication-Results."}, {"why": ""}),
+    "undeliverable": ({"addresses": ["ann@customer.example"], "marked": ["ann@customer.example"],
+                       "what": "The customer's mail server bounced our acknowledgement.",
+                       "detail": "5.1.1 user unknown"},
+                      {"addresses": ["ann@customer.example"], "marked": [], "what": "x", "detail": ""}),
 }
 
 

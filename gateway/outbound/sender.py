@@ -3,100 +3,192 @@
 It claims due rows (a lease of `[store] lease_seconds`, renewed every third
 of it while the rows are being sent, so two processes or instances never
 send the same row at once, however slow the relay, and a dead one's rows
-pass to the others when its lease runs out), hands each to its relay's transport, and marks it sent, due again
-later (temporary failure: exponential backoff from `retry_base_seconds` up
-to `retry_max_seconds`), or failed (permanent `5xx`, recorded and logged,
-not retried forever). It runs in its own task: intake never waits on it.
+pass to the others when its lease runs out), hands each to its relay's
+transport, and marks it sent, due again later (temporary failure: exponential
+backoff from `retry_base_seconds` up to `retry_max_seconds`), or failed
+(permanent `5xx`, recorded and logged, not retried forever). It runs in its
+own task: intake never waits on it.
+
+Exactly once, as far as a relay allows (project issue 15):
+- each result is committed as soon as the relay answered, in small groups
+  (whatever finished while the previous commit ran), and a delivery's slot is
+  free for the next row only once its result is committed: after a kill -9 at
+  most the `PARALLEL` mails in flight go out again;
+- results the store cannot take (PostgreSQL restarting, SQLite locked) are
+  kept and recorded first thing when it is back, while the claims still hold;
+- claims are judged on the real clock (`wall`), never on an injected one, and
+  a restarted instance takes back its dead predecessor's claims at once
+  (`gateway.store.leases.dead_predecessors`);
+- any error of one row (a transport raising `ValueError` on an address with a
+  space) is that row's result, temporary or permanent (`classify`), never the
+  round's.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
 
-from gateway.clock import Clock
+from gateway.clock import Clock, system_clock
 from gateway.ops.loops import Repeater, backoff
-from gateway.outbound.transport import DeliveryError, Transport
-from gateway.store import OutboxItem, Store, StoreUnavailable
-from gateway.store.leases import holder_id
+from gateway.outbound.transport import DeliveryError, Transport, classify
+from gateway.store import Failure, OutboxItem, Store, StoreUnavailable
+from gateway.store.leases import dead_predecessors, holder_id
 
 log = structlog.get_logger("gateway.outbox")
 
 PARALLEL = 8
 
 
+@dataclass
+class _Result:
+    item: OutboxItem
+    error: DeliveryError | None
+    at: datetime
+
+
 class OutboxSender:
     def __init__(self, store: Store, transports: dict[str, Transport], clock: Clock, *,
-                 retry_base_s: float, retry_max_s: float, poll_s: float, lease_s: float = 60.0):
+                 retry_base_s: float, retry_max_s: float, poll_s: float, lease_s: float = 60.0,
+                 data_dir: str = "", wall: Clock = system_clock,
+                 on_failed: Callable[[list[Failure]], Awaitable[object]] | None = None):
         self.store = store
         self.transports = transports
         self.clock = clock
+        self.wall = wall
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
         self.poll_s = poll_s
         self.lease_s = lease_s
-        self.holder = holder_id()
+        self.holder = holder_id(data_dir)
+        self.on_failed = on_failed           # told of permanent failures once recorded (staff notices)
         self._loop = Repeater(self.deliver_due, poll_s, lambda: log.exception("outbox.loop_error"))
+        self._unrecorded: list[_Result] = []      # delivered, not yet committed
+        self._flushing: asyncio.Future[None] | None = None
+        self._took_back = False
 
     def wake(self) -> None:
         self._loop.wake()
+
+    async def take_back(self) -> int:
+        """Free the claims of this host and data_dir's dead predecessors (a kill -9,
+        a crash): their rows are due at once, not after `lease_seconds`."""
+        dead = dead_predecessors(await self.store.claim_holders(), self.holder)
+        rows = await self.store.take_back_claims(dead)
+        if dead:
+            log.info("outbox.claims_taken_back", holders=dead, rows=rows)
+        return rows
 
     async def deliver_due(self, now: datetime | None = None) -> int:
         """Deliver everything due at `now` (default: the clock); return how many were sent.
 
         Rounds of claims go on while they deliver something; a round that
         delivers nothing ends the pass, so a dead relay costs one try per
-        row per pass, not a loop. Each round's results are one commit.
+        row per pass, not a loop. Results are committed as they come.
         """
+        try:
+            if not self._took_back:
+                await self.take_back()
+                self._took_back = True
+            await self._record()                # what an outage left unrecorded, first
+        except StoreUnavailable as e:
+            log.warning("outbox.store_unavailable", unrecorded=len(self._unrecorded), error=str(e))
+            return 0
         sent_total = 0
         batch = PARALLEL * 8
         while True:
             items = await self.store.claim_due(now or self.clock(), self.lease_s, limit=batch,
-                                               holder=self.holder)
+                                               holder=self.holder, wall=self.wall())
             if not items:
                 return sent_total
-            # the round's claims are renewed until its results are recorded: a row
-            # sent but not yet marked sent must not pass to another instance
-            keeper = asyncio.create_task(self._keep_claimed([item.id for item in items]))
+            # claims are renewed until every result is recorded: a row sent but
+            # not yet marked sent must not pass to another instance
+            open_ids = {item.id for item in items}
+            keeper = asyncio.create_task(self._keep_claimed(open_ids))
             try:
                 sem = asyncio.Semaphore(PARALLEL)
-                results = await asyncio.gather(*(self._deliver_within(sem, i) for i in items))
-                at = self.clock()
-                sent = [item.id for item, error in results if error is None]
-                retry = [(item.id, at + timedelta(seconds=backoff(item.attempts + 1, self.retry_base_s,
-                                                                  self.retry_max_s)), str(error))
-                         for item, error in results if error is not None and not error.permanent]
-                failed = [(item.id, str(error)) for item, error in results
-                          if error is not None and error.permanent]
-                await self.store.record_deliveries(at, sent=sent, retry=retry, holder=self.holder)
-                if failed:
-                    # A permanent refusal is recorded on the ticket like a bounce, and the
-                    # address marked undeliverable, in the same commit as the row's `failed`.
-                    for ticket_id, addresses in await self.store.record_failures(at, failed):
-                        log.warning("ticket.undeliverable", ticket_id=ticket_id, addresses=addresses)
+                results = await asyncio.gather(*(self._deliver_within(sem, i, open_ids) for i in items))
             finally:
                 keeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await keeper
-            for item, error in results:
-                self._log(item, error)
-            sent_total += len(sent)
+            sent = sum(error is None for error in results)
+            sent_total += sent
+            if self._unrecorded:
+                return sent_total               # the store is away: recorded on the next pass
             if not sent or len(items) < batch:
                 return sent_total
 
-    async def _deliver_within(self, sem: asyncio.Semaphore,
-                              item: OutboxItem) -> tuple[OutboxItem, DeliveryError | None]:
+    async def _deliver_within(self, sem: asyncio.Semaphore, item: OutboxItem,
+                              open_ids: set[int]) -> DeliveryError | None:
         async with sem:
-            return item, await self._deliver(item)
+            error = await self._deliver(item)
+            self._unrecorded.append(_Result(item, error, self.clock()))
+            try:
+                await self._record()
+            except StoreUnavailable as e:
+                log.warning("outbox.results_kept", unrecorded=len(self._unrecorded), error=str(e))
+            else:
+                open_ids.discard(item.id)
+            return error
 
-    async def _keep_claimed(self, ids: list[int]) -> None:
-        """Renew this round's claims every third of the lease until cancelled."""
+    async def _record(self) -> None:
+        """Commit the results not yet recorded, in one transaction with whatever
+        else finished meanwhile (a group commit); raise `StoreUnavailable`
+        and keep them when the store cannot take them."""
+        while self._unrecorded:
+            if self._flushing is not None:
+                # one commit at a time; ours may already be in it
+                await asyncio.shield(self._flushing)
+                continue
+            group, self._unrecorded = self._unrecorded, []
+            self._flushing = asyncio.get_running_loop().create_future()
+            try:
+                await self._commit(group)
+            except BaseException as e:
+                self._unrecorded[:0] = group
+                self._flushing.set_exception(e if isinstance(e, StoreUnavailable) else
+                                             StoreUnavailable(f"results not recorded: {e}"))
+                self._flushing.exception()      # retrieved: the waiters see it through `shield`
+                raise
+            else:
+                self._flushing.set_result(None)
+            finally:
+                self._flushing = None
+            for r in group:
+                self._log(r.item, r.error)
+
+    async def _commit(self, group: list[_Result]) -> None:
+        sent = [(r.item.id, r.at) for r in group if r.error is None]
+        retry = [(r.item.id, r.at + timedelta(seconds=backoff(r.item.attempts + 1, self.retry_base_s,
+                                                              self.retry_max_s)), str(r.error))
+                 for r in group if r.error is not None and not r.error.permanent]
+        failed = [(r.item.id, str(r.error)) for r in group if r.error is not None and r.error.permanent]
+        # A permanent refusal is recorded on the ticket like a bounce, and the address
+        # marked undeliverable, in the same commit as the row's `failed`.
+        failures = await self.store.record_results(group[-1].at, sent=sent, retry=retry, failed=failed,
+                                                   holder=self.holder)
+        for f in failures:
+            if f.marked:
+                log.warning("ticket.undeliverable", ticket_id=f.ticket_id, addresses=list(f.marked))
+        if failures and self.on_failed is not None:
+            try:
+                await self.on_failed(failures)
+                self.wake()
+            except Exception:   # the results are recorded; a notice is not worth a repeat
+                log.exception("outbox.failure_notice_error", tickets=[f.ticket_id for f in failures])
+
+    async def _keep_claimed(self, ids: set[int]) -> None:
+        """Renew the claims of this round's rows not yet recorded, every third of
+        the lease, until cancelled."""
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
-                await self.store.extend_claims(ids, self.holder, self.clock(), self.lease_s)
+                await self.store.extend_claims(sorted(ids), self.holder, self.wall(), self.lease_s)
             except StoreUnavailable as e:
                 log.warning("outbox.claims_not_renewed", rows=len(ids), error=str(e))
 
@@ -104,8 +196,8 @@ class OutboxSender:
         transport = self.transports.get(item.relay) or self.transports["default"]
         try:
             refused = await transport.send(item.mail_from, item.rcpt_to, item.content)
-        except DeliveryError as e:
-            return e
+        except Exception as e:  # noqa: BLE001 - any error of one row is that row's result
+            return classify(e)
         if refused:
             log.warning("outbox.partly_refused", outbox_id=item.id, ticket_id=item.ticket_id,
                         refused=refused)

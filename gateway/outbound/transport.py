@@ -32,6 +32,17 @@ class DeliveryError(Exception):
         self.permanent = permanent
 
 
+def classify(error: BaseException) -> DeliveryError:
+    """Any error of one delivery, as that delivery's result: a `DeliveryError`
+    as raised; an envelope or content the relay library refuses to send (an
+    address with a space, a bad character: `ValueError`, `UnicodeError`) is
+    permanent, as trying again sends the same bytes; anything else temporary."""
+    if isinstance(error, DeliveryError):
+        return error
+    permanent = isinstance(error, ValueError | UnicodeError)
+    return DeliveryError(f"cannot send: {type(error).__name__}: {error}", permanent=permanent)
+
+
 class Transport(Protocol):
     async def send(self, mail_from: str, rcpt_to: Sequence[str], content: bytes) -> dict[str, str]:
         """Deliver; return the recipients refused while others took it."""
@@ -68,6 +79,22 @@ class SmtpRelay:
         return client
 
     async def send(self, mail_from: str, rcpt_to: Sequence[str], content: bytes) -> dict[str, str]:
+        # An address that cannot go on an SMTP command line (`a b@x.example`, a
+        # control character) is refused here as a relay would refuse it at RCPT,
+        # and the mail goes to the others: one such Cc must not keep the whole
+        # mail, or its round, from being sent (project issue 14).
+        unsendable = {r: f"553 5.1.3 cannot be sent over SMTP: {e}"
+                      for r in rcpt_to if (e := _unsendable(r)) is not None}
+        if unsendable:
+            rcpt_to = [r for r in rcpt_to if r not in unsendable]
+            if not rcpt_to:
+                raise DeliveryError(f"no recipient can be sent to: {'; '.join(unsendable.values())}",
+                                    permanent=True)
+        if (e := _unsendable(mail_from)) is not None and mail_from:
+            raise DeliveryError(f"envelope sender cannot be sent over SMTP: {e}", permanent=True)
+        return {**unsendable, **await self._send(mail_from, rcpt_to, content)}
+
+    async def _send(self, mail_from: str, rcpt_to: Sequence[str], content: bytes) -> dict[str, str]:
         async with self._slots:
             client = self._idle.pop() if self._idle else None
             try:
@@ -103,6 +130,15 @@ class SmtpRelay:
                 await client.quit()
             except (TimeoutError, aiosmtplib.SMTPException, OSError):
                 client.close()
+
+
+def _unsendable(address: str) -> str | None:
+    """Why aiosmtplib would refuse `address` on MAIL or RCPT, or None."""
+    try:
+        aiosmtplib.email.quote_address(address)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 async def _drop(client: aiosmtplib.SMTP | None) -> None:

@@ -15,8 +15,10 @@ lets the word continue ("invoice*" finds "invoices", "*ausfall" finds
 """
 from __future__ import annotations
 
+import difflib
+import itertools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time
 from types import MappingProxyType
@@ -333,7 +335,7 @@ class _Problems:
     def unknown(self, key: str, table: Mapping[str, Any], known: tuple[str, ...]) -> None:
         for name in table:
             if name not in known:
-                self.fail(f"{key}.{name}", f"unknown key; expected one of {', '.join(known)}")
+                self.fail(f"{key}.{name}", unknown_key(name, known))
 
     def string(self, key: str, value: Any) -> str | None:
         if not isinstance(value, str):
@@ -384,6 +386,15 @@ class _Problems:
             self.fail(key, f"expected distinct names from {', '.join(allowed)}, got {value!r}")
             return None
         return items
+
+
+def unknown_key(name: str, known: Iterable[str]) -> str:
+    """"unknown key; did you mean 'x'?" (difflib), else the keys that exist."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    return f"unknown key; expected one of {', '.join(known)}" if known else "unknown key"
 
 
 def parse_rules(data: Mapping[str, Any]) -> tuple[RulesConfig, list[str]]:
@@ -496,7 +507,7 @@ def _offsets(p: _Problems, key: str, raw: Any, d: tuple[OffsetBand, ...]) -> tup
             continue
         bands[name] = OffsetBand(name, low, high)
     ordered = sorted(bands.values(), key=lambda b: b.low)
-    for a, b in zip(ordered, ordered[1:], strict=False):
+    for a, b in itertools.pairwise(ordered):
         if b.low <= a.high:
             p.fail(key, f"the {a.region} and {b.region} bands overlap")
     return tuple(ordered)

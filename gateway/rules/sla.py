@@ -93,6 +93,9 @@ def is_business_day(day: date, calendar: BusinessCalendar,
     return public is None or day not in public
 
 
+HOLIDAY_LANGUAGES = ("en_US", "en_GB")     # the first one a country's calendar has
+
+
 def holiday_name(day: date, calendar: BusinessCalendar) -> str | None:
     """The public holiday on `day`, for explanations ("2026-12-25 Christmas Day")."""
     public = _holidays(calendar)
@@ -104,7 +107,13 @@ def _holidays(calendar: BusinessCalendar) -> holidays.HolidayBase | None:
     # years it covers lazily on lookup, and the calendar is small.
     if not calendar.holiday_country:
         return None
-    return holidays.country_holidays(calendar.holiday_country, subdiv=calendar.holiday_subdivision)
+    # Names in English whatever LANG/LANGUAGE say: the library otherwise picks its
+    # translation through gettext from the environment (issue 16: "Tag der Deutschen
+    # Einheit" under LANG=C, "German Unity Day" under C.UTF-8).
+    supported = getattr(getattr(holidays, calendar.holiday_country, None), "supported_languages", ())
+    language = next((lang for lang in HOLIDAY_LANGUAGES if lang in supported), None)
+    return holidays.country_holidays(calendar.holiday_country, subdiv=calendar.holiday_subdivision,
+                                     language=language)
 
 
 def next_open(at: datetime, calendar: BusinessCalendar) -> datetime:

@@ -28,7 +28,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.model import Attachment, Status, Ticket
+from gateway.clock import system_clock
+from gateway.model import Attachment, Status, Ticket, domain_of, mailbox_of
 from gateway.store.drivers import PostgresDriver, SQLiteDriver, StoreConflict, StoreUnavailable, connect
 
 BUSY_TIMEOUT_MS = 5000
@@ -172,7 +173,36 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE outbox ADD COLUMN claimed_by TEXT;
     """,
-    # 8: escalation tiers (issue 17): who owns an escalated ticket, where it went,
+    # 8: when a staff address was last told that its mail on a ticket proved nothing
+    # (at most once an hour per ticket: a forger can't make us mail the agent in a loop)
+    """
+    CREATE TABLE staff_warnings (
+        ticket_id INTEGER NOT NULL,
+        address   TEXT NOT NULL,
+        sent_at   TEXT NOT NULL,
+        PRIMARY KEY (ticket_id, address)
+    );
+    """,
+    # 9: loop and flood caps count per requester mailbox (case and +tag folded) and
+    # per sender domain (tickets made before have neither: they leave the hour soon)
+    """
+    ALTER TABLE tickets ADD COLUMN requester_mailbox TEXT;
+    ALTER TABLE tickets ADD COLUMN requester_domain TEXT;
+    CREATE INDEX tickets_requester_mailbox ON tickets(requester_mailbox, created_at);
+    CREATE INDEX tickets_requester_domain ON tickets(requester_domain, created_at);
+    """,
+    # 10: a restarted instance finds its dead predecessor's claims (issue 15)
+    """
+    CREATE INDEX outbox_claimed_by ON outbox(claimed_by) WHERE state = 'queued';
+    """,
+    # 11: the ticket-token secret lives only in its key file or $GATEWAY_TOKEN_SECRET
+    # (issue 14). Store.open handed the copy that migration 6 kept here to the key
+    # file before this runs; overwritten first, so that the freed page holds no copy
+    """
+    UPDATE settings SET value = '0' WHERE name = 'ticket_token_secret';
+    DELETE FROM settings WHERE name = 'ticket_token_secret';
+    """,
+    # 12: escalation tiers (issue 17): who owns an escalated ticket, where it went,
     # the owner's reminders, and the ticket's record of process rules applied
     """
     ALTER TABLE tickets ADD COLUMN tier INTEGER NOT NULL DEFAULT 1;
@@ -195,15 +225,28 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX ticket_events_ticket ON ticket_events(ticket_id, id);
     """,
-    # 9: emergency tickets (issue 17): priority 1 on a 24/7 clock
+    # 13: emergency tickets (issue 17): priority 1 on a 24/7 clock
     """
     ALTER TABLE tickets ADD COLUMN emergency INTEGER NOT NULL DEFAULT 0;
     """,
-    # 10: authorised contacts (issue 17): the requester's standing with its organisation
+    # 14: authorised contacts (issue 17): the requester's standing with its organisation
     """
     ALTER TABLE tickets ADD COLUMN contact TEXT NOT NULL DEFAULT '';
     """,
 )
+
+LEGACY_SECRET = "ticket_token_secret"     # the setting migration 6 kept the secret in
+SECRET_CHECK = "ticket_token_check"       # its fingerprint (gateway.outbound.tokens.fingerprint)
+
+
+@dataclass(frozen=True)
+class SenderCounts:
+    """What one requester mailbox and its domain cost in a window (Tx.sender_counts)."""
+
+    tickets_by_mailbox: int
+    tickets_by_domain: int
+    answers_to_mailbox: int
+    answers_to_domain: int
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -219,6 +262,17 @@ def iso_ms(dt: datetime) -> str:
 
 def from_iso(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An outbound mail the relay refused for good, as recorded."""
+
+    ticket_id: int
+    kind: str
+    rcpt_to: tuple[str, ...]
+    marked: tuple[str, ...]          # participants newly marked undeliverable
+    error: str
 
 
 @dataclass(frozen=True)
@@ -289,14 +343,28 @@ class Tx:
         await self.db.execute("UPDATE inbound SET state = ?, error = ? WHERE id = ?",
                               (state, error, inbound_id))
 
-    async def claim_inbound_message(self, message_id: str) -> bool:
-        """Take this Message-ID for the mail being processed: False when a mail
-        with it was already taken (a duplicate). Unique in the database, so two
-        instances handed the same mail at once process it once: the second
-        waits for the first's commit and finds it taken."""
-        return bool(await self._all(
+    async def claim_inbound_message(self, message_id: str, digest: str = "") -> str:
+        """Take this mail's key for the mail being processed: its Message-ID plus
+        `digest`, a digest of what survives re-delivery (project issue 15). Unique
+        in the database, so two instances handed the same mail at once process it
+        once: the second waits for the first's commit and finds it taken.
+
+        "new"; "duplicate" (the key was taken: an MTA retry, the SMTP and IMAP copy
+        of one mail; or the bare Message-ID, as versions before the digest kept
+        it); "reused" (the Message-ID was taken with other content: a different
+        mail, processed as new, the clash for the log)."""
+        key = f"{message_id} {digest}" if digest else message_id
+        if digest and await self._all("SELECT 1 FROM inbound_message_ids WHERE message_id = ?", (message_id,)):
+            return "duplicate"
+        if not await self._all(
+                "INSERT INTO inbound_message_ids (message_id) VALUES (?)"
+                " ON CONFLICT (message_id) DO NOTHING RETURNING message_id", (key,)):
+            return "duplicate"
+        # "<id> *" marks the Message-ID as seen: there already, it came with other content
+        seen = await self._all(
             "INSERT INTO inbound_message_ids (message_id) VALUES (?)"
-            " ON CONFLICT (message_id) DO NOTHING RETURNING message_id", (message_id,)))
+            " ON CONFLICT (message_id) DO NOTHING RETURNING message_id", (message_id + " *",))
+        return "new" if seen else "reused"
 
     async def release_inbound_message(self, message_id: str) -> None:
         """A mail that ended in quarantine gives its Message-ID back: a retry,
@@ -363,11 +431,12 @@ class Tx:
         ticket_id = await self._insert(
             "INSERT INTO tickets (subject, status, requester, cc, region, govcloud, priority,"
             " mailbox, linked_ticket, created_at, updated_at, plan, response_due_at, missing,"
-            " redirect, decision, language, emergency, contact) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " redirect, decision, language, requester_mailbox, requester_domain, emergency, contact)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (subject, Status.OPEN.value, requester, json.dumps(list(cc)), region, int(govcloud),
              priority, mailbox, linked_ticket, iso(now), iso(now), plan, iso(response_due_at),
              json.dumps(list(missing)), redirect, json.dumps(decision) if decision else None,
-             language, int(emergency), contact))
+             language, mailbox_of(requester), domain_of(requester), int(emergency), contact))
         # the row as written (times at the stored one-second precision), without reading it back
         return Ticket(id=ticket_id, subject=subject, status=Status.OPEN, requester=requester,
                       cc=tuple(cc), region=region, govcloud=govcloud, priority=priority,
@@ -422,28 +491,50 @@ class Tx:
     # -- outbox ----------------------------------------------------------
     async def enqueue(self, *, message_row: int, ticket_id: int, kind: str, relay: str,
                       mail_from: str, rcpt_to: Sequence[str], content: bytes, now: datetime) -> int:
+        """Queue one outbound mail, due at once: at `now`, or at the real time when
+        `now` is an injected time ahead of it (`run-due --now T`), so that what a
+        run-due queues is due now for every instance, not at T (project issue 15)."""
+        due = min(now, system_clock())
         return await self._insert(
             "INSERT INTO outbox (message_row, ticket_id, kind, relay, mail_from, rcpt_to, content,"
             " state, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,'queued',?,?)",
             (message_row, ticket_id, kind, relay, mail_from, json.dumps(list(rcpt_to)), content,
-             iso(now), iso(now)))
+             iso(due), iso(now)))
 
     # -- limits ----------------------------------------------------------
-    async def auto_answers_to(self, address: str, since: datetime,
-                              kinds: Sequence[str] = ("ack",)) -> int:
-        """Automatic answers (`kinds`) sent since `since` on tickets `address` opened.
+    async def staff_warning_due(self, ticket_id: int, address: str, now: datetime,
+                                since: datetime) -> bool:
+        """Whether `address` may be told about unproven mail on `ticket_id` now (not
+        told since `since`); when it may, the telling is recorded in the same step."""
+        rows = await self._all(
+            "INSERT INTO staff_warnings (ticket_id, address, sent_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (ticket_id, address) DO UPDATE SET sent_at = excluded.sent_at"
+            " WHERE staff_warnings.sent_at < ? RETURNING ticket_id",
+            (ticket_id, address, iso(now), iso(since)))
+        return bool(rows)
+
+    async def sender_counts(self, mailbox: str, domain: str, since: datetime,
+                            kinds: Sequence[str]) -> SenderCounts:
+        """Tickets opened since `since` by one requester mailbox and by one
+        domain, and the automatic answers (`kinds`) sent on them, in one query.
 
         An acknowledgement is only ever queued when a ticket is created, to its
-        requester, so the tickets_created index narrows this to the tickets of
-        the window and messages_ticket finds their answers: cheap per new ticket.
+        requester, so the (requester_mailbox | requester_domain, created_at)
+        indexes narrow this to the tickets of the window and messages_ticket
+        finds their answers: cheap per new ticket.
         """
         marks = ",".join("?" * len(kinds))
+        answers = (f"SELECT count(*) FROM messages WHERE direction = 'out' AND kind IN ({marks})"
+                   " AND created_at >= ? AND ticket_id IN (SELECT id FROM tickets WHERE created_at >= ?"
+                   " AND requester_{} = ?)")
+        tickets = "SELECT count(*) FROM tickets WHERE created_at >= ? AND requester_{} = ?"
+        since_s = iso(since)
         rows = await self._all(
-            f"SELECT count(*) FROM messages WHERE direction = 'out' AND kind IN ({marks})"
-            " AND created_at >= ? AND ticket_id IN"
-            " (SELECT id FROM tickets WHERE created_at >= ? AND requester = ?)",
-            (*kinds, iso(since), iso(since), address))
-        return int(rows[0][0])
+            f"SELECT ({tickets.format('mailbox')}), ({tickets.format('domain')}),"
+            f" ({answers.format('mailbox')}), ({answers.format('domain')})",
+            (since_s, mailbox, since_s, domain, *kinds, since_s, since_s, mailbox,
+             *kinds, since_s, since_s, domain))
+        return SenderCounts(*(int(v) for v in rows[0]))
 
     # -- quarantine ------------------------------------------------------
     async def is_quarantined(self, inbound_id: int) -> bool:
@@ -452,6 +543,17 @@ class Tx:
         rows = await self._all("SELECT state FROM inbound WHERE id = ?" + self.db.for_update,
                                (inbound_id,))
         return bool(rows) and rows[0][0] == "quarantined"
+
+
+async def _settings_before_migration(db: Driver) -> dict[str, str]:
+    """The secret-related settings of a database of any schema version (none when new)."""
+    exists = ("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'settings'"
+              if db.dialect == "sqlite" else "SELECT count(*) FROM pg_tables WHERE tablename = 'settings'"
+              " AND schemaname = current_schema()")
+    if not (await db.fetch(exists))[0][0]:
+        return {}
+    rows = await db.fetch("SELECT name, value FROM settings WHERE name IN (?, ?)", (LEGACY_SECRET, SECRET_CHECK))
+    return {str(name): str(value) for name, value in rows}
 
 
 async def _fetch_ticket(db: Driver, ticket_id: int, lock: bool = False) -> Ticket | None:
@@ -466,12 +568,43 @@ class Store:
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, target: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Store:
-        """Open (and migrate) the store at a `[store] url`, or a SQLite file path."""
+    async def open(cls, target: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS, *,
+                   legacy_secret: Callable[[str, str | None], None] | None = None) -> Store:
+        """Open (and migrate) the store at a `[store] url`, or a SQLite file path.
+
+        `legacy_secret(value, check)` is called, before any migration, when
+        the database holds the ticket-token secret that earlier versions kept
+        in it (with the stored fingerprint `check`, or None): it must save the
+        value where the secret lives now, or raise (then nothing is migrated
+        and the copy stays). The copy is removed after it returned.
+        """
         url = f"sqlite:///{target}" if isinstance(target, Path) else target
         db = await connect(url, busy_timeout_ms)
         try:
+            found = await _settings_before_migration(db)
+            if LEGACY_SECRET in found:
+                if legacy_secret is None:
+                    # never migrate it away unsaved: the mail already sent would lose its tokens
+                    raise StoreUnavailable("the database holds the ticket-token secret of an earlier version: "
+                                           "open it with a configuration (any `gateway` command) to move it "
+                                           "to the key file first")
+                legacy_secret(found[LEGACY_SECRET], found.get(SECRET_CHECK))
+                if db.dialect == "sqlite":
+                    # the freed cell is zeroed, not left in the file (SQLite's secure_delete)
+                    await db.execute("PRAGMA secure_delete = ON")
             await db.migrate(MIGRATIONS)
+            if LEGACY_SECRET in found:
+                # the removal (migration 11) ran before, and an instance of an older version wrote it again
+                await db.begin()
+                try:
+                    await db.execute("UPDATE settings SET value = '0' WHERE name = ?", (LEGACY_SECRET,))
+                    await db.execute("DELETE FROM settings WHERE name = ?", (LEGACY_SECRET,))
+                    await db.commit()
+                except BaseException:
+                    await db.rollback()
+                    raise
+                if db.dialect == "sqlite":
+                    await db.execute("PRAGMA secure_delete = OFF")
         except BaseException:
             await db.close()
             raise
@@ -520,7 +653,7 @@ class Store:
             try:
                 await tx.db.execute(f"ROLLBACK TO {name}")
                 await tx.db.execute(f"RELEASE {name}")
-            except Exception as undo:
+            except Exception as undo:  # noqa: BLE001 - whatever the undo raised, the unit is lost
                 # the transaction itself is gone (connection lost): the whole of it fails
                 raise StoreUnavailable(f"cannot undo a failed unit: {undo}") from e
             raise
@@ -580,26 +713,51 @@ class Store:
 
     # -- outbox ----------------------------------------------------------
     async def claim_due(self, now: datetime, lease_s: float, limit: int = 50,
-                        holder: str = "") -> list[OutboxItem]:
-        """Take up to `limit` due deliveries for `lease_s` seconds.
+                        holder: str = "", wall: datetime | None = None) -> list[OutboxItem]:
+        """Take up to `limit` deliveries due at `now` for `lease_s` seconds.
 
         A claim is a lease, not a lock: if this process dies, the rows become
         due again when the lease runs out, and another sender takes them.
+        Claims are judged on `wall`, the real time (default `now`): an
+        injected `now` in the future never takes a claim a live sender holds.
         """
-        until = iso_ms(now + timedelta(seconds=lease_s))
+        wall = wall or now
+        until = iso_ms(wall + timedelta(seconds=lease_s))
 
         async def claim(tx: Tx) -> list[Any]:
             rows = await tx._all(
                 "SELECT id, ticket_id, kind, relay, mail_from, rcpt_to, content, attempts"
                 " FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"
                 " AND (claimed_until IS NULL OR claimed_until <= ?) ORDER BY next_attempt_at, id"
-                " LIMIT ?" + self.db.skip_locked, (iso(now), iso_ms(now), limit))
+                " LIMIT ?" + self.db.skip_locked, (iso(now), iso_ms(wall), limit))
             if rows:
                 await tx.db.executemany("UPDATE outbox SET claimed_until = ?, claimed_by = ? WHERE id = ?",
                                         [(until, holder, r[0]) for r in rows])
             return rows
         rows = await self.run(claim)
         return [OutboxItem(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7]) for r in rows]
+
+    async def claim_holders(self) -> list[str]:
+        """Who holds claims on queued rows or leases now (for taking back a dead one's)."""
+        # once per process start, over the queued rows' index (migration 10), not per mail
+        rows = await self._rows("SELECT DISTINCT claimed_by FROM outbox WHERE state = 'queued'"
+                                " AND claimed_by IS NOT NULL")
+        rows += await self._rows("SELECT DISTINCT holder FROM leases")
+        return sorted({str(r[0]) for r in rows})
+
+    async def take_back_claims(self, holders: Sequence[str]) -> int:
+        """End the claims and leases of `holders` (dead processes): their rows are due at once."""
+        if not holders:
+            return 0
+
+        async def free(tx: Tx) -> int:
+            n = 0
+            for holder in holders:
+                n += len(await tx._all("UPDATE outbox SET claimed_until = NULL WHERE claimed_by = ?"
+                                       " AND state = 'queued' RETURNING id", (holder,)))
+                await tx.db.execute("DELETE FROM leases WHERE holder = ?", (holder,))
+            return n
+        return await self.run(free)
 
     async def extend_claims(self, ids: Sequence[int], holder: str, now: datetime,
                             lease_s: float) -> None:
@@ -612,32 +770,33 @@ class Store:
                 [(until, i, holder) for i in ids])
         await self.run(extend)
 
-    async def record_deliveries(self, now: datetime, *, sent: Sequence[int] = (),
-                                retry: Sequence[tuple[int, datetime, str]] = (),
-                                failed: Sequence[tuple[int, str]] = (), holder: str = "") -> None:
-        """The results of one round of deliveries, in one commit; only rows
-        `holder` still has claimed (another instance's claim is its own)."""
-        await self.run(lambda tx: self._record_deliveries(tx, now, sent, retry, failed, holder))
+    async def record_results(self, now: datetime, *, sent: Sequence[tuple[int, datetime]] = (),
+                             retry: Sequence[tuple[int, datetime, str]] = (),
+                             failed: Sequence[tuple[int, str]] = (),
+                             holder: str = "") -> list[Failure]:
+        """The results of a group of deliveries, in one commit; only rows
+        `holder` still has claimed (another instance's claim is its own).
+        `sent` carries when the relay took each row; `failed` are permanent
+        refusals, recorded as `record_failures` says. Returns what that returns."""
+        async def record(tx: Tx) -> list[Failure]:
+            await self._record_deliveries(tx, sent, retry, holder)
+            return await self._record_failures(tx, now, failed, holder)
+        return await self.run(record)
 
     @staticmethod
-    async def _record_deliveries(tx: Tx, now: datetime, sent: Sequence[int],
-                                 retry: Sequence[tuple[int, datetime, str]],
-                                 failed: Sequence[tuple[int, str]], holder: str) -> None:
+    async def _record_deliveries(tx: Tx, sent: Sequence[tuple[int, datetime]],
+                                 retry: Sequence[tuple[int, datetime, str]], holder: str) -> None:
         mine = " AND claimed_by = ?"
         if sent:
             await tx.db.executemany(
                 "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1,"
-                " claimed_until = NULL, last_error = NULL WHERE id = ?" + mine,
-                [(iso(now), i, holder) for i in sent])
+                " claimed_until = NULL, last_error = NULL WHERE id = ? AND state = 'queued'" + mine,
+                [(iso(at), i, holder) for i, at in sent])
         if retry:
             await tx.db.executemany(
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?,"
-                " claimed_until = NULL, last_error = ? WHERE id = ?" + mine,
+                " claimed_until = NULL, last_error = ? WHERE id = ? AND state = 'queued'" + mine,
                 [(iso(at), error, i, holder) for i, at, error in retry])
-        if failed:
-            await tx.db.executemany(
-                "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
-                " last_error = ? WHERE id = ?" + mine, [(error, i, holder) for i, error in failed])
 
     async def outbox_counts(self) -> dict[str, int]:
         rows = await self._rows("SELECT state, count(*) FROM outbox GROUP BY state")
@@ -671,50 +830,49 @@ class Store:
         return await self.run(put)
 
     # -- delivery failures -----------------------------------------------
-    async def record_failures(self, now: datetime,
-                              failed: Sequence[tuple[int, str]]) -> list[tuple[int, list[str]]]:
+    @staticmethod
+    async def _record_failures(tx: Tx, now: datetime, failed: Sequence[tuple[int, str]],
+                               holder: str) -> list[Failure]:
         """Permanent delivery failures (relay `5xx`), each in the same commit as its effects.
 
         The outbox row becomes `failed`; the ticket gets a `bounce` message that
         says what the relay answered, as a DSN would (RFC 3464); the refused
         participants are marked `undeliverable`, so nothing more is sent to them.
-        Only rows still queued are taken: recording twice changes nothing.
-        Returns (ticket id, newly undeliverable addresses) for the log.
+        Only rows still queued and claimed by `holder` are taken: recording twice
+        changes nothing. Returns what failed, with the newly undeliverable addresses.
         """
-        async def record(tx: Tx) -> list[tuple[int, list[str]]]:
-            marked: list[tuple[int, list[str]]] = []
-            for outbox_id, error in failed:
-                rows = await tx._all(
-                    "SELECT o.ticket_id, o.kind, o.mail_from, o.rcpt_to, m.message_id, m.subject"
-                    " FROM outbox o JOIN messages m ON m.id = o.message_row"
-                    " WHERE o.id = ? AND o.state = 'queued'" + tx.db.for_update.replace(
-                        "UPDATE", "UPDATE OF o"), (outbox_id,))
-                if not rows:
-                    continue
-                ticket_id, kind, mail_from, rcpt_json, message_id, subject = rows[0]
-                rcpt = list(json.loads(rcpt_json))
-                await tx.db.execute(
-                    "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
-                    " last_error = ? WHERE id = ?", (error, outbox_id))
-                domain = str(mail_from).rpartition("@")[2] or "localhost"
-                text = (f"The relay refused our {kind} mail {message_id} to {', '.join(rcpt)} "
-                        f"permanently; it will not be retried.\n\nThe relay answered: {error}\n")
-                await tx.add_message(
-                    ticket_id=ticket_id, direction="in", kind="bounce",
-                    sender=f"mailer-daemon@{domain}", recipients=[mail_from],
-                    subject=f"Undelivered: {subject}"[:998],
-                    message_id=f"<outbox-{outbox_id}.failed@{domain}>",
-                    body_text=text, reply_text=text, now=now)
-                ticket = await tx.ticket(ticket_id)
-                if ticket is None:
-                    continue
-                new = sorted((set(rcpt) & ticket.participants) - set(ticket.undeliverable))
-                if new:
-                    await tx.update_ticket(ticket_id, now,
-                                           undeliverable=sorted({*ticket.undeliverable, *new}))
-                    marked.append((ticket_id, new))
-            return marked
-        return await self.run(record)
+        marked: list[Failure] = []
+        for outbox_id, error in failed:
+            rows = await tx._all(
+                "SELECT o.ticket_id, o.kind, o.mail_from, o.rcpt_to, m.message_id, m.subject"
+                " FROM outbox o JOIN messages m ON m.id = o.message_row"
+                " WHERE o.id = ? AND o.state = 'queued' AND o.claimed_by = ?" + tx.db.for_update.replace(
+                    "UPDATE", "UPDATE OF o"), (outbox_id, holder))
+            if not rows:
+                continue
+            ticket_id, kind, mail_from, rcpt_json, message_id, subject = rows[0]
+            rcpt = list(json.loads(rcpt_json))
+            await tx.db.execute(
+                "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
+                " last_error = ? WHERE id = ?", (error, outbox_id))
+            domain = str(mail_from).rpartition("@")[2] or "localhost"
+            text = (f"The relay refused our {kind} mail {message_id} to {', '.join(rcpt)} "
+                    f"permanently; it will not be retried.\n\nThe relay answered: {error}\n")
+            await tx.add_message(
+                ticket_id=ticket_id, direction="in", kind="bounce",
+                sender=f"mailer-daemon@{domain}", recipients=[mail_from],
+                subject=f"Undelivered: {subject}"[:998],
+                message_id=f"<outbox-{outbox_id}.failed@{domain}>",
+                body_text=text, reply_text=text, now=now)
+            ticket = await tx.ticket(ticket_id)
+            if ticket is None:
+                continue
+            new = sorted((set(rcpt) & ticket.participants) - set(ticket.undeliverable))
+            if new:
+                await tx.update_ticket(ticket_id, now,
+                                       undeliverable=sorted({*ticket.undeliverable, *new}))
+            marked.append(Failure(ticket_id, str(kind), tuple(rcpt), tuple(new), error))
+        return marked
 
     # -- quarantine ------------------------------------------------------
     _INBOUND_COLS = ("id, received_at, mail_from, rcpt_to, mailbox, sha256, size, message_id,"

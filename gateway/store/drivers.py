@@ -130,7 +130,7 @@ class SQLiteDriver:
             await self.connection.execute("BEGIN IMMEDIATE")
             try:
                 rows = await self.connection.execute_fetchall("PRAGMA user_version")
-                version = int(list(rows)[0][0])
+                version = int(next(iter(rows))[0])
                 _check_version(version, migrations)
                 for number, script in enumerate(migrations[version:], start=version + 1):
                     for statement in statements(script):
@@ -178,8 +178,7 @@ class PostgresDriver:
                 # (1 s) would answer a deadlock with 451 instead of running it again
                 server_settings={"lock_timeout": str(max(int(self.busy_timeout_ms), 1500)),
                                  "application_name": "support-gateway"})
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
-                asyncpg.InterfaceError) as e:
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             raise StoreUnavailable(f"cannot connect to {self.describe()}: {e}") from e
 
     def _translate(self, sql: str) -> str:

@@ -3,21 +3,56 @@
 A lease names a job only one instance may do at a time (polling an IMAP
 folder). The holder renews it every third of its length; an instance that
 dies stops renewing, and another takes it once it has run out: after at most
-`[store] lease_seconds`.
+`[store] lease_seconds`. A restarted instance does not wait that long for its
+own dead predecessor: holder names carry host, pid and a digest of the
+data_dir, and `dead_predecessors` picks out those of this host and data_dir
+whose process is gone, so their claims can be taken back at once.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import socket
+from collections.abc import Iterable
 
 from gateway.clock import Clock
 from gateway.store import Store
 
 
-def holder_id() -> str:
-    """This process, as lease holders are told apart: host, pid and a random part."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+def _scope(data_dir: str) -> str:
+    return hashlib.sha256(os.path.realpath(data_dir).encode()).hexdigest()[:8] if data_dir else "-"
+
+
+def holder_id(data_dir: str = "") -> str:
+    """This process, as lease holders are told apart: host, pid, a random part
+    and the data_dir it runs on (digested)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}:{_scope(data_dir)}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dead_predecessors(holders: Iterable[str], me: str) -> list[str]:
+    """The holders among `holders` that ran on this host and data_dir and whose
+    process is gone (never this process's own)."""
+    host, pid, _, scope = (me.split(":") + ["", "", "", ""])[:4]
+    dead = []
+    for holder in holders:
+        parts = holder.split(":")
+        if holder == me or len(parts) != 4 or parts[0] != host or parts[3] != scope:
+            continue
+        if not parts[1].isdigit() or int(parts[1]) == int(pid) or _alive(int(parts[1])):
+            continue
+        dead.append(holder)
+    return dead
 
 
 class StoreLease:
