@@ -113,7 +113,7 @@ class Pipeline:
             # Nobody to answer and nobody to thread by: kept for ops, never ticketed blind.
             # (Automatic mail goes on: a bounce from a bare MAILER-DAEMON, as IMAP
             # delivers it without an envelope, still belongs on its ticket.)
-            await tx.release_inbound_message(f"{mail.message_id} {key}")
+            # (the intake gives its key back, as for every quarantined outcome)
             return Outcome(inbound_id, "quarantined", None, mail.message_id, 0,
                            "no sender address in From: or the envelope")
         by_reference = await self._ticket_answered(tx, mail.thread_ids)

@@ -366,10 +366,13 @@ class Tx:
             " ON CONFLICT (message_id) DO NOTHING RETURNING message_id", (message_id + " *",))
         return "new" if seen else "reused"
 
-    async def release_inbound_message(self, message_id: str) -> None:
-        """A mail that ended in quarantine gives its Message-ID back: a retry,
-        or the sender's next attempt, is not a duplicate."""
-        await self.db.execute("DELETE FROM inbound_message_ids WHERE message_id = ?", (message_id,))
+    async def release_inbound_message(self, message_id: str, digest: str = "") -> None:
+        """A mail that ended in quarantine gives its key back (`claim_inbound_message`:
+        the Message-ID plus `digest`, and the Message-ID's seen mark): a retry, or
+        the sender's next attempt, is not a duplicate."""
+        keys = (message_id, f"{message_id} {digest}", f"{message_id} *") if digest else (message_id,)
+        await self.db.execute(f"DELETE FROM inbound_message_ids WHERE message_id IN ({','.join('?' * len(keys))})",
+                              keys)
 
     # -- threading -------------------------------------------------------
     async def tickets_of_messages(self, message_ids: Sequence[str]) -> dict[str, int]:
