@@ -380,7 +380,7 @@ class Pipeline:
                               sender: str, now: datetime, placement: Placement) -> Outcome:
         await self._record(tx, ticket.id, Kind.CUSTOMER, mail, inbound_id, now)
         marks: list[str] = []
-        if placement.colleague_of and sender not in ticket.participants \
+        if placement.colleague_of and not ticket.is_participant(sender) \
                 and len(ticket.cc) < self.config.limits.max_participants:
             # a colleague who answers gets the ticket's mail from now on
             await tx.update_ticket(ticket.id, now, cc=(*ticket.cc, sender))
