@@ -324,7 +324,10 @@ class Pipeline:
                                          dropped=len(dropped), linked_reason=placement.reason, no_ack=no_ack,
                                          marks=marks)
             queued += await self._emergency_alert(tx, ticket, mail, decision, now)
-            ticket, more = await self._auto_escalate(tx, ticket, [mail.message_id], now)
+            # no ack (loop caps, a stranger quoting a tag): no escalation notice either,
+            # else a foreign helpdesk answering it opens ticket after ticket
+            ticket, more = await self._auto_escalate(tx, ticket, [mail.message_id], now,
+                                                     tell_customer=no_ack is None)
             queued += more
             queued += await self._escalation_request(tx, ticket, mail, now)
         log.info("ticket.created", ticket_id=ticket.id, message_id=mail.message_id,
@@ -486,7 +489,7 @@ class Pipeline:
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, placement.reason)
 
     async def _auto_escalate(self, tx: Tx, ticket: Ticket, answers: list[str],
-                             now: datetime) -> tuple[Ticket, int]:
+                             now: datetime, *, tell_customer: bool = True) -> tuple[Ticket, int]:
         """Kaseya: business-critical (priority 1) tickets escalate on their own, to tier 2."""
         limit = self.config.escalation.auto_priority
         if not limit or ticket.priority > limit:
@@ -496,6 +499,9 @@ class Pipeline:
                                  owner=None)
         if esc is None:
             return ticket, 0
+        if not tell_customer and esc.tell_customer:
+            esc = replace(esc, tell_customer=False,
+                          fields={k: v for k, v in esc.fields.items() if k != "customer_told_at"})
         return await self.desk.escalate(tx, ticket, esc, now, answers=answers)
 
     def _emergency_instructions(self, ticket: Ticket) -> str | None:
