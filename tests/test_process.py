@@ -43,6 +43,11 @@ def test_escalation_clears_pending_timers_and_tells_the_customer_once() -> None:
     assert esc.tell_customer and esc.fields["reminder_due_at"] is None
     assert lifecycle.escalate(ticket(tier=3), engineering=True, by="a", now=now, config=Escalation(),
                               hours=HOURS, owner=None) is None
+    # tier 2 is support's own: the customer is not told (NinjaOne tells of the engineers' review)
+    second = lifecycle.escalate(ticket(), engineering=False, by="a", now=now, config=Escalation(),
+                                hours=HOURS, owner=None)
+    assert second is not None and second.tier == 2 and not second.tell_customer
+    assert "customer_told_at" not in second.fields
 
 
 @pytest.mark.parametrize(("text", "language"), [

@@ -207,7 +207,9 @@ def escalate(ticket: Ticket, *, engineering: bool, by: str, now: datetime, confi
     else:
         region, why = tier2_region(ticket.region, now, hours)
         queue = config.tier2[region]
-    tell = ticket.customer_told_at is None
+    # the customer is told once, when engineering takes it (NinjaOne: escalation
+    # engineers, a review of at least 24 hours); tier 2 is support's own matter
+    tell = tier == 3 and ticket.customer_told_at is None
     contact_due = now + config.contact_after
     fields: dict[str, object] = {
         "escalated": True, "tier": tier, "escalated_at": now, "escalated_by": by,
