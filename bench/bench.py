@@ -20,6 +20,21 @@ started and removed by the bench, as the tests do: tests/pg.py), or a
 `--instances N` starts N `gateway serve` processes on the one store, each
 with its own port and data dir, as on N hosts; the clients are spread over
 them (client k talks to instance k mod N).
+
+    python bench/bench.py --smtp-source [--mails 3000] [--sessions 8] [--chunks 6]
+
+drives the gateway with Postfix's C load generator `smtp-source` (8
+sessions, a new connection per mail, 2 KB mails from one sender, each a new
+ticket) with Postfix's `smtp-sink` as its relay, then the same load against a
+bare aiosmtpd server and against `smtp-sink` itself, in the same run, and
+prints one JSON line: mails/s of each, the ratio to bare aiosmtpd, the
+gateway's CPU ms per mail overall and per chunk of the run (`--chunks`: a
+cost that grows with the sender's history shows as a rising column), its
+peak RSS, and the ack latency: probe mails sent by a Python client during
+the load, from the 250 to the ack's arrival at the relay (p50/p99). `--caps
+default` keeps the loop caps (one sender gets 10 acks and 30 tickets an
+hour; the rest is quarantined), the default `raised` lifts them so that every
+mail is ticketed and answered.
 """
 from __future__ import annotations
 
@@ -31,6 +46,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import smtplib
 import socket
@@ -369,6 +385,171 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+RAISED_CAPS = """
+[limits]
+auto_answers_per_sender_per_hour = 100000000
+auto_answers_per_domain_per_hour = 100000000
+new_tickets_per_sender_per_hour = 100000000
+new_tickets_per_domain_per_hour = 100000000
+"""
+
+
+def smtp_sink(port: int, dump: Path | None) -> subprocess.Popen[bytes]:
+    """Postfix's `smtp-sink` on `port`: accepts and discards, or with `dump`
+    writes each mail to a file of its own there (its mtime: when it arrived)."""
+    cmd = ["smtp-sink"]
+    if os.geteuid() == 0:
+        cmd += ["-u", "nobody"]              # required when started as root
+    if dump is not None:
+        dump.mkdir(mode=0o777)
+        dump.chmod(0o777)                    # smtp-sink writes as nobody
+        cmd += ["-d", f"{dump}/%H%M%S."]
+    proc = subprocess.Popen([*cmd, f"127.0.0.1:{port}", "1024"], stdout=subprocess.DEVNULL)
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError("smtp-sink did not start")
+
+
+def smtp_source(port: int, mails: int, sessions: int, size: int, sender: str) -> dict[str, float]:
+    """`smtp-source`'s load on `port`: a new connection per mail, `sessions` at once."""
+    t = time.perf_counter()
+    p = subprocess.run(["smtp-source", "-s", str(sessions), "-m", str(mails), "-l", str(size),
+                        "-f", sender, "-t", SUPPORT, "-S", "backup fails", f"127.0.0.1:{port}"],
+                       check=False, capture_output=True, timeout=3600)
+    elapsed = time.perf_counter() - t
+    if p.returncode != 0:
+        raise RuntimeError(f"smtp-source failed ({p.returncode}): {p.stderr.decode()[-500:]}")
+    return {"mails": mails, "seconds": round(elapsed, 2), "mails_per_s": round(mails / elapsed, 1)}
+
+
+class Probe:
+    """Mails from distinct probe customers, one every `every` seconds, sent by
+    a Python client during a load: the wall-clock time of each 250."""
+
+    def __init__(self, port: int, every: float = 0.2):
+        self.port, self.every = port, every
+        self.accepted: dict[int, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        while not self.stop.wait(self.every):
+            msg = (f"From: probe{i}@probe.example\r\nTo: {SUPPORT}\r\nSubject: probe {i}\r\n"
+                   f"Message-ID: <probe{i}.{time.time_ns()}@probe.example>\r\n\r\nIs it there?\r\n").encode()
+            try:
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as s:
+                    s.sendmail(f"probe{i}@probe.example", [SUPPORT], msg)
+                self.accepted[i] = time.time()
+            except (OSError, smtplib.SMTPException):
+                pass
+            i += 1
+
+    def latencies(self, dump: Path) -> list[float]:
+        """Seconds from each probe's 250 to its ack's arrival in the relay's dump."""
+        out = []
+        for f in dump.iterdir():
+            head = f.read_bytes()[:400]
+            m = re.search(rb"X-Rcpt-Args: <probe(\d+)@probe\.example>", head)
+            if m and int(m.group(1)) in self.accepted:
+                out.append(f.stat().st_mtime - self.accepted[int(m.group(1))])
+        return sorted(out)
+
+
+def smtp_source_run(args: argparse.Namespace) -> dict[str, object]:
+    for tool in ("smtp-source", "smtp-sink"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"bench: {tool} not found: install Debian's postfix package "
+                             "(tests/system-packages.sh does)")
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-src-"))
+    tmp.chmod(0o755)
+    size = 26_214_400
+    relay_port, port = free_port(), free_port()
+    dump = tmp / "relay"
+    relay = smtp_sink(relay_port, dump)
+    cfg = write_config(tmp, port, relay_port, size, f"sqlite:///{tmp / 'data' / 'gateway.db'}", args.workers)
+    if args.caps == "raised":
+        cfg.write_text(cfg.read_text() + RAISED_CAPS)
+    if args.store_tickets:
+        prefill(cfg, args.store_tickets)
+    proc = start_gateway(cfg, port, tmp / "serve.log")
+    sender = "load@customer.example"
+    chunks = []
+    probe = Probe(port)
+    try:
+        cpu0 = cpu_s(proc.pid)
+        t0 = time.perf_counter()
+        probe.thread.start()
+        per_chunk = max(1, args.mails // args.chunks)
+        sent = 0
+        while sent < args.mails:
+            n = min(per_chunk, args.mails - sent)
+            c0 = cpu_s(proc.pid)
+            run_ = smtp_source(port, n, args.sessions, args.size, sender)
+            sent += n
+            chunks.append({"up_to": sent, "mails_per_s": run_["mails_per_s"],
+                           "cpu_ms_per_mail": round((cpu_s(proc.pid) - c0) * 1000 / n, 2)})
+        load_s = time.perf_counter() - t0
+        probe.stop.set()
+        probe.thread.join(60)
+        # each ticket gets an ack and a staff notification (with the caps raised)
+        expected = 2 * (sent + len(probe.accepted)) if args.caps == "raised" else None
+        deadline = time.perf_counter() + 300
+        while expected is not None and time.perf_counter() < deadline:
+            if sum(1 for _ in dump.iterdir()) >= expected:
+                break
+            time.sleep(0.1)
+        drained_s = time.perf_counter() - t0
+        delivered = sum(1 for _ in dump.iterdir())
+        cpu = cpu_s(proc.pid) - cpu0
+        peak = rss_kb(proc.pid)
+        lat = probe.latencies(dump)
+    finally:
+        probe.stop.set()
+        proc.terminate()
+        proc.wait(30)
+        relay.terminate()
+        relay.wait(10)
+    total = sent + len(probe.accepted)
+    bare_port = free_port()
+    c = Controller(Discard(), hostname="127.0.0.1", port=bare_port, data_size_limit=size)
+    c.start()
+    try:
+        bare = smtp_source(bare_port, args.mails, args.sessions, args.size, sender)
+    finally:
+        c.stop()
+    sink_port = free_port()
+    plain_sink = smtp_sink(sink_port, None)
+    try:
+        sink_only = smtp_source(sink_port, args.mails, args.sessions, args.size, sender)
+    finally:
+        plain_sink.terminate()
+        plain_sink.wait(10)
+    shutil.rmtree(tmp, ignore_errors=True)
+    gw_rate = round(sent / load_s, 1)
+
+    def pct(p: float) -> float | None:
+        return round(lat[min(len(lat) - 1, int(len(lat) * p))], 3) if lat else None
+    return {
+        "bench": "smtp-source", "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, "
+        f"{platform.python_implementation()} {platform.python_version()}",
+        "mails": sent, "sessions": args.sessions, "size": args.size, "caps": args.caps,
+        "store_tickets": args.store_tickets, "workers": args.workers,
+        "gateway_mails_per_s": gw_rate, "bare_aiosmtpd_mails_per_s": bare["mails_per_s"],
+        "smtp_sink_mails_per_s": sink_only["mails_per_s"],
+        "ratio_to_bare": round(gw_rate / bare["mails_per_s"], 3),
+        "gateway_cpu_ms_per_mail": round(cpu * 1000 / max(total, 1), 2), "chunks": chunks,
+        "relay_received": delivered, "relay_expected": expected, "drained_s": round(drained_s, 2),
+        "probes": len(probe.accepted), "ack_latency_p50_s": pct(0.5), "ack_latency_p99_s": pct(0.99),
+        "gateway_peak_rss_mb": round(peak / 1024, 1),
+    }
+
+
 def memory_run(args: argparse.Namespace) -> dict[str, object]:
     """20 concurrent 20 MB mails: peak RSS of the gateway."""
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-mem-"))
@@ -421,8 +602,16 @@ def main() -> None:
     p.add_argument("--store", default="sqlite",
                    help="sqlite (default) | postgresql (a throwaway cluster) | postgresql://URL")
     p.add_argument("--instances", type=int, default=1, help="gateway serve processes on the one store")
+    p.add_argument("--smtp-source", action="store_true",
+                   help="drive the gateway with Postfix's smtp-source, smtp-sink as the relay")
+    p.add_argument("--sessions", type=int, default=8, help="--smtp-source: parallel sessions")
+    p.add_argument("--size", type=int, default=2048, help="--smtp-source: payload bytes per mail")
+    p.add_argument("--chunks", type=int, default=6, help="--smtp-source: consecutive runs, CPU per mail each")
+    p.add_argument("--caps", choices=("raised", "default"), default="raised",
+                   help="--smtp-source: lift the loop caps (every mail answered) or keep the defaults")
     args = p.parse_args()
-    print(json.dumps(memory_run(args) if args.memory else run(args)), flush=True)
+    result = memory_run(args) if args.memory else smtp_source_run(args) if args.smtp_source else run(args)
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

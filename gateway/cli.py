@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--until", help="ISO-8601 date or time (tickets created before then)")
     st.add_argument("--json", action="store_true")
     sub.add_parser("check-config", parents=[common], help="validate the configuration")
+    dr = sub.add_parser("dkim-record", parents=[common],
+                        help="the DNS TXT record to publish for each [[dkim]] signing key")
+    dr.add_argument("--json", action="store_true")
     return p
 
 
@@ -141,6 +144,8 @@ def _main(argv: Sequence[str] | None) -> int:
               f"data in {config.data_dir}, {'LMTP' if config.lmtp else 'SMTP'} on "
               f"{config.smtp_host}:{config.smtp_port}, outbound via {config.outbound_transport}")
         return answers.EX_OK
+    if command == "dkim-record":
+        return _dkim_record(config, args)
     try:
         if command == "serve":
             from gateway import app  # the daemon's parts, imported only where used
@@ -181,6 +186,31 @@ def _main(argv: Sequence[str] | None) -> int:
             return answers.EX_TEMPFAIL
         raise
     raise AssertionError(command)  # pragma: no cover - argparse restricts commands
+
+
+def _dkim_record(config: Config, args: argparse.Namespace) -> int:
+    """Each signing key's TXT record, as a zone-file line (or JSON): the name
+    `<selector>._domainkey.<domain>.` and the value in strings of at most 255
+    bytes (RFC 1035 §3.3.14), as DNS servers and provider forms take them."""
+    from gateway.outbound.dkim import DkimSigner, public_txt
+    records: list[dict[str, Any]] = []
+    for keys in config.dkim_keys.values():
+        for key in keys:
+            signer = DkimSigner(key)
+            value = public_txt(key.private_key_pem).decode("ascii")
+            records.append({"domain": key.domain, "selector": key.selector, "algorithm": signer.algorithm,
+                            "bits": signer.bits, "name": f"{key.selector}._domainkey.{key.domain}.",
+                            "value": value, "strings": [value[i:i + 255] for i in range(0, len(value), 255)]})
+    if not records:
+        print(f"gateway: no [[dkim]] keys in {config.source}: mail goes out unsigned", file=sys.stderr)
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return answers.EX_OK
+    for r in records:
+        print(f"; {r['domain']}: {r['algorithm']}, {r['bits']} bits")
+        strings: list[str] = r["strings"]
+        print(f"{r['name']} IN TXT ( " + " ".join(f'"{part}"' for part in strings) + " )")
+    return answers.EX_OK
 
 
 def _quiet_stdout() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 import tomllib
 import uuid
 from collections.abc import Mapping
@@ -19,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.model import REGIONS, mailbox_of, normalize_address
+from gateway.outbound.dkim import RSA as DKIM_RSA
 from gateway.outbound.dkim import DkimKey, DkimSigner
-from gateway.outbound.transport import Relay
+from gateway.outbound.transport import TLS_MODES, Relay, client_tls_context, read_secret
 from gateway.rules.settings import SUPPORTED_LANGUAGES, RulesConfig, default_rules, parse_rules, unknown_key
 
 ENV_VAR = "GATEWAY_CONFIG"
@@ -173,7 +175,7 @@ class Config:
     staff_require_authenticated: bool = False
     staff_trusted_authserv_ids: frozenset[str] = frozenset()
     templates_dir: Path | None = None         # operators' overrides of gateway/templates
-    dkim_keys: Mapping[str, DkimKey] = field(default_factory=dict)
+    dkim_keys: Mapping[str, tuple[DkimKey, ...]] = field(default_factory=dict)
     imap: tuple[ImapAccount, ...] = ()
     escalation: Escalation = field(default_factory=Escalation)
     emergency: Emergency = field(default_factory=Emergency)
@@ -239,6 +241,7 @@ class ImapAccount:
     poll_seconds: float = 60.0
     starttls: bool = False          # plain connection upgraded with STARTTLS (RFC 3501 §6.2.1)
     ca_file: Path | None = None     # trust this CA instead of the system's
+    password_env: str | None = None  # the environment variable that holds the password
 
     @property
     def name(self) -> str:
@@ -246,13 +249,12 @@ class ImapAccount:
         return f"{self.user}@{self.host}:{self.port}"
 
     def secret(self) -> str:
-        if self.password is not None:
-            return self.password
-        assert self.password_file is not None
-        return self.password_file.read_text(encoding="utf-8").strip("\r\n")
+        found = read_secret(self.password, self.password_file, self.password_env)
+        assert found is not None
+        return found
 
 
-_KEYS = {"host", "port", "tls", "starttls", "ca_file", "user", "password", "password_file",
+_KEYS = {"host", "port", "tls", "starttls", "ca_file", "user", "password", "password_file", "password_env",
          "folder", "processed_folder", "mailbox", "poll_seconds"}
 
 
@@ -283,14 +285,14 @@ def parse_imap(data: list[dict[str, Any]] | Any, mailbox_addresses: set[str],
         host = table.get("host")
         if not isinstance(host, str) or not host.strip():
             fail("host", f"expected a host name, got {host!r}")
-        tls = table.get("tls", True)
-        if not isinstance(tls, bool):
-            fail("tls", f"expected true or false, got {tls!r}")
-            tls = True
         starttls = table.get("starttls", False)
         if not isinstance(starttls, bool):
             fail("starttls", f"expected true or false, got {starttls!r}")
             starttls = False
+        tls = table.get("tls", not starttls)      # `starttls = true` alone means port 143 + STARTTLS
+        if not isinstance(tls, bool):
+            fail("tls", f"expected true or false, got {tls!r}")
+            tls = True
         if tls and starttls:
             fail("starttls", "tls = true already encrypts the connection; set one of them")
         port = table.get("port", 993 if tls else 143)
@@ -313,11 +315,14 @@ def parse_imap(data: list[dict[str, Any]] | Any, mailbox_addresses: set[str],
             return path
 
         password, password_file = table.get("password"), table.get("password_file")
+        password_env = table.get("password_env")
         pw_path: Path | None = None
-        if (password is None) == (password_file is None):
-            fail("password", "set exactly one of password and password_file")
+        if [password, password_file, password_env].count(None) != 2:
+            fail("password", "set exactly one of password, password_file and password_env")
         elif password is not None and not isinstance(password, str):
             fail("password", "expected a string")
+        elif password_env is not None and (not isinstance(password_env, str) or not os.environ.get(password_env)):
+            fail("password_env", f"the environment variable {password_env} is not set")
         else:
             pw_path = readable("password_file")
         ca_path = readable("ca_file")
@@ -338,7 +343,8 @@ def parse_imap(data: list[dict[str, Any]] | Any, mailbox_addresses: set[str],
         if len(problems) == before:
             accounts.append(ImapAccount(
                 host=str(host).strip(), port=int(port), tls=tls, starttls=starttls, user=str(user),
-                password=password, password_file=pw_path, ca_file=ca_path, folder=str(folder),
+                password=password, password_file=pw_path, password_env=password_env, ca_file=ca_path,
+                folder=str(folder),
                 processed_folder=str(processed), mailbox=normalize_address(str(mailbox)),
                 poll_seconds=float(poll)))
     names = [(a.name, a.folder) for a in accounts]
@@ -359,8 +365,11 @@ _DKIM_KEYS = frozenset({"domain", "selector", "key_file"})
 
 
 def parse_dkim(data: list[dict[str, Any]] | dict[str, Any],
-               base_dir: Path | None) -> tuple[dict[str, DkimKey], list[str]]:
+               base_dir: Path | None) -> tuple[dict[str, tuple[DkimKey, ...]], list[str]]:
     """The `[[dkim]]` tables of the configuration: keys by domain, and what is wrong.
+
+    A domain has at most one key per algorithm: an RSA key, an Ed25519 key
+    (RFC 8463), or one of each (its mail is then signed twice).
 
     ```toml
     [[dkim]]
@@ -379,8 +388,8 @@ def parse_dkim(data: list[dict[str, Any]] | dict[str, Any],
         entries, prefix = data, None
     else:
         return {}, ["dkim: must be a list of tables ([[dkim]]) with domain, selector and key_file"]
-    keys: dict[str, DkimKey] = {}
-    where: dict[str, str] = {}
+    keys: dict[str, tuple[DkimKey, ...]] = {}
+    where: dict[tuple[str, str], str] = {}
     problems: list[str] = []
     for n, entry in enumerate(entries):
         at = prefix or f"dkim[{n}]"
@@ -391,12 +400,14 @@ def parse_dkim(data: list[dict[str, Any]] | dict[str, Any],
         problems.extend(f"{at}.{k}: {unknown_key(k, _DKIM_KEYS)}" for k in sorted(set(entry) - _DKIM_KEYS))
         domain = _dkim_name(entry, "domain", at, problems, min_labels=2)
         selector = _dkim_name(entry, "selector", at, problems, min_labels=1)
-        if domain is not None and domain in keys:
-            problems.append(f"{at}.domain: {domain} already has a key ({where[domain]})")
-        pem = _dkim_key_file(entry, at, base_dir, problems)
-        if len(problems) == bad and domain and selector and pem is not None:
-            keys[domain] = DkimKey(domain=domain, selector=selector, private_key_pem=pem)
-            where[domain] = at
+        found = _dkim_key_file(entry, at, base_dir, problems)
+        if found is not None and domain is not None and (domain, found[1]) in where:
+            kind = "an RSA" if found[1] == DKIM_RSA else "an Ed25519"
+            problems.append(f"{at}.domain: {domain} already has {kind} key ({where[domain, found[1]]})")
+        if len(problems) == bad and domain and selector and found is not None:
+            keys[domain] = (*keys.get(domain, ()), DkimKey(domain=domain, selector=selector,
+                                                           private_key_pem=found[0]))
+            where[domain, found[1]] = at
     return keys, problems
 
 
@@ -420,10 +431,11 @@ def _dkim_name(entry: Mapping[str, Any], key: str, at: str, problems: list[str],
 
 
 def _dkim_key_file(entry: Mapping[str, Any], at: str, base_dir: Path | None,
-              problems: list[str]) -> bytes | None:
+              problems: list[str]) -> tuple[bytes, str] | None:
+    """The key file's bytes and the key's algorithm (`rsa-sha256`, `ed25519-sha256`)."""
     value = entry.get("key_file")
     if value is None:
-        problems.append(f"{at}.key_file: missing (the PEM file with the domain's RSA private key)")
+        problems.append(f"{at}.key_file: missing (the file with the domain's RSA or Ed25519 private key)")
         return None
     if not isinstance(value, str) or not value.strip():
         problems.append(f"{at}.key_file: must be a file name")
@@ -441,11 +453,11 @@ def _dkim_key_file(entry: Mapping[str, Any], at: str, base_dir: Path | None,
                         f"(keep the file readable by the gateway only)")
         return None
     try:
-        DkimSigner(DkimKey("check.invalid", "check", pem))
+        signer = DkimSigner(DkimKey("check.invalid", "check", pem))
     except ValueError as e:
         problems.append(f"{at}.key_file: {path}: {e}")
         return None
-    return pem
+    return pem, signer.algorithm
 
 
 def _defaults() -> dict[str, Any]:
@@ -632,13 +644,11 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     transport = _prefixed(r, "outbound", o, "transport", str, d["outbound"]["transport"])
     if transport not in ("smtp", "maildir"):
         r.fail("outbound.transport", f"expected \"smtp\" or \"maildir\", got {transport!r}")
-    relay = Relay(_prefixed(r, "outbound", o, "host", str, d["outbound"]["host"]),
-                  _port_of(r, "outbound", o, d["outbound"]["port"]))
+    relay = _relay(r, "outbound", o, None, config_dir)
     gov_relay = None
     if "govcloud" in o:
         go = r.section("outbound.govcloud", o)
-        gov_relay = Relay(_prefixed(r, "outbound.govcloud", go, "host", str, relay.host),
-                          _port_of(r, "outbound.govcloud", go, relay.port))
+        gov_relay = _relay(r, "outbound.govcloud", go, relay, config_dir)
     retry_base = float(_prefixed(r, "outbound", o, "retry_base_seconds", (int, float),
                                  d["outbound"]["retry_base_seconds"]))
     retry_max = float(_prefixed(r, "outbound", o, "retry_max_seconds", (int, float),
@@ -905,6 +915,55 @@ def _escalation(r: _Reader) -> Escalation:
                       contact_after=timedelta(hours=hours["contact_after_hours"]),
                       close_reminder_after=timedelta(hours=hours["close_reminder_after_hours"]),
                       review_hours=review, auto_priority=auto)
+
+def _relay(r: _Reader, prefix: str, t: dict[str, Any], parent: Relay | None, config_dir: Path | None) -> Relay:
+    """`[outbound]`, or `[outbound.govcloud]` (`parent` set): host, port, TLS and SMTP AUTH.
+
+    The GovCloud relay takes host, port, tls and ca_file from `[outbound]` unless it
+    sets them; the login never: credentials of one relay are not sent to another.
+    """
+    dflt = parent or Relay(_defaults()["outbound"]["host"], _defaults()["outbound"]["port"])
+    host = _prefixed(r, prefix, t, "host", str, dflt.host)
+    tls = _prefixed(r, prefix, t, "tls", str, dflt.tls)
+    if tls not in TLS_MODES:
+        r.fail(f"{prefix}.tls", f"expected one of {', '.join(map(repr, TLS_MODES))}, got {tls!r}")
+        tls = dflt.tls
+    # 465 is the port of implicit TLS (RFC 8314 §7.3); STARTTLS on 587 is set explicitly
+    port = _port_of(r, prefix, t, dflt.port if parent and parent.tls == tls
+                    else 465 if tls == "implicit" else dflt.port)
+
+    def path(key: str, fallback: Path | None) -> Path | None:
+        value = _prefixed(r, prefix, t, key, str, "")
+        if not value:
+            return fallback
+        p = _resolve(value, config_dir)
+        if not os.access(p, os.R_OK):
+            r.fail(f"{prefix}.{key}", f"cannot read {str(p)!r}")
+        return p
+
+    ca_file = path("ca_file", dflt.ca_file)
+    if ca_file is not None and ca_file != dflt.ca_file and os.access(ca_file, os.R_OK):
+        try:
+            client_tls_context(ca_file)
+        except (ssl.SSLError, OSError, ValueError) as e:
+            r.fail(f"{prefix}.ca_file", f"{str(ca_file)!r} holds no CA certificate in PEM form: {e}")
+    username = _prefixed(r, prefix, t, "username", str, "") or None
+    password = _prefixed(r, prefix, t, "password", str, "") or None
+    password_file = path("password_file", None)
+    password_env = _prefixed(r, prefix, t, "password_env", str, "") or None
+    given = [k for k, v in (("password", password), ("password_file", password_file),
+                            ("password_env", password_env)) if v is not None]
+    if username is None and given:
+        r.fail(f"{prefix}.{given[0]}", "set username too (the login for SMTP AUTH), or remove it")
+    elif username is not None and len(given) != 1:
+        r.fail(f"{prefix}.password", "set exactly one of password, password_file and password_env")
+    elif password_env is not None and not os.environ.get(password_env):
+        r.fail(f"{prefix}.password_env", f"the environment variable {password_env} is not set")
+    if username is not None and tls == "none" and host not in ("127.0.0.1", "::1", "localhost"):
+        r.fail(f"{prefix}.tls", f"tls = \"none\" would send the password to {host} in clear text; "
+                                "use \"required\" or \"implicit\"")
+    return Relay(host=host, port=port, tls=tls, ca_file=ca_file, username=username, password=password,
+                 password_file=password_file, password_env=password_env)
 
 
 def _limits_and_staff_auth(r: _Reader, data: dict[str, Any]) -> tuple[Limits, bool, frozenset[str]]:

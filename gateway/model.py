@@ -40,6 +40,11 @@ class Kind(StrEnum):
     ESCALATION = "escalation"        # the customer is told the ticket went to engineering
 
 
+# What counts toward `[limits] auto_answers_per_*_per_hour`: the automatic
+# answers a new ticket's requester gets (gateway.desk.pipeline, store's sender load)
+AUTO_ANSWER_KINDS = frozenset({Kind.ACK.value, Kind.REDIRECT.value})
+
+
 def normalize_address(address: str) -> str:
     """The comparable form of a bare address: trimmed, without <>, lower case.
 

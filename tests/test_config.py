@@ -195,3 +195,38 @@ def test_check_config_checks_what_only_this_machine_can_tell(tmp_path: Path) -> 
     # the Maildir transport sends nothing anywhere: neither check applies
     assert check(f'{gov_box}[outbound]\ntransport = "maildir"\nhost = "relay.does-not-exist.invalid"\n'
                  ).returncode == 0
+
+
+def test_relay_tls_and_login_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16: [outbound] TLS and SMTP AUTH; the GovCloud relay never inherits the login."""
+    pw = tmp_path / "relay.pw"
+    pw.write_text("s3cret\nsecond line is not the password\n")
+    c = parse({"outbound": {"tls": "implicit", "username": "gw", "password_file": str(pw),
+                            "govcloud": {"host": "gov.example.net"}}})
+    assert (c.relay.port, c.relay.tls, c.relay.username, c.relay.secret()) == (465, "implicit", "gw", "s3cret")
+    gov = c.govcloud_relay
+    assert gov is not None and (gov.host, gov.port, gov.tls, gov.username, gov.secret()) == \
+        ("gov.example.net", 465, "implicit", None, None)
+    assert "s3cret" not in repr(parse({"outbound": {"username": "gw", "password": "s3cret"}}))
+    c = parse({})
+    assert (c.relay.tls, c.relay.port, c.relay.ca_file, c.relay.username) == ("opportunistic", 25, None, None)
+    monkeypatch.setenv("GW_RELAY_PW", "from-env")
+    assert parse({"outbound": {"username": "gw", "password_env": "GW_RELAY_PW"}}).relay.secret() == "from-env"
+
+
+@pytest.mark.parametrize("outbound, key, words", [
+    ({"tls": "starttls"}, "outbound.tls", "expected one of 'opportunistic', 'required', 'implicit', 'none'"),
+    ({"ca_file": "/nonexistent/ca.pem"}, "outbound.ca_file", "cannot read"),
+    ({"ca_file": "/etc/hostname"}, "outbound.ca_file", "holds no CA certificate in PEM form"),
+    ({"password": "x"}, "outbound.password", "set username too"),
+    ({"username": "gw"}, "outbound.password", "set exactly one of password, password_file and password_env"),
+    ({"username": "gw", "password": "x", "password_env": "X"}, "outbound.password", "exactly one"),
+    ({"username": "gw", "password_env": "GW_NOT_SET_ANYWHERE"}, "outbound.password_env", "is not set"),
+    ({"username": "gw", "password_file": "/nonexistent/pw"}, "outbound.password_file", "cannot read"),
+    ({"host": "smtp.example.net", "tls": "none", "username": "gw", "password": "x"}, "outbound.tls",
+     "would send the password to smtp.example.net in clear text"),
+    ({"govcloud": {"tls": "sometimes"}}, "outbound.govcloud.tls", "expected one of"),
+])
+def test_relay_tls_and_login_mistakes_are_named(outbound: dict, key: str, words: str) -> None:
+    found = [p for p in problems({"outbound": outbound}) if p.startswith(key + ":")]
+    assert found and words in found[0], problems({"outbound": outbound})

@@ -1,10 +1,11 @@
 """DKIM: the Composer signs per mailbox domain; dkimpy verifies; the config parser says what is wrong."""
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from gateway.config import parse_dkim
 from gateway.model import Kind, Status, Ticket
@@ -44,15 +45,34 @@ def new_key(fmt: str = "PKCS8", n: int = 0) -> bytes:
                                    serialization.NoEncryption()))
 
 
+@functools.cache
+def new_ed25519_key(fmt: str = "PEM", n: int = 0) -> bytes:
+    """A fresh Ed25519 key (RFC 8463): PEM as `openssl genpkey -algorithm ed25519` writes
+    it, or "seed" as dkimpy's `dknewkey --ktype ed25519` does (the 32 bytes, base64)."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    if fmt == "seed":
+        raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                serialization.NoEncryption())
+        return base64.b64encode(raw) + b"\n"
+    return bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+
+
 @pytest.fixture(scope="module")
 def keys() -> dict[str, DkimKey]:
     return {"example.com": DkimKey("example.com", "gw2026", new_key()),
             "examplegov.com": DkimKey("examplegov.com", "gov1", new_key("TraditionalOpenSSL", 1))}
 
 
-def dns_for(keys: dict[str, DkimKey]) -> Callable[..., bytes | None]:
+def by_domain(keys: Mapping[str, DkimKey | tuple[DkimKey, ...]]) -> dict[str, tuple[DkimKey, ...]]:
+    """Keys as the Composer takes them (`[gateway] dkim_keys`): each domain's tuple."""
+    return {d: k if isinstance(k, tuple) else (k,) for d, k in keys.items()}
+
+
+def dns_for(keys: Mapping[str, DkimKey | tuple[DkimKey, ...]]) -> Callable[..., bytes | None]:
     """A DNS TXT lookup that knows `<selector>._domainkey.<domain>.` for each key."""
-    records = {f"{k.selector}._domainkey.{k.domain}.".encode(): public_txt(k.private_key_pem) for k in keys.values()}
+    records = {f"{k.selector}._domainkey.{k.domain}.".encode(): public_txt(k.private_key_pem)
+               for domain_keys in by_domain(keys).values() for k in domain_keys}
 
     def lookup(name: bytes, timeout: int = 5) -> bytes | None:
         return records.get(name)
@@ -81,7 +101,7 @@ def signature(content: bytes) -> dict[bytes, bytes]:
 
 
 def test_composer_signs_with_the_mailbox_domains_key_and_dkimpy_verifies(keys: dict[str, DkimKey]) -> None:
-    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=keys)
+    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=by_domain(keys))
     content = compose(c)
     assert content.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.com;")
     assert dkim.verify(content, dnsfunc=dns_for(keys))
@@ -96,14 +116,14 @@ def test_composer_signs_with_the_mailbox_domains_key_and_dkimpy_verifies(keys: d
 
 
 def test_every_kind_and_language_verifies(keys: dict[str, DkimKey]) -> None:
-    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=keys)
+    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=by_domain(keys))
     for kind in (Kind.ACK, Kind.STAFF_REPLY):
         for language in ("en", "de", "ja"):
             assert dkim.verify(compose(c, kind=kind, language=language), dnsfunc=dns_for(keys))
 
 
 def test_tampered_body_fails_verification(keys: dict[str, DkimKey]) -> None:
-    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=keys)
+    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=by_domain(keys))
     content = compose(c, language="en")
     head, _, body = content.partition(b"\r\n\r\n")
     assert b"Hello Ann" in body
@@ -112,7 +132,7 @@ def test_tampered_body_fails_verification(keys: dict[str, DkimKey]) -> None:
 
 
 def test_tampered_or_added_headers_fail_verification(keys: dict[str, DkimKey]) -> None:
-    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=keys)
+    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=by_domain(keys))
     content = compose(c, language="en")
     dns = dns_for(keys)
     subject = b"\r\nSubject: =?utf-8?q?=5BSupport_=23104"
@@ -129,7 +149,7 @@ def test_tampered_or_added_headers_fail_verification(keys: dict[str, DkimKey]) -
 
 
 def test_govcloud_mailbox_signs_with_its_own_key(keys: dict[str, DkimKey]) -> None:
-    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=keys)
+    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=by_domain(keys))
     content = compose(c, mailbox="support@examplegov.com", govcloud=True)
     tags = signature(content)
     assert tags[b"d"] == b"examplegov.com" and tags[b"s"] == b"gov1"
@@ -141,7 +161,7 @@ def test_govcloud_mailbox_signs_with_its_own_key(keys: dict[str, DkimKey]) -> No
 
 def test_subdomain_mailbox_uses_the_parent_domains_key_and_unknown_domains_are_unsigned(
         keys: dict[str, DkimKey]) -> None:
-    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=keys)
+    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=by_domain(keys))
     content = compose(c, mailbox="support@help.example.com")
     assert signature(content)[b"d"] == b"example.com"
     assert dkim.verify(content, dnsfunc=dns_for(keys))
@@ -151,7 +171,7 @@ def test_subdomain_mailbox_uses_the_parent_domains_key_and_unknown_domains_are_u
 
 def test_maildir_line_ends_still_verify(keys: dict[str, DkimKey]) -> None:
     # the Maildir transport writes "\n" line ends; relaxed canonicalisation does not care
-    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=keys)
+    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=by_domain(keys))
     assert dkim.verify(compose(c).replace(b"\r\n", b"\n"), dnsfunc=dns_for(keys))
 
 
@@ -174,8 +194,8 @@ def test_same_bytes_as_dkimpys_own_signer_with_either_rsa(keys: dict[str, DkimKe
 def test_unusable_key_is_refused_when_the_composer_is_built() -> None:
     with pytest.raises(ValueError, match="bits"):
         Composer(ticket_tag="S", tokens=TicketTokens(b"s" * 32),
-                 dkim_keys={"example.com": DkimKey("example.com", "s", SHORT_KEY)})
-    with pytest.raises(ValueError, match="not an unencrypted RSA private key"):
+                 dkim_keys={"example.com": (DkimKey("example.com", "s", SHORT_KEY),)})
+    with pytest.raises(ValueError, match="not an unencrypted RSA or Ed25519 private key"):
         DkimSigner(DkimKey("example.com", "s", b"-----BEGIN PRIVATE KEY-----\nnonsense\n-----END PRIVATE KEY-----"))
 
 
@@ -195,8 +215,8 @@ def test_parse_dkim_reads_keys_relative_to_the_config_folder(tmp_path: Path) -> 
     ], tmp_path)
     assert problems == []
     assert sorted(keys) == ["example.com", "examplegov.com"]
-    assert keys["example.com"].selector == "gw2026"
-    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=keys)
+    assert keys["example.com"][0].selector == "gw2026"
+    c = Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=by_domain(keys))
     assert dkim.verify(compose(c), dnsfunc=dns_for(keys))
 
 
@@ -222,17 +242,17 @@ def test_parse_dkim_names_every_problem(tmp_path: Path) -> None:
         "example.com",  # type: ignore[list-item]
     ], tmp_path)
     assert list(keys) == ["example.com"]
-    assert problems[0] == "dkim[1].domain: example.com already has a key (dkim[0])"
+    assert problems[0] == "dkim[1].domain: example.com already has an RSA key (dkim[0])"
     assert problems[1] == "dkim[2].domain: 'localhost' is not a domain name like example.com"
     assert problems[2] == "dkim[3].selector: 'bad selector' is not letters, digits, '-' and '.'"
     assert problems[3] == "dkim[4].keyfile: unknown key; did you mean 'key_file'?"
     assert problems[4] == "dkim[4].selector: missing"
     assert problems[5].startswith(f"dkim[4].key_file: cannot read {tmp_path / 'missing.pem'}: No such file")
     assert problems[6].startswith("dkim[5].key_file: ") and "512 bits" in problems[6]
-    assert problems[7].startswith(f"dkim[6].key_file: {tmp_path / 'junk.pem'}: not an unencrypted RSA private key")
+    assert problems[7].startswith(f"dkim[6].key_file: {tmp_path / 'junk.pem'}: not an unencrypted RSA or Ed25519 private key")
     assert problems[8].startswith("dkim[7].key_file: ") and "is encrypted" in problems[8]
     assert problems[9] == "dkim[8].domain: must be a string, got int"
-    assert problems[10] == "dkim[8].key_file: missing (the PEM file with the domain's RSA private key)"
+    assert problems[10] == "dkim[8].key_file: missing (the file with the domain's RSA or Ed25519 private key)"
     assert problems[-1] == "dkim[9]: must be a table with domain, selector and key_file"
 
 
@@ -241,7 +261,65 @@ def test_parse_dkim_single_table_and_wrong_type(tmp_path: Path) -> None:
     keys, problems = parse_dkim({"domain": "example.com", "selector": "s1", "key_file": "k.pem"}, tmp_path)
     assert problems == [] and list(keys) == ["example.com"]
     assert parse_dkim({"domain": "example.com", "selector": "s1"}, tmp_path)[1] == \
-        ["dkim.key_file: missing (the PEM file with the domain's RSA private key)"]
+        ["dkim.key_file: missing (the file with the domain's RSA or Ed25519 private key)"]
     assert parse_dkim("example.com", None) == (  # type: ignore[arg-type]
         {}, ["dkim: must be a list of tables ([[dkim]]) with domain, selector and key_file"])
     assert parse_dkim([], None) == ({}, [])
+
+
+# -- Ed25519 (RFC 8463) --------------------------------------------------------------
+
+def all_signatures_verify(content: bytes, dns: Callable[..., bytes | None]) -> list[bytes]:
+    """The a= of each DKIM-Signature, checked one by one by dkimpy (with PyNaCl for Ed25519)."""
+    msg = email.message_from_bytes(content, policy=email.policy.compat32)
+    found = []
+    for idx, header in enumerate(msg.get_all("DKIM-Signature") or []):
+        assert dkim.DKIM(content).verify(idx=idx, dnsfunc=dns), (idx, header)
+        found.append(dkim.util.parse_tag_value(header.encode())[b"a"])
+    return found
+
+
+@pytest.mark.parametrize("fmt", ["PEM", "seed"])
+def test_ed25519_key_signs_and_dkimpy_verifies_it(fmt: str) -> None:
+    keys = {"example.com": DkimKey("example.com", "ed1", new_ed25519_key(fmt))}
+    content = compose(Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=by_domain(keys)))
+    assert content.startswith(b"DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/relaxed; d=example.com;")
+    assert public_txt(keys["example.com"].private_key_pem).startswith(b"v=DKIM1; k=ed25519; p=")
+    assert all_signatures_verify(content, dns_for(keys)) == [b"ed25519-sha256"]
+    head, _, body = content.partition(b"\r\n\r\n")
+    assert not dkim.verify(head + b"\r\n\r\n" + body.replace(b"Ann", b"Eve", 1), dnsfunc=dns_for(keys))
+    # another Ed25519 key's record does not verify it
+    other = {"example.com": DkimKey("example.com", "ed1", new_ed25519_key(fmt, 1))}
+    assert not dkim.verify(content, dnsfunc=dns_for(other))
+
+
+def test_ed25519_same_bytes_as_dkimpys_own_signer(monkeypatch: pytest.MonkeyPatch) -> None:
+    unsigned = compose(Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32)))
+    key = DkimKey("example.com", "ed1", new_ed25519_key("seed"))
+    ours = DkimSigner(key).header(unsigned, timestamp=1_795_000_000)
+    tags = dkim.util.parse_tag_value(ours[len(b"DKIM-Signature:"):])
+    monkeypatch.setattr(dkim.time, "time", lambda: 1_795_000_000)
+    theirs = dkim.DKIM(unsigned).sign(b"ed1", b"example.com", key.private_key_pem.strip(),
+                                      canonicalize=(b"relaxed", b"relaxed"), signature_algorithm=b"ed25519-sha256",
+                                      include_headers=[h.strip() for h in tags[b"h"].split(b":")])
+    assert ours == theirs
+
+
+def test_a_domain_with_both_keys_is_signed_twice_rsa_on_top(tmp_path: Path) -> None:
+    (tmp_path / "ed.pem").write_bytes(new_ed25519_key())
+    (tmp_path / "rsa.pem").write_bytes(new_key())
+    keys, problems = parse_dkim([
+        {"domain": "example.com", "selector": "ed1", "key_file": "ed.pem"},
+        {"domain": "example.com", "selector": "rsa1", "key_file": "rsa.pem"},
+        {"domain": "example.com", "selector": "ed2", "key_file": "ed.pem"},
+    ], tmp_path)
+    assert problems == ["dkim[2].domain: example.com already has an Ed25519 key (dkim[0])"]
+    assert [k.selector for k in keys["example.com"]] == ["ed1", "rsa1"]
+    content = compose(Composer(ticket_tag="Support", tokens=TicketTokens(b"s" * 32), dkim_keys=keys))
+    # a verifier that reads only the first signature (dkimpy's default) finds the RSA one
+    assert all_signatures_verify(content, dns_for(keys)) == [b"rsa-sha256", b"ed25519-sha256"]
+    assert dkim.verify(content, dnsfunc=dns_for(keys))
+    # each signature stands alone: with only the Ed25519 record published, the second still verifies
+    only_ed = {"example.com": keys["example.com"][0]}
+    assert not dkim.DKIM(content).verify(idx=0, dnsfunc=dns_for(only_ed))
+    assert dkim.DKIM(content).verify(idx=1, dnsfunc=dns_for(only_ed))

@@ -27,6 +27,7 @@ import pytest
 from conftest import SUPPORT, free_port, mail, uniq, wait_banner
 from imapclient import IMAPClient
 from structlog.testing import capture_logs
+from tlscerts import make_pki
 
 from gateway.app import Gateway, open_gateway
 from gateway.clock import system_clock
@@ -41,7 +42,9 @@ PASSWORD = "secret"
 class Dovecot:
     """A private Dovecot on 127.0.0.1 (RECIPES.md §1): its own dir, port and users."""
 
-    def __init__(self, capability: str | None = None):
+    def __init__(self, capability: str | None = None, *, tls: bool = False, auth_port: int | None = None):
+        """`tls`: a certificate from a test CA (`self.pki`), STARTTLS on `port` and
+        IMAPS on `imaps_port`; `auth_port`: Dovecot's SASL for Postfix on that port."""
         self.dir = Path(tempfile.mkdtemp(prefix="gw-dovecot-"))
         os.chmod(self.dir, 0o755)        # dovecot's auth runs as user dovecot: needs +x
         (self.dir / "mail").mkdir()
@@ -52,7 +55,29 @@ class Dovecot:
         self.free_users = [uniq("support") for _ in range(20)]
         self.users.write_text("".join(f"{u}:{{PLAIN}}{PASSWORD}\n" for u in self.free_users))
         self.port = free_port()
+        self.imaps_port = free_port() if tls else 0
         extra = f"imap_capability = {capability}\n" if capability else ""
+        ssl_conf = "ssl = no"
+        if tls:
+            self.pki = make_pki(self.dir)
+            ssl_conf = "ssl = yes"
+            extra += f"ssl_cert = <{self.pki.server.cert}\nssl_key = <{self.pki.server.key}\n"
+        if auth_port:
+            extra += textwrap.dedent(f"""\
+                auth_mechanisms = plain login
+                # no growing delay (2 s, 4 s... 15 s) after each wrong password from 127.0.0.1
+                service anvil {{
+                  unix_listener anvil-auth-penalty {{
+                    mode = 0
+                  }}
+                }}
+                service auth {{
+                  inet_listener {{
+                    address = 127.0.0.1
+                    port = {auth_port}
+                  }}
+                }}
+                """)
         self.conf = self.dir / "dovecot.conf"
         self.conf.write_text(textwrap.dedent(f"""\
             instance_name = gw-test-dovecot-{self.port}
@@ -61,7 +86,7 @@ class Dovecot:
             log_path = {self.dir}/dovecot.log
             protocols = imap
             listen = 127.0.0.1
-            ssl = no
+            {ssl_conf}
             disable_plaintext_auth = no
             auth_failure_delay = 0
             mail_location = maildir:~/Maildir
@@ -70,7 +95,7 @@ class Dovecot:
                 port = {self.port}
               }}
               inet_listener imaps {{
-                port = 0
+                port = {self.imaps_port}
               }}
             }}
             passdb {{
@@ -461,3 +486,62 @@ async def test_imap_mail_over_a_limit_is_quarantined_with_its_reason_never_ticke
     errors = sorted(e["error"] for e in await rig.gw.store.quarantined())
     assert errors[0].startswith("over [limits]: 3") and "max_message_size" in errors[0], errors
     assert all("more than 100 attachments" in e for e in errors[1:]), errors
+
+
+# -- TLS (issue 16): IMAPS and STARTTLS, the certificate verified ---------------------
+
+@pytest.fixture(scope="module")
+def dovecot_tls() -> Iterator[Dovecot]:
+    """Dovecot with a certificate from a test CA: STARTTLS on `port`, IMAPS on `imaps_port`."""
+    d = Dovecot(tls=True)
+    d.start()
+    yield d
+    d.stop()
+    shutil.rmtree(d.dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode", ["imaps", "starttls"])
+async def test_imap_over_tls_verified_against_the_configured_ca(dovecot_tls: Dovecot, rig: Rig, mode: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    user = dovecot_tls.add_user()
+    await asyncio.to_thread(dovecot_tls.append, user, customer_mail(1), customer_mail(2))
+    # IMAPS with the password in the config, STARTTLS with it in the environment
+    monkeypatch.setenv("GW_TEST_IMAP_PASSWORD", PASSWORD)
+    tls = {"tls": True, "port": dovecot_tls.imaps_port, "password": PASSWORD} if mode == "imaps" else \
+        {"starttls": True, "port": dovecot_tls.port, "password_env": "GW_TEST_IMAP_PASSWORD"}
+    account, problems = parse_imap([{"host": "127.0.0.1", "user": user, "mailbox": SUPPORT,
+                                     "ca_file": str(dovecot_tls.pki.ca), **tls}], {SUPPORT})
+    assert problems == []
+    rig.start(account[0])
+    await until(lambda: _when(folder(dovecot_tls, user, "Processed"), lambda f: len(f) == 2),
+                what="2 mails in Processed")
+    assert await rig.tickets() == 2
+    # the poller's login went through TLS (the test's own helper logs in without)
+    logins = [line for line in dovecot_tls.log().splitlines() if f"Login: user=<{user}>" in line]
+    assert any(", TLS," in line for line in logins), logins
+
+
+@pytest.mark.parametrize("mode", ["imaps", "starttls"])
+async def test_imap_refuses_a_certificate_it_cannot_verify_and_leaves_the_mail(dovecot_tls: Dovecot, rig: Rig,
+                                                                               mode: str) -> None:
+    """No ca_file: the system's CAs do not know the test CA, as with a man in the middle."""
+    user = dovecot_tls.add_user()
+    await asyncio.to_thread(dovecot_tls.append, user, customer_mail(1))
+    tls = {"tls": True, "port": dovecot_tls.imaps_port} if mode == "imaps" else \
+        {"starttls": True, "port": dovecot_tls.port}
+    account, problems = parse_imap([{"host": "127.0.0.1", "user": user, "password": PASSWORD,
+                                     "mailbox": SUPPORT, **tls}], {SUPPORT})
+    assert problems == []
+    with capture_logs() as logs:
+        poller = rig.start(account[0])
+        retries = await until(lambda: [e for e in logs if e["event"] == "imap.retry"][:2],
+                              what="two refused connections")
+        await rig.stop(poller)
+    for e in retries:
+        assert e["error"].startswith("TLS certificate not trusted (unable to get local issuer certificate; "
+                                     "checked against the system's CAs): set ca_file"), e
+    # no login over TLS (the test's helper logs in without): the password never left
+    assert not [line for line in dovecot_tls.log().splitlines() if f"Login: user=<{user}>" in line
+                and ", TLS," in line]
+    assert len(await asyncio.to_thread(dovecot_tls.folder, user, "INBOX")) == 1
+    assert await rig.tickets() == 0

@@ -40,7 +40,8 @@ VENV_CACHE = Path("/var/tmp/gw-test-pipe-venv")
 # -- a private Postfix ----------------------------------------------------------
 
 class Postfix:
-    def __init__(self, transport: str, master_extra: str = ""):
+    def __init__(self, transport: str, master_extra: str = "", main_extra: str = ""):
+        """`main_extra` lines come after the defaults in main.cf (the later one wins)."""
         self.dir = Path(tempfile.mkdtemp(prefix="gw-postfix-"))
         os.chmod(self.dir, 0o755)
         self.etc = self.dir / "etc"
@@ -69,7 +70,7 @@ class Postfix:
             transport_maps = inline:{{ support@example.com={transport}, support@examplegov.com={transport} }}
             default_transport = error:5.7.0 no outbound mail from the test MTA
             gateway_destination_recipient_limit = 1
-            """))
+            """) + main_extra)
         (self.etc / "master.cf").write_text(textwrap.dedent(f"""\
             127.0.0.1:{self.port} inet n - n - - smtpd
             pickup    unix  n - n 60 1 pickup
@@ -194,7 +195,7 @@ def pipe_venv() -> Path:
         shutil.copytree(REPO / "gateway", site / "gateway",
                         ignore=shutil.ignore_patterns("__pycache__"))
         script = venv / "bin/gateway"
-        script.write_text(f"#!{venv}/bin/python\nimport sys\nfrom gateway.cli import main\n"
+        script.write_text(f"#!{venv}/bin/python\nimport sys\nfrom gateway.entry import main\n"
                           "sys.exit(main())\n")
         script.chmod(0o755)
     return venv
@@ -271,5 +272,61 @@ def test_postfix_pipes_to_gateway_ingest_and_retries_after_exit_75(
         assert smtp_send(pf.port, bounce, mail_from="")[0] == 250
         wait_for(lambda: pf.log().count("status=sent") == 3, 20, "the bounce to be delivered")
         assert len(tickets()) == 2
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- ingest: a local fault defers the mail, never bounces it ---------------------------
+
+BROKEN_INSTALL = "raise ImportError('structlog: broken install (test)')\n"
+
+
+@pytest.mark.parametrize("fault", ["usage", "config", "import", "store"])
+def test_a_local_fault_of_ingest_defers_the_mail_in_postfix(
+        fault: str, pipe_venv: Path, postfixes: list[Postfix]) -> None:
+    """usage error (argparse: 2), bad config (78), an import that fails, a store that
+    cannot be opened: each exits 75, and Postfix keeps the mail deferred."""
+    root = Path(tempfile.mkdtemp(prefix="gw-pipe-fault-"))
+    os.chmod(root, 0o755)
+    data = root / "data"
+    data.mkdir()
+    if fault != "store":              # store: data_dir stays root's, so nobody cannot write the database
+        shutil.chown(data, "nobody", "nogroup")
+    config = root / "gateway.toml"
+    config.write_text(textwrap.dedent(f"""\
+        [gateway]
+        data_dir = "{data}"
+        [[mailbox]]
+        address = "{SUPPORT}"
+        [outbound]
+        transport = "maildir"
+        [store]
+        url = "sqlite:///{data / 'gateway.db'}"
+        """) + ('[smtp]\nport = "not a port"\n' if fault == "config" else ""))
+    prefix, extra = "", ""
+    if fault == "usage":
+        extra = " --no-such-option"
+    if fault == "import":
+        broken = root / "broken"
+        broken.mkdir()
+        (broken / "structlog.py").write_text(BROKEN_INSTALL)
+        prefix = f"/usr/bin/env PYTHONPATH={broken} "
+    cmd = f"{prefix}{pipe_venv}/bin/gateway ingest --config {config}{extra}"
+    pf = Postfix("gateway:", textwrap.dedent(f"""\
+        gateway   unix  - n n -  - pipe
+          flags=DRq user=nobody null_sender= argv={cmd} --recipient ${{recipient}} --sender=${{sender}}
+        """))
+    postfixes.append(pf)
+    pf.start()
+    try:
+        subject = uniq(f"Deferred on a {fault} fault")
+        assert smtp_send(pf.port, mail("Ann <ann@customer.example>", SUPPORT, subject, "Keep me."))[0] == 250
+        try:
+            reasons = wait_for(lambda: pf.deferred(), 20, "a deferred message")
+        except AssertionError:
+            raise AssertionError(f"not deferred; postfix log:\n{pf.log()[-2000:]}") from None
+        assert any("temporary failure" in r for r in reasons), reasons     # exit 75
+        assert "status=bounced" not in pf.log()
+        assert [m["queue_name"] for m in pf.queue()] == ["deferred"]
     finally:
         shutil.rmtree(root, ignore_errors=True)

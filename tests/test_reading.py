@@ -16,7 +16,7 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 
 import pytest
-from conftest import GATEWAY, QUEUES, SHARED, SUPPORT, GatewayProc, agent_reply, mail, smtp_send, uniq, wait_for
+from conftest import GATEWAY, QUEUES, SUPPORT, GatewayProc, agent_reply, mail, needs_shared, smtp_send, uniq, wait_for
 from test_faults import events_in
 from test_postfix import Postfix, postfixes  # noqa: F401 - the fixture
 
@@ -193,7 +193,7 @@ def test_bounce_reader_on_the_sisimai_corpus() -> None:
     delayed-only report marks anyone beyond the one the corpus disputes. (sisimai's
     expectations give per recipient its status, not its address: the count of
     permanent failures per mail is compared, see the note in issue 15.)"""
-    corpus = SHARED / "corpus" / "sisimai"
+    corpus = needs_shared("corpus/sisimai", "the shared mail corpus (sisimai's bounces)")
     expected = json.loads((corpus / "expected.json").read_text())
     exact = total = delayed_marked = 0
     for name, exp in expected.items():

@@ -261,8 +261,7 @@ class Pipeline:
                            sender: str, placement: Placement, linked: Ticket | None = None,
                            tagged: Ticket | None = None) -> Outcome:
         now = received.received_at
-        counts = await tx.sender_counts(mailbox_of(sender), domain_of(sender), now - timedelta(hours=1),
-                                        AUTO_ANSWER_KINDS)
+        counts = await tx.sender_counts(mailbox_of(sender), domain_of(sender), now - timedelta(hours=1))
         over = self._over_ticket_cap(counts)
         if over is not None:
             log.warning("ticket.rate_limited", message_id=mail.message_id, sender=sender,
@@ -721,10 +720,6 @@ def _follows_up(linked: Ticket | None, sender: str) -> dict[str, object] | None:
     if linked is None or not linked.is_participant(sender):
         return None
     return {"id": linked.id, "status": linked.status.value}
-
-
-# Our automatic answers to a customer, counted by the hourly caps
-AUTO_ANSWER_KINDS = (Kind.ACK.value, Kind.REDIRECT.value)
 
 
 def contact_marks(standing: Standing) -> list[str]:

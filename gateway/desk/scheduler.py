@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 
-from gateway.clock import Clock
+from gateway.clock import Clock, system_clock
 from gateway.config import Policy
 from gateway.desk import lifecycle
 from gateway.desk.writer import Desk
@@ -26,6 +26,10 @@ log = structlog.get_logger("gateway.scheduler")
 
 BATCH = 200
 SLA_WARNING = "first-response target missed: SLA warning"
+# the loop caps' per-minute counters (gateway.store sender_load) are kept this long
+# past their hour, and dropped this often
+SENDER_LOAD_KEPT = timedelta(hours=2)
+SENDER_LOAD_PRUNE_EVERY = timedelta(hours=1)
 
 
 class Scheduler:
@@ -38,6 +42,7 @@ class Scheduler:
         self.interval_s = interval_s
         self.on_queued = on_queued
         self._loop = Repeater(self.run_due, interval_s, lambda: log.exception("scheduler.error"))
+        self._pruned_at: datetime | None = None
 
     async def run_due(self, now: datetime | None = None) -> dict[str, int]:
         """Run every job due at `now`; return how many of each kind ran."""
@@ -58,7 +63,17 @@ class Scheduler:
                 break
         if done:
             log.info("scheduler.ran", at=at.isoformat(), jobs=dict(done))
+        await self._forget_old_sender_load()
         return dict(done)
+
+    async def _forget_old_sender_load(self) -> None:
+        """Hourly, on the real clock (a `run-due --now` in the future must not
+        drop the counters the hour's mail is still judged by)."""
+        wall = system_clock()
+        if self._pruned_at is not None and wall - self._pruned_at < SENDER_LOAD_PRUNE_EVERY:
+            return
+        self._pruned_at = wall
+        await self.store.run(lambda tx: tx.forget_sender_load(wall - SENDER_LOAD_KEPT))
 
     async def _batch(self, tx: Tx, at: datetime) -> tuple[list[int], list[tuple[int, str, str, int]]]:
         jobs: list[tuple[int, str, str, int]] = []

@@ -35,7 +35,6 @@ import contextlib
 import json
 import os
 import socket
-import ssl
 import tempfile
 import threading
 import time
@@ -51,6 +50,7 @@ from gateway.clock import Clock
 from gateway.config import ImapAccount, Mailbox
 from gateway.desk.pipeline import Received
 from gateway.ops.loops import backoff
+from gateway.outbound.transport import client_tls_context, tls_problem
 from gateway.store import StoreUnavailable
 
 log = structlog.get_logger("gateway.imap")
@@ -201,8 +201,9 @@ class ImapPoller:
                     log.exception("imap.error", account=self.account.name, folder=self.account.folder)
                 failures += 1
                 delay = backoff(failures, self.backoff_base_s, self.backoff_max_s)
+                error = tls_problem(e, self.account.ca_file) or f"{type(e).__name__}: {e}"
                 log.warning("imap.retry", account=self.account.name, folder=self.account.folder,
-                            error=f"{type(e).__name__}: {e}"[:500], retry_in_s=delay)
+                            error=error[:500], retry_in_s=delay)
                 await self._close()
                 await self._sleep(delay)
             finally:
@@ -385,7 +386,7 @@ class ImapPoller:
 
 
 def _connect(account: ImapAccount) -> IMAPClient:
-    context = ssl.create_default_context(cafile=str(account.ca_file) if account.ca_file else None)
+    context = client_tls_context(account.ca_file)
     client = IMAPClient(account.host, port=account.port, ssl=account.tls, ssl_context=context,
                         timeout=CONNECT_TIMEOUT_S)
     try:

@@ -52,7 +52,7 @@ from gateway.mail.parse import one_line
 from gateway.mail.reply import REPLY_MARKER
 from gateway.mail.subject import clean_subject
 from gateway.model import Attachment, Kind, Status, Ticket
-from gateway.outbound.dkim import DkimKey, DkimSigner, signer_for
+from gateway.outbound.dkim import RSA, DkimKey, DkimSigner, sign_all, signers_for
 from gateway.outbound.tokens import TicketTokens
 from gateway.rules.language import primary
 
@@ -145,7 +145,7 @@ def references(thread: Sequence[str]) -> str:
 
 
 FALLBACK_LANGUAGE = "en"
-_NO_KEYS: Mapping[str, DkimKey] = MappingProxyType({})
+_NO_KEYS: Mapping[str, Sequence[DkimKey]] = MappingProxyType({})
 
 
 def templates(override_dir: Path | None = None) -> Environment:
@@ -176,7 +176,7 @@ def _override_loader(env: Environment) -> FileSystemLoader | None:
 
 class Composer:
     def __init__(self, *, ticket_tag: str, tokens: TicketTokens, env: Environment | None = None,
-                 override_dir: Path | None = None, dkim_keys: Mapping[str, DkimKey] = _NO_KEYS):
+                 override_dir: Path | None = None, dkim_keys: Mapping[str, Sequence[DkimKey]] = _NO_KEYS):
         """`override_dir`: the operators' template folder; `dkim_keys`: signing keys by
         domain (`gateway.config.parse_dkim`). A key that can't be used raises ValueError."""
         if env is not None and override_dir is not None:
@@ -188,7 +188,10 @@ class Composer:
         override = _override_loader(self.env)
         self._overridden = frozenset(override.list_templates()) if override else frozenset()
         self._chosen: dict[tuple[str, str], tuple[str, Template, Template | None]] = {}
-        self._signers = {domain.lower().rstrip("."): DkimSigner(key) for domain, key in dkim_keys.items()}
+        # RSA first: its header goes on top, where verifiers that know no Ed25519 look
+        self._signers = {domain.lower().rstrip("."): tuple(sorted((DkimSigner(k) for k in domain_keys),
+                                                                 key=lambda s: s.algorithm != RSA))
+                         for domain, domain_keys in dkim_keys.items()}
 
     def tag_text(self, ticket_id: int) -> str:
         return f"[{self.ticket_tag} #{ticket_id}]"
@@ -282,9 +285,9 @@ class Composer:
             headers["Precedence"] = "bulk"
         headers["X-Support-Ticket"] = str(ticket.id)
         content = msg.as_bytes(policy=POLICY)
-        signer = signer_for(self._signers, domain) if self._signers else None
-        if signer is not None:
-            content = signer.sign(content, timestamp=int(now.timestamp()))
+        signers = signers_for(self._signers, domain) if self._signers else ()
+        if signers:
+            content = sign_all(signers, content, timestamp=int(now.timestamp()))
         return Outgoing(kind=kind, relay="govcloud" if ticket.govcloud else "default",
                         mail_from=mailbox, rcpt_to=tuple(to) + tuple(cc), message_id=message_id,
                         subject=subject, body_text=text, content=content)

@@ -42,6 +42,7 @@ from gateway.store.leases import dead_predecessors, holder_id
 log = structlog.get_logger("gateway.outbox")
 
 PARALLEL = 8
+OUTAGE_LOG_EVERY = timedelta(minutes=1)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class _Result:
     item: OutboxItem
     error: DeliveryError | None
     at: datetime
+    recorded: bool = False          # its commit is done
 
 
 class OutboxSender:
@@ -70,6 +72,26 @@ class OutboxSender:
         self._unrecorded: list[_Result] = []      # delivered, not yet committed
         self._flushing: asyncio.Future[None] | None = None
         self._took_back = False
+        # while the store is away: since, last line logged, passes not logged since, passes
+        self._away: tuple[datetime, datetime, int, int] | None = None
+
+    def _store_away(self, e: StoreUnavailable) -> None:
+        """One warning when the store goes away, then one a minute while it stays
+        away (with the passes in between), not one per poll."""
+        now = self.wall()
+        since, logged, quiet, passes = self._away or (now, now - OUTAGE_LOG_EVERY, 0, 0)
+        if now - logged >= OUTAGE_LOG_EVERY:
+            log.warning("outbox.store_unavailable", unrecorded=len(self._unrecorded), error=str(e),
+                        since=since.isoformat(timespec="seconds"), passes_not_logged=quiet)
+            logged, quiet = now, -1
+        self._away = (since, logged, quiet + 1, passes + 1)
+
+    def _store_back(self) -> None:
+        if self._away is not None:
+            since, _, _, passes = self._away
+            log.info("outbox.store_back", away_s=round((self.wall() - since).total_seconds(), 1),
+                     passes=passes)
+            self._away = None
 
     def wake(self) -> None:
         self._loop.wake()
@@ -96,13 +118,18 @@ class OutboxSender:
                 self._took_back = True
             await self._record()                # what an outage left unrecorded, first
         except StoreUnavailable as e:
-            log.warning("outbox.store_unavailable", unrecorded=len(self._unrecorded), error=str(e))
+            self._store_away(e)
             return 0
         sent_total = 0
         batch = PARALLEL * 8
         while True:
-            items = await self.store.claim_due(now or self.clock(), self.lease_s, limit=batch,
-                                               holder=self.holder, wall=self.wall())
+            try:
+                items = await self.store.claim_due(now or self.clock(), self.lease_s, limit=batch,
+                                                   holder=self.holder, wall=self.wall())
+            except StoreUnavailable as e:
+                self._store_away(e)
+                return sent_total
+            self._store_back()
             if not items:
                 return sent_total
             # claims are renewed until every result is recorded: a row sent but
@@ -127,24 +154,30 @@ class OutboxSender:
                               open_ids: set[int]) -> DeliveryError | None:
         async with sem:
             error = await self._deliver(item)
-            self._unrecorded.append(_Result(item, error, self.clock()))
+            result = _Result(item, error, self.clock())
+            self._unrecorded.append(result)
             try:
-                await self._record()
+                # the slot is held until this result is committed, so that no more
+                # than PARALLEL mails are ever delivered and not yet recorded
+                await self._record(result)
             except StoreUnavailable as e:
                 log.warning("outbox.results_kept", unrecorded=len(self._unrecorded), error=str(e))
             else:
                 open_ids.discard(item.id)
             return error
 
-    async def _record(self) -> None:
+    async def _record(self, mine: _Result | None = None) -> None:
         """Commit the results not yet recorded, in one transaction with whatever
         else finished meanwhile (a group commit); raise `StoreUnavailable`
-        and keep them when the store cannot take them."""
-        while self._unrecorded:
+        and keep them when the store cannot take them. With `mine`, return only
+        once that result's commit is done (another caller's group may hold it)."""
+        while not mine.recorded if mine is not None else self._unrecorded:
             if self._flushing is not None:
                 # one commit at a time; ours may already be in it
                 await asyncio.shield(self._flushing)
                 continue
+            if not self._unrecorded:      # pragma: no cover - a failed flush puts its group back
+                break
             group, self._unrecorded = self._unrecorded, []
             self._flushing = asyncio.get_running_loop().create_future()
             try:
@@ -156,6 +189,8 @@ class OutboxSender:
                 self._flushing.exception()      # retrieved: the waiters see it through `shield`
                 raise
             else:
+                for r in group:
+                    r.recorded = True
                 self._flushing.set_result(None)
             finally:
                 self._flushing = None

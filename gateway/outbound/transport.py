@@ -9,13 +9,24 @@ import asyncio
 import os
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiosmtplib
+
+# `[outbound] tls`: how the connection to the relay is encrypted.
+#   opportunistic  STARTTLS when the relay offers it (RFC 3207), else clear text;
+#                  required as soon as a username is set (a password never goes in clear)
+#   required       STARTTLS or no delivery (submission, port 587)
+#   implicit       TLS from the first byte (RFC 8314 §3.3, port 465)
+#   none           clear text (a relay on loopback)
+# Whenever TLS is used the certificate is verified (chain and host name), against
+# `ca_file` when set, else the system's CAs.
+TLS_MODES = ("opportunistic", "required", "implicit", "none")
 
 
 @dataclass(frozen=True)
@@ -24,6 +35,53 @@ class Relay:
 
     host: str
     port: int
+    tls: str = "opportunistic"
+    ca_file: Path | None = None
+    username: str | None = None                            # SMTP AUTH (RFC 4954) when set
+    password: str | None = field(default=None, repr=False)  # never in a log line or a traceback
+    password_file: Path | None = None
+    password_env: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def secret(self) -> str | None:
+        """The AUTH password, read when a connection is opened (a rotated file is picked up)."""
+        return read_secret(self.password, self.password_file, self.password_env)
+
+
+def read_secret(password: str | None, password_file: Path | None, password_env: str | None) -> str | None:
+    """A password given in the config, in a file (first line, line end dropped) or in an
+    environment variable; None when none is set. OSError/KeyError when it is gone."""
+    if password is not None:
+        return password
+    if password_file is not None:
+        return (password_file.read_text(encoding="utf-8").splitlines() or [""])[0]
+    if password_env is not None:
+        return os.environ[password_env]
+    return None
+
+
+def client_tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """A client context that verifies the peer's chain and host name: against `ca_file`
+    when given (a private CA), else the system's trust store."""
+    return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+
+
+def tls_problem(e: BaseException, ca_file: Path | None) -> str | None:
+    """What went wrong in the TLS handshake behind `e` (also when a library wrapped
+    it), in words that name the fix; None when `e` is no TLS failure."""
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        trust = f"the CAs in {ca_file}" if ca_file else "the system's CAs"
+        return (f"TLS certificate not trusted ({cause.verify_message}; checked against {trust}): "
+                f"set ca_file to the CA that signed the server's certificate")
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS failed: {cause.reason or cause}"
+    return None
 
 
 class DeliveryError(Exception):
@@ -51,10 +109,18 @@ class Transport(Protocol):
         """Let go of kept connections."""
 
 
+# 5yz answers about the gateway's own setup, not about the mail: "530 5.7.0 Must
+# issue a STARTTLS command first" (RFC 3207 §4), "530 5.7.0 Authentication
+# required", "534 5.7.9 mechanism too weak", "535 5.7.8 credentials invalid",
+# "538 5.7.11 encryption required" (RFC 4954 §6). Each mail waits until it is fixed.
+RELAY_SETUP_CODES = frozenset({530, 534, 535, 538})
+
+
 def is_permanent(code: int) -> bool:
     """RFC 5321 §4.2.1: 5yz is permanent; 552 is treated as temporary, as
-    RFC 5321 §4.5.3.1.10 allows for "too much mail data" on a full mailbox."""
-    return code >= 500 and code != 552
+    RFC 5321 §4.5.3.1.10 allows for "too much mail data" on a full mailbox,
+    and so are the answers of RELAY_SETUP_CODES."""
+    return code >= 500 and code != 552 and code not in RELAY_SETUP_CODES
 
 
 class SmtpRelay:
@@ -71,10 +137,24 @@ class SmtpRelay:
         self.timeout = timeout
         self._slots = asyncio.Semaphore(pool)
         self._idle: list[aiosmtplib.SMTP] = []
+        self._tls: dict[str, Any] = {"use_tls": False, "start_tls": False}
+        if relay.tls != "none":
+            start_tls: bool | None = None                  # aiosmtplib: STARTTLS if offered
+            if relay.tls == "implicit":
+                start_tls = False
+            elif relay.tls == "required" or relay.username is not None:
+                start_tls = True
+            self._tls = {"tls_context": client_tls_context(relay.ca_file),
+                         "use_tls": relay.tls == "implicit", "start_tls": start_tls}
 
     async def _connect(self) -> aiosmtplib.SMTP:
-        client = aiosmtplib.SMTP(hostname=self.relay.host, port=self.relay.port,
-                                 timeout=self.timeout, start_tls=False, use_tls=False)
+        try:
+            password = self.relay.secret()
+        except (OSError, KeyError, UnicodeDecodeError) as e:
+            raise DeliveryError(f"relay {self.relay.name}: cannot read the AUTH password "
+                                f"({type(e).__name__}: {e})", permanent=False) from None
+        client = aiosmtplib.SMTP(hostname=self.relay.host, port=self.relay.port, timeout=self.timeout,
+                                 username=self.relay.username, password=password, **self._tls)
         await client.connect()
         return client
 
@@ -106,6 +186,16 @@ class SmtpRelay:
                     # a kept connection the relay closed meanwhile: once more on a new one
                     client = await self._connect()
                     refused, _ = await client.sendmail(mail_from, list(rcpt_to), content)
+            except DeliveryError:
+                await _drop(client)
+                raise
+            except aiosmtplib.SMTPAuthenticationError as e:
+                # 535 is a 5xx, but it says nothing about the mail: the login is
+                # wrong, so every mail waits in the outbox until it is put right
+                await _drop(client)
+                raise DeliveryError(f"relay {self.relay.name} refused the login of "
+                                    f"{self.relay.username!r}: {e.code} {e.message}",
+                                    permanent=False) from e
             except aiosmtplib.SMTPRecipientsRefused as e:
                 await _drop(client)
                 codes = [r.code for r in e.recipients]
@@ -117,11 +207,18 @@ class SmtpRelay:
                                     permanent=is_permanent(e.code)) from e
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as e:
                 await _drop(client)
-                raise DeliveryError(f"relay {self.relay.host}:{self.relay.port} unreachable: "
-                                    f"{type(e).__name__}: {e}", permanent=False) from e
+                raise DeliveryError(self._unreachable(e), permanent=False) from e
             self._idle.append(client)
         # Some recipients took it: that counts as sent; the refused ones are reported.
         return {r: f"{c} {m}" for r, (c, m) in refused.items()}
+
+    def _unreachable(self, e: BaseException) -> str:
+        where = f"relay {self.relay.name}"
+        if (tls := tls_problem(e, self.relay.ca_file)) is not None:
+            return f"{where}: {tls}"
+        if isinstance(e, aiosmtplib.SMTPException) and "STARTTLS" in str(e):
+            return f"{where}: {e} (tls = {self.relay.tls!r} needs it)"
+        return f"{where} unreachable: {type(e).__name__}: {e}"
 
     async def close(self) -> None:
         while self._idle:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.clock import system_clock
-from gateway.model import Attachment, Status, Ticket, domain_of, mailbox_of
+from gateway.model import AUTO_ANSWER_KINDS, Attachment, Status, Ticket, domain_of, mailbox_of
 from gateway.store.drivers import PostgresDriver, SQLiteDriver, StoreConflict, StoreUnavailable, connect
 
 BUSY_TIMEOUT_MS = 5000
@@ -202,7 +202,20 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE settings SET value = '0' WHERE name = 'ticket_token_secret';
     DELETE FROM settings WHERE name = 'ticket_token_secret';
     """,
-    # 12: escalation tiers (issue 17): who owns an escalated ticket, where it went,
+    # 12: what each requester mailbox and domain cost, per minute (issue 21): the loop
+    # caps read at most the hour's 61 rows of two keys, not every ticket of the hour
+    # (counts start from zero at the upgrade: at most one hour more than the caps allow)
+    """
+    CREATE TABLE sender_load (
+        scope   TEXT NOT NULL,             -- 'mailbox:<address>' | 'domain:<domain>'
+        minute  TEXT NOT NULL,             -- UTC, 'YYYY-MM-DDTHH:MM'
+        tickets INTEGER NOT NULL DEFAULT 0,
+        answers INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, minute)
+    );
+    CREATE INDEX sender_load_minute ON sender_load(minute);
+    """,
+    # 13: escalation tiers (issue 17): who owns an escalated ticket, where it went,
     # the owner's reminders, and the ticket's record of process rules applied
     """
     ALTER TABLE tickets ADD COLUMN tier INTEGER NOT NULL DEFAULT 1;
@@ -225,11 +238,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX ticket_events_ticket ON ticket_events(ticket_id, id);
     """,
-    # 13: emergency tickets (issue 17): priority 1 on a 24/7 clock
+    # 14: emergency tickets (issue 17): priority 1 on a 24/7 clock
     """
     ALTER TABLE tickets ADD COLUMN emergency INTEGER NOT NULL DEFAULT 0;
     """,
-    # 14: authorised contacts (issue 17): the requester's standing with its organisation
+    # 15: authorised contacts (issue 17): the requester's standing with its organisation
     """
     ALTER TABLE tickets ADD COLUMN contact TEXT NOT NULL DEFAULT '';
     """,
@@ -258,6 +271,11 @@ def iso_ms(dt: datetime) -> str:
     """Lease ends, to the millisecond: a lease of a few seconds must not lose
     most of a second to rounding (compared only with each other)."""
     return dt.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def _minute(dt: datetime) -> str:
+    """The UTC minute of `dt`, as `sender_load` keys it: 'YYYY-MM-DDTHH:MM'."""
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M")
 
 
 def from_iso(value: str | None) -> datetime | None:
@@ -321,6 +339,7 @@ class Tx:
 
     def __init__(self, db: Driver):
         self.db = db
+        self._requesters: dict[int, tuple[str, str]] = {}   # tickets made here: requester mailbox, domain
 
     async def _insert(self, sql: str, params: Sequence[Any]) -> int:
         rows = await self.db.fetch(sql + " RETURNING id", params)
@@ -440,6 +459,8 @@ class Tx:
              priority, mailbox, linked_ticket, iso(now), iso(now), plan, iso(response_due_at),
              json.dumps(list(missing)), redirect, json.dumps(decision) if decision else None,
              language, mailbox_of(requester), domain_of(requester), int(emergency), contact))
+        self._requesters[ticket_id] = (mailbox_of(requester), domain_of(requester))
+        await self._add_load(self._requesters[ticket_id], now, tickets=1)
         # the row as written (times at the stored one-second precision), without reading it back
         return Ticket(id=ticket_id, subject=subject, status=Status.OPEN, requester=requester,
                       cc=tuple(cc), region=region, govcloud=govcloud, priority=priority,
@@ -465,6 +486,8 @@ class Tx:
                           recipients: Sequence[str], cc: Sequence[str] = (), subject: str,
                           message_id: str, body_text: str, reply_text: str, now: datetime,
                           inbound_id: int | None = None) -> int:
+        if direction == "out" and kind in AUTO_ANSWER_KINDS:
+            await self._add_load(await self._requester(ticket_id), now, answers=1)
         return await self._insert(
             "INSERT INTO messages (ticket_id, direction, kind, sender, recipients, cc, subject,"
             " message_id, body_text, reply_text, created_at, inbound_id)"
@@ -516,28 +539,44 @@ class Tx:
             (ticket_id, address, iso(now), iso(since)))
         return bool(rows)
 
-    async def sender_counts(self, mailbox: str, domain: str, since: datetime,
-                            kinds: Sequence[str]) -> SenderCounts:
-        """Tickets opened since `since` by one requester mailbox and by one
-        domain, and the automatic answers (`kinds`) sent on them, in one query.
+    async def _requester(self, ticket_id: int) -> tuple[str, str]:
+        found = self._requesters.get(ticket_id)
+        if found is None:
+            rows = await self._all("SELECT requester_mailbox, requester_domain FROM tickets WHERE id = ?",
+                                   (ticket_id,))
+            found = (str(rows[0][0] or ""), str(rows[0][1] or "")) if rows else ("", "")
+        return found
 
-        An acknowledgement is only ever queued when a ticket is created, to its
-        requester, so the (requester_mailbox | requester_domain, created_at)
-        indexes narrow this to the tickets of the window and messages_ticket
-        finds their answers: cheap per new ticket.
+    async def _add_load(self, requester: tuple[str, str], now: datetime, *, tickets: int = 0,
+                        answers: int = 0) -> None:
+        minute = _minute(now)
+        await self.db.executemany(
+            "INSERT INTO sender_load (scope, minute, tickets, answers) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (scope, minute) DO UPDATE SET tickets = sender_load.tickets + excluded.tickets,"
+            " answers = sender_load.answers + excluded.answers",
+            [(f"mailbox:{requester[0]}", minute, tickets, answers),
+             (f"domain:{requester[1]}", minute, tickets, answers)])
+
+    async def sender_counts(self, mailbox: str, domain: str, since: datetime) -> SenderCounts:
+        """Tickets opened since `since` by one requester mailbox and by one
+        domain, and the automatic answers (`AUTO_ANSWER_KINDS`) queued on them.
+
+        Read from the per-minute `sender_load` counters written with each ticket
+        and answer: at most the window's minutes of two keys, whatever the
+        sender's history (a count over the hour's tickets grew with every mail
+        of a busy sender, issue 21). `since` counts from the start of its minute.
         """
-        marks = ",".join("?" * len(kinds))
-        answers = (f"SELECT count(*) FROM messages WHERE direction = 'out' AND kind IN ({marks})"
-                   " AND created_at >= ? AND ticket_id IN (SELECT id FROM tickets WHERE created_at >= ?"
-                   " AND requester_{} = ?)")
-        tickets = "SELECT count(*) FROM tickets WHERE created_at >= ? AND requester_{} = ?"
-        since_s = iso(since)
         rows = await self._all(
-            f"SELECT ({tickets.format('mailbox')}), ({tickets.format('domain')}),"
-            f" ({answers.format('mailbox')}), ({answers.format('domain')})",
-            (since_s, mailbox, since_s, domain, *kinds, since_s, since_s, mailbox,
-             *kinds, since_s, since_s, domain))
-        return SenderCounts(*(int(v) for v in rows[0]))
+            "SELECT scope, sum(tickets), sum(answers) FROM sender_load WHERE scope IN (?, ?) AND minute >= ?"
+            " GROUP BY scope", (f"mailbox:{mailbox}", f"domain:{domain}", _minute(since)))
+        found = {str(scope): (int(t or 0), int(a or 0)) for scope, t, a in rows}
+        by_mailbox, by_domain = found.get(f"mailbox:{mailbox}", (0, 0)), found.get(f"domain:{domain}", (0, 0))
+        return SenderCounts(tickets_by_mailbox=by_mailbox[0], tickets_by_domain=by_domain[0],
+                            answers_to_mailbox=by_mailbox[1], answers_to_domain=by_domain[1])
+
+    async def forget_sender_load(self, before: datetime) -> int:
+        """Drop the counters of minutes before `before` (the scheduler, hourly)."""
+        return len(await self._all("DELETE FROM sender_load WHERE minute < ? RETURNING minute", (_minute(before),)))
 
     # -- quarantine ------------------------------------------------------
     async def is_quarantined(self, inbound_id: int) -> bool:
