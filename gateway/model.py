@@ -37,6 +37,8 @@ class Kind(StrEnum):
     CLOSURE = "closure"
     INFO_REQUEST = "info_request"
     REDIRECT = "redirect"
+    STATUS = "status"                # the automatic answer to a status request
+    ESCALATION = "escalation"        # the customer is told the ticket went to engineering
 
 
 # What counts toward `[limits] auto_answers_per_*_per_hour`: the automatic
@@ -144,6 +146,17 @@ class Ticket:
     missing: tuple[str, ...] = ()            # form fields the customer did not give
     redirect: str | None = None              # "billing", "sales": handed elsewhere
     language: str = "en"                     # the language the customer is answered in
+    # escalation tiers (gateway.desk.lifecycle.escalate): 1 = the owning technician
+    tier: int = 1
+    owner: str | None = None                 # the tier-1 agent who owns the ticket's customer mail
+    escalated_at: datetime | None = None
+    escalated_by: str | None = None          # an agent's address, or "rules: ..." when automatic
+    escalation_queue: str | None = None      # the tier queue that was notified
+    customer_told_at: datetime | None = None  # the customer was told of the escalation (once)
+    contact_due_at: datetime | None = None   # owner reminder: nobody wrote to the customer yet
+    manual_close_due_at: datetime | None = None  # owner reminder: close it by hand
+    emergency: bool = False                  # HKN's emergency type: P1 on a 24/7 clock
+    contact: str = ""                        # Kaseya: certified | authorised | unlisted; "" = not listed for
 
     @property
     def participants(self) -> frozenset[str]:

@@ -33,11 +33,11 @@ SENDER_LOAD_PRUNE_EVERY = timedelta(hours=1)
 
 
 class Scheduler:
-    def __init__(self, store: Store, desk: Desk, policy: Policy, clock: Clock, *,
+    def __init__(self, store: Store, desk: Desk, policy_for: Callable[[str, str], Policy], clock: Clock, *,
                  interval_s: float = 60.0, on_queued: Callable[[], None] = lambda: None):
         self.store = store
         self.desk = desk
-        self.policy = policy
+        self.policy_for = policy_for         # (mailbox, plan) -> its lifecycle
         self.clock = clock
         self.interval_s = interval_s
         self.on_queued = on_queued
@@ -85,7 +85,11 @@ class Scheduler:
             if lifecycle.sla_warning_due(ticket, at):
                 await self._sla_warning(tx, ticket, at)
                 jobs.append((ticket.id, SLA_WARNING, ticket.status.value, 1))
-            tr = lifecycle.due(ticket, at, self.policy)
+            owner = lifecycle.owner_reminder_due(ticket, at)
+            if owner is not None:
+                await self._owner_reminder(tx, ticket, at, *owner)
+                jobs.append((ticket.id, f"escalated: owner reminded ({owner[0]})", ticket.status.value, 1))
+            tr = lifecycle.due(ticket, at, self.policy_for(ticket.mailbox, ticket.plan))
             if tr is None:
                 continue
             _, queued = await self.desk.apply(tx, ticket, tr, at)
@@ -100,6 +104,14 @@ class Scheduler:
         log.warning("ticket.sla_missed", ticket_id=ticket.id, priority=ticket.priority,
                     plan=ticket.plan, due=ticket.response_due_at.isoformat()
                     if ticket.response_due_at else None)
+
+    async def _owner_reminder(self, tx: Tx, ticket: Ticket, at: datetime, timer: str, what: str) -> None:
+        await tx.update_ticket(ticket.id, at, **{timer: None})
+        await tx.add_event(ticket.id, at, "escalation_owner_reminder", {"timer": timer, "what": what})
+        await self.desk.to_staff(tx, ticket, self.desk.owner_of(ticket), at, answers=[],
+                                 template="process_staff",
+                                 context={"headline": f"Escalated ticket #{ticket.id}: owner reminder",
+                                          "why": what, "text": ""})
 
     async def run(self) -> None:
         """Run due jobs every `interval_s` until stopped."""

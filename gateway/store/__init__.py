@@ -216,7 +216,38 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX sender_load_minute ON sender_load(minute);
     """,
-    # 13: `gateway tickets search` (issue 20): the mail received on a ticket (subject,
+    # 13: escalation tiers (issue 17): who owns an escalated ticket, where it went,
+    # the owner's reminders, and the ticket's record of process rules applied
+    """
+    ALTER TABLE tickets ADD COLUMN tier INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE tickets ADD COLUMN owner TEXT;
+    ALTER TABLE tickets ADD COLUMN escalated_at TEXT;
+    ALTER TABLE tickets ADD COLUMN escalated_by TEXT;
+    ALTER TABLE tickets ADD COLUMN escalation_queue TEXT;
+    ALTER TABLE tickets ADD COLUMN customer_told_at TEXT;
+    ALTER TABLE tickets ADD COLUMN contact_due_at TEXT;
+    ALTER TABLE tickets ADD COLUMN manual_close_due_at TEXT;
+    CREATE INDEX tickets_contact_due ON tickets(contact_due_at) WHERE contact_due_at IS NOT NULL;
+    CREATE INDEX tickets_manual_close_due ON tickets(manual_close_due_at)
+        WHERE manual_close_due_at IS NOT NULL;
+    CREATE TABLE ticket_events (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        ticket_id INTEGER NOT NULL REFERENCES tickets(id),
+        at        TEXT NOT NULL,
+        rule      TEXT NOT NULL,
+        detail    TEXT NOT NULL
+    );
+    CREATE INDEX ticket_events_ticket ON ticket_events(ticket_id, id);
+    """,
+    # 14: emergency tickets (issue 17): priority 1 on a 24/7 clock
+    """
+    ALTER TABLE tickets ADD COLUMN emergency INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 15: authorised contacts (issue 17): the requester's standing with its organisation
+    """
+    ALTER TABLE tickets ADD COLUMN contact TEXT NOT NULL DEFAULT '';
+    """,
+    # 16: `gateway tickets search` (issue 20): the mail received on a ticket (subject,
     # text) and each ticket's subject and requester, full-text indexed. SQLite keeps
     # FTS5 tables without a copy of the text (content=''), fed by triggers; PostgreSQL
     # GIN indexes over the same text. Each message counts with its first 64 KiB: a
@@ -302,7 +333,9 @@ class OutboxItem:
 _TICKET_COLS = ("id, subject, status, requester, cc, region, govcloud, priority, mailbox, "
                 "linked_ticket, created_at, first_response_at, resolved_at, closed_at, escalated, "
                 "reminder_due_at, autoclose_due_at, close_due_at, undeliverable, plan, "
-                "response_due_at, sla_warned_at, missing, redirect, language")
+                "response_due_at, sla_warned_at, missing, redirect, language, tier, owner, "
+                "escalated_at, escalated_by, escalation_queue, customer_told_at, contact_due_at, "
+                "manual_close_due_at, emergency, contact")
 
 
 def _ticket(row: Sequence[Any]) -> Ticket:
@@ -315,7 +348,10 @@ def _ticket(row: Sequence[Any]) -> Ticket:
         autoclose_due_at=from_iso(row[16]), close_due_at=from_iso(row[17]),
         undeliverable=tuple(json.loads(row[18])), plan=row[19], response_due_at=from_iso(row[20]),
         sla_warned_at=from_iso(row[21]), missing=tuple(json.loads(row[22])), redirect=row[23],
-        language=row[24],
+        language=row[24], tier=row[25], owner=row[26], escalated_at=from_iso(row[27]),
+        escalated_by=row[28], escalation_queue=row[29], customer_told_at=from_iso(row[30]),
+        contact_due_at=from_iso(row[31]), manual_close_due_at=from_iso(row[32]),
+        emergency=bool(row[33]), contact=row[34],
     )
 
 
@@ -374,10 +410,13 @@ class Tx:
             " ON CONFLICT (message_id) DO NOTHING RETURNING message_id", (message_id + " *",))
         return "new" if seen else "reused"
 
-    async def release_inbound_message(self, message_id: str) -> None:
-        """A mail that ended in quarantine gives its Message-ID back: a retry,
-        or the sender's next attempt, is not a duplicate."""
-        await self.db.execute("DELETE FROM inbound_message_ids WHERE message_id = ?", (message_id,))
+    async def release_inbound_message(self, message_id: str, digest: str = "") -> None:
+        """A mail that ended in quarantine gives its key back (`claim_inbound_message`:
+        the Message-ID plus `digest`, and the Message-ID's seen mark): a retry, or
+        the sender's next attempt, is not a duplicate."""
+        keys = (message_id, f"{message_id} {digest}", f"{message_id} *") if digest else (message_id,)
+        await self.db.execute(f"DELETE FROM inbound_message_ids WHERE message_id IN ({','.join('?' * len(keys))})",
+                              keys)
 
     # -- threading -------------------------------------------------------
     async def tickets_of_messages(self, message_ids: Sequence[str]) -> dict[str, int]:
@@ -394,6 +433,14 @@ class Tx:
         """The ticket, locked until this transaction ends (another instance's
         transaction on it waits, then sees what this one wrote)."""
         return await _fetch_ticket(self.db, ticket_id, lock=True)
+
+    async def open_tickets_of(self, requester: str, since: datetime, limit: int = 20) -> list[Ticket]:
+        """The requester's open and pending tickets created since `since`, newest
+        first (one ticket per problem; the tickets_requester index)."""
+        rows = await self._all(
+            f"SELECT {_TICKET_COLS} FROM tickets WHERE requester = ? AND created_at >= ?"
+            " AND status IN ('open', 'pending') ORDER BY id DESC LIMIT ?", (requester, iso(since), limit))
+        return [_ticket(r) for r in rows]
 
     async def customer_thread(self, ticket_id: int, customer_kinds: Sequence[str]) -> list[str]:
         """Message-IDs of what the customer saw and wrote, oldest first."""
@@ -412,8 +459,12 @@ class Tx:
                                " SELECT id FROM tickets WHERE close_due_at <= ?"
                                " AND close_due_at IS NOT NULL UNION"
                                " SELECT id FROM tickets WHERE response_due_at <= ? AND sla_warned_at IS NULL"
-                               " AND first_response_at IS NULL AND response_due_at IS NOT NULL"
-                               " ORDER BY 1 LIMIT ?", (t, t, t, t, limit))
+                               " AND first_response_at IS NULL AND response_due_at IS NOT NULL UNION"
+                               " SELECT id FROM tickets WHERE contact_due_at <= ?"
+                               " AND contact_due_at IS NOT NULL UNION"
+                               " SELECT id FROM tickets WHERE manual_close_due_at <= ?"
+                               " AND manual_close_due_at IS NOT NULL"
+                               " ORDER BY 1 LIMIT ?", (t, t, t, t, t, t, limit))
         return [r[0] for r in rows]
 
     # -- tickets and messages -------------------------------------------
@@ -422,16 +473,17 @@ class Tx:
                             linked_ticket: int | None, now: datetime, plan: str = "",
                             response_due_at: datetime | None = None, missing: Sequence[str] = (),
                             redirect: str | None = None, language: str = "en",
-                            decision: dict[str, Any] | None = None) -> Ticket:
+                            decision: dict[str, Any] | None = None, emergency: bool = False,
+                            contact: str = "") -> Ticket:
         ticket_id = await self._insert(
             "INSERT INTO tickets (subject, status, requester, cc, region, govcloud, priority,"
             " mailbox, linked_ticket, created_at, updated_at, plan, response_due_at, missing,"
-            " redirect, decision, language, requester_mailbox, requester_domain)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " redirect, decision, language, requester_mailbox, requester_domain, emergency, contact)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (subject, Status.OPEN.value, requester, json.dumps(list(cc)), region, int(govcloud),
              priority, mailbox, linked_ticket, iso(now), iso(now), plan, iso(response_due_at),
              json.dumps(list(missing)), redirect, json.dumps(decision) if decision else None,
-             language, mailbox_of(requester), domain_of(requester)))
+             language, mailbox_of(requester), domain_of(requester), int(emergency), contact))
         self._requesters[ticket_id] = (mailbox_of(requester), domain_of(requester))
         await self._add_load(self._requesters[ticket_id], now, tickets=1)
         # the row as written (times at the stored one-second precision), without reading it back
@@ -440,12 +492,13 @@ class Tx:
                       mailbox=mailbox, linked_ticket=linked_ticket,
                       created_at=from_iso(iso(now)), plan=plan,  # type: ignore[arg-type]
                       response_due_at=from_iso(iso(response_due_at)), missing=tuple(missing),
-                      redirect=redirect, language=language)
+                      redirect=redirect, language=language, emergency=emergency, contact=contact)
 
     async def update_ticket(self, ticket_id: int, now: datetime, **fields: Any) -> None:
         allowed = {"status", "cc", "priority", "first_response_at", "resolved_at", "closed_at",
                    "escalated", "reminder_due_at", "autoclose_due_at", "close_due_at", "undeliverable",
-                   "sla_warned_at"}
+                   "sla_warned_at", "tier", "owner", "escalated_at", "escalated_by",
+                   "escalation_queue", "customer_told_at", "contact_due_at", "manual_close_due_at"}
         assert set(fields) <= allowed, set(fields) - allowed
         values = [json.dumps(list(v)) if k in ("cc", "undeliverable")
                   else iso(v) if isinstance(v, datetime)
@@ -473,6 +526,18 @@ class Tx:
             " content_id) VALUES (?,?,?,?,?,?,?)",
             [(message_row, i, a.filename, a.content_type, a.size, a.sha256, a.content_id)
              for i, a in enumerate(attachments)])
+
+    async def last_message_at(self, ticket_id: int, kinds: Sequence[str]) -> datetime | None:
+        """When the ticket's latest message of one of `kinds` was recorded."""
+        marks = ",".join("?" * len(kinds))
+        rows = await self._all(f"SELECT max(created_at) FROM messages WHERE ticket_id = ? AND kind IN ({marks})",
+                               (ticket_id, *kinds))
+        return from_iso(rows[0][0]) if rows else None
+
+    async def add_event(self, ticket_id: int, now: datetime, rule: str, detail: dict[str, Any]) -> None:
+        """Record a process rule applied to the ticket, with its evidence (`tickets show`)."""
+        await self.db.execute("INSERT INTO ticket_events (ticket_id, at, rule, detail) VALUES (?,?,?,?)",
+                              (ticket_id, iso(now), rule, json.dumps(detail, ensure_ascii=False)))
 
     # -- outbox ----------------------------------------------------------
     async def enqueue(self, *, message_row: int, ticket_id: int, kind: str, relay: str,
@@ -677,9 +742,10 @@ class Store:
             (iso(since) if since else "", iso(until) if until else "9999"))
         return [_ticket(r) for r in rows]
 
-    async def tickets(self, status: str | None = None) -> list[Ticket]:
+    async def tickets(self, status: str | None = None, *, certified_first: bool = False) -> list[Ticket]:
         where, params = ("WHERE status = ?", (status,)) if status else ("", ())
-        rows = await self._rows(f"SELECT {_TICKET_COLS} FROM tickets {where} ORDER BY id DESC", params)
+        order = "CASE WHEN contact = 'certified' THEN 0 ELSE 1 END, id DESC" if certified_first else "id DESC"
+        rows = await self._rows(f"SELECT {_TICKET_COLS} FROM tickets {where} ORDER BY {order}", params)
         return [_ticket(r) for r in rows]
 
     async def search(self, terms: Sequence[str], limit: int) -> list[Ticket]:
@@ -740,6 +806,11 @@ class Store:
                  "reply_text": r[9], "created_at": r[10], "attachments": by_row.get(r[0], [])}
                 for r in rows]
 
+    async def events(self, ticket_id: int) -> list[dict[str, Any]]:
+        rows = await self._rows("SELECT at, rule, detail FROM ticket_events WHERE ticket_id = ?"
+                                " ORDER BY id", (ticket_id,))
+        return [{**json.loads(r[2]), "at": r[0], "rule": r[1]} for r in rows]
+
     async def inbound_raw(self, inbound_id: int) -> tuple[bytes | None, str | None]:
         rows = await self._rows("SELECT raw, raw_path FROM inbound WHERE id = ?", (inbound_id,))
         return (rows[0][0], rows[0][1]) if rows else (None, None)
@@ -776,7 +847,7 @@ class Store:
 
     async def claim_holders(self) -> list[str]:
         """Who holds claims on queued rows or leases now (for taking back a dead one's)."""
-        # once per process start, over the queued rows' index (migration 8), not per mail
+        # once per process start, over the queued rows' index (migration 10), not per mail
         rows = await self._rows("SELECT DISTINCT claimed_by FROM outbox WHERE state = 'queued'"
                                 " AND claimed_by IS NOT NULL")
         rows += await self._rows("SELECT DISTINCT holder FROM leases")
