@@ -47,7 +47,7 @@ STOP_GRACE_S = 10.0
 RELOADABLE = frozenset({
     "ticket_tag", "mailboxes", "staff_addresses", "staff_domains", "queues", "default_region",
     "redirects", "policy", "rules", "staff_require_authenticated", "staff_trusted_authserv_ids",
-    "templates_dir", "dkim_keys", "govcloud_staff",
+    "templates_dir", "dkim_keys", "govcloud_staff", "answers_dir",
 })
 
 
@@ -77,11 +77,11 @@ class Gateway:
                                 override_dir=new.templates_dir, dkim_keys=new.dkim_keys)
         except ValueError as e:
             raise ConfigError([f"dkim: {e}"]) from None
-        if problems := check_templates(composer):
-            raise ConfigError([f"template error: {problem}" for problem in problems])
         desk = Desk(new, composer)
+        if problems := check_templates(composer) + desk.answers_problems():
+            raise ConfigError([f"template error: {problem}" for problem in problems])
         self.intake.pipeline = Pipeline(new, desk, pipeline.tokens)
-        self.scheduler.desk, self.scheduler.policy = desk, new.policy
+        self.scheduler.desk, self.scheduler.policy_for = desk, new.policy_for
         self.config = new
         return changed
 
@@ -128,7 +128,7 @@ async def open_gateway(config: Config, clock: Clock = system_clock, *, resident:
                     limits=config.limits, max_message_size=config.max_message_size,
                     sandbox=Sandbox(config.limits.parse_processes, preload=preload, fork_server=resident),
                     small_sandbox=Sandbox(1, preload=preload, fork_server=resident))
-    scheduler = Scheduler(store, desk, config.policy, clock, interval_s=config.scheduler_interval_s,
+    scheduler = Scheduler(store, desk, config.policy_for, clock, interval_s=config.scheduler_interval_s,
                           on_queued=sender.wake)
     return Gateway(config, clock, store, intake, sender, scheduler)
 

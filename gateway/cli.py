@@ -25,7 +25,7 @@ from gateway.clock import fixed_clock, system_clock
 from gateway.config import Config, ConfigError, environment_problems, load
 from gateway.desk import stats
 from gateway.inbound import answers
-from gateway.model import Status, Ticket
+from gateway.model import Status, Ticket, search_terms
 from gateway.ops import logs
 from gateway.outbound.tokens import open_store
 from gateway.store import Store, StoreUnavailable, iso
@@ -41,7 +41,11 @@ def ticket_json(t: Ticket) -> dict[str, Any]:
             "resolved_at": iso(t.resolved_at), "closed_at": iso(t.closed_at),
             "escalated": t.escalated, "undeliverable": list(t.undeliverable),
             "plan": t.plan, "response_due_at": iso(t.response_due_at), "missing": list(t.missing),
-            "redirect": t.redirect}
+            "redirect": t.redirect, "emergency": t.emergency, "tier": t.tier, "owner": t.owner,
+            "contact": t.contact or None,
+            "escalation": None if not t.escalated else {
+                "tier": t.tier, "by": t.escalated_by, "at": iso(t.escalated_at),
+                "queue": t.escalation_queue, "customer_told_at": iso(t.customer_told_at)}}
 
 
 def _version() -> str:
@@ -69,10 +73,17 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("--sender", help="envelope sender, as the MTA passes it")
 
     tickets = sub.add_parser("tickets", parents=[common], help="list or show tickets")
-    tsub = tickets.add_subparsers(dest="tickets_command", required=True, metavar="list|show")
+    tsub = tickets.add_subparsers(dest="tickets_command", required=True, metavar="list|search|show")
     tl = tsub.add_parser("list", parents=[common], help="one row per ticket, newest first")
     tl.add_argument("--status", choices=[s.value for s in Status])
     tl.add_argument("--json", action="store_true")
+    tl.add_argument("--certified-first", action="store_true",
+                    help="tickets of certified administrators first (Kaseya), each part newest first")
+    tq = tsub.add_parser("search", parents=[common],
+                         help="tickets whose mail or requester holds every word of TEXT, newest first")
+    tq.add_argument("text", nargs="+")
+    tq.add_argument("--limit", type=int, default=50, help="at most this many tickets (1-500, default 50)")
+    tq.add_argument("--json", action="store_true")
     ts = tsub.add_parser("show", parents=[common], help="one ticket with all its messages")
     ts.add_argument("id", type=int)
     ts.add_argument("--json", action="store_true")
@@ -127,8 +138,12 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"gateway: invalid configuration: {problem}", file=sys.stderr)
         return answers.EX_CONFIG
     if command == "check-config":
-        from gateway.outbound.compose import check_templates, templates
-        problems = [f"template error: {p}" for p in check_templates(templates(config.templates_dir))]
+        from gateway.desk.writer import Desk
+        from gateway.outbound.compose import Composer, check_templates, templates
+        from gateway.outbound.tokens import TicketTokens
+        env = templates(config.templates_dir)
+        desk = Desk(config, Composer(ticket_tag=config.ticket_tag, tokens=TicketTokens(b"\0" * 32), env=env))
+        problems = [f"template error: {p}" for p in check_templates(env) + desk.answers_problems()]
         problems += [f"invalid configuration: {p}" for p in environment_problems(config)]
         if problems:
             for problem in problems:
@@ -306,7 +321,8 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     from gateway.mail.automatic import automatic_kind
     from gateway.mail.bounce import read_bounce
     from gateway.mail.parse import parse_mail
-    from gateway.mail.subject import tagged_ticket_id
+    from gateway.mail.subject import problem_key, tagged_ticket_id
+    from gateway.rules import process
     from gateway.rules.decision import decide
     try:
         raw = Path(args.file).read_bytes()
@@ -319,15 +335,21 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     mail = parse_mail(raw)
     now = datetime.now(UTC)
     decision = decide(mail, mailbox_address=mailbox.address, mailbox_govcloud=mailbox.govcloud,
-                      rules=config.rules, directory=config.rules.directory, now=now)
-    out = {"message_id": mail.message_id, "from": mail.sender, "subject": mail.subject,
+                      rules=config.rules, directory=config.rules.directory, now=now,
+                      mailbox_emergency=mailbox.emergency)
+    out: dict[str, Any] = {"message_id": mail.message_id, "from": mail.sender, "subject": mail.subject,
            "mailbox": mailbox.address, "at": iso(now),
            "automatic": automatic_kind(mail.headers, sender=mail.sender, mail_from=None,
                                        content_types=mail.content_types),
            "ticket_tag": tagged_ticket_id(mail.subject, config.ticket_tag),
            "answers": list(mail.thread_ids),
            "redirect_to": config.redirects.get(decision.redirect) if decision.redirect else None,
-           "decision": decision.to_json()}
+           "decision": decision.to_json(),
+           "process": process.explain(f"{mail.subject}\n{mail.reply_text}", mail.reply_text),
+           "lifecycle": config.policy_for(mailbox.address, decision.plan).to_json(),
+           # one ticket per problem: a new mail with this key joins the sender's open ticket of the same key
+           "same_problem": {"key": problem_key(mail.subject, config.ticket_tag),
+                            "within_hours": config.same_problem_within.total_seconds() / 3600}}
     # how a bounce is read (gateway.mail.bounce): which addresses it stops, which it only delays
     bounce = read_bounce(raw).to_json() if out["automatic"] == "bounce" else None
     out["bounce"] = bounce
@@ -355,7 +377,20 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     _say("evidence (the first line of each part decided it):")
     for ev in d.evidence:
         _say(f"  {ev.part:<9} {ev.rule:<28} {ev.detail}")
+    for p in out["process"]:
+        _say(f"  process   {p['rule']:<28} {p['language']} wording {p['phrase']!r}")
+    _say(f"  lifecycle {_lifecycle_text(out['lifecycle'])}")
+    sp = out["same_problem"]
+    _say(f"  problem   {sp['key']!r}: a new mail joins the sender's open ticket of this subject within "
+         f"{sp['within_hours']:g} h" if sp["key"] and sp["within_hours"] else
+         "  problem   - (no subject, or [threading] same_problem_hours = 0): a new mail opens a new ticket")
     return answers.EX_OK
+
+
+def _lifecycle_text(lc: dict[str, Any]) -> str:
+    reminders = ", ".join(f"{h:g} h" for h in lc["reminder_after_hours"]) or "none"
+    return (f"pending: reminders at {reminders}, {lc['no_reply']} at {lc['autoclose_after_hours']:g} h; "
+            f"reopen within {lc['reopen_days']:g} days ({lc['from']})")
 
 
 # -- quarantine -----------------------------------------------------------
@@ -410,7 +445,18 @@ async def _tickets(config: Config, args: argparse.Namespace) -> int:
     store = await _open_existing(config)
     try:
         if args.tickets_command == "list":
-            rows = await store.tickets(args.status)
+            rows = await store.tickets(args.status, certified_first=args.certified_first)
+            if args.json:
+                print(json.dumps([ticket_json(t) for t in rows], ensure_ascii=False))
+            else:
+                _print_table(rows)
+            return answers.EX_OK
+        if args.tickets_command == "search":
+            terms = search_terms(" ".join(args.text))
+            if not terms or not 1 <= args.limit <= 500:
+                print("gateway: tickets search needs a word to look for and --limit 1-500", file=sys.stderr)
+                return answers.EX_USAGE
+            rows = await store.search(terms, args.limit)
             if args.json:
                 print(json.dumps([ticket_json(t) for t in rows], ensure_ascii=False))
             else:
@@ -421,12 +467,16 @@ async def _tickets(config: Config, args: argparse.Namespace) -> int:
             print(f"gateway: no ticket #{args.id}", file=sys.stderr)
             return 1
         messages = await store.messages(ticket.id)
+        decision = await store.decision(ticket.id)
+        events = await store.events(ticket.id)
     finally:
         await store.close()
+    lc = config.policy_for(ticket.mailbox, ticket.plan).to_json()
     if args.json:
-        print(json.dumps({**ticket_json(ticket), "messages": messages}, ensure_ascii=False))
+        print(json.dumps({**ticket_json(ticket), "lifecycle": lc, "decision": decision, "events": events,
+                          "messages": messages}, ensure_ascii=False))
     else:
-        _print_ticket(ticket, messages)
+        _print_ticket(ticket, messages, events, lc, decision)
     return answers.EX_OK
 
 
@@ -454,7 +504,8 @@ def _print_table(rows: list[Ticket]) -> None:
     _say(f"({len(rows)} ticket{'s' if len(rows) != 1 else ''})")
 
 
-def _print_ticket(t: Ticket, messages: list[dict[str, Any]]) -> None:
+def _print_ticket(t: Ticket, messages: list[dict[str, Any]], events: list[dict[str, Any]],
+                  lifecycle: dict[str, Any], decision: dict[str, Any] | None = None) -> None:
     _say(f"Ticket #{t.id}: {t.subject}")
     _say(f"  status {t.status.value}, priority {t.priority}, region {t.region}"
           f"{', GovCloud' if t.govcloud else ''}, mailbox {t.mailbox}")
@@ -462,6 +513,21 @@ def _print_ticket(t: Ticket, messages: list[dict[str, Any]]) -> None:
     if t.linked_ticket:
         _say(f"  follows up ticket #{t.linked_ticket}")
     _say(f"  created {iso(t.created_at)}")
+    _say(f"  lifecycle {_lifecycle_text(lifecycle)}")
+    if t.contact:
+        _say(f"  contact {t.contact}" + (" (ranked first)" if t.contact == "certified" else ""))
+    if t.escalated:
+        _say(f"  escalated to tier {t.tier} by {t.escalated_by} at {iso(t.escalated_at)}, "
+             f"queue {t.escalation_queue}; owner {t.owner or '(none yet)'}")
+    for e in events:
+        detail = ", ".join(f"{k} {v}" for k, v in e.items() if k not in ("at", "rule"))
+        _say(f"  [{e['at']}] {e['rule']}: {detail}")
+    if decision:
+        _say("  rules decision (the first line of each part decided it):")
+        for ev in decision.get("evidence", []):
+            _say(f"    {ev['part']:<9} {ev['rule']:<28} {ev['detail']}")
+        if "language" in decision:
+            _say(f"    {'language':<9} {decision['language']['value']:<28} {decision['language']['why']}")
     for m in messages:
         arrow = "<-" if m["direction"] == "in" else "->"
         _say(f"\n{arrow} {m['created_at']}  {m['kind']}  from {m['from']} to {', '.join(m['to'])}")

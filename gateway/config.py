@@ -41,11 +41,70 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Policy:
-    """`[lifecycle]`: how long a ticket waits in each state (gateway.desk.lifecycle)."""
+    """`[lifecycle]`: how long a ticket waits in each state (gateway.desk.lifecycle),
+    for one mailbox and plan (`Config.policy_for`): NinjaOne's 24 h reminder and
+    close at 48 h, or Kaseya's repeated contact attempts and "resolved after 7 days"."""
 
-    reminder_after: timedelta = timedelta(hours=24)
-    autoclose_after: timedelta = timedelta(hours=48)
+    reminders: tuple[timedelta, ...] = (timedelta(hours=24),)   # after entering pending, ascending
+    autoclose_after: timedelta = timedelta(hours=48)            # pending this long: no_reply happens
+    no_reply: str = "close"                                     # "close" or "resolve" (reopen window)
     reopen_within: timedelta = timedelta(days=7)
+    source: str = "[lifecycle]"                                 # the tables it came from (evidence)
+
+    @property
+    def reminder_after(self) -> timedelta | None:
+        return self.reminders[0] if self.reminders else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reminder_after_hours": [r.total_seconds() / 3600 for r in self.reminders],
+                "autoclose_after_hours": self.autoclose_after.total_seconds() / 3600,
+                "no_reply": self.no_reply, "reopen_days": self.reopen_within.total_seconds() / 86400,
+                "from": self.source}
+
+
+LIFECYCLE_KEYS = ("reminder_after_hours", "autoclose_after_hours", "no_reply", "reopen_days")
+NO_REPLY = ("close", "resolve")
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """`[escalation]`: the tiers above the owning technician (gateway.desk.lifecycle.escalate)."""
+
+    tier2: Mapping[str, str] = field(default_factory=lambda: {
+        "AMER": "tier2-amer@staff.example.com", "EMEA": "tier2-emea@staff.example.com",
+        "APAC": "tier2-apac@staff.example.com"})
+    engineering: str = "engineering@staff.example.com"     # tier 3, the escalation engineers
+    contact_after: timedelta = timedelta(hours=24)   # owner reminded: nobody wrote to the customer
+    close_reminder_after: timedelta = timedelta(hours=48)  # after the last customer contact
+    review_hours: int = 24                           # what the customer is told review takes
+    auto_priority: int = 1                           # tickets of this priority or higher escalate; 0 never
+
+
+@dataclass(frozen=True)
+class Emergency:
+    """`[emergency]`: HKN's emergency ticket type (priority 1, 24/7)."""
+
+    queue: str = "emergency@staff.example.com"   # alerted at once with every emergency ticket
+    pager: str | None = None                     # optional: a pager/SMS gateway address, alerted too
+    instructions: Mapping[str, str] = field(default_factory=lambda: dict(EMERGENCY_INSTRUCTIONS))
+
+
+EMERGENCY_INSTRUCTIONS: dict[str, str] = {
+    "en": "Emergency support is charged separately at the emergency rate. For immediate help "
+          "call +1 555 0100 (24/7) and quote your ticket number.",
+    "de": "Notfall-Support wird gesondert zum Notfalltarif berechnet. Für sofortige Hilfe rufen Sie "
+          "+49 30 1234 5678 an (rund um die Uhr) und nennen Sie Ihre Ticketnummer.",
+    "ja": "緊急サポートは緊急料金にて別途請求されます。至急のご対応が必要な場合は、"
+          "+81 3 1234 5678（24時間受付）までお電話のうえ、チケット番号をお伝えください。",
+}
+
+
+@dataclass(frozen=True)
+class StatusRequests:
+    """`[status_requests]`: the automatic answer to "any update?" (HKN)."""
+
+    enabled: bool = True
+    interval: timedelta = timedelta(hours=4)     # at most one automatic status answer per ticket per this
 
 
 @dataclass(frozen=True)
@@ -53,6 +112,9 @@ class Mailbox:
     address: str
     govcloud: bool = False
     language: str = "en"          # answers when nothing tells the customer's language
+    emergency: bool = False       # every mail to it is an emergency ticket (`[emergency]`)
+    # its `lifecycle` table and `lifecycle.plans.<plan>` tables (raw, validated; Config.policy_for)
+    lifecycle: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -127,8 +189,16 @@ class Config:
     templates_dir: Path | None = None         # operators' overrides of gateway/templates
     dkim_keys: Mapping[str, tuple[DkimKey, ...]] = field(default_factory=dict)
     imap: tuple[ImapAccount, ...] = ()
+    escalation: Escalation = field(default_factory=Escalation)
+    emergency: Emergency = field(default_factory=Emergency)
+    status_requests: StatusRequests = field(default_factory=StatusRequests)
+    # one ticket per problem: a new mail with an open ticket's requester and subject joins it
+    same_problem_within: timedelta = timedelta(hours=72)
+    # (mailbox address or "", plan or "") -> the lifecycle merged for it (`policy_for`)
+    policies: Mapping[tuple[str, str], Policy] = field(default_factory=dict)
     token_secret_file: Path | None = None     # None: data_dir/secret.key
     govcloud_staff: GovCloudStaff = field(default_factory=GovCloudStaff)
+    answers_dir: Path | None = None           # [answers] folder: canned answers (#answer NAME)
 
     # -- lookups used across the gateway ---------------------------------
     @property
@@ -149,6 +219,15 @@ class Config:
             if mb.address in (addr, base):
                 return mb
         return None
+
+    def policy_for(self, mailbox: str, plan: str) -> Policy:
+        """The lifecycle of a ticket of `plan` in `mailbox`: `[lifecycle]`, then
+        `[lifecycle.plans.<plan>]`, then the mailbox's `lifecycle`, then its
+        `lifecycle.plans.<plan>`, each key taken from the last table that sets it."""
+        for key in ((mailbox, plan), (mailbox, ""), ("", plan), ("", "")):
+            if key in self.policies:
+                return self.policies[key]
+        return self.policy
 
     def is_staff(self, address: str) -> bool:
         """A `[staff]` address, an address at a `[staff] domains` domain, or a queue
@@ -433,7 +512,8 @@ def _defaults() -> dict[str, Any]:
         "rules": {"default_region": "AMER"},
         "redirects": {},
         "store": {},
-        "lifecycle": {"reminder_after_hours": 24, "autoclose_after_hours": 48, "reopen_days": 7},
+        "lifecycle": {"reminder_after_hours": 24, "autoclose_after_hours": 48, "no_reply": "close",
+                      "reopen_days": 7},
         "scheduler": {"interval_seconds": 60},
     }
 
@@ -523,7 +603,8 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     """Validate a TOML tree (already merged over nothing: missing keys take defaults)."""
     d = _defaults()
     r = _Reader(data)
-    known = set(d) | {"imap", "metrics", "limits", "dkim"}
+    known = set(d) | {"imap", "metrics", "limits", "dkim", "escalation", "emergency", "status_requests",
+                      "threading", "answers"}
     for key in data:
         if key not in known:
             r.fail(key, unknown_key(key, known).replace("key", "section", 1))
@@ -543,6 +624,12 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
             templates_dir = config_dir / templates_dir
         if not templates_dir.is_dir():
             r.fail("gateway.templates_dir", f"no such directory: {str(templates_dir)!r}")
+    answers_value = _prefixed(r, "answers", r.section("answers"), "folder", str, "")
+    answers_dir = None
+    if answers_value:
+        answers_dir = _resolve(answers_value, config_dir)
+        if not answers_dir.is_dir():
+            r.fail("answers.folder", f"no such directory: {str(answers_dir)!r}")
     if not tag or any(c in tag for c in "[]#\r\n") or len(tag) > 40:
         r.fail("gateway.ticket_tag", "must be 1-40 characters without '[', ']', '#' or line breaks")
 
@@ -581,7 +668,16 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         if language not in SUPPORTED_LANGUAGES:
             r.fail(f"mailbox[{i}].language", f"expected one of {', '.join(SUPPORTED_LANGUAGES)}, got {language!r}")
             language = "en"
-        boxes.append(Mailbox(_check_address(r, f"mailbox[{i}].address", mb["address"]), gov, language))
+        urgent = mb.get("emergency", False)
+        if not isinstance(urgent, bool):
+            r.fail(f"mailbox[{i}].emergency", f"expected true or false, got {urgent!r}")
+            urgent = False
+        own = mb.get("lifecycle", {})
+        if not isinstance(own, dict):
+            r.fail(f"mailbox[{i}].lifecycle", f"expected a table, got {own!r}")
+            own = {}
+        boxes.append(Mailbox(_check_address(r, f"mailbox[{i}].address", mb["address"]), gov, language,
+                             urgent, own))
     if len({b.address for b in boxes}) != len(boxes):
         r.fail("mailbox", "the same address is configured twice")
 
@@ -649,18 +745,6 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     if not 0 <= busy_timeout_ms <= 600_000:
         r.fail("store.busy_timeout_ms", f"expected 0 to 600000 milliseconds, got {busy_timeout_ms}")
 
-    lc = r.section("lifecycle")
-    dl = d["lifecycle"]
-    reminder_h = float(_prefixed(r, "lifecycle", lc, "reminder_after_hours", (int, float),
-                                 dl["reminder_after_hours"]))
-    autoclose_h = float(_prefixed(r, "lifecycle", lc, "autoclose_after_hours", (int, float),
-                                  dl["autoclose_after_hours"]))
-    reopen_d = float(_prefixed(r, "lifecycle", lc, "reopen_days", (int, float), dl["reopen_days"]))
-    if not 0 < reminder_h < autoclose_h:
-        r.fail("lifecycle.reminder_after_hours",
-               "must be > 0 and below lifecycle.autoclose_after_hours")
-    if reopen_d <= 0:
-        r.fail("lifecycle.reopen_days", "must be > 0")
     sch = r.section("scheduler")
     interval = float(_prefixed(r, "scheduler", sch, "interval_seconds", (int, float),
                                d["scheduler"]["interval_seconds"]))
@@ -669,6 +753,22 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
 
     limits, require_auth, authserv_ids = _limits_and_staff_auth(r, data)
     gov_staff = _govcloud_staff(r, require_auth, authserv_ids)
+    escalation = _escalation(r)
+    emergency = _emergency(r)
+    sr = r.section("status_requests")
+    _only_known(r, "status_requests", sr, ("enabled", "interval_hours"))
+    status_interval = float(_prefixed(r, "status_requests", sr, "interval_hours", (int, float), 4))
+    if status_interval <= 0:
+        r.fail("status_requests.interval_hours", f"must be > 0, got {status_interval:g}")
+    status_requests = StatusRequests(_prefixed(r, "status_requests", sr, "enabled", bool, True),
+                                     timedelta(hours=status_interval))
+
+    th = r.section("threading")
+    _only_known(r, "threading", th, ("same_problem_hours",))
+    same_problem_h = _prefixed(r, "threading", th, "same_problem_hours", (int, float), 72)
+    if not 0 <= same_problem_h <= 24 * 365:
+        r.fail("threading.same_problem_hours", f"expected 0 (off) to 8760 hours, got {same_problem_h:g}")
+        same_problem_h = 0
 
     me = r.section("metrics")
     metrics_enabled = _prefixed(r, "metrics", me, "enabled", bool, False)
@@ -688,6 +788,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
 
     rules, rule_problems = parse_rules(data)
     r.problems.extend(rule_problems)
+    policies = _lifecycles(r, boxes, tuple(rules.plans))
     r.tables.pop("rules", None)        # parse_rules names the unknown keys of [rules]
     r.tables.pop("redirects", None)    # any name is a redirect
     r.unknown_keys()
@@ -703,18 +804,164 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         default_region=default_region, redirects=redirects,
         store_url=store_url or f"sqlite:///{data_dir / 'gateway.db'}", source=source,
         busy_timeout_ms=busy_timeout_ms, lease_s=float(lease_s),
-        policy=Policy(reminder_after=timedelta(hours=reminder_h),
-                      autoclose_after=timedelta(hours=autoclose_h),
-                      reopen_within=timedelta(days=reopen_d)),
+        policy=policies[("", "")], policies=policies,
         scheduler_interval_s=interval, rules=rules, workers=workers,
         metrics_enabled=metrics_enabled, metrics_host=metrics_host, metrics_port=metrics_port,
         metrics_probe_s=metrics_probe_s,
         limits=limits, staff_require_authenticated=require_auth,
         staff_trusted_authserv_ids=authserv_ids, templates_dir=templates_dir, dkim_keys=dkim_keys,
-        imap=imap_accounts, token_secret_file=Path(secret_value) if secret_value else None,
+        imap=imap_accounts, escalation=escalation, emergency=emergency, status_requests=status_requests,
+        same_problem_within=timedelta(hours=same_problem_h),
+        token_secret_file=Path(secret_value) if secret_value else None, answers_dir=answers_dir,
         govcloud_staff=gov_staff,
     )
 
+
+EMERGENCY_KEYS = ("queue", "pager", "instructions")
+
+
+def _lifecycles(r: _Reader, boxes: list[Mailbox], plans: tuple[str, ...]) -> dict[tuple[str, str], Policy]:
+    """`[lifecycle]`, `[lifecycle.plans.<plan>]` and each mailbox's `lifecycle` (with
+    its own `plans`): one merged Policy per (mailbox, plan) that any table touches."""
+    layers: list[tuple[str, str, str, dict[str, Any]]] = []      # (mailbox, plan, where, table)
+
+    def read(mailbox: str, where: str, table: dict[str, Any]) -> None:
+        _only_known(r, where, table, (*LIFECYCLE_KEYS, "plans"))
+        layers.append((mailbox, "", where, {k: v for k, v in table.items() if k != "plans"}))
+        per_plan = table.get("plans", {})
+        if not isinstance(per_plan, dict):
+            r.fail(f"{where}.plans", f"expected a table of plans, got {per_plan!r}")
+            return
+        for plan, sub in per_plan.items():
+            key = f"{where}.plans.{plan}"
+            if plan not in plans:
+                r.fail(key, f"no such plan {plan!r}; plans: {', '.join(plans)}")
+            elif not isinstance(sub, dict):
+                r.fail(key, f"expected a table, got {sub!r}")
+            else:
+                _only_known(r, key, sub, LIFECYCLE_KEYS)
+                layers.append((mailbox, plan, key, sub))
+
+    read("", "lifecycle", r.section("lifecycle"))
+    for i, mb in enumerate(boxes):
+        read(mb.address, f"mailbox[{i}].lifecycle", dict(mb.lifecycle))
+    used = [(m, p) for m, p, w, t in layers if t or w == "lifecycle"]
+    out: dict[tuple[str, str], Policy] = {}
+    for mailbox in {m for m, _ in used}:
+        for plan in {p for _, p in used}:
+            merged: dict[str, Any] = dict(_defaults()["lifecycle"])
+            where: list[str] = []
+            for m, p, w, table in layers:
+                if m in ("", mailbox) and p in ("", plan) and (table or w == "lifecycle"):
+                    merged.update(table)
+                    where.append(w)
+            out[(mailbox, plan)] = _policy(r, where, merged)
+    r.problems[:] = list(dict.fromkeys(r.problems))     # a bad [lifecycle] value: said once
+    return out
+
+
+def _policy(r: _Reader, tables: list[str], t: dict[str, Any]) -> Policy:
+    """One merged lifecycle table: every value checked, the reminders before the end."""
+    before = len(r.problems)
+    where = tables[-1]
+    reminders = t["reminder_after_hours"]
+    if isinstance(reminders, (int, float)) and not isinstance(reminders, bool):
+        reminders = [reminders]
+    if not isinstance(reminders, list) or any(isinstance(h, bool) or not isinstance(h, (int, float))
+                                              for h in reminders):
+        r.fail(f"{where}.reminder_after_hours", f"expected hours or a list of hours, got {reminders!r}")
+        reminders = []
+    after = t["autoclose_after_hours"]
+    if isinstance(after, bool) or not isinstance(after, (int, float)) or after <= 0:
+        r.fail(f"{where}.autoclose_after_hours", f"expected hours > 0, got {after!r}")
+        after = 48
+    if any(not 0 < h < after for h in reminders) or sorted(set(reminders)) != list(reminders):
+        r.fail(f"{where}.reminder_after_hours",
+               f"expected ascending hours > 0 and below autoclose_after_hours ({after:g}), got {reminders!r}")
+    if t["no_reply"] not in NO_REPLY:
+        r.fail(f"{where}.no_reply", f"expected one of {', '.join(NO_REPLY)}, got {t['no_reply']!r}")
+    reopen = t["reopen_days"]
+    if isinstance(reopen, bool) or not isinstance(reopen, (int, float)) or reopen <= 0:
+        r.fail(f"{where}.reopen_days", f"expected days > 0, got {reopen!r}")
+        reopen = 7
+    if len(r.problems) > before:
+        return Policy()
+    return Policy(tuple(timedelta(hours=h) for h in reminders), timedelta(hours=after), t["no_reply"],
+                  timedelta(days=reopen), " + ".join(f"[{w}]" for w in tables))
+
+
+def _only_known(r: _Reader, prefix: str, sect: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """A table read as a whole: its unknown keys named here, with a "did you mean"
+    (and so not a second time by `_Reader.unknown_keys`)."""
+    for key in sect:
+        if key not in keys:
+            r.fail(f"{prefix}.{key}", unknown_key(key, keys))
+    if isinstance(sect, _Table):
+        sect.asked.update(sect)
+
+
+def _subtable(r: _Reader, prefix: str, sect: dict[str, Any], name: str) -> dict[str, Any]:
+    value = sect.get(name, {})
+    if not isinstance(value, dict):
+        r.fail(f"{prefix}.{name}", f"expected a table [{prefix}.{name}]")
+        return {}
+    return value
+
+
+def _emergency(r: _Reader) -> Emergency:
+    """`[emergency]` and `[emergency.instructions]` (one text per language)."""
+    em = r.section("emergency")
+    d = Emergency()
+    _only_known(r, "emergency", em, EMERGENCY_KEYS)
+    queue = _check_address(r, "emergency.queue", _prefixed(r, "emergency", em, "queue", str, d.queue))
+    pager_value = _prefixed(r, "emergency", em, "pager", str, "")
+    pager = _check_address(r, "emergency.pager", pager_value) if pager_value else None
+    raw = _subtable(r, "emergency", em, "instructions")
+    instructions = dict(d.instructions)
+    for language, text in raw.items():
+        if language not in SUPPORTED_LANGUAGES:
+            r.fail(f"emergency.instructions.{language}",
+                   f"unknown language; expected one of {', '.join(SUPPORTED_LANGUAGES)}")
+        elif _is_str(r, f"emergency.instructions.{language}", text):
+            instructions[language] = text.strip()
+    return Emergency(queue=queue, pager=pager, instructions=instructions)
+
+
+ESCALATION_KEYS = ("engineering", "contact_after_hours", "close_reminder_after_hours", "review_hours",
+                   "auto_priority", "tier2")
+
+
+def _escalation(r: _Reader) -> Escalation:
+    """`[escalation]` and `[escalation.tier2]` (one queue address per region)."""
+    es = r.section("escalation")
+    d = Escalation()
+    _only_known(r, "escalation", es, ESCALATION_KEYS)
+    engineering = _prefixed(r, "escalation", es, "engineering", str, d.engineering)
+    engineering = _check_address(r, "escalation.engineering", engineering)
+    hours: dict[str, float] = {}
+    for key, default in (("contact_after_hours", 24), ("close_reminder_after_hours", 48)):
+        hours[key] = float(_prefixed(r, "escalation", es, key, (int, float), default))
+        if hours[key] <= 0:
+            r.fail(f"escalation.{key}", f"must be > 0, got {hours[key]:g}")
+    review = _prefixed(r, "escalation", es, "review_hours", int, d.review_hours)
+    if review < 1:
+        r.fail("escalation.review_hours", f"must be at least 1, got {review}")
+    auto = _prefixed(r, "escalation", es, "auto_priority", int, d.auto_priority)
+    if not 0 <= auto <= 4:
+        r.fail("escalation.auto_priority", f"expected 0 (never) to 4, got {auto}")
+    t2 = _subtable(r, "escalation", es, "tier2")
+    tier2: dict[str, str] = {}
+    for region in REGIONS:
+        value = t2.get(region, d.tier2[region])
+        if _is_str(r, f"escalation.tier2.{region}", value):
+            tier2[region] = _check_address(r, f"escalation.tier2.{region}", value)
+    for name in t2:
+        if name not in REGIONS:
+            r.fail(f"escalation.tier2.{name}", f"unknown region; expected one of {', '.join(REGIONS)}")
+    return Escalation(tier2=tier2, engineering=engineering,
+                      contact_after=timedelta(hours=hours["contact_after_hours"]),
+                      close_reminder_after=timedelta(hours=hours["close_reminder_after_hours"]),
+                      review_hours=review, auto_priority=auto)
 
 def _relay(r: _Reader, prefix: str, t: dict[str, Any], parent: Relay | None, config_dir: Path | None) -> Relay:
     """`[outbound]`, or `[outbound.govcloud]` (`parent` set): host, port, TLS and SMTP AUTH.

@@ -6,6 +6,7 @@ CONTRACT.md.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -36,6 +37,13 @@ class Kind(StrEnum):
     CLOSURE = "closure"
     INFO_REQUEST = "info_request"
     REDIRECT = "redirect"
+    STATUS = "status"                # the automatic answer to a status request
+    ESCALATION = "escalation"        # the customer is told the ticket went to engineering
+
+
+# What counts toward `[limits] auto_answers_per_*_per_hour`: the automatic
+# answers a new ticket's requester gets (gateway.desk.pipeline, store's sender load)
+AUTO_ANSWER_KINDS = frozenset({Kind.ACK.value, Kind.REDIRECT.value})
 
 
 def normalize_address(address: str) -> str:
@@ -138,6 +146,17 @@ class Ticket:
     missing: tuple[str, ...] = ()            # form fields the customer did not give
     redirect: str | None = None              # "billing", "sales": handed elsewhere
     language: str = "en"                     # the language the customer is answered in
+    # escalation tiers (gateway.desk.lifecycle.escalate): 1 = the owning technician
+    tier: int = 1
+    owner: str | None = None                 # the tier-1 agent who owns the ticket's customer mail
+    escalated_at: datetime | None = None
+    escalated_by: str | None = None          # an agent's address, or "rules: ..." when automatic
+    escalation_queue: str | None = None      # the tier queue that was notified
+    customer_told_at: datetime | None = None  # the customer was told of the escalation (once)
+    contact_due_at: datetime | None = None   # owner reminder: nobody wrote to the customer yet
+    manual_close_due_at: datetime | None = None  # owner reminder: close it by hand
+    emergency: bool = False                  # HKN's emergency type: P1 on a 24/7 clock
+    contact: str = ""                        # Kaseya: certified | authorised | unlisted; "" = not listed for
 
     @property
     def participants(self) -> frozenset[str]:
@@ -150,3 +169,23 @@ class Ticket:
 
     def deliverable(self, addresses: tuple[str, ...] | list[str]) -> tuple[str, ...]:
         return tuple(a for a in addresses if a and a not in self.undeliverable)
+
+
+# a canned answer's name (`#answer NAME`, the file NAME.txt in [answers] folder)
+ANSWER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+SEARCH_MAX_TERMS = 16
+SEARCH_MAX_TERM = 100
+
+
+def search_terms(text: str) -> list[str]:
+    """The words of a `tickets search` text, each matched on its own (every one
+    must occur): at most 16 of at most 100 characters, quotes dropped, duplicates
+    once. What the stores' query syntax means (`OR`, `*`, `NEAR`) is not taken
+    from the user: each term is searched as the words it holds."""
+    out: list[str] = []
+    for word in text.replace('"', " ").split():
+        word = word[:SEARCH_MAX_TERM]
+        if word not in out:
+            out.append(word)
+    return out[:SEARCH_MAX_TERMS]

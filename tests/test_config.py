@@ -102,6 +102,16 @@ def test_mailbox_lookup_ignores_case_and_plus_tags() -> None:
     assert c.mailbox_for("supportx@example.com") is None
 
 
+def test_escalation_and_emergency_keys_are_checked() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse({"escalation": {"tier2": {"MARS": "x@y.example"}, "auto_priority": 7, "engineer": "a@b.example"},
+               "emergency": {"pager": "not-an-address", "instructions": {"fr": "Appelez"}}})
+    text = str(e.value)
+    for key in ("escalation.tier2.MARS", "escalation.auto_priority", "escalation.engineer",
+                "emergency.pager", "emergency.instructions.fr"):
+        assert key in text, text
+
+
 def test_every_unknown_key_in_every_section_is_named_with_a_suggestion(tmp_path: Path) -> None:
     cfg = tmp_path / "gateway.toml"
     cfg.write_text('[outbound]\ntrasnport = "smtp"\n[staff]\nadresses = ["a@b.example"]\n'

@@ -221,7 +221,8 @@ def test_the_desk_states_the_target_in_the_tickets_language() -> None:
     config = SimpleNamespace(rules=SimpleNamespace(plans={"Professional": plan}, hours={"EMEA": BERLIN}))
     desk = Desk(config, composer=None)  # type: ignore[arg-type]
     for lang in ("en", "de", "ja"):
-        ticket = SimpleNamespace(plan="Professional", priority=2, region="EMEA", language=lang)
+        ticket = SimpleNamespace(plan="Professional", priority=2, region="EMEA", language=lang, emergency=False,
+                                 contact="")
         assert desk.target_text(ticket, DUE) == target_text(lang, Target(3), DUE, BERLIN)  # type: ignore[arg-type]
     assert target_text("en", Target(3), DUE, BERLIN).startswith("within 3 business hours (")
 

@@ -200,6 +200,54 @@ def test_ack_cap_window_slides_with_the_injected_clock() -> None:
         assert asyncio.run(scenario(d)) == [True, True, False, False, True, True, False]
 
 
+def test_the_caps_read_per_minute_counters_not_the_senders_history() -> None:
+    """Issue 21: the cost of judging a mail against the caps must not grow with
+    what the sender already sent. 40 new tickets in two minutes leave two
+    counter rows per minute (mailbox and domain), whatever their number; the
+    caps are judged right from them; the scheduler drops counters past two hours."""
+    from gateway.app import open_gateway
+    from gateway.config import parse as parse_config
+    from gateway.desk.pipeline import Received
+
+    async def scenario(data_dir: str) -> tuple[list[tuple[str, str, int, int]], int, list[str], int]:
+        config = parse_config({"gateway": {"data_dir": data_dir},
+                               "outbound": {"transport": "maildir"},
+                               "limits": {"auto_answers_per_sender_per_hour": 5,
+                                          "new_tickets_per_sender_per_hour": 1000},
+                               **pg.store_section()})
+        t0 = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=3)
+        gw = await open_gateway(config, clock=lambda: t0)
+        try:
+            acks = 0
+            for i in range(40):
+                m = mail("bob@busy.example", SUPPORT, f"history {i}", "x")
+                out = await gw.intake.receive(Received(
+                    raw=m.as_bytes(), mail_from="bob@busy.example", rcpt_to=(SUPPORT,),
+                    mailbox=config.mailboxes[0], received_at=t0 + timedelta(seconds=3 * i)))
+                acks += any(x["kind"] == "ack" for x in await gw.store.messages(out.ticket_id))
+            rows = await gw.store.db.fetch("SELECT scope, minute, tickets, answers FROM sender_load"
+                                           " ORDER BY scope, minute")
+            await gw.scheduler.run_due(datetime.now(UTC))
+            left = await gw.store.db.fetch("SELECT minute FROM sender_load")
+            # counted again from mail of now: nothing of three hours ago is in the hour
+            m = mail("bob@busy.example", SUPPORT, "history now", "x")
+            out = await gw.intake.receive(Received(
+                raw=m.as_bytes(), mail_from="bob@busy.example", rcpt_to=(SUPPORT,),
+                mailbox=config.mailboxes[0], received_at=datetime.now(UTC)))
+            acked_now = sum(x["kind"] == "ack" for x in await gw.store.messages(out.ticket_id))
+        finally:
+            await gw.close()
+        return [tuple(r) for r in rows], acks, [str(r[0]) for r in left], acked_now
+
+    with tempfile.TemporaryDirectory() as d:
+        rows, acks, left, acked_now = asyncio.run(scenario(d))
+    assert acks == 5
+    assert [(scope, tickets, answers) for scope, _, tickets, answers in rows] == [
+        ("domain:busy.example", 20, 5), ("domain:busy.example", 20, 0),
+        ("mailbox:bob@busy.example", 20, 5), ("mailbox:bob@busy.example", 20, 0)]
+    assert left == [] and acked_now == 1
+
+
 # -- staff authentication (RFC 8601) ----------------------------------------
 
 TRUSTED = "mx.staff.example.com"

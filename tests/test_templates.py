@@ -18,10 +18,12 @@ from gateway.outbound.tokens import TicketTokens
 
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 LANGUAGES = ("en", "de", "ja")
-CUSTOMER_KINDS = ("ack", "staff_reply", "reminder", "autoclose", "closure", "info_request", "redirect")
-STAFF_KINDS = ("staff_notify", "sla_warning", "forward", "command_error", "staff_unproven")
+CUSTOMER_KINDS = ("ack", "staff_reply", "reminder", "autoclose", "closure", "info_request", "redirect",
+                  "escalation", "status")
+STAFF_KINDS = ("staff_notify", "sla_warning", "forward", "command_error", "process_staff", "staff_unproven")
 TEMPLATE_ONLY = {"sla_warning": Kind.STAFF_NOTIFY, "forward": Kind.STAFF_NOTIFY,
-                 "command_error": Kind.STAFF_NOTIFY, "staff_unproven": Kind.STAFF_NOTIFY}
+                 "command_error": Kind.STAFF_NOTIFY, "process_staff": Kind.STAFF_NOTIFY,
+                 "staff_unproven": Kind.STAFF_NOTIFY}
 TRANSLATED_MARKER = {"de": "-- Bitte oberhalb dieser Zeile antworten --",
                      "ja": "-- この行より上にご返信ください --"}
 # a word each language's customer templates are sure to use

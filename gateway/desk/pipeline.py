@@ -14,9 +14,9 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from gateway.config import Config, Mailbox
+from gateway.config import Config, Mailbox, Policy
 from gateway.desk import lifecycle
-from gateway.desk.conversation import Placement, place
+from gateway.desk.conversation import Placement, place, same_problem
 from gateway.desk.writer import Desk
 from gateway.mail import authres
 from gateway.mail.automatic import automatic_kind
@@ -24,6 +24,8 @@ from gateway.mail.bounce import read_bounce
 from gateway.mail.subject import tagged_ticket_id
 from gateway.model import Attachment, Kind, ParsedMail, Status, Ticket, domain_of, mailbox_of, normalize_address
 from gateway.outbound.tokens import TicketTokens, without_staff_tokens
+from gateway.rules import contacts, process
+from gateway.rules.contacts import CERTIFIED, Standing
 from gateway.rules.decision import Decision, decide
 from gateway.rules.language import choose_language
 from gateway.store import SenderCounts, Tx
@@ -112,7 +114,7 @@ class Pipeline:
             # Nobody to answer and nobody to thread by: kept for ops, never ticketed blind.
             # (Automatic mail goes on: a bounce from a bare MAILER-DAEMON, as IMAP
             # delivers it without an envelope, still belongs on its ticket.)
-            await tx.release_inbound_message(f"{mail.message_id} {key}")
+            # (the intake gives its key back, as for every quarantined outcome)
             return Outcome(inbound_id, "quarantined", None, mail.message_id, 0,
                            "no sender address in From: or the envelope")
         by_reference = await self._ticket_answered(tx, mail.thread_ids)
@@ -126,8 +128,10 @@ class Pipeline:
                 auto, by_reference = "auto", stranger
         tag_id = tagged_ticket_id(mail.subject, self.config.ticket_tag)
         by_tag = await tx.ticket(tag_id) if tag_id is not None and by_reference is None else None
+        colleague = contacts.colleagues(self.config.rules.directory, sender, by_tag.requester, now.date()) \
+            if by_tag is not None and not by_tag.is_participant(sender) else None
         placement = place(sender=sender, sender_is_staff=staff,
-                          by_reference=by_reference, by_tag=by_tag, now=now)
+                          by_reference=by_reference, by_tag=by_tag, now=now, colleague_of=colleague)
         answered = by_reference or by_tag
         if auto is None and answered is None and sender in self.config.queues.values():
             # a queue address answers tickets; mail from it about none is our own
@@ -150,13 +154,16 @@ class Pipeline:
         if answered is not None and not staff and self._answers_staff_mail(answered, mail, received):
             return await self._not_staff(tx, inbound_id, mail, answered, sender, now)
 
+        joined = None
+        if placement.ticket_id is None and not staff:
+            placement, joined = await self._same_problem(tx, placement, mail, received, sender, now)
         if placement.ticket_id is None:
             # a subject tag from someone not on that ticket: `tagged` is the ticket quoted
             linked = answered if answered is not None and answered.id == placement.linked_ticket else None
             tagged = by_tag if by_tag is not None and linked is by_tag \
                 and not by_tag.is_participant(sender) else None
             return await self._open_ticket(tx, inbound_id, mail, received, sender, placement, linked, tagged)
-        ticket = by_reference if by_reference and by_reference.id == placement.ticket_id else by_tag
+        ticket = joined or (by_reference if by_reference and by_reference.id == placement.ticket_id else by_tag)
         assert ticket is not None
         if staff and not self.config.may_answer(sender, ticket.govcloud):
             # staff, but not GovCloud staff, on a GovCloud ticket (issue 18): refused as not staff
@@ -167,6 +174,21 @@ class Pipeline:
                 return await self._staff_reply(tx, inbound_id, mail, ticket, sender, now, placement)
             return await self._unproven_staff(tx, inbound_id, mail, ticket, sender, now, unproven)
         return await self._customer_reply(tx, inbound_id, mail, ticket, sender, now, placement)
+
+    async def _same_problem(self, tx: Tx, placement: Placement, mail: ParsedMail, received: Received,
+                            sender: str, now: datetime) -> tuple[Placement, Ticket | None]:
+        """One ticket per problem: the sender's open ticket answered from this
+        mailbox with the same subject, if any (conversation.same_problem)."""
+        within = self.config.same_problem_within
+        if not within or placement.linked_ticket is not None:
+            return placement, None
+        candidates = [t for t in await tx.open_tickets_of(sender, now - within)
+                      if t.mailbox == self._answering_mailbox(received.mailbox, t.govcloud)]
+        found = same_problem(placement, sender=sender, subject=mail.subject, ticket_tag=self.config.ticket_tag,
+                             candidates=candidates, now=now, within=within)
+        if found.ticket_id is None:
+            return placement, None
+        return found, await tx.ticket(found.ticket_id)      # locked, as read now
 
     async def _ticket_answered(self, tx: Tx, ids: tuple[str, ...]) -> Ticket | None:
         if not ids:
@@ -236,14 +258,14 @@ class Pipeline:
     def decide(self, mail: ParsedMail, mailbox: Mailbox, now: datetime) -> Decision:
         """The rules stage for a new ticket (also what `gateway explain` shows)."""
         return decide(mail, mailbox_address=mailbox.address, mailbox_govcloud=mailbox.govcloud,
-                      rules=self.config.rules, directory=self.config.rules.directory, now=now)
+                      rules=self.config.rules, directory=self.config.rules.directory, now=now,
+                      mailbox_emergency=mailbox.emergency)
 
     async def _open_ticket(self, tx: Tx, inbound_id: int, mail: ParsedMail, received: Received,
                            sender: str, placement: Placement, linked: Ticket | None = None,
                            tagged: Ticket | None = None) -> Outcome:
         now = received.received_at
-        counts = await tx.sender_counts(mailbox_of(sender), domain_of(sender), now - timedelta(hours=1),
-                                        AUTO_ANSWER_KINDS)
+        counts = await tx.sender_counts(mailbox_of(sender), domain_of(sender), now - timedelta(hours=1))
         over = self._over_ticket_cap(counts)
         if over is not None:
             log.warning("ticket.rate_limited", message_id=mail.message_id, sender=sender,
@@ -253,6 +275,14 @@ class Pipeline:
                            f"(limits.new_tickets_per_{over[0]}_per_hour = {over[2]}); retry it later "
                            f"with `gateway quarantine retry`")
         decision = self.decide(mail, received.mailbox, now)
+        if decision.contact is not None and decision.contact.refused:
+            # Kaseya: only authorised contacts open tickets. Kept (quarantined:
+            # `quarantine retry` once the organisation has added them), no ticket.
+            log.warning("contact.refused", message_id=mail.message_id, sender=sender,
+                        **decision.contact.to_json())
+            return Outcome(inbound_id, "quarantined", None, mail.message_id, 0,
+                           f"contact.refused: {decision.contact.why}; no ticket (quarantine retry "
+                           f"once {decision.contact.organisation} has added the sender)")
         redirect_to = self.config.redirects.get(decision.redirect) if decision.redirect else None
         if decision.redirect and not redirect_to:
             log.warning("ticket.redirect_unconfigured", redirect=decision.redirect,
@@ -276,8 +306,14 @@ class Pipeline:
             linked_ticket=placement.linked_ticket, now=now, plan=decision.plan,
             response_due_at=decision.response_due if redirect_to is None else None,
             missing=decision.missing, redirect=decision.redirect if redirect_to else None,
-            language=lang, decision={**decision.to_json(), "language": {"value": lang, "why": lang_why}})
+            language=lang, decision={**decision.to_json(), "language": {"value": lang, "why": lang_why}},
+            emergency=decision.emergency and redirect_to is None,
+            contact=decision.contact.rank if decision.contact else "")
         await self._record(tx, ticket.id, Kind.CUSTOMER, mail, inbound_id, now)
+        marks = []
+        if decision.contact is not None:
+            await tx.add_event(ticket.id, now, "contact", decision.contact.to_json())
+            marks = contact_marks(decision.contact)
         if dropped:
             await self._participants_dropped(tx, ticket, mail, dropped, inbound_id, now)
         if redirect_to:
@@ -291,9 +327,18 @@ class Pipeline:
                     context={"name": mail.sender_name or sender,
                              "target": self.desk.target_text(ticket, decision.response_due),
                              "missing": list(decision.missing),
-                             "follows_up": _follows_up(linked, sender)})
+                             "follows_up": _follows_up(linked, sender),
+                             "emergency": self._emergency_instructions(ticket)})
             queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now,
-                                         dropped=len(dropped), linked_reason=placement.reason, no_ack=no_ack)
+                                         dropped=len(dropped), linked_reason=placement.reason, no_ack=no_ack,
+                                         marks=marks)
+            queued += await self._emergency_alert(tx, ticket, mail, decision, now)
+            # no ack (loop caps, a stranger quoting a tag): no escalation notice either,
+            # else a foreign helpdesk answering it opens ticket after ticket
+            ticket, more = await self._auto_escalate(tx, ticket, [mail.message_id], now,
+                                                     tell_customer=no_ack is None)
+            queued += more
+            queued += await self._escalation_request(tx, ticket, mail, now)
         log.info("ticket.created", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, region=ticket.region, govcloud=ticket.govcloud,
                  priority=ticket.priority, plan=ticket.plan, queue=decision.queue,
@@ -310,6 +355,9 @@ class Pipeline:
             content_language=mail.headers.get("content-language"),
             accept_language=mail.headers.get("accept-language"),
             text=f"{mail.subject}\n{mail.reply_text}", default=mailbox.language)
+
+    def _policy(self, ticket: Ticket) -> Policy:
+        return self.config.policy_for(ticket.mailbox, ticket.plan)
 
     def _answering_mailbox(self, reached: Mailbox, govcloud: bool) -> str:
         """GovCloud tickets are answered from a GovCloud mailbox, even when the
@@ -335,7 +383,7 @@ class Pipeline:
             context={"name": mail.sender_name or ticket.requester, "department": ticket.redirect,
                      "address": address})
         _, more = await self.desk.apply(
-            tx, ticket, lifecycle.enter(Status.RESOLVED, now, self.config.policy,
+            tx, ticket, lifecycle.enter(Status.RESOLVED, now, self._policy(ticket),
                                         cause=f"redirected to {ticket.redirect}"), now)
         log.info("ticket.redirected", ticket_id=ticket.id, redirect=ticket.redirect, to=address)
         return queued + more
@@ -343,9 +391,41 @@ class Pipeline:
     async def _customer_reply(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket,
                               sender: str, now: datetime, placement: Placement) -> Outcome:
         await self._record(tx, ticket.id, Kind.CUSTOMER, mail, inbound_id, now)
-        ticket, queued = await self.desk.apply(
-            tx, ticket, lifecycle.after_customer_reply(ticket, now, self.config.policy), now)
-        queued += await self._notify(tx, ticket, mail, sender, is_new=False, now=now)
+        marks: list[str] = []
+        if placement.colleague_of and not ticket.is_participant(sender) \
+                and len(ticket.cc) < self.config.limits.max_participants:
+            # a colleague who answers gets the ticket's mail from now on
+            await tx.update_ticket(ticket.id, now, cc=(*ticket.cc, sender))
+            ticket = replace(ticket, cc=(*ticket.cc, sender))
+            await tx.add_event(ticket.id, now, "colleague", {"sender": sender, "organisation": placement.colleague_of,
+                                                             "why": placement.reason})
+        if placement.same_problem:
+            await tx.add_event(ticket.id, now, "same_problem", {"message_id": mail.message_id,
+                                                                "subject": mail.subject, "why": placement.reason})
+            marks.append(f"ONE TICKET PER PROBLEM: a new mail (not a reply) joined this ticket: {placement.reason}")
+        solved = process.solved(mail.reply_text) if ticket.status in (Status.OPEN, Status.PENDING) else None
+        tr = lifecycle.after_customer_reply(ticket, now, self._policy(ticket), solved=solved is not None)
+        ticket, queued = await self.desk.apply(tx, ticket, lifecycle.held(ticket, tr), now)
+        if solved is not None:
+            closed = ticket.status is Status.RESOLVED
+            await tx.add_event(ticket.id, now, "customer_closed" if closed else "customer_says_solved",
+                               {**solved.to_json(), "resolved": closed})
+            marks.append("The customer confirms the problem is solved: ticket resolved "
+                         "(reply #status open to reopen it)" if closed else
+                         "The customer says the problem is solved: escalated, so close it by hand")
+        chaser = process.status_request(mail.reply_text) if solved is None else None
+        if chaser is not None:
+            answered = await self._status_answer(tx, ticket, now)
+            queued += answered
+            await tx.add_event(ticket.id, now, "status_request", {**chaser.to_json(), "answered": bool(answered)})
+            marks.append("CHASER: the customer asks for the status"
+                         + (" (sent the automatic status answer)" if answered else ""))
+        contact = lifecycle.after_customer_contact(ticket, now, self.config.escalation, by_staff=False)
+        if contact:
+            await tx.update_ticket(ticket.id, now, **contact)
+            ticket = replace(ticket, **contact)  # type: ignore[arg-type]
+        queued += await self._notify(tx, ticket, mail, sender, is_new=False, now=now, marks=marks)
+        queued += await self._escalation_request(tx, ticket, mail, now)
         log.info("ticket.replied", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, staff=False, reason=placement.reason)
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, placement.reason)
@@ -354,6 +434,21 @@ class Pipeline:
                            sender: str, now: datetime, placement: Placement) -> Outcome:
         """Staff answered from their mail client: commands, then relay to the customer."""
         cmds = lifecycle.staff_commands(mail.reply_text)
+        if cmds.help and not cmds.errors:
+            return await self._help(tx, inbound_id, mail, ticket, sender, now, placement)
+        if cmds.answer and not cmds.errors:
+            cmds = self._with_answer(cmds, cmds.answer, ticket, mail)
+        relay = bool(cmds.text) and not cmds.note
+        # an engineer's answer on an escalated ticket goes to its owner, who answers the customer
+        internal = relay and ticket.escalated and ticket.owner not in (None, sender) and not cmds.customer
+        relay = relay and not internal
+        cc, cc_errors = lifecycle.new_participants(
+            ticket, cmds.cc, cmds.uncc, refused=self._not_a_participant,
+            max_participants=self.config.limits.max_participants)
+        if cc_errors:
+            cmds = replace(cmds, errors=(*cmds.errors, *cc_errors))
+        elif relay:
+            cc = self._with_staff_cc(replace(ticket, cc=cc), mail, sender)
         if cmds.errors:
             # nothing is applied or relayed; the agent is told why
             await self._record(tx, ticket.id, Kind.NOTE, mail, inbound_id, now)
@@ -364,40 +459,189 @@ class Pipeline:
                         errors=list(cmds.errors))
             return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
                            "staff commands rejected: " + "; ".join(cmds.errors))
-        relay = bool(cmds.text) and not cmds.note
         await self._record(tx, ticket.id, Kind.STAFF if relay else Kind.NOTE, mail, inbound_id, now)
         changes: dict[str, object] = {}
+        if cc != ticket.cc:
+            changes["cc"] = cc
         if cmds.priority is not None and cmds.priority != ticket.priority:
             changes["priority"] = cmds.priority
-        if cmds.escalate and not ticket.escalated:
-            changes["escalated"] = True
         if relay and ticket.first_response_at is None:
             changes["first_response_at"] = now
+        if ticket.owner is None and (relay or cmds.escalate):
+            changes["owner"] = sender         # the technician who answers owns the ticket
+        if relay:
+            changes.update(lifecycle.after_customer_contact(ticket, now, self.config.escalation,
+                                                            by_staff=True))
         if changes:
             await tx.update_ticket(ticket.id, now, **changes)
             ticket = replace(ticket, **changes)  # type: ignore[arg-type]
             log.info("ticket.updated", ticket_id=ticket.id, by="staff",
                      fields=sorted(changes))
         queued = 0
+        if internal:
+            assert ticket.owner is not None
+            queued += await self.desk.to_staff(
+                tx, ticket, ticket.owner, now, answers=[mail.message_id], template="process_staff",
+                context={"headline": f"Internal answer from {sender} (not sent to the customer)",
+                         "why": "engineers answer the owning technician, who answers the customer;"
+                                " start a reply with #customer to send it to the customer directly",
+                         "text": cmds.text})
         if relay:
             queued += await self.desk.to_customer(
                 tx, ticket, Kind.STAFF_REPLY, now, context={"text": without_staff_tokens(cmds.text),
                                                             "agent": mail.sender_name or "Support"},
                 from_name=mail.sender_name or None, attachments=mail.attachments)
+        if cmds.escalate:
+            esc = lifecycle.escalate(ticket, engineering=cmds.engineering, by=sender, now=now,
+                                     config=self.config.escalation, hours=self.config.rules.hours,
+                                     owner=sender)
+            if esc is not None:
+                ticket, more = await self.desk.escalate(tx, ticket, esc, now, answers=[mail.message_id],
+                                                        text=cmds.text, contacted=relay)
+                queued += more
+        else:
+            ticket, more = await self._auto_escalate(tx, ticket, [mail.message_id], now)
+            queued += more
         ticket, more = await self.desk.apply(
-            tx, ticket, lifecycle.after_staff_reply(ticket, cmds.status, relay, now, self.config.policy),
+            tx, ticket, lifecycle.after_staff_reply(ticket, cmds.status, relay, now, self._policy(ticket)),
             now)
         queued += more
         log.info("ticket.replied", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, staff=True, relayed=relay, reason=placement.reason)
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, placement.reason)
 
+    def _canned(self, name: str, ticket: Ticket, agent: str) -> lifecycle.StaffCommands:
+        """Canned answer `name` rendered for `ticket`, read as an agent's reply
+        (its own commands, then its text), or its errors."""
+        answers = self.desk.answers
+        try:
+            text = answers.render(name, ticket.language, self.desk.answer_context(ticket, agent))
+        except LookupError:
+            known = ", ".join(answers.names(ticket.language)) or "none configured"
+            return lifecycle.StaffCommands(errors=(f"no such canned answer (known: {known})",))
+        except Exception as e:  # noqa: BLE001 - a template's failure (sandbox, undefined name): the agent is told
+            log.warning("staff.answer_failed", ticket_id=ticket.id, answer=name, error=f"{type(e).__name__}: {e}")
+            return lifecycle.StaffCommands(errors=(f"could not be rendered: {type(e).__name__}: {e}",))
+        return lifecycle.staff_commands(text)
+
+    def _with_answer(self, cmds: lifecycle.StaffCommands, name: str, ticket: Ticket,
+                     mail: ParsedMail) -> lifecycle.StaffCommands:
+        return lifecycle.with_answer(cmds, name, self._canned(name, ticket, mail.sender_name or "Support"))
+
+    async def _help(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket, sender: str,
+                    now: datetime, placement: Placement) -> Outcome:
+        """`#help`: the agent gets the commands and the canned answers for this
+        ticket's language; nothing is relayed or changed (the mail is a note)."""
+        await self._record(tx, ticket.id, Kind.NOTE, mail, inbound_id, now)
+        listed = []
+        for name in self.desk.answers.names(ticket.language)[:HELP_ANSWERS]:
+            canned = self._canned(name, ticket, mail.sender_name or "Support")
+            first = (canned.text.strip().splitlines() or [""])[0]
+            listed.append({"name": name, "preview": "(fails: " + canned.errors[0] + ")" if canned.errors
+                           else first[:80] + ("..." if len(first) > 80 else "")})
+        queued = await self.desk.to_staff(tx, ticket, sender, now, answers=[mail.message_id], template="help",
+                                          context={"answers": listed})
+        log.info("ticket.replied", ticket_id=ticket.id, message_id=mail.message_id,
+                 mailbox=ticket.mailbox, staff=True, relayed=False, reason=placement.reason)
+        return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, "staff asked for #help")
+
+    def _not_a_participant(self, address: str) -> str | None:
+        """Why `address` may not be on a ticket's Cc: the gateway's own mailboxes and
+        the staff queues (mail to them comes back to the gateway: a loop, or the
+        customer's thread in the queue), or None."""
+        if self.config.mailbox_for(address) is not None:
+            return "is one of the gateway's own mailboxes"
+        if mailbox_of(address) in {mailbox_of(q) for q in self.config.queues.values()}:
+            return "is a staff queue, which gets the ticket's notifications already"
+        return None
+
+    def _with_staff_cc(self, ticket: Ticket, mail: ParsedMail, sender: str) -> tuple[str, ...]:
+        """The ticket's Cc with the staff the agent Cc'd on a relayed answer: they
+        get the answer, and the ticket's later mail to its participants (never a
+        staff token: what participants get is customer mail). Anyone else the agent
+        Cc'd is not added (`#cc` adds them); nor past [limits] max_participants."""
+        room = self.config.limits.max_participants - 1 - len(ticket.cc)
+        added = [a for a in dict.fromkeys((*mail.to, *mail.cc))
+                 if room > 0 and self.config.is_staff(a) and a != sender
+                 and not self._not_a_participant(a) and not ticket.is_participant(a)]
+        return (*ticket.cc, *added[:max(room, 0)])
+
+    async def _auto_escalate(self, tx: Tx, ticket: Ticket, answers: list[str],
+                             now: datetime, *, tell_customer: bool = True) -> tuple[Ticket, int]:
+        """Kaseya: business-critical (priority 1) tickets escalate on their own, to tier 2."""
+        limit = self.config.escalation.auto_priority
+        if not limit or ticket.priority > limit:
+            return ticket, 0
+        esc = lifecycle.escalate(ticket, engineering=False, by=f"rules: priority {ticket.priority}",
+                                 now=now, config=self.config.escalation, hours=self.config.rules.hours,
+                                 owner=None)
+        if esc is None:
+            return ticket, 0
+        if not tell_customer and esc.tell_customer:
+            esc = replace(esc, tell_customer=False,
+                          fields={k: v for k, v in esc.fields.items() if k != "customer_told_at"})
+        return await self.desk.escalate(tx, ticket, esc, now, answers=answers)
+
+    def _emergency_instructions(self, ticket: Ticket) -> str | None:
+        """The configured emergency instructions, in the customer's language."""
+        if not ticket.emergency:
+            return None
+        texts = self.config.emergency.instructions
+        return texts.get(ticket.language) or texts.get("en")
+
+    async def _emergency_alert(self, tx: Tx, ticket: Ticket, mail: ParsedMail, decision: Decision,
+                               now: datetime) -> int:
+        """An emergency alerts the emergency queue, and the pager when there is one, at once."""
+        if not ticket.emergency:
+            return 0
+        why = next((e.detail for e in decision.evidence if e.rule == "priority.emergency"), "")
+        await tx.add_event(ticket.id, now, "emergency", {"why": why, "queue": self.config.emergency.queue,
+                                                         "pager": self.config.emergency.pager})
+        log.warning("ticket.emergency", ticket_id=ticket.id, why=why, queue=self.config.emergency.queue,
+                    pager=self.config.emergency.pager)
+        queued = 0
+        for address in filter(None, (self.config.emergency.queue, self.config.emergency.pager)):
+            queued += await self.desk.to_staff(
+                tx, ticket, address, now, answers=[mail.message_id], template="process_staff",
+                context={"headline": f"EMERGENCY: ticket #{ticket.id}, priority 1, 24/7", "why": why,
+                         "text": mail.reply_text})
+        return queued
+
+    async def _escalation_request(self, tx: Tx, ticket: Ticket, mail: ParsedMail, now: datetime) -> int:
+        """The customer asks for escalation: the owner is alerted, and it is recorded."""
+        found = process.escalation_request(f"{mail.subject}\n{mail.reply_text}")
+        if found is None:
+            return 0
+        await tx.add_event(ticket.id, now, "escalation_request", found.to_json())
+        log.info("ticket.escalation_requested", ticket_id=ticket.id, **found.to_json())
+        return await self.desk.to_staff(
+            tx, ticket, self.desk.owner_of(ticket), now, answers=[mail.message_id],
+            template="process_staff",
+            context={"headline": f"The customer asks for escalation (ticket at tier {ticket.tier})",
+                     "why": f"{found.language} wording {found.phrase!r}; reply with #escalate or "
+                            "#escalate engineering to hand it on",
+                     "text": mail.reply_text})
+
+    async def _status_answer(self, tx: Tx, ticket: Ticket, now: datetime) -> int:
+        """HKN's status request: the automatic answer, at most one per ticket per interval."""
+        cfg = self.config.status_requests
+        last = await tx.last_message_at(ticket.id, (Kind.STATUS.value,))
+        if not cfg.enabled or not lifecycle.status_answer_due(ticket, last, now, cfg.interval):
+            return 0
+        staff_at = await tx.last_message_at(ticket.id, (Kind.STAFF_REPLY.value,))
+        return await self.desk.to_customer(
+            tx, ticket, Kind.STATUS, now,
+            context={"target": self.desk.target_text(ticket, ticket.response_due_at),
+                     "response": lifecycle.response_state(ticket, now),
+                     "staff_at": staff_at.strftime("%Y-%m-%d %H:%M UTC") if staff_at else None})
+
     async def _notify(self, tx: Tx, ticket: Ticket, mail: ParsedMail, sender: str, *,
                       is_new: bool, now: datetime, dropped: int = 0, linked_reason: str = "",
-                      no_ack: str | None = None) -> int:
+                      no_ack: str | None = None, marks: list[str] | None = None) -> int:
         return await self.desk.to_staff(
             tx, ticket, self.desk.queue_of(ticket), now, answers=[mail.message_id],
             context={"is_new": is_new, "sender": sender, "reply_text": mail.reply_text, "no_ack": no_ack,
+                     "marks": marks or [],
                      "body_text": mail.body_text, "attachments": [a for a, _ in mail.attachments],
                      "participants_dropped": dropped, "linked_reason": linked_reason,
                      "max_participants": self.config.limits.max_participants})
@@ -562,5 +806,13 @@ def _follows_up(linked: Ticket | None, sender: str) -> dict[str, object] | None:
     return {"id": linked.id, "status": linked.status.value}
 
 
-# Our automatic answers to a customer, counted by the hourly caps
-AUTO_ANSWER_KINDS = (Kind.ACK.value, Kind.REDIRECT.value)
+HELP_ANSWERS = 100     # canned answers a #help mail lists at most
+
+
+def contact_marks(standing: Standing) -> list[str]:
+    """What staff mail says about the requester's standing (Kaseya)."""
+    if standing.flagged:
+        return [f"NOT AN AUTHORISED CONTACT: {standing.why}"]
+    if standing.rank == CERTIFIED:
+        return [f"CERTIFIED ADMINISTRATOR (ranked first): {standing.why}"]
+    return []

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 
-from gateway.clock import Clock
+from gateway.clock import Clock, system_clock
 from gateway.config import Policy
 from gateway.desk import lifecycle
 from gateway.desk.writer import Desk
@@ -26,18 +26,23 @@ log = structlog.get_logger("gateway.scheduler")
 
 BATCH = 200
 SLA_WARNING = "first-response target missed: SLA warning"
+# the loop caps' per-minute counters (gateway.store sender_load) are kept this long
+# past their hour, and dropped this often
+SENDER_LOAD_KEPT = timedelta(hours=2)
+SENDER_LOAD_PRUNE_EVERY = timedelta(hours=1)
 
 
 class Scheduler:
-    def __init__(self, store: Store, desk: Desk, policy: Policy, clock: Clock, *,
+    def __init__(self, store: Store, desk: Desk, policy_for: Callable[[str, str], Policy], clock: Clock, *,
                  interval_s: float = 60.0, on_queued: Callable[[], None] = lambda: None):
         self.store = store
         self.desk = desk
-        self.policy = policy
+        self.policy_for = policy_for         # (mailbox, plan) -> its lifecycle
         self.clock = clock
         self.interval_s = interval_s
         self.on_queued = on_queued
         self._loop = Repeater(self.run_due, interval_s, lambda: log.exception("scheduler.error"))
+        self._pruned_at: datetime | None = None
 
     async def run_due(self, now: datetime | None = None) -> dict[str, int]:
         """Run every job due at `now`; return how many of each kind ran."""
@@ -58,7 +63,17 @@ class Scheduler:
                 break
         if done:
             log.info("scheduler.ran", at=at.isoformat(), jobs=dict(done))
+        await self._forget_old_sender_load()
         return dict(done)
+
+    async def _forget_old_sender_load(self) -> None:
+        """Hourly, on the real clock (a `run-due --now` in the future must not
+        drop the counters the hour's mail is still judged by)."""
+        wall = system_clock()
+        if self._pruned_at is not None and wall - self._pruned_at < SENDER_LOAD_PRUNE_EVERY:
+            return
+        self._pruned_at = wall
+        await self.store.run(lambda tx: tx.forget_sender_load(wall - SENDER_LOAD_KEPT))
 
     async def _batch(self, tx: Tx, at: datetime) -> tuple[list[int], list[tuple[int, str, str, int]]]:
         jobs: list[tuple[int, str, str, int]] = []
@@ -70,7 +85,11 @@ class Scheduler:
             if lifecycle.sla_warning_due(ticket, at):
                 await self._sla_warning(tx, ticket, at)
                 jobs.append((ticket.id, SLA_WARNING, ticket.status.value, 1))
-            tr = lifecycle.due(ticket, at, self.policy)
+            owner = lifecycle.owner_reminder_due(ticket, at)
+            if owner is not None:
+                await self._owner_reminder(tx, ticket, at, *owner)
+                jobs.append((ticket.id, f"escalated: owner reminded ({owner[0]})", ticket.status.value, 1))
+            tr = lifecycle.due(ticket, at, self.policy_for(ticket.mailbox, ticket.plan))
             if tr is None:
                 continue
             _, queued = await self.desk.apply(tx, ticket, tr, at)
@@ -85,6 +104,14 @@ class Scheduler:
         log.warning("ticket.sla_missed", ticket_id=ticket.id, priority=ticket.priority,
                     plan=ticket.plan, due=ticket.response_due_at.isoformat()
                     if ticket.response_due_at else None)
+
+    async def _owner_reminder(self, tx: Tx, ticket: Ticket, at: datetime, timer: str, what: str) -> None:
+        await tx.update_ticket(ticket.id, at, **{timer: None})
+        await tx.add_event(ticket.id, at, "escalation_owner_reminder", {"timer": timer, "what": what})
+        await self.desk.to_staff(tx, ticket, self.desk.owner_of(ticket), at, answers=[],
+                                 template="process_staff",
+                                 context={"headline": f"Escalated ticket #{ticket.id}: owner reminder",
+                                          "why": what, "text": ""})
 
     async def run(self) -> None:
         """Run due jobs every `interval_s` until stopped."""

@@ -15,9 +15,10 @@ from typing import Any
 import structlog
 
 from gateway.config import Config
-from gateway.desk.lifecycle import Transition, timers_of
+from gateway.desk.lifecycle import Escalated, Transition, timers_of
 from gateway.model import Attachment, Kind, Ticket
-from gateway.outbound.compose import Composer, Outgoing
+from gateway.outbound.canned import CannedAnswers
+from gateway.outbound.compose import SAMPLE_TICKET, Composer, Outgoing
 from gateway.rules import language
 from gateway.store import Tx
 
@@ -26,13 +27,22 @@ log = structlog.get_logger("gateway.desk")
 # What the customer sees of a ticket: their own mail and what we sent them.
 CUSTOMER_THREAD = tuple(k.value for k in (
     Kind.CUSTOMER, Kind.ACK, Kind.STAFF_REPLY, Kind.REMINDER, Kind.AUTOCLOSE, Kind.CLOSURE,
-    Kind.INFO_REQUEST, Kind.REDIRECT))
+    Kind.INFO_REQUEST, Kind.REDIRECT, Kind.ESCALATION, Kind.STATUS))
 
 
 class Desk:
     def __init__(self, config: Config, composer: Composer):
         self.config = config
         self.composer = composer
+        self.answers = CannedAnswers(config.answers_dir)
+
+    def answer_context(self, ticket: Ticket, agent: str) -> dict[str, Any]:
+        """What a canned answer is rendered with: the ticket's fields and the agent's name."""
+        return self.composer.context(ticket, ticket.mailbox, ticket.language, {"agent": agent})
+
+    def answers_problems(self) -> list[str]:
+        """The canned answers that fail to render (check-config, SIGHUP)."""
+        return self.answers.problems(self.answer_context(SAMPLE_TICKET, "Agent Smith"))
 
     async def apply(self, tx: Tx, ticket: Ticket, tr: Transition, now: datetime) -> tuple[Ticket, int]:
         """Write `tr` for `ticket`; queue its notices. Returns the ticket as it
@@ -59,12 +69,38 @@ class Desk:
             queued += await self.to_customer(tx, after, kind, now, context=self._notice_context(after, kind, now))
         return after, queued
 
+    async def escalate(self, tx: Tx, ticket: Ticket, esc: Escalated, now: datetime, *,
+                       answers: Sequence[str], text: str = "",
+                       contacted: bool = False) -> tuple[Ticket, int]:
+        """Write an escalation: the ticket's tier fields, its record, the tier queue
+        notified with the ticket, and the customer told once. `contacted`: the
+        same mail answered the customer, so no contact reminder is due."""
+        fields = {**esc.fields, "contact_due_at": None} if contacted else esc.fields
+        await tx.update_ticket(ticket.id, now, **fields)
+        after = replace(ticket, **fields)  # type: ignore[arg-type]
+        await tx.add_event(ticket.id, now, "escalation", esc.to_json())
+        queued = await self.to_staff(tx, after, esc.queue, now, answers=answers, template="process_staff",
+                                     context={"headline": f"Escalated to tier {esc.tier} "
+                                                          f"({esc.to_json()['tier_name']}s) by {esc.by}",
+                                              "why": esc.why, "text": text})
+        if esc.tell_customer:
+            queued += await self.to_customer(tx, after, Kind.ESCALATION, now,
+                                             context={"review_hours": self.config.escalation.review_hours})
+        log.info("ticket.escalated", ticket_id=ticket.id, tier=esc.tier, queue=esc.queue,
+                 region=esc.region, by=esc.by, why=esc.why, customer_told=esc.tell_customer)
+        return after, queued
+
+    def owner_of(self, ticket: Ticket) -> str:
+        """Who gets the owner's mail: the owning technician, else the region's queue."""
+        return ticket.owner or self.queue_of(ticket)
+
     def _notice_context(self, ticket: Ticket, kind: Kind, now: datetime) -> dict[str, Any]:
-        policy = self.config.policy
+        policy = self.config.policy_for(ticket.mailbox, ticket.plan)
         left = (ticket.autoclose_due_at - now).total_seconds() / 3600 if ticket.autoclose_due_at else 0
         return {"hours_left": max(1, round(left)),
                 "hours": round(policy.autoclose_after.total_seconds() / 3600),
-                "reopen_days": round(policy.reopen_within.total_seconds() / 86400)}
+                "reopen_days": round(policy.reopen_within.total_seconds() / 86400),
+                "resolve": policy.no_reply == "resolve"}
 
     async def to_customer(self, tx: Tx, ticket: Ticket, kind: Kind, now: datetime, *,
                           context: Mapping[str, Any], template: str | None = None,
@@ -123,10 +159,11 @@ class Desk:
     def target_text(self, ticket: Ticket, due: datetime | None) -> str | None:
         """The first-response promise, honestly: the plan's target and when it falls due."""
         plan = self.config.rules.plans.get(ticket.plan)
-        target = plan.target(ticket.priority) if plan else None
+        target = plan.target(ticket.priority, certified=ticket.contact == "certified") if plan else None
         if target is None or due is None:
             return None
-        calendar = None if target.around_the_clock else self.config.rules.hours.get(ticket.region)
+        calendar = None if target.around_the_clock or ticket.emergency \
+            else self.config.rules.hours.get(ticket.region)
         return language.target_text(ticket.language, target, due, calendar)
 
     def queue_of(self, ticket: Ticket) -> str:

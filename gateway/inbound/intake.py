@@ -41,7 +41,7 @@ import structlog
 
 from gateway.clock import Clock
 from gateway.config import Limits
-from gateway.desk.pipeline import Outcome, Pipeline, Received
+from gateway.desk.pipeline import Outcome, Pipeline, Received, content_digest
 from gateway.mail import structure
 from gateway.mail.structure import Examined, examine
 from gateway.model import ParsedMail
@@ -300,10 +300,11 @@ class Intake:
                     error = f"processing failed: {type(e).__name__}: {e}"[:2000]
                     log.exception("mail.quarantined", inbound_id=inbound_id,
                                   message_id=job.parsed.message_id, error=error)
-            if outcome is not None and outcome.action == "quarantined":
-                # a quarantined mail is not on a ticket: its Message-ID is free again
+            if outcome is not None and outcome.action == "quarantined" and job.parsed is not None:
+                # a quarantined mail (rate limit, refused contact, no sender) is not on a
+                # ticket: its key is free again, so `quarantine retry` processes it
                 # (after a failure the savepoint took the claim back already)
-                await tx.release_inbound_message(outcome.message_id)
+                await tx.release_inbound_message(outcome.message_id, content_digest(job.parsed))
             if outcome is None:
                 await tx.set_inbound_state(inbound_id, "quarantined", error)
                 message_id = job.parsed.message_id if job.parsed else header_message_id(r.raw)

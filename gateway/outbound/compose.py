@@ -50,7 +50,7 @@ from jinja2 import (
 
 from gateway.mail.parse import one_line
 from gateway.mail.reply import REPLY_MARKER
-from gateway.mail.subject import strip_tag
+from gateway.mail.subject import clean_subject
 from gateway.model import Attachment, Kind, Status, Ticket
 from gateway.outbound.dkim import RSA, DkimKey, DkimSigner, sign_all, signers_for
 from gateway.outbound.tokens import TicketTokens
@@ -74,7 +74,6 @@ _UTF8_BASE64 = Charset("utf-8")
 _UTF8_BASE64.header_encoding = QP
 REFERENCES_MAX = 900
 DEFAULT_AUTO = "auto-generated"
-_SUBJECT_PREFIX = ("re:", "aw:", "fw:", "fwd:", "wg:", "antw:", "sv:", "vs:")
 
 
 @dataclass(frozen=True)
@@ -89,14 +88,6 @@ class Outgoing:
     subject: str
     body_text: str
     content: bytes
-
-
-def clean_subject(subject: str, ticket_tag: str) -> str:
-    """The subject without our tag and without reply/forward prefixes."""
-    s = strip_tag(subject, ticket_tag)
-    while s.lower().startswith(_SUBJECT_PREFIX):
-        s = s.split(":", 1)[1].strip()
-    return s
 
 
 class Headers:
@@ -310,9 +301,11 @@ _SAMPLE_TICKET = Ticket(
     priority=2, mailbox="support@example.com", linked_ticket=1041,
     created_at=datetime(2026, 11, 23, 9, 0, tzinfo=UTC), plan="Professional",
     missing=("account_email", "organisation"))
+SAMPLE_TICKET = _SAMPLE_TICKET      # for other checks of templates (canned answers)
 _LEAN_TICKET = replace(_SAMPLE_TICKET, status=Status.CLOSED, cc=(), govcloud=False, linked_ticket=None,
                        subject="", plan="", missing=())
-_NOTICE = {"hours_left": 24, "hours": 48, "reopen_days": 7}
+_NOTICE = {"hours_left": 24, "hours": 48, "reopen_days": 7, "resolve": False}
+_RESOLVE = {**_NOTICE, "hours_left": 48, "hours": 168, "resolve": True}   # [lifecycle] no_reply = "resolve"
 _ATTACHMENT = Attachment("backup log.txt", "text/plain", 1200, "0" * 64)
 
 # Per template, the contexts its callers pass (desk.py, pipeline.py,
@@ -321,17 +314,19 @@ _ATTACHMENT = Attachment("backup log.txt", "text/plain", 1200, "0" * 64)
 # would in production.
 SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "ack": ({"name": "Ann Müller", "target": "within 3 business hours: by Mon 23 Nov 2026, 10:00 CET",
-             "missing": ["account_email", "organisation"], "follows_up": {"id": 1041, "status": "closed"}},
+             "missing": ["account_email", "organisation"], "follows_up": {"id": 1041, "status": "closed"},
+             "emergency": "Emergency support is charged at the emergency rate. Call +1 555 0100."},
             {"name": "ann@customer.example", "target": None, "missing": []}),
     "staff_notify": ({"is_new": True, "sender": "ann@customer.example", "reply_text": "It fails again.",
                       "body_text": "It fails again.\n\n> earlier text", "attachments": [_ATTACHMENT],
-                      "linked_reason": "answers a message of the ticket, but it is closed: new linked ticket"},
+                      "linked_reason": "answers a message of the ticket, but it is closed: new linked ticket",
+                      "marks": ["CHASER: the customer asks for the status"]},
                      {"is_new": False, "sender": "ann@customer.example", "reply_text": "x",
                       "body_text": "x", "attachments": []}),
     "staff_reply": ({"text": "Please run the backup again.\n\nJörg", "agent": "Jörg Müller"},
                     {"text": "", "agent": "Support"}),
-    "reminder": (_NOTICE, _NOTICE),
-    "autoclose": (_NOTICE, _NOTICE),
+    "reminder": (_RESOLVE, _NOTICE),
+    "autoclose": (_RESOLVE, _NOTICE),
     "closure": (_NOTICE, _NOTICE),
     "info_request": ({"name": "Ann", "missing": ["account_email", "organisation"]},
                      {"missing": ["organisation"]}),
@@ -340,10 +335,18 @@ SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "sla_warning": ({"due": "within 1 hour 24/7: by Mon 23 Nov 2026, 10:00 UTC"}, {"due": "None"}),
     "forward": ({"sender": "ann@customer.example", "department": "billing", "body_text": "Invoice 7 is wrong."},
                 {"sender": "ann@customer.example", "department": "sales", "body_text": ""}),
+    "escalation": ({"review_hours": 24}, {"review_hours": 48}),
+    "status": ({"target": "within 3 business hours: by Mon 23 Nov 2026, 10:00 CET", "response": "met",
+                "staff_at": "2026-11-23 09:40 UTC"},
+               {"target": None, "response": "none", "staff_at": None}),
+    "process_staff": ({"headline": "Escalated to tier 2 by agent@example.com", "why": "EMEA desk open now",
+                          "text": "Please look at the VSS writer."},
+                         {"headline": "Owner reminder", "why": "close it by hand", "text": ""}),
     "command_error": ({"errors": ["unknown command #stauts"], "text": "#stauts closed\nDone."},
                       {"errors": [], "text": ""}),
     "not_staff": ({"sender": "colleague@partner.example"}, {"sender": "x@y.example"}),
     "govcloud_refused": ({"sender": "agent@example.com"}, {"sender": "x@y.example"}),
+    "help": ({"answers": [{"name": "need-logs", "preview": "Could you send us the <logs>?"}]}, {"answers": []}),
     "staff_unproven": ({"why": "It answered no notification of ours and carried no trusted"
                                " Authentication-Results."}, {"why": ""}),
     "undeliverable": ({"addresses": ["ann@customer.example"], "marked": ["ann@customer.example"],

@@ -50,6 +50,7 @@ class _Result:
     item: OutboxItem
     error: DeliveryError | None
     at: datetime
+    recorded: bool = False          # its commit is done
 
 
 class OutboxSender:
@@ -153,24 +154,30 @@ class OutboxSender:
                               open_ids: set[int]) -> DeliveryError | None:
         async with sem:
             error = await self._deliver(item)
-            self._unrecorded.append(_Result(item, error, self.clock()))
+            result = _Result(item, error, self.clock())
+            self._unrecorded.append(result)
             try:
-                await self._record()
+                # the slot is held until this result is committed, so that no more
+                # than PARALLEL mails are ever delivered and not yet recorded
+                await self._record(result)
             except StoreUnavailable as e:
                 log.warning("outbox.results_kept", unrecorded=len(self._unrecorded), error=str(e))
             else:
                 open_ids.discard(item.id)
             return error
 
-    async def _record(self) -> None:
+    async def _record(self, mine: _Result | None = None) -> None:
         """Commit the results not yet recorded, in one transaction with whatever
         else finished meanwhile (a group commit); raise `StoreUnavailable`
-        and keep them when the store cannot take them."""
-        while self._unrecorded:
+        and keep them when the store cannot take them. With `mine`, return only
+        once that result's commit is done (another caller's group may hold it)."""
+        while not mine.recorded if mine is not None else self._unrecorded:
             if self._flushing is not None:
                 # one commit at a time; ours may already be in it
                 await asyncio.shield(self._flushing)
                 continue
+            if not self._unrecorded:      # pragma: no cover - a failed flush puts its group back
+                break
             group, self._unrecorded = self._unrecorded, []
             self._flushing = asyncio.get_running_loop().create_future()
             try:
@@ -182,6 +189,8 @@ class OutboxSender:
                 self._flushing.exception()      # retrieved: the waiters see it through `shield`
                 raise
             else:
+                for r in group:
+                    r.recorded = True
                 self._flushing.set_result(None)
             finally:
                 self._flushing = None

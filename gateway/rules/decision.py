@@ -31,6 +31,8 @@ from types import MappingProxyType
 from typing import Any
 
 from gateway.model import ParsedMail, normalize_address
+from gateway.rules import contacts, process
+from gateway.rules.contacts import Standing
 from gateway.rules.countries import region_of_domain
 from gateway.rules.settings import Customer, CustomerDirectory, RulesConfig, Wording, normalise_value
 from gateway.rules.sla import response_due
@@ -72,6 +74,8 @@ class Decision:
     missing: tuple[str, ...]         # required form fields not found
     response_due: datetime | None    # UTC; None = no first-response target
     evidence: tuple[Evidence, ...]
+    emergency: bool = False          # priority 1 on a 24/7 clock, emergency queue alerted
+    contact: Standing | None = None  # Kaseya's authorised contacts (gateway.rules.contacts)
 
     @property
     def handled_by_support(self) -> bool:
@@ -87,29 +91,49 @@ class Decision:
             "queue": self.queue, "plan": self.plan, "redirect": self.redirect,
             "handled_by_support": self.handled_by_support, "missing": list(self.missing),
             "response_due": self.response_due.isoformat() if self.response_due else None,
-            "evidence": [e.to_json() for e in self.evidence],
+            "evidence": [e.to_json() for e in self.evidence], "emergency": self.emergency,
+            "contact": self.contact.to_json() if self.contact else None,
         }
 
 
 # -- the pipeline's entry point -------------------------------------------------
 
 def decide(mail: ParsedMail, *, mailbox_address: str, mailbox_govcloud: bool,
-           rules: RulesConfig, directory: CustomerDirectory, now: datetime) -> Decision:
+           rules: RulesConfig, directory: CustomerDirectory, now: datetime,
+           mailbox_emergency: bool = False) -> Decision:
     """Every rules-stage decision for a new ticket, with its evidence."""
     domain = normalize_address(mail.sender).rpartition("@")[2]
     found = directory.lookup(domain) if domain else None
     region, region_ev = _region(mail, mailbox_address, found, rules)
     govcloud, gov_ev = _govcloud(mail, mailbox_address, mailbox_govcloud, domain, found, rules)
     priority, prio_ev = _priority(mail, rules)
+    urgent = _emergency(mail, mailbox_address, mailbox_emergency)
+    if urgent is not None:
+        priority, prio_ev = 1, [urgent, *prio_ev]
     redirect, red_ev = _redirect(mail, rules)
     missing, missing_ev = _missing(mail, found, rules)
-    plan, due, sla_ev = _sla(found, priority, region, redirect, rules, now)
+    contact = contacts.standing(found[0], mail.sender, now.date()) if found and mail.sender else None
+    contact_ev = [Evidence("contact", f"contact.{contact.rank}", contact.why)] if contact else []
+    plan, due, sla_ev = _sla(found, priority, region, redirect, rules, now,
+                             around_the_clock=urgent is not None,
+                             certified=contact is not None and contact.rank == contacts.CERTIFIED)
     return Decision(
         region=region, govcloud=govcloud, priority=priority,
         queue=GOVCLOUD_QUEUE if govcloud else region, plan=plan, redirect=redirect,
         missing=missing, response_due=due,
-        evidence=(*region_ev, *gov_ev, *prio_ev, *red_ev, *missing_ev, *sla_ev),
+        evidence=(*region_ev, *gov_ev, *prio_ev, *red_ev, *missing_ev, *contact_ev, *sla_ev),
+        emergency=urgent is not None, contact=contact,
     )
+
+
+def _emergency(mail: ParsedMail, mailbox_address: str, mailbox_emergency: bool) -> Evidence | None:
+    """HKN's emergency ticket type: the emergency address, a type line or the wording."""
+    if mailbox_emergency:
+        return Evidence("priority", "priority.emergency", f"mail to the emergency address {mailbox_address}")
+    found = process.emergency(f"{mail.subject}\n{mail.reply_text}")
+    if found is None:
+        return None
+    return Evidence("priority", "priority.emergency", f"{found.language} {found.phrase!r}: emergency, P1 24/7")
 
 
 # -- text helpers -------------------------------------------------------------
@@ -551,7 +575,8 @@ def _find_required(name: str, mail: ParsedMail, found: tuple[Customer, str] | No
 # -- first-response target -----------------------------------------------------
 
 def _sla(found: tuple[Customer, str] | None, priority: int, region: str, redirect: str | None,
-         rules: RulesConfig, now: datetime) -> tuple[str, datetime | None, list[Evidence]]:
+         rules: RulesConfig, now: datetime,
+         around_the_clock: bool = False, certified: bool = False) -> tuple[str, datetime | None, list[Evidence]]:
     if found is not None and found[0].plan in rules.plans:
         customer, domain = found
         plan = str(customer.plan)
@@ -563,11 +588,13 @@ def _sla(found: tuple[Customer, str] | None, priority: int, region: str, redirec
     if redirect is not None:
         return plan, None, [plan_ev, Evidence("sla", "sla.redirected",
                                               f"redirected to {redirect}: no support target")]
-    target = rules.plans[plan].target(priority)
+    target = rules.plans[plan].target(priority, certified=certified)
+    if certified and priority in rules.plans[plan].certified:
+        plan_ev = Evidence(plan_ev.part, plan_ev.rule, plan_ev.detail + "; certified administrator's target")
     if target is None:
         return plan, None, [plan_ev, Evidence(
             "sla", "sla.no_target", f"plan {plan} has no first-response target for P{priority}")]
-    calendar = None if target.around_the_clock else rules.hours[region]
+    calendar = None if target.around_the_clock or around_the_clock else rules.hours[region]
     due = response_due(now, target.hours, calendar)
     rule, clock = (("sla.around_the_clock", "") if calendar is None else
                    ("sla.business_hours", f" on the {region} calendar ({calendar.describe()})"))

@@ -20,7 +20,7 @@ import itertools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import date, time
+from datetime import date, datetime, time
 from types import MappingProxyType
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -108,8 +108,12 @@ class Plan:
     name: str
     targets: Mapping[int, Target]            # priority → first-response target; absent = none
     description: str = ""
+    # Kaseya: certified administrators ranked first, with a shorter target where set
+    certified: Mapping[int, Target] = field(default_factory=dict)
 
-    def target(self, priority: int) -> Target | None:
+    def target(self, priority: int, *, certified: bool = False) -> Target | None:
+        if certified and priority in self.certified:
+            return self.certified[priority]
         return self.targets.get(priority)
 
 
@@ -121,6 +125,21 @@ class Customer:
     plan: str | None = None
     govcloud: bool = False
     language: str | None = None              # en, de, ja: the language support answers in
+    # Kaseya's authorised contacts: who may open tickets for the organisation
+    contacts: tuple[str, ...] = ()           # addresses, lower case
+    contacts_policy: str = "open"            # open | flag | restrict (CONTACT_POLICIES)
+    certified: tuple[Certified, ...] = ()    # certified administrators: authorised, ranked first
+
+
+CONTACT_POLICIES = ("open", "flag", "restrict")
+
+
+@dataclass(frozen=True)
+class Certified:
+    """A certified administrator of a customer, until the certificate expires."""
+
+    address: str
+    expires: date                            # the last day the certificate counts
 
 
 @dataclass(frozen=True)
@@ -584,17 +603,24 @@ def _plans(p: _Problems, raw: Any, d: Mapping[str, Plan]) -> Mapping[str, Plan]:
         pt = p.table(key, value)
         if pt is None:
             continue
-        p.unknown(key, pt, ("description", "p1", "p2", "p3", "p4"))
-        targets = {}
-        for n in range(1, 5):
-            if f"p{n}" in pt and (target := _target(p, f"{key}.p{n}", pt[f"p{n}"])) is not None:
-                targets[n] = target
+        p.unknown(key, pt, ("description", "p1", "p2", "p3", "p4", "certified"))
+        targets = _targets(p, key, pt)
+        certified = p.table(f"{key}.certified", pt.get("certified", {})) or {}
+        p.unknown(f"{key}.certified", certified, ("p1", "p2", "p3", "p4"))
         description = pt.get("description", "")
         if not isinstance(description, str):
             p.fail(f"{key}.description", f"expected a string, got {description!r}")
             description = ""
-        out[name] = Plan(name, _frozen(targets), description)
+        out[name] = Plan(name, _frozen(targets), description, _frozen(_targets(p, f"{key}.certified", certified)))
     return _frozen(out)
+
+
+def _targets(p: _Problems, key: str, t: Mapping[str, Any]) -> dict[int, Target]:
+    targets = {}
+    for n in range(1, 5):
+        if f"p{n}" in t and (target := _target(p, f"{key}.p{n}", t[f"p{n}"])) is not None:
+            targets[n] = target
+    return targets
 
 
 def _target(p: _Problems, key: str, raw: Any) -> Target | None:
@@ -740,7 +766,8 @@ def _customer(p: _Problems, key: str, raw: Any, plans: Mapping[str, Plan]) -> Cu
     t = p.table(key, raw)
     if t is None:
         return None
-    p.unknown(key, t, ("organisation", "domains", "region", "plan", "govcloud", "language"))
+    p.unknown(key, t, ("organisation", "domains", "region", "plan", "govcloud", "language",
+                       "contacts", "contacts_policy", "certified"))
     before = len(p.items)
     organisation = p.string(f"{key}.organisation", t.get("organisation"))
     domains = p.strings(f"{key}.domains", t.get("domains"))
@@ -754,8 +781,41 @@ def _customer(p: _Problems, key: str, raw: Any, plans: Mapping[str, Plan]) -> Cu
     language = p.string(f"{key}.language", t["language"]) if "language" in t else None
     if language is not None and language not in SUPPORTED_LANGUAGES:
         p.fail(f"{key}.language", f"expected one of {', '.join(SUPPORTED_LANGUAGES)}, got {language!r}")
+    contacts = p.strings(f"{key}.contacts", t.get("contacts", [])) or ()
+    policy = t.get("contacts_policy", "open")
+    if policy not in CONTACT_POLICIES:
+        p.fail(f"{key}.contacts_policy", f"expected one of {', '.join(CONTACT_POLICIES)}, got {policy!r}")
+    certified = _certified(p, f"{key}.certified", t.get("certified", []))
     if len(p.items) > before or organisation is None or not domains:
         return None
     return Customer(organisation=organisation.strip(),
                     domains=tuple(x.lower().strip(".") for x in domains),
-                    region=region, plan=plan, govcloud=bool(govcloud), language=language)
+                    region=region, plan=plan, govcloud=bool(govcloud), language=language,
+                    contacts=tuple(normalize_address(a) for a in contacts), contacts_policy=policy,
+                    certified=certified)
+
+
+def _certified(p: _Problems, key: str, raw: Any) -> tuple[Certified, ...]:
+    """`certified = [{address = "...", expires = 2027-06-30}, ...]` (a TOML date or "YYYY-MM-DD")."""
+    if not isinstance(raw, list):
+        p.fail(key, f"expected a list of {{address, expires}} tables, got {raw!r}")
+        return ()
+    out = []
+    for i, entry in enumerate(raw):
+        t = p.table(f"{key}[{i}]", entry)
+        if t is None:
+            continue
+        p.unknown(f"{key}[{i}]", t, ("address", "expires"))
+        address = p.string(f"{key}[{i}].address", t.get("address"))
+        expires = t.get("expires")
+        if isinstance(expires, str):
+            try:
+                expires = date.fromisoformat(expires)
+            except ValueError:
+                pass
+        if isinstance(expires, datetime) or not isinstance(expires, date):
+            p.fail(f"{key}[{i}].expires", f"expected a date like 2027-06-30, got {expires!r}")
+            continue
+        if address is not None:
+            out.append(Certified(normalize_address(address), expires))
+    return tuple(out)

@@ -13,6 +13,7 @@ between two business days shifts nothing by an hour.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -61,21 +62,26 @@ def response_due(start: datetime, hours: float, calendar: BusinessCalendar | Non
     remaining = timedelta(hours=hours)
     if calendar is None:
         return begin + remaining
+    for opens, closes in _open_spans(begin, calendar):
+        counting_from = max(opens, begin)
+        if counting_from < closes:
+            available = closes - counting_from
+            if remaining <= available:
+                return counting_from + remaining
+            remaining -= available
+    raise ValueError(f"no open business day within {MAX_SEARCH_DAYS} days: {calendar.describe()}")
+
+
+def _open_spans(begin: datetime, calendar: BusinessCalendar) -> Iterator[tuple[datetime, datetime]]:
+    """Opening and closing moments (UTC) of the business days from `begin`'s day on."""
     tz = ZoneInfo(calendar.timezone)
     closed_days = _holidays(calendar)
     day = begin.astimezone(tz).date()
     for _ in range(MAX_SEARCH_DAYS):
         if is_business_day(day, calendar, closed_days):
-            opens = datetime.combine(day, calendar.start, tz).astimezone(UTC)
-            closes = datetime.combine(day, calendar.end, tz).astimezone(UTC)
-            counting_from = max(opens, begin)
-            if counting_from < closes:
-                available = closes - counting_from
-                if remaining <= available:
-                    return counting_from + remaining
-                remaining -= available
+            yield (datetime.combine(day, calendar.start, tz).astimezone(UTC),
+                   datetime.combine(day, calendar.end, tz).astimezone(UTC))
         day += timedelta(days=1)
-    raise ValueError(f"no open business day within {MAX_SEARCH_DAYS} days: {calendar.describe()}")
 
 
 def is_business_day(day: date, calendar: BusinessCalendar,
@@ -108,3 +114,12 @@ def _holidays(calendar: BusinessCalendar) -> holidays.HolidayBase | None:
     language = next((lang for lang in HOLIDAY_LANGUAGES if lang in supported), None)
     return holidays.country_holidays(calendar.holiday_country, subdiv=calendar.holiday_subdivision,
                                      language=language)
+
+
+def next_open(at: datetime, calendar: BusinessCalendar) -> datetime:
+    """When the desk is next open at or after `at` (`at` itself when it is open now)."""
+    begin = at.astimezone(UTC)
+    for opens, closes in _open_spans(begin, calendar):
+        if begin < closes:
+            return max(opens, begin)
+    raise ValueError(f"no open business day within {MAX_SEARCH_DAYS} days: {calendar.describe()}")

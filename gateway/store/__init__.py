@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.clock import system_clock
-from gateway.model import Attachment, Status, Ticket, domain_of, mailbox_of
+from gateway.model import AUTO_ANSWER_KINDS, Attachment, Status, Ticket, domain_of, mailbox_of
 from gateway.store.drivers import PostgresDriver, SQLiteDriver, StoreConflict, StoreUnavailable, connect
 
 BUSY_TIMEOUT_MS = 5000
+SEARCH_SCAN = 1000        # matching messages `Store.search` reads at most, newest first
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the walking skeleton
@@ -202,6 +203,74 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE settings SET value = '0' WHERE name = 'ticket_token_secret';
     DELETE FROM settings WHERE name = 'ticket_token_secret';
     """,
+    # 12: what each requester mailbox and domain cost, per minute (issue 21): the loop
+    # caps read at most the hour's 61 rows of two keys, not every ticket of the hour
+    # (counts start from zero at the upgrade: at most one hour more than the caps allow)
+    """
+    CREATE TABLE sender_load (
+        scope   TEXT NOT NULL,             -- 'mailbox:<address>' | 'domain:<domain>'
+        minute  TEXT NOT NULL,             -- UTC, 'YYYY-MM-DDTHH:MM'
+        tickets INTEGER NOT NULL DEFAULT 0,
+        answers INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, minute)
+    );
+    CREATE INDEX sender_load_minute ON sender_load(minute);
+    """,
+    # 13: escalation tiers (issue 17): who owns an escalated ticket, where it went,
+    # the owner's reminders, and the ticket's record of process rules applied
+    """
+    ALTER TABLE tickets ADD COLUMN tier INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE tickets ADD COLUMN owner TEXT;
+    ALTER TABLE tickets ADD COLUMN escalated_at TEXT;
+    ALTER TABLE tickets ADD COLUMN escalated_by TEXT;
+    ALTER TABLE tickets ADD COLUMN escalation_queue TEXT;
+    ALTER TABLE tickets ADD COLUMN customer_told_at TEXT;
+    ALTER TABLE tickets ADD COLUMN contact_due_at TEXT;
+    ALTER TABLE tickets ADD COLUMN manual_close_due_at TEXT;
+    CREATE INDEX tickets_contact_due ON tickets(contact_due_at) WHERE contact_due_at IS NOT NULL;
+    CREATE INDEX tickets_manual_close_due ON tickets(manual_close_due_at)
+        WHERE manual_close_due_at IS NOT NULL;
+    CREATE TABLE ticket_events (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        ticket_id INTEGER NOT NULL REFERENCES tickets(id),
+        at        TEXT NOT NULL,
+        rule      TEXT NOT NULL,
+        detail    TEXT NOT NULL
+    );
+    CREATE INDEX ticket_events_ticket ON ticket_events(ticket_id, id);
+    """,
+    # 14: emergency tickets (issue 17): priority 1 on a 24/7 clock
+    """
+    ALTER TABLE tickets ADD COLUMN emergency INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 15: authorised contacts (issue 17): the requester's standing with its organisation
+    """
+    ALTER TABLE tickets ADD COLUMN contact TEXT NOT NULL DEFAULT '';
+    """,
+    # 16: `gateway tickets search` (issue 20): the mail received on a ticket (subject,
+    # text) and each ticket's subject and requester, full-text indexed. SQLite keeps
+    # FTS5 tables without a copy of the text (content=''), fed by triggers; PostgreSQL
+    # GIN indexes over the same text. Each message counts with its first 64 KiB: a
+    # 20 MB mail costs no more to index than that, and PostgreSQL's tsvector limit
+    # (1 MB) is never reached. The /*sqlite*/ and /*postgresql*/ marks say which
+    # store runs a statement (gateway.store.drivers.statements).
+    """
+    /*sqlite*/ CREATE VIRTUAL TABLE message_search USING fts5(text, content='');
+    /*sqlite*/ CREATE VIRTUAL TABLE ticket_search USING fts5(text, content='');
+    /*sqlite*/ INSERT INTO message_search (rowid, text)
+        SELECT id, substr(subject || ' ' || body_text, 1, 65536) FROM messages WHERE direction = 'in';
+    /*sqlite*/ INSERT INTO ticket_search (rowid, text) SELECT id, subject || ' ' || requester FROM tickets;
+    /*sqlite*/ CREATE TRIGGER messages_search AFTER INSERT ON messages WHEN new.direction = 'in' BEGIN
+        INSERT INTO message_search (rowid, text) VALUES (new.id, substr(new.subject || ' ' || new.body_text, 1, 65536));
+    END;
+    /*sqlite*/ CREATE TRIGGER tickets_search AFTER INSERT ON tickets BEGIN
+        INSERT INTO ticket_search (rowid, text) VALUES (new.id, new.subject || ' ' || new.requester);
+    END;
+    /*postgresql*/ CREATE INDEX messages_search ON messages USING GIN (
+        (to_tsvector('simple', left(subject || ' ' || body_text, 65536)))) WHERE direction = 'in';
+    /*postgresql*/ CREATE INDEX tickets_search ON tickets USING GIN (
+        (to_tsvector('simple', subject || ' ' || requester || ' ' || translate(requester, '@.+', '   '))));
+    """,
 )
 
 LEGACY_SECRET = "ticket_token_secret"     # the setting migration 6 kept the secret in
@@ -227,6 +296,11 @@ def iso_ms(dt: datetime) -> str:
     """Lease ends, to the millisecond: a lease of a few seconds must not lose
     most of a second to rounding (compared only with each other)."""
     return dt.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def _minute(dt: datetime) -> str:
+    """The UTC minute of `dt`, as `sender_load` keys it: 'YYYY-MM-DDTHH:MM'."""
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M")
 
 
 def from_iso(value: str | None) -> datetime | None:
@@ -259,7 +333,9 @@ class OutboxItem:
 _TICKET_COLS = ("id, subject, status, requester, cc, region, govcloud, priority, mailbox, "
                 "linked_ticket, created_at, first_response_at, resolved_at, closed_at, escalated, "
                 "reminder_due_at, autoclose_due_at, close_due_at, undeliverable, plan, "
-                "response_due_at, sla_warned_at, missing, redirect, language")
+                "response_due_at, sla_warned_at, missing, redirect, language, tier, owner, "
+                "escalated_at, escalated_by, escalation_queue, customer_told_at, contact_due_at, "
+                "manual_close_due_at, emergency, contact")
 
 
 def _ticket(row: Sequence[Any]) -> Ticket:
@@ -272,7 +348,10 @@ def _ticket(row: Sequence[Any]) -> Ticket:
         autoclose_due_at=from_iso(row[16]), close_due_at=from_iso(row[17]),
         undeliverable=tuple(json.loads(row[18])), plan=row[19], response_due_at=from_iso(row[20]),
         sla_warned_at=from_iso(row[21]), missing=tuple(json.loads(row[22])), redirect=row[23],
-        language=row[24],
+        language=row[24], tier=row[25], owner=row[26], escalated_at=from_iso(row[27]),
+        escalated_by=row[28], escalation_queue=row[29], customer_told_at=from_iso(row[30]),
+        contact_due_at=from_iso(row[31]), manual_close_due_at=from_iso(row[32]),
+        emergency=bool(row[33]), contact=row[34],
     )
 
 
@@ -285,6 +364,7 @@ class Tx:
 
     def __init__(self, db: Driver):
         self.db = db
+        self._requesters: dict[int, tuple[str, str]] = {}   # tickets made here: requester mailbox, domain
 
     async def _insert(self, sql: str, params: Sequence[Any]) -> int:
         rows = await self.db.fetch(sql + " RETURNING id", params)
@@ -330,10 +410,13 @@ class Tx:
             " ON CONFLICT (message_id) DO NOTHING RETURNING message_id", (message_id + " *",))
         return "new" if seen else "reused"
 
-    async def release_inbound_message(self, message_id: str) -> None:
-        """A mail that ended in quarantine gives its Message-ID back: a retry,
-        or the sender's next attempt, is not a duplicate."""
-        await self.db.execute("DELETE FROM inbound_message_ids WHERE message_id = ?", (message_id,))
+    async def release_inbound_message(self, message_id: str, digest: str = "") -> None:
+        """A mail that ended in quarantine gives its key back (`claim_inbound_message`:
+        the Message-ID plus `digest`, and the Message-ID's seen mark): a retry, or
+        the sender's next attempt, is not a duplicate."""
+        keys = (message_id, f"{message_id} {digest}", f"{message_id} *") if digest else (message_id,)
+        await self.db.execute(f"DELETE FROM inbound_message_ids WHERE message_id IN ({','.join('?' * len(keys))})",
+                              keys)
 
     # -- threading -------------------------------------------------------
     async def tickets_of_messages(self, message_ids: Sequence[str]) -> dict[str, int]:
@@ -350,6 +433,14 @@ class Tx:
         """The ticket, locked until this transaction ends (another instance's
         transaction on it waits, then sees what this one wrote)."""
         return await _fetch_ticket(self.db, ticket_id, lock=True)
+
+    async def open_tickets_of(self, requester: str, since: datetime, limit: int = 20) -> list[Ticket]:
+        """The requester's open and pending tickets created since `since`, newest
+        first (one ticket per problem; the tickets_requester index)."""
+        rows = await self._all(
+            f"SELECT {_TICKET_COLS} FROM tickets WHERE requester = ? AND created_at >= ?"
+            " AND status IN ('open', 'pending') ORDER BY id DESC LIMIT ?", (requester, iso(since), limit))
+        return [_ticket(r) for r in rows]
 
     async def customer_thread(self, ticket_id: int, customer_kinds: Sequence[str]) -> list[str]:
         """Message-IDs of what the customer saw and wrote, oldest first."""
@@ -368,8 +459,12 @@ class Tx:
                                " SELECT id FROM tickets WHERE close_due_at <= ?"
                                " AND close_due_at IS NOT NULL UNION"
                                " SELECT id FROM tickets WHERE response_due_at <= ? AND sla_warned_at IS NULL"
-                               " AND first_response_at IS NULL AND response_due_at IS NOT NULL"
-                               " ORDER BY 1 LIMIT ?", (t, t, t, t, limit))
+                               " AND first_response_at IS NULL AND response_due_at IS NOT NULL UNION"
+                               " SELECT id FROM tickets WHERE contact_due_at <= ?"
+                               " AND contact_due_at IS NOT NULL UNION"
+                               " SELECT id FROM tickets WHERE manual_close_due_at <= ?"
+                               " AND manual_close_due_at IS NOT NULL"
+                               " ORDER BY 1 LIMIT ?", (t, t, t, t, t, t, limit))
         return [r[0] for r in rows]
 
     # -- tickets and messages -------------------------------------------
@@ -378,28 +473,32 @@ class Tx:
                             linked_ticket: int | None, now: datetime, plan: str = "",
                             response_due_at: datetime | None = None, missing: Sequence[str] = (),
                             redirect: str | None = None, language: str = "en",
-                            decision: dict[str, Any] | None = None) -> Ticket:
+                            decision: dict[str, Any] | None = None, emergency: bool = False,
+                            contact: str = "") -> Ticket:
         ticket_id = await self._insert(
             "INSERT INTO tickets (subject, status, requester, cc, region, govcloud, priority,"
             " mailbox, linked_ticket, created_at, updated_at, plan, response_due_at, missing,"
-            " redirect, decision, language, requester_mailbox, requester_domain)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " redirect, decision, language, requester_mailbox, requester_domain, emergency, contact)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (subject, Status.OPEN.value, requester, json.dumps(list(cc)), region, int(govcloud),
              priority, mailbox, linked_ticket, iso(now), iso(now), plan, iso(response_due_at),
              json.dumps(list(missing)), redirect, json.dumps(decision) if decision else None,
-             language, mailbox_of(requester), domain_of(requester)))
+             language, mailbox_of(requester), domain_of(requester), int(emergency), contact))
+        self._requesters[ticket_id] = (mailbox_of(requester), domain_of(requester))
+        await self._add_load(self._requesters[ticket_id], now, tickets=1)
         # the row as written (times at the stored one-second precision), without reading it back
         return Ticket(id=ticket_id, subject=subject, status=Status.OPEN, requester=requester,
                       cc=tuple(cc), region=region, govcloud=govcloud, priority=priority,
                       mailbox=mailbox, linked_ticket=linked_ticket,
                       created_at=from_iso(iso(now)), plan=plan,  # type: ignore[arg-type]
                       response_due_at=from_iso(iso(response_due_at)), missing=tuple(missing),
-                      redirect=redirect, language=language)
+                      redirect=redirect, language=language, emergency=emergency, contact=contact)
 
     async def update_ticket(self, ticket_id: int, now: datetime, **fields: Any) -> None:
         allowed = {"status", "cc", "priority", "first_response_at", "resolved_at", "closed_at",
                    "escalated", "reminder_due_at", "autoclose_due_at", "close_due_at", "undeliverable",
-                   "sla_warned_at"}
+                   "sla_warned_at", "tier", "owner", "escalated_at", "escalated_by",
+                   "escalation_queue", "customer_told_at", "contact_due_at", "manual_close_due_at"}
         assert set(fields) <= allowed, set(fields) - allowed
         values = [json.dumps(list(v)) if k in ("cc", "undeliverable")
                   else iso(v) if isinstance(v, datetime)
@@ -412,6 +511,8 @@ class Tx:
                           recipients: Sequence[str], cc: Sequence[str] = (), subject: str,
                           message_id: str, body_text: str, reply_text: str, now: datetime,
                           inbound_id: int | None = None) -> int:
+        if direction == "out" and kind in AUTO_ANSWER_KINDS:
+            await self._add_load(await self._requester(ticket_id), now, answers=1)
         return await self._insert(
             "INSERT INTO messages (ticket_id, direction, kind, sender, recipients, cc, subject,"
             " message_id, body_text, reply_text, created_at, inbound_id)"
@@ -425,6 +526,18 @@ class Tx:
             " content_id) VALUES (?,?,?,?,?,?,?)",
             [(message_row, i, a.filename, a.content_type, a.size, a.sha256, a.content_id)
              for i, a in enumerate(attachments)])
+
+    async def last_message_at(self, ticket_id: int, kinds: Sequence[str]) -> datetime | None:
+        """When the ticket's latest message of one of `kinds` was recorded."""
+        marks = ",".join("?" * len(kinds))
+        rows = await self._all(f"SELECT max(created_at) FROM messages WHERE ticket_id = ? AND kind IN ({marks})",
+                               (ticket_id, *kinds))
+        return from_iso(rows[0][0]) if rows else None
+
+    async def add_event(self, ticket_id: int, now: datetime, rule: str, detail: dict[str, Any]) -> None:
+        """Record a process rule applied to the ticket, with its evidence (`tickets show`)."""
+        await self.db.execute("INSERT INTO ticket_events (ticket_id, at, rule, detail) VALUES (?,?,?,?)",
+                              (ticket_id, iso(now), rule, json.dumps(detail, ensure_ascii=False)))
 
     # -- outbox ----------------------------------------------------------
     async def enqueue(self, *, message_row: int, ticket_id: int, kind: str, relay: str,
@@ -451,28 +564,44 @@ class Tx:
             (ticket_id, address, iso(now), iso(since)))
         return bool(rows)
 
-    async def sender_counts(self, mailbox: str, domain: str, since: datetime,
-                            kinds: Sequence[str]) -> SenderCounts:
-        """Tickets opened since `since` by one requester mailbox and by one
-        domain, and the automatic answers (`kinds`) sent on them, in one query.
+    async def _requester(self, ticket_id: int) -> tuple[str, str]:
+        found = self._requesters.get(ticket_id)
+        if found is None:
+            rows = await self._all("SELECT requester_mailbox, requester_domain FROM tickets WHERE id = ?",
+                                   (ticket_id,))
+            found = (str(rows[0][0] or ""), str(rows[0][1] or "")) if rows else ("", "")
+        return found
 
-        An acknowledgement is only ever queued when a ticket is created, to its
-        requester, so the (requester_mailbox | requester_domain, created_at)
-        indexes narrow this to the tickets of the window and messages_ticket
-        finds their answers: cheap per new ticket.
+    async def _add_load(self, requester: tuple[str, str], now: datetime, *, tickets: int = 0,
+                        answers: int = 0) -> None:
+        minute = _minute(now)
+        await self.db.executemany(
+            "INSERT INTO sender_load (scope, minute, tickets, answers) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (scope, minute) DO UPDATE SET tickets = sender_load.tickets + excluded.tickets,"
+            " answers = sender_load.answers + excluded.answers",
+            [(f"mailbox:{requester[0]}", minute, tickets, answers),
+             (f"domain:{requester[1]}", minute, tickets, answers)])
+
+    async def sender_counts(self, mailbox: str, domain: str, since: datetime) -> SenderCounts:
+        """Tickets opened since `since` by one requester mailbox and by one
+        domain, and the automatic answers (`AUTO_ANSWER_KINDS`) queued on them.
+
+        Read from the per-minute `sender_load` counters written with each ticket
+        and answer: at most the window's minutes of two keys, whatever the
+        sender's history (a count over the hour's tickets grew with every mail
+        of a busy sender, issue 21). `since` counts from the start of its minute.
         """
-        marks = ",".join("?" * len(kinds))
-        answers = (f"SELECT count(*) FROM messages WHERE direction = 'out' AND kind IN ({marks})"
-                   " AND created_at >= ? AND ticket_id IN (SELECT id FROM tickets WHERE created_at >= ?"
-                   " AND requester_{} = ?)")
-        tickets = "SELECT count(*) FROM tickets WHERE created_at >= ? AND requester_{} = ?"
-        since_s = iso(since)
         rows = await self._all(
-            f"SELECT ({tickets.format('mailbox')}), ({tickets.format('domain')}),"
-            f" ({answers.format('mailbox')}), ({answers.format('domain')})",
-            (since_s, mailbox, since_s, domain, *kinds, since_s, since_s, mailbox,
-             *kinds, since_s, since_s, domain))
-        return SenderCounts(*(int(v) for v in rows[0]))
+            "SELECT scope, sum(tickets), sum(answers) FROM sender_load WHERE scope IN (?, ?) AND minute >= ?"
+            " GROUP BY scope", (f"mailbox:{mailbox}", f"domain:{domain}", _minute(since)))
+        found = {str(scope): (int(t or 0), int(a or 0)) for scope, t, a in rows}
+        by_mailbox, by_domain = found.get(f"mailbox:{mailbox}", (0, 0)), found.get(f"domain:{domain}", (0, 0))
+        return SenderCounts(tickets_by_mailbox=by_mailbox[0], tickets_by_domain=by_domain[0],
+                            answers_to_mailbox=by_mailbox[1], answers_to_domain=by_domain[1])
+
+    async def forget_sender_load(self, before: datetime) -> int:
+        """Drop the counters of minutes before `before` (the scheduler, hourly)."""
+        return len(await self._all("DELETE FROM sender_load WHERE minute < ? RETURNING minute", (_minute(before),)))
 
     # -- quarantine ------------------------------------------------------
     async def is_quarantined(self, inbound_id: int) -> bool:
@@ -613,10 +742,52 @@ class Store:
             (iso(since) if since else "", iso(until) if until else "9999"))
         return [_ticket(r) for r in rows]
 
-    async def tickets(self, status: str | None = None) -> list[Ticket]:
+    async def tickets(self, status: str | None = None, *, certified_first: bool = False) -> list[Ticket]:
         where, params = ("WHERE status = ?", (status,)) if status else ("", ())
-        rows = await self._rows(f"SELECT {_TICKET_COLS} FROM tickets {where} ORDER BY id DESC", params)
+        order = "CASE WHEN contact = 'certified' THEN 0 ELSE 1 END, id DESC" if certified_first else "id DESC"
+        rows = await self._rows(f"SELECT {_TICKET_COLS} FROM tickets {where} ORDER BY {order}", params)
         return [_ticket(r) for r in rows]
+
+    async def search(self, terms: Sequence[str], limit: int) -> list[Ticket]:
+        """Tickets whose received mail (subject, text) or whose subject and requester
+        hold every one of `terms`, newest first, at most `limit`.
+
+        Bounded: each index is read newest first and stops after `SEARCH_SCAN`
+        messages and `limit` tickets (a word in every mail costs no more than a rare
+        one); the tickets are then read by primary key."""
+        if not terms:
+            return []
+        if self.dialect == "sqlite":
+            # every term a quoted FTS5 string: the user's text is never query syntax
+            match = " ".join('"' + t.replace('"', '""') + '"' for t in terms)
+            found = await self._rows(
+                "SELECT m.ticket_id FROM messages m WHERE m.id IN (SELECT rowid FROM message_search"
+                " WHERE message_search MATCH ? ORDER BY rowid DESC LIMIT ?)"
+                " UNION SELECT id FROM (SELECT rowid AS id FROM ticket_search WHERE ticket_search MATCH ?"
+                " ORDER BY rowid DESC LIMIT ?)", (match, SEARCH_SCAN, match, limit))
+        else:
+            # PostgreSQL's parser keeps an address or host name as one word, FTS5 splits
+            # it: either form matches, so that "example.com" finds what it finds there
+            query = " ".join(terms)
+            tsquery = ("(plainto_tsquery('simple', ?) || plainto_tsquery('simple', translate(?, '@.+', '   ')))")
+            found = await self._rows(
+                "SELECT m.ticket_id FROM messages m WHERE m.id IN (SELECT id FROM messages"
+                " WHERE direction = 'in' AND to_tsvector('simple', left(subject || ' ' || body_text, 65536))"
+                f" @@ {tsquery} ORDER BY id DESC LIMIT ?)"
+                " UNION SELECT id FROM (SELECT id FROM tickets WHERE to_tsvector('simple', subject || ' '"
+                f" || requester || ' ' || translate(requester, '@.+', '   ')) @@ {tsquery}"
+                " ORDER BY id DESC LIMIT ?) t", (query, query, SEARCH_SCAN, query, query, limit))
+        ids = sorted({int(r[0]) for r in found}, reverse=True)[:limit]
+        if not ids:
+            return []
+        rows = await self._rows(f"SELECT {_TICKET_COLS} FROM tickets WHERE id IN ({','.join('?' * len(ids))})"
+                                " ORDER BY id DESC", ids)
+        return [_ticket(r) for r in rows]
+
+    async def decision(self, ticket_id: int) -> dict[str, Any] | None:
+        """The rules stage's decision with its evidence, as stored when the ticket was made."""
+        rows = await self._rows("SELECT decision FROM tickets WHERE id = ?", (ticket_id,))
+        return json.loads(rows[0][0]) if rows and rows[0][0] else None
 
     async def messages(self, ticket_id: int) -> list[dict[str, Any]]:
         rows = await self._rows(
@@ -634,6 +805,11 @@ class Store:
                  "cc": json.loads(r[5]), "subject": r[6], "message_id": r[7], "body_text": r[8],
                  "reply_text": r[9], "created_at": r[10], "attachments": by_row.get(r[0], [])}
                 for r in rows]
+
+    async def events(self, ticket_id: int) -> list[dict[str, Any]]:
+        rows = await self._rows("SELECT at, rule, detail FROM ticket_events WHERE ticket_id = ?"
+                                " ORDER BY id", (ticket_id,))
+        return [{**json.loads(r[2]), "at": r[0], "rule": r[1]} for r in rows]
 
     async def inbound_raw(self, inbound_id: int) -> tuple[bytes | None, str | None]:
         rows = await self._rows("SELECT raw, raw_path FROM inbound WHERE id = ?", (inbound_id,))
@@ -671,7 +847,7 @@ class Store:
 
     async def claim_holders(self) -> list[str]:
         """Who holds claims on queued rows or leases now (for taking back a dead one's)."""
-        # once per process start, over the queued rows' index (migration 8), not per mail
+        # once per process start, over the queued rows' index (migration 10), not per mail
         rows = await self._rows("SELECT DISTINCT claimed_by FROM outbox WHERE state = 'queued'"
                                 " AND claimed_by IS NOT NULL")
         rows += await self._rows("SELECT DISTINCT holder FROM leases")

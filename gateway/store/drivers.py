@@ -250,7 +250,7 @@ class PostgresDriver:
             version = int(rows[0][0]) if rows else 0
             _check_version(version, migrations)
             for number, script in enumerate(migrations[version:], start=version + 1):
-                for statement in statements(script):
+                for statement in statements(script, self.dialect):
                     await self.execute(postgres_ddl(statement))
                 await self.execute("UPDATE schema_version SET version = ?", (number,))
             await self.commit()
@@ -302,15 +302,26 @@ def _check_version(version: int, migrations: Sequence[str]) -> None:
             f"the database is at schema {version}, newer than this gateway ({len(migrations)})")
 
 
-def statements(script: str) -> list[str]:
-    """Split a migration script into statements (`executescript` would commit)."""
+_ONLY = re.compile(r"/\*(sqlite|postgresql)\*/\s*")
+
+
+def statements(script: str, dialect: str = "sqlite") -> list[str]:
+    """Split a migration script into statements (`executescript` would commit).
+    A statement marked `/*sqlite*/` or `/*postgresql*/` runs only on that store
+    (full-text search is FTS5 on one, tsvector on the other)."""
     out, buf = [], ""
     for line in script.splitlines():
         buf += line.split("--", 1)[0] + "\n"
         if sqlite3.complete_statement(buf):
             out.append(buf.strip())
             buf = ""
-    return [s for s in out if s]
+    kept = []
+    for s in out:
+        only = _ONLY.match(s)
+        if only and only.group(1) != dialect:
+            continue
+        kept.append(s[only.end():] if only else s)
+    return [s for s in kept if s]
 
 
 async def connect(url: str, busy_timeout_ms: int) -> SQLiteDriver | PostgresDriver:
