@@ -25,7 +25,7 @@ from gateway.clock import fixed_clock, system_clock
 from gateway.config import Config, ConfigError, environment_problems, load
 from gateway.desk import stats
 from gateway.inbound import answers
-from gateway.model import Status, Ticket, search_terms
+from gateway.model import Status, Ticket, normalize_address, search_terms
 from gateway.ops import logs
 from gateway.outbound.tokens import open_store
 from gateway.store import Store, StoreUnavailable, iso
@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     tl = tsub.add_parser("list", parents=[common], help="one row per ticket, newest first")
     tl.add_argument("--status", choices=[s.value for s in Status])
     tl.add_argument("--json", action="store_true")
+    tl.add_argument("--assignee", metavar="ADDRESS", help="only the tickets assigned to (owned by) ADDRESS")
     tl.add_argument("--certified-first", action="store_true",
                     help="tickets of certified administrators first (Kaseya), each part newest first")
     tq = tsub.add_parser("search", parents=[common],
@@ -445,7 +446,8 @@ async def _tickets(config: Config, args: argparse.Namespace) -> int:
     store = await _open_existing(config)
     try:
         if args.tickets_command == "list":
-            rows = await store.tickets(args.status, certified_first=args.certified_first)
+            rows = await store.tickets(args.status, certified_first=args.certified_first,
+                                       assignee=normalize_address(args.assignee) if args.assignee else None)
             if args.json:
                 print(json.dumps([ticket_json(t) for t in rows], ensure_ascii=False))
             else:

@@ -269,7 +269,8 @@ def owner_reminder_due(ticket: Ticket, now: datetime) -> tuple[str, str] | None:
 
 # -- commands at the top of a staff reply -----------------------------------
 
-COMMANDS = ("note", "status", "priority", "escalate", "customer", "cc", "uncc", "answer", "help")
+COMMANDS = ("note", "status", "priority", "escalate", "customer", "assign", "take", "unassign", "cc", "uncc",
+            "answer", "help")
 MAX_COMMAND_ADDRESSES = 20     # addresses one #cc / #uncc line may name
 
 
@@ -281,6 +282,9 @@ class StaffCommands:
     escalate: bool = False
     engineering: bool = False      # `#escalate engineering`: tier 3
     customer: bool = False         # `#customer`: an engineer's reply goes to the customer after all
+    assign: str | None = None      # `#assign ADDRESS` / `#take` (the sender): the new assignee
+    take: bool = False
+    unassign: bool = False         # `#unassign`: nobody owns the ticket any more
     cc: tuple[str, ...] = ()       # `#cc`: addresses to add as participants (normalized)
     uncc: tuple[str, ...] = ()     # `#uncc`: addresses to remove
     answer: str | None = None      # `#answer NAME`: the canned answer to insert
@@ -307,7 +311,8 @@ def command_addresses(word: str, arg: str) -> tuple[tuple[str, ...], str | None]
 
 def staff_commands(text: str) -> StaffCommands:
     """Read `#note`, `#status S`, `#priority N`, `#escalate [engineering]`, `#customer`,
-    `#cc A`, `#uncc A`, `#answer NAME`, `#help` from the lines at the top of a staff reply (blank lines between them allowed)."""
+    `#assign A`, `#take`, `#unassign`, `#cc A`, `#uncc A`, `#answer NAME`, `#help`
+    from the lines at the top of a staff reply (blank lines between them allowed)."""
     lines = text.replace("\r\n", "\n").split("\n")
     found: dict[str, object] = {}
     errors: list[str] = []
@@ -330,6 +335,14 @@ def staff_commands(text: str) -> StaffCommands:
             errors.append(f"#escalate takes nothing or 'engineering'; got {arg!r}")
         elif word == "customer" and not arg:
             found["customer"] = True
+        elif word in ("take", "unassign") and not arg:
+            found[word] = True
+        elif word == "assign":
+            addresses, error = command_addresses(word, arg)
+            if error or len(addresses) != 1:
+                errors.append(error or f"#assign takes one staff address; got {arg!r}")
+            else:
+                found["assign"] = addresses[0]
         elif word == "status":
             try:
                 found["status"] = Status(arg.lower())
@@ -359,9 +372,13 @@ def staff_commands(text: str) -> StaffCommands:
             errors.append(f"unknown command #{word} (known: {', '.join('#' + c for c in COMMANDS)})")
         i += 1
     rest = "\n".join(lines[i:]).strip()
+    if sum(bool(found.get(k)) for k in ("assign", "take", "unassign")) > 1:
+        errors.append("one of #assign, #take and #unassign per reply")
     return StaffCommands(note=bool(found.get("note")), status=found.get("status"),  # type: ignore[arg-type]
                          priority=found.get("priority"), escalate=bool(found.get("escalate")),  # type: ignore[arg-type]
                          engineering=bool(found.get("engineering")), customer=bool(found.get("customer")),
+                         assign=found.get("assign"), take=bool(found.get("take")),  # type: ignore[arg-type]
+                         unassign=bool(found.get("unassign")),
                          cc=tuple(found.get("cc", ())), uncc=tuple(found.get("uncc", ())),  # type: ignore[arg-type]
                          answer=found.get("answer"), help=bool(found.get("help")),  # type: ignore[arg-type]
                          errors=tuple(errors), text=rest)

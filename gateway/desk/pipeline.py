@@ -445,6 +445,9 @@ class Pipeline:
         cc, cc_errors = lifecycle.new_participants(
             ticket, cmds.cc, cmds.uncc, refused=self._not_a_participant,
             max_participants=self.config.limits.max_participants)
+        assignee, assign_error = self._assignee(ticket, cmds, sender)
+        if assign_error:
+            cc_errors = (*cc_errors, assign_error)
         if cc_errors:
             cmds = replace(cmds, errors=(*cmds.errors, *cc_errors))
         elif relay:
@@ -469,6 +472,9 @@ class Pipeline:
             changes["first_response_at"] = now
         if ticket.owner is None and (relay or cmds.escalate):
             changes["owner"] = sender         # the technician who answers owns the ticket
+        if assignee is not False and (assignee != ticket.owner or "owner" in changes):
+            changes["owner"] = assignee       # #assign, #take, #unassign: said, so it wins
+        previous_owner = ticket.owner
         if relay:
             changes.update(lifecycle.after_customer_contact(ticket, now, self.config.escalation,
                                                             by_staff=True))
@@ -478,6 +484,8 @@ class Pipeline:
             log.info("ticket.updated", ticket_id=ticket.id, by="staff",
                      fields=sorted(changes))
         queued = 0
+        if assignee is not False and assignee != previous_owner:
+            queued += await self._assigned(tx, ticket, previous_owner, sender, mail, now)
         if internal:
             assert ticket.owner is not None
             queued += await self.desk.to_staff(
@@ -544,6 +552,38 @@ class Pipeline:
         log.info("ticket.replied", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, staff=True, relayed=False, reason=placement.reason)
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, "staff asked for #help")
+
+    def _assignee(self, ticket: Ticket, cmds: lifecycle.StaffCommands,
+                  sender: str) -> tuple[str | None | bool, str | None]:
+        """The owner `#assign` / `#take` / `#unassign` ask for (False: none of them),
+        and why it can't be: only an agent who may answer the ticket (a GovCloud
+        ticket only GovCloud staff), never a queue (queues get the notifications)."""
+        if cmds.take:
+            return sender, None
+        if cmds.unassign:
+            return None, None
+        if cmds.assign is None:
+            return False, None
+        if mailbox_of(cmds.assign) in {mailbox_of(q) for q in self.config.queues.values()}:
+            return False, f"#assign {cmds.assign}: a staff queue; #assign names an agent"
+        if not self.config.may_answer(cmds.assign, ticket.govcloud):
+            return False, (f"#assign {cmds.assign}: not " + ("GovCloud " if ticket.govcloud else "")
+                           + "staff ([staff] addresses or domains)")
+        return cmds.assign, None
+
+    async def _assigned(self, tx: Tx, ticket: Ticket, previous: str | None, by: str, mail: ParsedMail,
+                        now: datetime) -> int:
+        """Record an assignment; the new assignee (when not the one who assigned) is told,
+        with a mail whose answer proves them as any staff notification's does."""
+        await tx.add_event(ticket.id, now, "assigned", {"owner": ticket.owner, "previous": previous, "by": by})
+        log.info("ticket.assigned", ticket_id=ticket.id, owner=ticket.owner, previous=previous, by=by)
+        if ticket.owner is None or ticket.owner == by:
+            return 0
+        return await self.desk.to_staff(
+            tx, ticket, ticket.owner, now, answers=[mail.message_id], template="process_staff",
+            context={"headline": f"Ticket #{ticket.id} is assigned to you by {by}",
+                     "why": "answer this mail to answer the customer; #unassign hands the ticket back",
+                     "text": ticket.subject})
 
     def _not_a_participant(self, address: str) -> str | None:
         """Why `address` may not be on a ticket's Cc: the gateway's own mailboxes and

@@ -742,8 +742,11 @@ class Store:
             (iso(since) if since else "", iso(until) if until else "9999"))
         return [_ticket(r) for r in rows]
 
-    async def tickets(self, status: str | None = None, *, certified_first: bool = False) -> list[Ticket]:
-        where, params = ("WHERE status = ?", (status,)) if status else ("", ())
+    async def tickets(self, status: str | None = None, *, certified_first: bool = False,
+                      assignee: str | None = None) -> list[Ticket]:
+        conditions = [c for c, v in (("status = ?", status), ("owner = ?", assignee)) if v is not None]
+        params = tuple(v for v in (status, assignee) if v is not None)
+        where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
         order = "CASE WHEN contact = 'certified' THEN 0 ELSE 1 END, id DESC" if certified_first else "id DESC"
         rows = await self._rows(f"SELECT {_TICKET_COLS} FROM tickets {where} ORDER BY {order}", params)
         return [_ticket(r) for r in rows]
