@@ -218,7 +218,8 @@ DUE = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 def test_the_desk_states_the_target_in_the_tickets_language() -> None:
     from gateway.desk.writer import Desk
     plan = Plan(name="Professional", targets={2: Target(3)})
-    config = SimpleNamespace(rules=SimpleNamespace(plans={"Professional": plan}, hours={"EMEA": BERLIN}))
+    config = SimpleNamespace(rules=SimpleNamespace(plans={"Professional": plan}, hours={"EMEA": BERLIN}),
+                             answers_dir=None)
     desk = Desk(config, composer=None)  # type: ignore[arg-type]
     for lang in ("en", "de", "ja"):
         ticket = SimpleNamespace(plan="Professional", priority=2, region="EMEA", language=lang, emergency=False,
