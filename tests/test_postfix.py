@@ -210,15 +210,18 @@ def installed_packages() -> list[str]:
                   and not line.lower().startswith("support-gateway"))
 
 
-def test_postfix_pipes_to_gateway_ingest_and_retries_after_exit_75(
-        pipe_venv: Path, postfixes: list[Postfix]) -> None:
-    root = Path(tempfile.mkdtemp(prefix="gw-pipe-"))
+def pipe_config(root: Path, store_url: str | None, *, nobody_owns_data: bool = True,
+                store_extra: str = "", extra: str = "") -> tuple[Path, str]:
+    """The config of a `gateway ingest` that Postfix's pipe runs as nobody, and its
+    store's url: a data_dir under `root` (nobody's when `nobody_owns_data`),
+    Maildir answers, the store at `store_url` (else the data_dir's SQLite file)."""
     os.chmod(root, 0o755)
     data = root / "data"
     data.mkdir()
-    shutil.chown(data, "nobody", "nogroup")
+    if nobody_owns_data:
+        shutil.chown(data, "nobody", "nogroup")
+    url = store_url or f"sqlite:///{data / 'gateway.db'}"
     config = root / "gateway.toml"
-    store_url = pg.store_url() or f"sqlite:///{data / 'gateway.db'}"
     config.write_text(textwrap.dedent(f"""\
         [gateway]
         data_dir = "{data}"
@@ -227,16 +230,27 @@ def test_postfix_pipes_to_gateway_ingest_and_retries_after_exit_75(
         [outbound]
         transport = "maildir"
         [store]
-        busy_timeout_ms = 200
-        url = "{store_url}"
-        """))
-    gateway_cmd = f"{pipe_venv}/bin/gateway ingest --config {config}"
+        url = "{url}"
+        """) + store_extra + extra)
+    return config, url
+
+
+def piped_postfix(postfixes: list[Postfix], command: str) -> Postfix:
+    """A started Postfix that pipes mail for the support address to `command`, as nobody."""
     pf = Postfix("gateway:", textwrap.dedent(f"""\
         gateway   unix  - n n -  - pipe
-          flags=DRq user=nobody null_sender= argv={gateway_cmd} --recipient ${{recipient}} --sender=${{sender}}
+          flags=DRq user=nobody null_sender= argv={command} --recipient ${{recipient}} --sender=${{sender}}
         """))
     postfixes.append(pf)
     pf.start()
+    return pf
+
+
+def test_postfix_pipes_to_gateway_ingest_and_retries_after_exit_75(
+        pipe_venv: Path, postfixes: list[Postfix]) -> None:
+    root = Path(tempfile.mkdtemp(prefix="gw-pipe-"))
+    config, store_url = pipe_config(root, pg.store_url(), store_extra="busy_timeout_ms = 200\n")
+    pf = piped_postfix(postfixes, f"{pipe_venv}/bin/gateway ingest --config {config}")
 
     def tickets() -> list[dict[str, Any]]:
         p = subprocess.run(["runuser", "-u", "nobody", "--", f"{pipe_venv}/bin/gateway", "tickets",
@@ -287,22 +301,9 @@ def test_a_local_fault_of_ingest_defers_the_mail_in_postfix(
     """usage error (argparse: 2), bad config (78), an import that fails, a store that
     cannot be opened: each exits 75, and Postfix keeps the mail deferred."""
     root = Path(tempfile.mkdtemp(prefix="gw-pipe-fault-"))
-    os.chmod(root, 0o755)
-    data = root / "data"
-    data.mkdir()
-    if fault != "store":              # store: data_dir stays root's, so nobody cannot write the database
-        shutil.chown(data, "nobody", "nogroup")
-    config = root / "gateway.toml"
-    config.write_text(textwrap.dedent(f"""\
-        [gateway]
-        data_dir = "{data}"
-        [[mailbox]]
-        address = "{SUPPORT}"
-        [outbound]
-        transport = "maildir"
-        [store]
-        url = "sqlite:///{data / 'gateway.db'}"
-        """) + ('[smtp]\nport = "not a port"\n' if fault == "config" else ""))
+    # store: data_dir stays root's, so nobody cannot write the database
+    config, _ = pipe_config(root, None, nobody_owns_data=fault != "store",
+                         extra='[smtp]\nport = "not a port"\n' if fault == "config" else "")
     prefix, extra = "", ""
     if fault == "usage":
         extra = " --no-such-option"
@@ -311,13 +312,7 @@ def test_a_local_fault_of_ingest_defers_the_mail_in_postfix(
         broken.mkdir()
         (broken / "structlog.py").write_text(BROKEN_INSTALL)
         prefix = f"/usr/bin/env PYTHONPATH={broken} "
-    cmd = f"{prefix}{pipe_venv}/bin/gateway ingest --config {config}{extra}"
-    pf = Postfix("gateway:", textwrap.dedent(f"""\
-        gateway   unix  - n n -  - pipe
-          flags=DRq user=nobody null_sender= argv={cmd} --recipient ${{recipient}} --sender=${{sender}}
-        """))
-    postfixes.append(pf)
-    pf.start()
+    pf = piped_postfix(postfixes, f"{prefix}{pipe_venv}/bin/gateway ingest --config {config}{extra}")
     try:
         subject = uniq(f"Deferred on a {fault} fault")
         assert smtp_send(pf.port, mail("Ann <ann@customer.example>", SUPPORT, subject, "Keep me."))[0] == 250

@@ -564,7 +564,7 @@ class Pipeline:
             return None, None
         if cmds.assign is None:
             return False, None
-        if mailbox_of(cmds.assign) in {mailbox_of(q) for q in self.config.queues.values()}:
+        if self._is_queue(cmds.assign):
             return False, f"#assign {cmds.assign}: a staff queue; #assign names an agent"
         if not self.config.may_answer(cmds.assign, ticket.govcloud):
             return False, (f"#assign {cmds.assign}: not " + ("GovCloud " if ticket.govcloud else "")
@@ -591,9 +591,13 @@ class Pipeline:
         customer's thread in the queue), or None."""
         if self.config.mailbox_for(address) is not None:
             return "is one of the gateway's own mailboxes"
-        if mailbox_of(address) in {mailbox_of(q) for q in self.config.queues.values()}:
+        if self._is_queue(address):
             return "is a staff queue, which gets the ticket's notifications already"
         return None
+
+    def _is_queue(self, address: str) -> bool:
+        """A staff queue's address (case and +tag folded)."""
+        return mailbox_of(address) in {mailbox_of(q) for q in self.config.queues.values()}
 
     def _with_staff_cc(self, ticket: Ticket, mail: ParsedMail, sender: str) -> tuple[str, ...]:
         """The ticket's Cc with the staff the agent Cc'd on a relayed answer: they
