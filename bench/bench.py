@@ -268,19 +268,26 @@ def write_config(tmp: Path, port: int, relay_port: int, size: int, store: str, w
     return cfg
 
 
+def listening(port: int, seconds: float) -> bool:
+    """Whether something accepts connections on 127.0.0.1:`port` within `seconds`."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
 def start_gateway(cfg: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:        # the child has its own copy of the descriptor
         proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
                                 stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "LOG_LEVEL": "warning"})
-    end = time.monotonic() + 30
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("gateway serve did not start: " + log.read_text()[-2000:])
+    if not listening(port, 30):
+        raise RuntimeError("gateway serve did not start: " + log.read_text()[-2000:])
+    return proc
 
 
 def prefill(cfg: Path, n: int) -> None:
@@ -405,14 +412,9 @@ def smtp_sink(port: int, dump: Path | None) -> subprocess.Popen[bytes]:
         dump.chmod(0o777)                    # smtp-sink writes as nobody
         cmd += ["-d", f"{dump}/%H%M%S."]
     proc = subprocess.Popen([*cmd, f"127.0.0.1:{port}", "1024"], stdout=subprocess.DEVNULL)
-    end = time.monotonic() + 10
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError("smtp-sink did not start")
+    if not listening(port, 10):
+        raise RuntimeError("smtp-sink did not start")
+    return proc
 
 
 def smtp_source(port: int, mails: int, sessions: int, size: int, sender: str) -> dict[str, float]:
@@ -473,8 +475,10 @@ def smtp_source_run(args: argparse.Namespace) -> dict[str, object]:
     dump = tmp / "relay"
     relay = smtp_sink(relay_port, dump)
     cfg = write_config(tmp, port, relay_port, size, f"sqlite:///{tmp / 'data' / 'gateway.db'}", args.workers)
-    if args.caps == "raised":
-        cfg.write_text(cfg.read_text() + RAISED_CAPS)
+    # smtp-source sends one subject from one sender: each mail is still a new
+    # problem here, not "one ticket per problem" joining the first (issue 17)
+    cfg.write_text(cfg.read_text() + "[threading]\nsame_problem_hours = 0\n"
+                   + (RAISED_CAPS if args.caps == "raised" else ""))
     if args.store_tickets:
         prefill(cfg, args.store_tickets)
     proc = start_gateway(cfg, port, tmp / "serve.log")
