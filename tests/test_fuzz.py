@@ -44,6 +44,7 @@ import pytest
 from conftest import QUEUES, SUPPORT, GatewayProc, mail, smtp_send, uniq, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from parse_cost import cpu_pair
 
 EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "150"))
 SMTP_EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_SMTP_EXAMPLES", "40"))
@@ -557,22 +558,8 @@ SCALE_BYTES = 100_000
 PER_MAIL_S = 5.0          # the default [limits] parse_seconds
 
 
-def _cpu_pair(small: bytes, large: bytes, rounds: int = 3) -> tuple[float, float]:
-    """CPU seconds of what a parse worker does with `small` and with `large`, each
-    the best of `rounds`, measured in turns: noise only adds, and a load change on a
-    shared machine then hits both sizes alike instead of the second one only."""
-    from gateway.mail.structure import examine
-    best = [float("inf"), float("inf")]
-    for _ in range(rounds):
-        for i, raw in enumerate((small, large)):
-            started = time.process_time()
-            examine(raw, 100, 10)
-            best[i] = min(best[i], time.process_time() - started)
-    return best[0], best[1]
-
-
 def _assert_linear(name: str, make: Callable[[int], bytes]) -> None:
-    small, large = _cpu_pair(make(SCALE_BYTES), make(2 * SCALE_BYTES))
+    small, large = cpu_pair(make(SCALE_BYTES), make(2 * SCALE_BYTES))
     assert large < PER_MAIL_S, f"{name}: {large:.2f} s for {2 * SCALE_BYTES} bytes"
     # 2x the size may cost at most ~2.5x the time (and a little noise on tiny times)
     assert large <= 2.5 * small + 0.02, f"{name}: {small * 1000:.0f} ms -> {large * 1000:.0f} ms for 2x the size"
