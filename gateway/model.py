@@ -142,7 +142,10 @@ class Ticket:
     # the rules stage's decision (gateway.rules)
     plan: str = ""
     response_due_at: datetime | None = None  # first-response target; None: the plan has none
-    sla_warned_at: datetime | None = None
+    sla_warned_at: datetime | None = None     # the SLA warning before the target went out
+    sla_warn_at: datetime | None = None       # when it is due ([rules.sla] warn_before); None: none
+    sla_breached_at: datetime | None = None   # the breach notice went out (target passed unanswered)
+    sla_outcome: str | None = None            # "met" / "missed" once known; None: still due or no target
     missing: tuple[str, ...] = ()            # form fields the customer did not give
     redirect: str | None = None              # "billing", "sales": handed elsewhere
     language: str = "en"                     # the language the customer is answered in

@@ -579,7 +579,8 @@ def test_decision_json_shape() -> None:
     d = run(CASES[0])
     data = d.to_json()
     assert set(data) == {"region", "govcloud", "priority", "queue", "plan", "redirect",
-                         "handled_by_support", "missing", "response_due", "evidence", "emergency", "contact"}
+                         "handled_by_support", "missing", "response_due", "evidence", "emergency", "contact",
+                         "warn_due"}
     due = run(next(c for c in CASES if c.id == "sla-advanced-p1-around-the-clock")).to_json()
     assert due["response_due"] == "2026-03-03T10:00:00+00:00"
 

@@ -30,7 +30,7 @@ def test_example_file_parses_without_problems() -> None:
 
 
 @pytest.mark.parametrize("part", ["default_region", "default_plan", "fields", "region", "priority",
-                                  "technical", "redirects", "required", "plans", "hours"])
+                                  "technical", "redirects", "required", "plans", "hours", "warn_before"])
 def test_example_file_documents_the_built_in_defaults(part: str) -> None:
     # The example is the documentation of the defaults: it must not drift from them.
     rules, _ = parse_rules(example())
@@ -126,6 +126,10 @@ def test_customer_directory_lookup_by_domain_and_parent_domain() -> None:
     ({"redirect": {"Legal Dept": {"en": ["lawsuit"]}}}, "rules.redirect.Legal Dept"),
     ({"redirect": {"billing": {"de": [3]}}}, "rules.redirect.billing.de"),
     ({"missing": {"required": ["shoe_size"]}}, "rules.missing.required"),
+    ({"sla": {"warn_before": "soon"}}, "rules.sla.warn_before"),
+    ({"sla": {"warn_before": "100%"}}, "rules.sla.warn_before"),
+    ({"sla": {"warn_before": 30}}, "rules.sla.warn_before"),
+    ({"sla": {"warn_ahead": "30m"}}, "rules.sla.warn_ahead"),
     ({"plans": {"gold": {"p1": {"hours": -1}}}}, "rules.plans.gold.p1.hours"),
     ({"plans": {"gold": {"p1": {"hours": "3"}}}}, "rules.plans.gold.p1.hours"),
     ({"plans": {"gold": {"p2": {"hours": 3, "clock": "always"}}}}, "rules.plans.gold.p2.clock"),

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import GOV, QUEUES, SUPPORT, GatewayProc, agent_reply, mail, reply_to, uniq
+from conftest import GOV, QUEUES, STAFF, SUPPORT, GatewayProc, agent_reply, mail, reply_to, uniq
 
 RULES = """
 [redirects]
@@ -122,35 +122,120 @@ def test_acknowledgement_asks_for_exactly_what_is_missing(ruled: GatewayProc) ->
     assert ruled.ticket_by_subject(key2)["missing"] == []
 
 
-def test_response_target_is_stated_and_an_sla_warning_sent_once(ruled: GatewayProc) -> None:
+WARNING = "first-response target near: SLA warning"
+BREACH = "first-response target missed: SLA breach"
+COLLEAGUE = "colleague@staff.example.com"
+
+
+def sla_mails(gw: GatewayProc, to: str, what: str) -> list[str]:
+    return [text for m in gw.sink.to(to) if what in (text := m.get_body(("plain",)).get_content())]
+
+
+def outage(gw: GatewayProc) -> tuple[dict, datetime]:
+    """A P1 ticket on the advanced plan (1 hour 24/7), and its first-response due time."""
     key = uniq("Everything down")
-    ruled.send(mail("noc@atc.example.com", SUPPORT, key, "Total outage, production stopped."))
-    t = ruled.ticket_by_subject(key)
+    gw.send(mail("noc@atc.example.com", SUPPORT, key, "Total outage, production stopped."))
+    t = gw.ticket_by_subject(key)
+    return t, datetime.fromisoformat(t["response_due_at"])
+
+
+def test_sla_warning_before_the_target_then_one_breach_notice(ruled: GatewayProc) -> None:
+    """Issue 19: the queue hears of a target before it passes ([rules.sla] warn_before,
+    default 20 %: 12 minutes before a 1-hour target), once; when it passes, one
+    breach notice, and the ticket records the target as missed."""
+    t, due = outage(ruled)
     assert (t["plan"], t["priority"]) == ("advanced", 1)
-    due = datetime.fromisoformat(t["response_due_at"])
     created = datetime.fromisoformat(t["created_at"])
     assert timedelta(minutes=59) <= due - created <= timedelta(minutes=61)       # P1: 1 hour 24/7
     ack = ruled.sink.wait_to("noc@atc.example.com")[0].get_body(("plain",)).get_content()
     assert "1 hour 24/7" in ack
+    warn_at = datetime.fromisoformat(t["sla"]["warn_at"])
+    assert warn_at == due - timedelta(minutes=12)
+    assert t["sla"] == {"warn_at": t["sla"]["warn_at"], "warned_at": None, "breached_at": None, "outcome": None}
 
-    assert run_due(ruled, due - timedelta(minutes=1)) == {}
-    assert run_due(ruled, due + timedelta(minutes=1)) == {"first-response target missed: SLA warning": 1}
+    assert run_due(ruled, warn_at - timedelta(minutes=1)) == {}
+    assert run_due(ruled, warn_at + timedelta(minutes=1)) == {WARNING: 1}
+    assert run_due(ruled, warn_at + timedelta(minutes=2)) == {}
+    assert run_due(ruled, due + timedelta(minutes=1)) == {BREACH: 1}
     assert run_due(ruled, due + timedelta(hours=2)) == {}
-    warnings = [m for m in ruled.sink.wait_to(QUEUES["AMER"], count=2)
-                if "SLA warning" in m.get_body(("plain",)).get_content()]
-    assert len(warnings) == 1
+    ruled.sink.wait_to(QUEUES["AMER"], count=3)                  # the notification, warning, breach
+    (warning,) = sla_mails(ruled, QUEUES["AMER"], "SLA warning")
+    assert f"ticket #{t['id']}" in warning and "falls due in 11 minutes" in warning
+    (breach,) = sla_mails(ruled, QUEUES["AMER"], "SLA breach")
+    assert "has had no first response, and its target" in breach and "has passed." in breach
+    sla = ruled.ticket(t["id"])["sla"]
+    assert sla["outcome"] == "missed" and sla["warned_at"] and sla["breached_at"]
+    # the customer hears nothing of it
+    assert not [m for m in ruled.sink.to("noc@atc.example.com") if "SLA" in m.as_string()]
+    # a late first answer keeps the record: missed
+    note = next(m for m in ruled.sink.to(QUEUES["AMER"]) if "New ticket" in m.get_body(("plain",)).get_content()
+                and f"#{t['id']}]" in str(m["Subject"]))
+    ruled.send(agent_reply(note, "Sorry for the wait, looking at it."))
+    assert ruled.ticket(t["id"])["first_response_at"] is not None
+    assert ruled.ticket(t["id"])["sla"]["outcome"] == "missed"
 
 
-def test_no_sla_warning_once_staff_answered(ruled: GatewayProc) -> None:
-    key = uniq("Down again")
-    ruled.send(mail("noc@atc.example.com", SUPPORT, key, "Total outage again."))
-    t = ruled.ticket_by_subject(key)
-    note = next(m for m in ruled.sink.wait_to(QUEUES["AMER"]) if key in str(m["Subject"]))
+def test_a_scheduler_that_was_down_sends_only_the_breach_notice(ruled: GatewayProc) -> None:
+    t, due = outage(ruled)
+    assert run_due(ruled, due + timedelta(hours=3)) == {BREACH: 1}
+    assert ruled.ticket(t["id"])["sla"]["outcome"] == "missed"
+    assert run_due(ruled, due + timedelta(hours=4)) == {}
+    assert sla_mails(ruled, QUEUES["AMER"], "SLA warning") == []
+    assert len(sla_mails(ruled, QUEUES["AMER"], "SLA breach")) == 1
+
+
+def test_the_assignee_gets_the_sla_warning_and_breach_too(make_gateway: Callable[..., GatewayProc]) -> None:
+    gw = make_gateway(extra_toml=RULES)
+    gw.config.write_text(gw.config.read_text().replace(f'addresses = ["{STAFF}"]',
+                                                       f'addresses = ["{STAFF}", "{COLLEAGUE}"]'))
+    gw.start()
+    t, due = outage(gw)
+    note = next(m for m in gw.sink.wait_to(QUEUES["AMER"]) if f"#{t['id']}]" in str(m["Subject"]))
+    gw.send(agent_reply(note, f"#assign {COLLEAGUE}"))
+    gw.sink.wait_to(COLLEAGUE)                                     # told of the assignment
+    assert gw.ticket(t["id"])["owner"] == COLLEAGUE and gw.ticket(t["id"])["first_response_at"] is None
+    assert run_due(gw, datetime.fromisoformat(t["sla"]["warn_at"])) == {WARNING: 1}
+    assert run_due(gw, due) == {BREACH: 1}
+    gw.sink.wait_to(COLLEAGUE, count=3)
+    for who in (QUEUES["AMER"], COLLEAGUE):
+        (warning,) = sla_mails(gw, who, "SLA warning")
+        assert f"Assignee:   {COLLEAGUE}" in warning
+        assert len(sla_mails(gw, who, "SLA breach")) == 1
+
+
+def test_an_answer_in_time_is_recorded_as_met_and_silences_the_warnings(ruled: GatewayProc) -> None:
+    t, due = outage(ruled)
+    note = next(m for m in ruled.sink.wait_to(QUEUES["AMER"]) if f"#{t['id']}]" in str(m["Subject"]))
     ruled.send(agent_reply(note, "Looking at it right now."))
     assert ruled.ticket(t["id"])["first_response_at"] is not None
-    jobs = run_due(ruled, datetime.fromisoformat(t["response_due_at"]) + timedelta(hours=1))
-    assert "first-response target missed: SLA warning" not in jobs
-    assert not [m for m in ruled.sink.to(QUEUES["AMER"]) if "SLA warning" in m.as_string()]
+    assert ruled.ticket(t["id"])["sla"]["outcome"] == "met"
+    assert run_due(ruled, due - timedelta(minutes=5)) == {}
+    assert run_due(ruled, due + timedelta(hours=1)) == {}
+    assert not [m for m in ruled.sink.to(QUEUES["AMER"]) if "SLA" in m.get_body(("plain",)).get_content()]
+    assert ruled.ticket(t["id"])["sla"]["outcome"] == "met"
+
+
+@pytest.mark.parametrize(("warn_before", "lead"), [("30m", timedelta(minutes=30)), ("90%", timedelta(minutes=54)),
+                                                   ("off", None), ("2h", None)])
+def test_warn_before_is_configurable(make_gateway: Callable[..., GatewayProc], warn_before: str,
+                                     lead: timedelta | None) -> None:
+    """A lead as long as the target ("2h" before a 1-hour target) or "off": no warning, only the breach."""
+    gw = make_gateway(extra_toml=RULES + f'\n[rules.sla]\nwarn_before = "{warn_before}"\n')
+    gw.start()
+    t, due = outage(gw)
+    if lead is None:
+        assert t["sla"]["warn_at"] is None
+        assert run_due(gw, due - timedelta(seconds=1)) == {}
+    else:
+        assert datetime.fromisoformat(t["sla"]["warn_at"]) == due - lead
+        assert run_due(gw, due - lead) == {WARNING: 1}
+    assert run_due(gw, due) == {BREACH: 1}
+
+
+def test_a_bad_warn_before_is_refused_by_key(make_gateway: Callable[..., GatewayProc]) -> None:
+    gw = make_gateway(extra_toml=RULES + '\n[rules.sla]\nwarn_before = "soon"\n')
+    r = gw.cli("check-config")
+    assert r.returncode != 0 and "rules.sla.warn_before" in r.stderr + r.stdout
 
 
 def test_business_hours_target_skips_the_weekend(ruled: GatewayProc) -> None:

@@ -151,11 +151,29 @@ def next_reminder(t: Timers, now: datetime, policy: Policy) -> datetime | None:
     return next((since + r for r in policy.reminders if since + r > now), None)
 
 
+def _unanswered(ticket: Ticket) -> bool:
+    return ticket.first_response_at is None and ticket.status not in (Status.RESOLVED, Status.CLOSED)
+
+
 def sla_warning_due(ticket: Ticket, now: datetime) -> bool:
-    """The first-response target passed with no staff answer: warn the queue, once."""
+    """The first-response target is near ([rules.sla] warn_before) with no staff
+    answer yet: warn the queue and the assignee, once. Past the target itself the
+    breach notice says it instead (a scheduler that was down sends only that)."""
+    return (ticket.sla_warn_at is not None and now >= ticket.sla_warn_at and ticket.sla_warned_at is None
+            and (ticket.response_due_at is None or now < ticket.response_due_at) and _unanswered(ticket))
+
+
+def sla_breach_due(ticket: Ticket, now: datetime) -> bool:
+    """The first-response target passed with no staff answer: the breach notice, once."""
     return (ticket.response_due_at is not None and now >= ticket.response_due_at
-            and ticket.first_response_at is None and ticket.sla_warned_at is None
-            and ticket.status not in (Status.RESOLVED, Status.CLOSED))
+            and ticket.sla_breached_at is None and _unanswered(ticket))
+
+
+def first_response_outcome(ticket: Ticket, at: datetime) -> str | None:
+    """What a first staff answer at `at` makes of the target: met or missed (None: none)."""
+    if ticket.response_due_at is None:
+        return None
+    return "met" if at <= ticket.response_due_at else "missed"
 
 
 # -- escalation tiers (NinjaOne support model, Kaseya escalation) ------------
@@ -250,8 +268,10 @@ def response_state(ticket: Ticket, now: datetime) -> str:
     """Whether the first-response target is met: met, missed, due or none."""
     if ticket.response_due_at is None:
         return "none"
+    if ticket.sla_outcome is not None:
+        return ticket.sla_outcome
     if ticket.first_response_at is not None:
-        return "met" if ticket.first_response_at <= ticket.response_due_at else "missed"
+        return first_response_outcome(ticket, ticket.first_response_at) or "none"
     return "missed" if now > ticket.response_due_at else "due"
 
 

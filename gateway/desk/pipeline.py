@@ -305,7 +305,7 @@ class Pipeline:
             govcloud=decision.govcloud, priority=decision.priority, mailbox=mailbox,
             linked_ticket=placement.linked_ticket, now=now, plan=decision.plan,
             response_due_at=decision.response_due if redirect_to is None else None,
-            missing=decision.missing, redirect=decision.redirect if redirect_to else None,
+            sla_warn_at=decision.warn_due if redirect_to is None else None, missing=decision.missing, redirect=decision.redirect if redirect_to else None,
             language=lang, decision={**decision.to_json(), "language": {"value": lang, "why": lang_why}},
             emergency=decision.emergency and redirect_to is None,
             contact=decision.contact.rank if decision.contact else "")
@@ -470,6 +470,8 @@ class Pipeline:
             changes["priority"] = cmds.priority
         if relay and ticket.first_response_at is None:
             changes["first_response_at"] = now
+            if ticket.sla_outcome is None and (outcome := lifecycle.first_response_outcome(ticket, now)):
+                changes["sla_outcome"] = outcome
         if ticket.owner is None and (relay or cmds.escalate):
             changes["owner"] = sender         # the technician who answers owns the ticket
         if assignee is not False and (assignee != ticket.owner or "owner" in changes):

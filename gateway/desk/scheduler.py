@@ -25,7 +25,8 @@ from gateway.store import Store, Tx
 log = structlog.get_logger("gateway.scheduler")
 
 BATCH = 200
-SLA_WARNING = "first-response target missed: SLA warning"
+SLA_WARNING = "first-response target near: SLA warning"
+SLA_BREACH = "first-response target missed: SLA breach"
 # the loop caps' per-minute counters (gateway.store sender_load) are kept this long
 # past their hour, and dropped this often
 SENDER_LOAD_KEPT = timedelta(hours=2)
@@ -54,7 +55,7 @@ class Scheduler:
             ids, jobs = await self.store.run(lambda tx: self._batch(tx, at))
             for ticket_id, cause, status, queued in jobs:
                 done[cause] += 1
-                if cause != SLA_WARNING:
+                if cause not in (SLA_WARNING, SLA_BREACH):
                     log.info("scheduler.job", ticket_id=ticket_id, job=cause, status=status,
                              queued=queued)
             if jobs:
@@ -83,8 +84,10 @@ class Scheduler:
             if ticket is None:
                 continue
             if lifecycle.sla_warning_due(ticket, at):
-                await self._sla_warning(tx, ticket, at)
-                jobs.append((ticket.id, SLA_WARNING, ticket.status.value, 1))
+                jobs.append((ticket.id, SLA_WARNING, ticket.status.value, await self._sla_notice(tx, ticket, at)))
+            elif lifecycle.sla_breach_due(ticket, at):
+                jobs.append((ticket.id, SLA_BREACH, ticket.status.value,
+                             await self._sla_notice(tx, ticket, at, breach=True)))
             owner = lifecycle.owner_reminder_due(ticket, at)
             if owner is not None:
                 await self._owner_reminder(tx, ticket, at, *owner)
@@ -96,14 +99,31 @@ class Scheduler:
             jobs.append((ticket.id, tr.cause, tr.status.value, queued))
         return ids, jobs
 
-    async def _sla_warning(self, tx: Tx, ticket: Ticket, at: datetime) -> None:
-        await tx.update_ticket(ticket.id, at, sla_warned_at=at)
+    async def _sla_notice(self, tx: Tx, ticket: Ticket, at: datetime, *, breach: bool = False) -> int:
+        """The SLA warning before the first-response target, or the breach notice
+        when it passed unanswered (then the ticket records the target as missed),
+        to the ticket's queue and its assignee; how many mails were queued."""
+        if breach:
+            # a warning not yet sent is not sent any more: the breach notice says more
+            await tx.update_ticket(ticket.id, at, sla_breached_at=at, sla_warned_at=ticket.sla_warned_at or at,
+                                   sla_outcome="missed")
+        else:
+            await tx.update_ticket(ticket.id, at, sla_warned_at=at)
         due = self.desk.target_text(ticket, ticket.response_due_at) or str(ticket.response_due_at)
-        await self.desk.to_staff(tx, ticket, self.desk.queue_of(ticket), at, answers=[],
-                                 template="sla_warning", context={"due": due})
-        log.warning("ticket.sla_missed", ticket_id=ticket.id, priority=ticket.priority,
-                    plan=ticket.plan, due=ticket.response_due_at.isoformat()
-                    if ticket.response_due_at else None)
+        left = max(0, round((ticket.response_due_at - at).total_seconds() / 60)) if ticket.response_due_at else 0
+        queued = 0
+        for address in self.desk.sla_recipients(ticket):
+            await self.desk.to_staff(tx, ticket, address, at, answers=[], template="sla_warning",
+                                     context={"due": due, "breach": breach, "minutes_left": left})
+            queued += 1
+        due_iso = ticket.response_due_at.isoformat() if ticket.response_due_at else None
+        if breach:
+            log.warning("ticket.sla_missed", ticket_id=ticket.id, priority=ticket.priority,
+                        plan=ticket.plan, due=due_iso)
+        else:
+            log.info("ticket.sla_warning", ticket_id=ticket.id, priority=ticket.priority,
+                     plan=ticket.plan, due=due_iso, minutes_left=left)
+        return queued
 
     async def _owner_reminder(self, tx: Tx, ticket: Ticket, at: datetime, timer: str, what: str) -> None:
         await tx.update_ticket(ticket.id, at, **{timer: None})

@@ -166,6 +166,10 @@ class Desk:
             else self.config.rules.hours.get(ticket.region)
         return language.target_text(ticket.language, target, due, calendar)
 
+    def sla_recipients(self, ticket: Ticket) -> list[str]:
+        """Who hears of a first-response target: the ticket's queue and its assignee."""
+        return list(dict.fromkeys([self.queue_of(ticket), *([ticket.owner] if ticket.owner else [])]))
+
     def queue_of(self, ticket: Ticket) -> str:
         return self.config.queues["GOVCLOUD" if ticket.govcloud else ticket.region]
 

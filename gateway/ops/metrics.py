@@ -69,6 +69,8 @@ class Metrics:
         self.jobs = Counter("gateway_scheduler_jobs", "Scheduled jobs run", ["job"], registry=r)
         self.sla = Counter("gateway_sla_warnings", "First-response targets missed", ["priority"],
                            registry=r)
+        self.sla_near = Counter("gateway_sla_near", "SLA warnings sent before a first-response target",
+                                ["priority"], registry=r)
         self.quarantined = Counter("gateway_mails_quarantined", "Mails set aside as unprocessable",
                                    registry=r)
         self.guarded = Counter("gateway_loop_guard", "Answers and tickets held back against loops and floods",
@@ -85,6 +87,7 @@ class Metrics:
             "outbox.failed": lambda e: self.deliveries.labels("failed", _s(e.get("kind"))).inc(),
             "scheduler.job": lambda e: self.jobs.labels(_s(e.get("job"))).inc(),
             "ticket.sla_missed": lambda e: self.sla.labels(_s(e.get("priority"))).inc(),
+            "ticket.sla_warning": lambda e: self.sla_near.labels(_s(e.get("priority"))).inc(),
             "mail.quarantined": lambda e: self.quarantined.inc(),
             "ticket.ack_suppressed": lambda e: self.guarded.labels("ack_suppressed", _s(e.get("scope"))).inc(),
             "ticket.rate_limited": lambda e: self.guarded.labels("ticket_held", _s(e.get("scope"))).inc(),

@@ -74,6 +74,7 @@ class Decision:
     missing: tuple[str, ...]         # required form fields not found
     response_due: datetime | None    # UTC; None = no first-response target
     evidence: tuple[Evidence, ...]
+    warn_due: datetime | None = None  # UTC: the SLA warning before the target ([rules.sla])
     emergency: bool = False          # priority 1 on a 24/7 clock, emergency queue alerted
     contact: Standing | None = None  # Kaseya's authorised contacts (gateway.rules.contacts)
 
@@ -91,6 +92,7 @@ class Decision:
             "queue": self.queue, "plan": self.plan, "redirect": self.redirect,
             "handled_by_support": self.handled_by_support, "missing": list(self.missing),
             "response_due": self.response_due.isoformat() if self.response_due else None,
+            "warn_due": self.warn_due.isoformat() if self.warn_due else None,
             "evidence": [e.to_json() for e in self.evidence], "emergency": self.emergency,
             "contact": self.contact.to_json() if self.contact else None,
         }
@@ -114,13 +116,13 @@ def decide(mail: ParsedMail, *, mailbox_address: str, mailbox_govcloud: bool,
     missing, missing_ev = _missing(mail, found, rules)
     contact = contacts.standing(found[0], mail.sender, now.date()) if found and mail.sender else None
     contact_ev = [Evidence("contact", f"contact.{contact.rank}", contact.why)] if contact else []
-    plan, due, sla_ev = _sla(found, priority, region, redirect, rules, now,
+    plan, due, warn_due, sla_ev = _sla(found, priority, region, redirect, rules, now,
                              around_the_clock=urgent is not None,
                              certified=contact is not None and contact.rank == contacts.CERTIFIED)
     return Decision(
         region=region, govcloud=govcloud, priority=priority,
         queue=GOVCLOUD_QUEUE if govcloud else region, plan=plan, redirect=redirect,
-        missing=missing, response_due=due,
+        missing=missing, response_due=due, warn_due=warn_due,
         evidence=(*region_ev, *gov_ev, *prio_ev, *red_ev, *missing_ev, *contact_ev, *sla_ev),
         emergency=urgent is not None, contact=contact,
     )
@@ -576,7 +578,9 @@ def _find_required(name: str, mail: ParsedMail, found: tuple[Customer, str] | No
 
 def _sla(found: tuple[Customer, str] | None, priority: int, region: str, redirect: str | None,
          rules: RulesConfig, now: datetime,
-         around_the_clock: bool = False, certified: bool = False) -> tuple[str, datetime | None, list[Evidence]]:
+         around_the_clock: bool = False, certified: bool = False,
+         ) -> tuple[str, datetime | None, datetime | None, list[Evidence]]:
+    """The plan, the first-response due time, when to warn before it, and why."""
     if found is not None and found[0].plan in rules.plans:
         customer, domain = found
         plan = str(customer.plan)
@@ -586,18 +590,22 @@ def _sla(found: tuple[Customer, str] | None, priority: int, region: str, redirec
         plan = rules.default_plan
         plan_ev = Evidence("sla", "sla.plan.default", f"default plan {plan}")
     if redirect is not None:
-        return plan, None, [plan_ev, Evidence("sla", "sla.redirected",
+        return plan, None, None, [plan_ev, Evidence("sla", "sla.redirected",
                                               f"redirected to {redirect}: no support target")]
     target = rules.plans[plan].target(priority, certified=certified)
     if certified and priority in rules.plans[plan].certified:
         plan_ev = Evidence(plan_ev.part, plan_ev.rule, plan_ev.detail + "; certified administrator's target")
     if target is None:
-        return plan, None, [plan_ev, Evidence(
+        return plan, None, None, [plan_ev, Evidence(
             "sla", "sla.no_target", f"plan {plan} has no first-response target for P{priority}")]
     calendar = None if target.around_the_clock or around_the_clock else rules.hours[region]
     due = response_due(now, target.hours, calendar)
     rule, clock = (("sla.around_the_clock", "") if calendar is None else
                    ("sla.business_hours", f" on the {region} calendar ({calendar.describe()})"))
-    return plan, due, [plan_ev, Evidence(
+    lead = rules.warn_before.before(target.hours)
+    warn_due = response_due(now, target.hours - lead, calendar) if lead is not None else None
+    warning = (f"; SLA warning {rules.warn_before.describe()} before, at {warn_due.isoformat()}"
+               if warn_due is not None else "; no SLA warning before the target")
+    return plan, due, warn_due, [plan_ev, Evidence(
         "sla", rule, f"plan {plan} P{priority}: {target.describe()}{clock} "
-                     f"from {now.isoformat()} → {due.isoformat()}")]
+                     f"from {now.isoformat()} → {due.isoformat()}{warning}")]

@@ -104,6 +104,29 @@ class Target:
 
 
 @dataclass(frozen=True)
+class WarnLead:
+    """How long before a first-response target the SLA warning goes out:
+    a share of the target (`fraction`, "20%") or fixed hours ("30m", "2h"),
+    counted on the target's own clock (business hours or 24/7). Neither: no
+    warning before the target, only the breach notice when it passes."""
+
+    fraction: float | None = None
+    hours: float | None = None
+
+    def before(self, target_hours: float) -> float | None:
+        """Hours before the target to warn; None when no warning fits inside it."""
+        lead = target_hours * self.fraction if self.fraction is not None else self.hours
+        return lead if lead is not None and 0 < lead < target_hours else None
+
+    def describe(self) -> str:
+        if self.fraction is not None:
+            return f"{self.fraction * 100:g}% of the target"
+        if self.hours is not None:
+            return f"{self.hours * 60:g} minutes" if self.hours < 1 else f"{self.hours:g} hours"
+        return "off"
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     targets: Mapping[int, Target]            # priority → first-response target; absent = none
@@ -171,6 +194,7 @@ class RulesConfig:
     plans: Mapping[str, Plan]
     hours: Mapping[str, BusinessCalendar]    # region → desk calendar
     directory: CustomerDirectory = field(default_factory=CustomerDirectory)
+    warn_before: WarnLead = WarnLead(fraction=0.2)   # [rules.sla] warn_before
 
 
 # -- built-in defaults -------------------------------------------------------
@@ -409,7 +433,7 @@ def parse_rules(data: Mapping[str, Any]) -> tuple[RulesConfig, list[str]]:
     ru = p.table("rules", raw) or {}
     p.unknown("rules", ru, ("default_region", "default_plan", "fields", "region", "govcloud",
                             "priority", "technical", "redirect", "missing", "plans", "hours",
-                            "customer"))
+                            "customer", "sla"))
     default_region = d.default_region
     if "default_region" in ru:
         default_region = p.region("rules.default_region", ru["default_region"]) or default_region
@@ -434,8 +458,32 @@ def parse_rules(data: Mapping[str, Any]) -> tuple[RulesConfig, list[str]]:
         plans=plans,
         hours=_hours(p, ru.get("hours", {}), d.hours),
         directory=_directory(p, ru.get("customer", []), plans),
+        warn_before=_warn_before(p, ru.get("sla", {}), d.warn_before),
     )
     return rules, p.items
+
+
+_LEAD = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(%|m|min|h)\s*")
+
+
+def _warn_before(p: _Problems, raw: Any, d: WarnLead) -> WarnLead:
+    """`[rules.sla] warn_before`: "20%" of the target, "30m", "2h", or "off"."""
+    t = p.table("rules.sla", raw) or {}
+    p.unknown("rules.sla", t, ("warn_before",))
+    if "warn_before" not in t:
+        return d
+    value = t["warn_before"]
+    m = _LEAD.fullmatch(value) if isinstance(value, str) else None
+    if isinstance(value, str) and value.strip().lower() in ("off", "0", ""):
+        return WarnLead()
+    if m is None or float(m[1]) <= 0 or (m[2] == "%" and float(m[1]) >= 100):
+        p.fail("rules.sla.warn_before", 'expected a share of the target such as "20%" (above 0, '
+               f'below 100), minutes such as "30m", hours such as "2h", or "off"; got {value!r}')
+        return d
+    amount = float(m[1])
+    if m[2] == "%":
+        return WarnLead(fraction=amount / 100)
+    return WarnLead(hours=amount if m[2] == "h" else amount / 60)
 
 
 def _fields(p: _Problems, raw: Any, d: FieldLabels) -> FieldLabels:

@@ -271,6 +271,23 @@ MIGRATIONS: tuple[str, ...] = (
     /*postgresql*/ CREATE INDEX tickets_search ON tickets USING GIN (
         (to_tsvector('simple', subject || ' ' || requester || ' ' || translate(requester, '@.+', '   '))));
     """,
+    # 17: the SLA warning before the target and the breach notice at it (issue 19),
+    # and whether the first-response target was met, recorded when it is known. The
+    # breach notice takes over migration 3's warning (sent when the target passed).
+    """
+    ALTER TABLE tickets ADD COLUMN sla_warn_at TEXT;
+    ALTER TABLE tickets ADD COLUMN sla_breached_at TEXT;
+    ALTER TABLE tickets ADD COLUMN sla_outcome TEXT;
+    UPDATE tickets SET sla_breached_at = sla_warned_at WHERE sla_warned_at IS NOT NULL;
+    UPDATE tickets SET sla_outcome = CASE WHEN first_response_at <= response_due_at THEN 'met' ELSE 'missed' END
+        WHERE response_due_at IS NOT NULL AND first_response_at IS NOT NULL;
+    UPDATE tickets SET sla_outcome = 'missed' WHERE sla_outcome IS NULL AND sla_breached_at IS NOT NULL;
+    DROP INDEX tickets_response_due;
+    CREATE INDEX tickets_response_due ON tickets(response_due_at)
+        WHERE sla_breached_at IS NULL AND first_response_at IS NULL AND response_due_at IS NOT NULL;
+    CREATE INDEX tickets_sla_warn ON tickets(sla_warn_at)
+        WHERE sla_warned_at IS NULL AND first_response_at IS NULL AND sla_warn_at IS NOT NULL;
+    """,
 )
 
 LEGACY_SECRET = "ticket_token_secret"     # the setting migration 6 kept the secret in
@@ -335,7 +352,7 @@ _TICKET_COLS = ("id, subject, status, requester, cc, region, govcloud, priority,
                 "reminder_due_at, autoclose_due_at, close_due_at, undeliverable, plan, "
                 "response_due_at, sla_warned_at, missing, redirect, language, tier, owner, "
                 "escalated_at, escalated_by, escalation_queue, customer_told_at, contact_due_at, "
-                "manual_close_due_at, emergency, contact")
+                "manual_close_due_at, emergency, contact, sla_warn_at, sla_breached_at, sla_outcome")
 
 
 def _ticket(row: Sequence[Any]) -> Ticket:
@@ -351,7 +368,8 @@ def _ticket(row: Sequence[Any]) -> Ticket:
         language=row[24], tier=row[25], owner=row[26], escalated_at=from_iso(row[27]),
         escalated_by=row[28], escalation_queue=row[29], customer_told_at=from_iso(row[30]),
         contact_due_at=from_iso(row[31]), manual_close_due_at=from_iso(row[32]),
-        emergency=bool(row[33]), contact=row[34],
+        emergency=bool(row[33]), contact=row[34], sla_warn_at=from_iso(row[35]),
+        sla_breached_at=from_iso(row[36]), sla_outcome=row[37],
     )
 
 
@@ -458,32 +476,36 @@ class Tx:
                                " AND autoclose_due_at IS NOT NULL UNION"
                                " SELECT id FROM tickets WHERE close_due_at <= ?"
                                " AND close_due_at IS NOT NULL UNION"
-                               " SELECT id FROM tickets WHERE response_due_at <= ? AND sla_warned_at IS NULL"
+                               " SELECT id FROM tickets WHERE response_due_at <= ? AND sla_breached_at IS NULL"
                                " AND first_response_at IS NULL AND response_due_at IS NOT NULL UNION"
+                               " SELECT id FROM tickets WHERE sla_warn_at <= ? AND sla_warned_at IS NULL"
+                               " AND first_response_at IS NULL AND sla_warn_at IS NOT NULL UNION"
                                " SELECT id FROM tickets WHERE contact_due_at <= ?"
                                " AND contact_due_at IS NOT NULL UNION"
                                " SELECT id FROM tickets WHERE manual_close_due_at <= ?"
                                " AND manual_close_due_at IS NOT NULL"
-                               " ORDER BY 1 LIMIT ?", (t, t, t, t, t, t, limit))
+                               " ORDER BY 1 LIMIT ?", (t, t, t, t, t, t, t, limit))
         return [r[0] for r in rows]
 
     # -- tickets and messages -------------------------------------------
     async def create_ticket(self, *, subject: str, requester: str, cc: Sequence[str], region: str,
                             govcloud: bool, priority: int, mailbox: str,
                             linked_ticket: int | None, now: datetime, plan: str = "",
-                            response_due_at: datetime | None = None, missing: Sequence[str] = (),
+                            response_due_at: datetime | None = None, sla_warn_at: datetime | None = None,
+                            missing: Sequence[str] = (),
                             redirect: str | None = None, language: str = "en",
                             decision: dict[str, Any] | None = None, emergency: bool = False,
                             contact: str = "") -> Ticket:
         ticket_id = await self._insert(
             "INSERT INTO tickets (subject, status, requester, cc, region, govcloud, priority,"
             " mailbox, linked_ticket, created_at, updated_at, plan, response_due_at, missing,"
-            " redirect, decision, language, requester_mailbox, requester_domain, emergency, contact)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " redirect, decision, language, requester_mailbox, requester_domain, emergency, contact,"
+            " sla_warn_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (subject, Status.OPEN.value, requester, json.dumps(list(cc)), region, int(govcloud),
              priority, mailbox, linked_ticket, iso(now), iso(now), plan, iso(response_due_at),
              json.dumps(list(missing)), redirect, json.dumps(decision) if decision else None,
-             language, mailbox_of(requester), domain_of(requester), int(emergency), contact))
+             language, mailbox_of(requester), domain_of(requester), int(emergency), contact,
+             iso(sla_warn_at)))
         self._requesters[ticket_id] = (mailbox_of(requester), domain_of(requester))
         await self._add_load(self._requesters[ticket_id], now, tickets=1)
         # the row as written (times at the stored one-second precision), without reading it back
@@ -492,13 +514,15 @@ class Tx:
                       mailbox=mailbox, linked_ticket=linked_ticket,
                       created_at=from_iso(iso(now)), plan=plan,  # type: ignore[arg-type]
                       response_due_at=from_iso(iso(response_due_at)), missing=tuple(missing),
+                      sla_warn_at=from_iso(iso(sla_warn_at)),
                       redirect=redirect, language=language, emergency=emergency, contact=contact)
 
     async def update_ticket(self, ticket_id: int, now: datetime, **fields: Any) -> None:
         allowed = {"status", "cc", "priority", "first_response_at", "resolved_at", "closed_at",
                    "escalated", "reminder_due_at", "autoclose_due_at", "close_due_at", "undeliverable",
                    "sla_warned_at", "tier", "owner", "escalated_at", "escalated_by",
-                   "escalation_queue", "customer_told_at", "contact_due_at", "manual_close_due_at"}
+                   "escalation_queue", "customer_told_at", "contact_due_at", "manual_close_due_at",
+                   "sla_breached_at", "sla_outcome"}
         assert set(fields) <= allowed, set(fields) - allowed
         values = [json.dumps(list(v)) if k in ("cc", "undeliverable")
                   else iso(v) if isinstance(v, datetime)
