@@ -45,6 +45,10 @@ NEGATION_WINDOW = 3
 _LOOKBACK = 120          # characters: comfortably more than three words
 # German puts "nicht" after the verb: "die Produktion steht nicht".
 _TRAILING_NEGATIONS = frozenset({"nicht"})
+# Japanese negates after the word: "障害ではありません" (it is not an outage)
+_TRAILING_NEGATION_JA = re.compile(r"\s*(?:では|じゃ)(?:ありません|ない|なく|ございません)")
+# Hiragana, Katakana (with the long-vowel mark) and the CJK ideographs
+_UNSPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _CLAUSE_END = re.compile(r"[.!?;,:\n]")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _ADDRESS = re.compile(r"[^\s@<>:;,]+@[^\s@<>:;,]+\.\w+")
@@ -203,6 +207,12 @@ def _phrase_regex(phrase: str) -> str:
     # retried at every letter of a long word (quadratic on a mail of junk).
     left = r"(?<!\w)\w*" if phrase.startswith("*") else r"(?<!\w)"
     right = r"\w*" if phrase.endswith("*") else r"(?!\w)"
+    # Japanese and Chinese put no spaces between words: there a phrase matches
+    # inside a run of text ("システム障害が" holds "障害")
+    if _UNSPACED.match(body):
+        left = ""
+    if _UNSPACED.match(body[-1:]):
+        right = ""
     return left + core + right
 
 
@@ -244,7 +254,10 @@ def _negated(text: str, start: int, end: int, negations: tuple[str, ...]) -> boo
     before = [w.lower() for w in re.findall(r"[\w']+", clause)][-NEGATION_WINDOW:]
     if any(w in negations or w.endswith("n't") for w in before):
         return True
-    after = re.match(r"\s*([\w']+)", text[end:end + _LOOKBACK])
+    following = text[end:end + _LOOKBACK]
+    if _TRAILING_NEGATION_JA.match(following):
+        return True
+    after = re.match(r"\s*([\w']+)", following)
     return bool(after and after[1].lower() in _TRAILING_NEGATIONS)
 
 
@@ -269,13 +282,26 @@ def _outermost(tagged: list[tuple[int, _Hit]]) -> list[tuple[int, _Hit]]:
     return kept
 
 
-def _label_regex(labels: tuple[str, ...]) -> re.Pattern[str]:
+def _label_names(labels: tuple[str, ...]) -> str:
     alternatives = sorted(labels, key=len, reverse=True)
-    names = "|".join(r"[ \t\-]*".join(re.escape(w) for w in re.split(r"[\s\-]+", label) if w)
-                     for label in alternatives)
-    # "Label: value", "**Label:** value", "Label<TAB>value", "Label   value" (HTML tables)
-    return re.compile(rf"^[ \t>*•\-]*(?:{names})[ \t*]*(?::|\t| {{2,}})[ \t*]*(?P<value>[^\n]*)$",
-                      re.IGNORECASE | re.MULTILINE)
+    return "|".join(r"[ \t\-]*".join(re.escape(w) for w in re.split(r"[\s\-]+", label) if w)
+                    for label in alternatives)
+
+
+@lru_cache(maxsize=64)
+def _label_regex(labels: tuple[str, ...]) -> re.Pattern[str]:
+    # "Label: value", "**Label:** value", "Label<TAB>value", "Label   value" (HTML
+    # tables), and the full-width colon of Japanese forms ("優先度：1")
+    return re.compile(rf"^[ \t>*•\-]*(?:{_label_names(labels)})[ \t*]*(?:[:：]|\t| {{2,}})[ \t*]*"
+                      r"(?P<value>[^\n]*)$", re.IGNORECASE | re.MULTILINE)
+
+
+@lru_cache(maxsize=64)
+def _bare_level_regex(labels: tuple[str, ...]) -> re.Pattern[str]:
+    # "Priority 1", "Dringlichkeit 1", "Priority - 2", "優先度 1": a label with no
+    # colon counts only before a level number, alone on its line's start
+    return re.compile(rf"^[ \t>*•\-]*(?:{_label_names(labels)})[ \t]*(?:[-–=][ \t]*)?"
+                      r"(?P<value>(?:p|prio|sev)?[ \t]?[1-4])(?![\w.,])", re.IGNORECASE | re.MULTILINE)
 
 
 def _form_fields(mail: ParsedMail, labels: tuple[str, ...]) -> list[tuple[str, str, str]]:
@@ -456,6 +482,11 @@ def _priority_field(mail: ParsedMail, rules: RulesConfig, notes: list[Evidence])
         if level is not None:
             return level, line
         notes.append(Evidence("priority", "priority.field.unrecognised", line))
+    if rules.fields.priority:
+        text = _clean(mail.reply_text)
+        m = _bare_level_regex(rules.fields.priority).search(text)
+        if m is not None:
+            return int(m["value"][-1]), f"body: {_quote_line(text, m.start(), m.end())!r}"
     return None
 
 

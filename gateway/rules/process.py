@@ -40,6 +40,10 @@ EMERGENCY_NEGATED: Wording = {
 _TYPE_LINE = re.compile(r"^\s*(?:type|ticket type|typ|ticket-typ|種類|タイプ)\s*[:：]\s*(\S.*?)\s*$",
                         re.IGNORECASE | re.MULTILINE)
 _EMERGENCY_TYPES = {"emergency": "en", "notfall": "de", "緊急": "ja"}
+# words that hold the emergency wording and say none: the urgency label of a
+# Japanese form ("緊急度：低", urgency: low), emergency contacts
+_NOT_EMERGENCY = re.compile(r"緊急度|緊急連絡先|emergency contacts?|notfallkontakt\w*|notfallnummer\w*",
+                            re.IGNORECASE)
 
 
 # HKN: no answer after 4 hours, ask for the status with the ticket ID
@@ -112,7 +116,7 @@ def emergency(text: str) -> Match | None:
             return Match("emergency", language, f"type line {value!r}")
     if find("emergency_negated", EMERGENCY_NEGATED, text) is not None:
         return None
-    return find("emergency", EMERGENCY, text)
+    return find("emergency", EMERGENCY, _NOT_EMERGENCY.sub(" ", text))
 
 
 def status_request(reply: str) -> Match | None:

@@ -207,7 +207,8 @@ def default_rules() -> RulesConfig:
         fields=FieldLabels(
             region=("Region", "Anmeldung Region", "Signup region", "Sign-up region",
                     "Registration region", "Data region", "Datenregion", "Registrierungsregion"),
-            priority=("Priority", "Priorität", "Prioritaet", "Prio", "Severity", "Dringlichkeit"),
+            priority=("Priority", "Priorität", "Prioritaet", "Prio", "Severity", "Dringlichkeit",
+                      "優先度", "重要度", "緊急度"),
             account_email=("Account email", "Account e-mail address", "Account email address",
                            "Konto-E-Mail", "Konto-E-Mail-Adresse", "E-Mail", "E-Mail-Adresse",
                            "Email address", "Login email", "Login"),
@@ -277,7 +278,8 @@ def _priority_values() -> dict[str, int]:
             "kritisch": 1, "dringend": 1, "Notfall": 1, "geschäftskritisch": 1,
             "high": 2, "major": 2, "hoch": 2,
             "normal": 3, "medium": 3, "mittel": 3, "general": 3,
-            "low": 4, "minor": 4, "niedrig": 4, "gering": 4}
+            "low": 4, "minor": 4, "niedrig": 4, "gering": 4,
+            "至急": 1, "緊急": 1, "最高": 1, "高": 2, "中": 3, "低": 4}
 
 
 # Wording. "down" alone is not a P1 phrase: "slow down", "drop-down" and "shut
@@ -286,11 +288,17 @@ _P1: Mapping[str, tuple[str, ...]] = {
     "en": ("outage", "outages", "is down", "are down", "went down", "down since",
            "completely down", "production down", "production stopped", "production has stopped",
            "production is stopped", "not working at all", "nothing works", "nothing is working",
-           "total failure", "data loss", "business critical"),
+           "total failure", "data loss", "business critical", "urgent", "urgently", "critical"),
     "de": ("*ausfall", "ausgefallen", "Produktion steht", "Produktionsstillstand",
            "geht nicht mehr", "geht gar nichts mehr", "geht nichts mehr",
            "funktioniert überhaupt nicht", "funktioniert gar nicht", "nichts funktioniert",
-           "Datenverlust", "geschäftskritisch"),
+           "Datenverlust", "geschäftskritisch", "dringend", "kritisch"),
+    # Japanese has no spaces: a phrase matches inside a run of text. "停止" and
+    # "ダウン" alone are not listed: "停止する方法" (how to stop) and "ダウンロード"
+    # (download) are no outages; the listed forms are.
+    "ja": ("至急", "障害", "停止しています", "停止しました", "停止中", "ダウンしています",
+           "ダウンしました", "サーバーダウン", "システムダウン", "全く動きません", "まったく動きません",
+           "データが消失", "データ消失", "業務が止まって", "業務停止"),
 }
 _P2: Mapping[str, tuple[str, ...]] = {
     "en": ("slow", "slowly", "slowness", "degraded", "degradation", "intermittent*",
@@ -298,12 +306,15 @@ _P2: Mapping[str, tuple[str, ...]] = {
     "de": ("langsam", "verlangsamt", "eingeschränkt", "Einschränkung*", "sporadisch",
            "zeitweise", "zeitweilig", "teilweise ausgefallen", "teilweiser Ausfall",
            "Teilausfall"),
+    "ja": ("遅い", "遅く", "遅延", "低下", "断続的", "時々", "ときどき", "不安定"),
 }
 _P4: Mapping[str, tuple[str, ...]] = {
     "en": ("how to", "how do I", "how do we", "how can I", "how can we", "is it possible",
            "question*", "documentation", "how-to guide"),
     "de": ("wie kann ich", "wie können wir", "wie kann man", "wie richte ich", "ist es möglich",
            "Frage*", "Anleitung*", "Dokumentation"),
+    "ja": ("方法", "教えてください", "可能ですか", "できますか", "質問", "使い方", "ドキュメント",
+           "マニュアル"),
 }
 _TECHNICAL: Mapping[str, tuple[str, ...]] = {
     "en": ("error*", "fail*", "crash*", "bug", "bugs", "broken", "exception*", "stack trace",
