@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from conftest import GOV, QUEUES, STAFF, SUPPORT, GatewayProc, agent_reply, mail, reply_to, uniq
+from conftest import GOV, QUEUES, STAFF, SUPPORT, GatewayProc, agent_reply, mail, reply_to, uniq, wait_for
 
 RULES = """
 [redirects]
@@ -137,6 +138,79 @@ def outage(gw: GatewayProc) -> tuple[dict, datetime]:
     gw.send(mail("noc@atc.example.com", SUPPORT, key, "Total outage, production stopped."))
     t = gw.ticket_by_subject(key)
     return t, datetime.fromisoformat(t["response_due_at"])
+
+
+def text_of(m: EmailMessage) -> str:
+    return m.get_body(("plain",)).get_content()
+
+
+def staff_note(gw: GatewayProc, tid: int, count: int) -> str:
+    """The text of the `count`-th staff notification of ticket `tid` at the AMER queue."""
+    def notes() -> list | None:
+        found = [m for m in gw.sink.to(QUEUES["AMER"]) if f"#{tid}]" in str(m["Subject"])]
+        return found if len(found) >= count else None
+    return text_of(wait_for(notes, what=f"{count} staff notifications of #{tid}")[count - 1])
+
+
+def test_a_reply_that_gives_missing_details_clears_them_and_one_follow_up_asks_for_the_rest(
+        ruled: GatewayProc) -> None:
+    """Issue 19 (Kaseya, NinjaOne's form): the ack asks for what is missing; a reply
+    that gives part of it clears that part, staff see what was given and what is still
+    missing, the customer is asked once more for exactly the rest, and only once."""
+    key = uniq("Login")
+    ruled.send(mail("eve@shop.example", SUPPORT, key, "I cannot log in."))
+    t = ruled.ticket_by_subject(key)
+    assert t["missing"] == ["account_email", "organisation"]
+    (ack,) = ruled.sink.wait_to("eve@shop.example")
+    assert "Missing:    account email, organisation" in staff_note(ruled, t["id"], 1)
+
+    ruled.send(reply_to(ack, "eve@shop.example", "Here you are.\nOrganisation: Shop Ltd\n"))
+    assert wait_for_missing(ruled, t["id"], ["account_email"])
+    note = staff_note(ruled, t["id"], 2)
+    assert "INFORMATION SUPPLIED: organisation; still missing: account email" in note
+    assert "Missing:    account email" in note
+    asked = ruled.sink.wait_to("eve@shop.example", count=2)[1]
+    assert "email address of your account" in text_of(asked) and "organisation (company name)" not in text_of(asked)
+    assert f"#{t['id']}]" in str(asked["Subject"])
+
+    ruled.send(reply_to(asked, "eve@shop.example", "Sorry, I do not know which address it was."))
+    staff_note(ruled, t["id"], 3)
+    assert len(ruled.sink.to("eve@shop.example")) == 2           # asked once more only once
+    assert ruled.ticket(t["id"])["missing"] == ["account_email"]
+
+    ruled.send(reply_to(asked, "eve@shop.example", "Found it.\nAccount email: eve.admin@shop.example\n"))
+    assert wait_for_missing(ruled, t["id"], [])
+    assert "nothing required is missing any more" in staff_note(ruled, t["id"], 4)
+    events = [e for e in ruled.ticket(t["id"])["events"] if e["rule"].startswith("information_")]
+    assert [(e["rule"], e.get("supplied")) for e in events] == [
+        ("information_supplied", ["organisation"]), ("information_requested", None),
+        ("information_supplied", ["account_email"])]
+    assert "Account email: eve.admin@shop.example" in events[2]["why"]
+
+
+def wait_for_missing(gw: GatewayProc, tid: int, expected: list[str]) -> bool:
+    return bool(wait_for(lambda: gw.ticket(tid)["missing"] == expected or None, what=f"missing == {expected}"))
+
+
+def test_kaseyas_details_and_the_region_can_be_required(make_gateway: Callable[..., GatewayProc]) -> None:
+    gw = make_gateway(extra_toml=RULES.replace('default_plan = "basic"\n', 'default_plan = "basic"\n\n'
+                                               '[rules.missing]\nrequired = ["region", "server_url", '
+                                               '"product", "version", "steps", "sample_machine"]\n'))
+    gw.start()
+    key = uniq("Agent offline")
+    gw.send(mail("ops@msp.example", SUPPORT, key, "Agents go offline.\nProduct: VSA\nVersion: -\n"
+                 "Server URL: none\nSteps: reboot the endpoint\n"))
+    t = gw.ticket_by_subject(key)
+    assert t["missing"] == ["region", "server_url", "version", "sample_machine"]
+    (ack,) = gw.sink.wait_to("ops@msp.example")
+    for words in ("the region you signed up in", "the address of your server", "its version",
+                  "a machine it happens on"):
+        assert words in text_of(ack)
+    assert "the module or product" not in text_of(ack)
+    gw.send(reply_to(ack, "ops@msp.example", "Region: EMEA\nServer URL: https://vsa.msp.example\n"
+                     "Version: 9.5.20\nSample machine: WS-0042\n"))
+    assert wait_for_missing(gw, t["id"], [])
+    assert len(gw.sink.to("ops@msp.example")) == 1               # nothing left to ask
 
 
 def test_sla_warning_before_the_target_then_one_breach_notice(ruled: GatewayProc) -> None:

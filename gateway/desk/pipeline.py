@@ -26,7 +26,7 @@ from gateway.model import Attachment, Kind, ParsedMail, Status, Ticket, domain_o
 from gateway.outbound.tokens import TicketTokens, without_staff_tokens
 from gateway.rules import contacts, process
 from gateway.rules.contacts import CERTIFIED, Standing
-from gateway.rules.decision import Decision, decide
+from gateway.rules.decision import Decision, decide, supplied
 from gateway.rules.language import choose_language
 from gateway.store import SenderCounts, Tx
 
@@ -368,6 +368,33 @@ class Pipeline:
                 return gov.address
         return reached.address
 
+    async def _missing_information(self, tx: Tx, ticket: Ticket, mail: ParsedMail, now: datetime,
+                                   marks: list[str]) -> tuple[Ticket, int]:
+        """A customer reply on a ticket that lacks required details (Kaseya: the
+        ticket waits for them): what the reply gives is cleared and the staff
+        notification says so; when some are still missing, the customer is asked
+        once more for exactly those (`info_request`, once per ticket)."""
+        given, evidence = supplied(mail, ticket.missing, self.config.rules)
+        if given:
+            still = tuple(m for m in ticket.missing if m not in given)
+            await tx.update_ticket(ticket.id, now, missing=still)
+            await tx.add_event(ticket.id, now, "information_supplied", {
+                "supplied": list(given), "still_missing": list(still),
+                "why": "; ".join(e.detail for e in evidence)})
+            ticket = replace(ticket, missing=still)
+            marks.append("INFORMATION SUPPLIED: " + ", ".join(given).replace("_", " ")
+                         + (f"; still missing: {', '.join(still).replace('_', ' ')}" if still
+                            else "; nothing required is missing any more"))
+        if not ticket.missing or await tx.has_event(ticket.id, "information_requested"):
+            return ticket, 0
+        queued = await self.desk.to_customer(
+            tx, ticket, Kind.INFO_REQUEST, now, thread=[mail.message_id],
+            context={"name": mail.sender_name, "missing": list(ticket.missing)})
+        await tx.add_event(ticket.id, now, "information_requested", {"missing": list(ticket.missing)})
+        marks.append("STILL MISSING: " + ", ".join(ticket.missing).replace("_", " ")
+                     + " (asked the customer once more)")
+        return ticket, queued
+
     async def _redirect(self, tx: Tx, ticket: Ticket, mail: ParsedMail, received: Received,
                         address: str, now: datetime) -> int:
         """Not for support: forward the mail there, tell the customer where it went, resolve."""
@@ -424,6 +451,9 @@ class Pipeline:
         if contact:
             await tx.update_ticket(ticket.id, now, **contact)
             ticket = replace(ticket, **contact)  # type: ignore[arg-type]
+        if ticket.missing and ticket.status is not Status.CLOSED:
+            ticket, asked = await self._missing_information(tx, ticket, mail, now, marks)
+            queued += asked
         queued += await self._notify(tx, ticket, mail, sender, is_new=False, now=now, marks=marks)
         queued += await self._escalation_request(tx, ticket, mail, now)
         log.info("ticket.replied", ticket_id=ticket.id, message_id=mail.message_id,

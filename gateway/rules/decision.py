@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
 from types import MappingProxyType
@@ -592,17 +592,46 @@ def _missing(mail: ParsedMail, found: tuple[Customer, str] | None,
 def _find_required(name: str, mail: ParsedMail, found: tuple[Customer, str] | None,
                    rules: RulesConfig) -> tuple[str, str]:
     for value, line, _where in _form_fields(mail, rules.fields.labels(name)):
-        if name == "account_email" and _ADDRESS.search(value):
+        if _is_value(name, value, rules):
             return "field", line
-        if name == "organisation" and normalise_value(value) not in _NO_VALUE:
-            return "field", line
-    if found is not None:
+    if found is not None and (name in _FROM_DIRECTORY or (name == "region" and found[0].region)):
         customer, domain = found
         return "directory", f"customer directory: {domain} ({customer.organisation})"
     labels = rules.fields.labels(name)
     example = f" such as '{labels[0]}: ...'" if labels else ""
-    return "absent", (f"no {name.replace('_', ' ')} line{example} with a value, "
-                      "and the sender's domain is not in the customer directory")
+    return "absent", (f"no {name.replace('_', ' ')} line{example} with a value"
+                      + (", and the sender's domain is not in the customer directory"
+                         if name in _FROM_DIRECTORY else ""))
+
+
+_FROM_DIRECTORY = frozenset({"account_email", "organisation"})
+_HOST = re.compile(r"(?:https?://)?[\w-]+(?:\.[\w-]+)+|https?://\S+|\b\d{1,3}(?:\.\d{1,3}){3}\b")
+
+
+def _is_value(name: str, value: str, rules: RulesConfig) -> bool:
+    """Whether a form line's value gives the required field `name`."""
+    if name == "account_email":
+        return bool(_ADDRESS.search(value))
+    if name == "region":
+        return _lookup_value(value, rules.region.values) is not None
+    if name == "server_url":
+        return bool(_HOST.search(value))
+    return normalise_value(value) not in _NO_VALUE
+
+
+def supplied(mail: ParsedMail, missing: Sequence[str], rules: RulesConfig) -> tuple[tuple[str, ...], list[Evidence]]:
+    """Which of a ticket's `missing` fields the new text of a customer's reply gives,
+    with the lines that gave them (the quoted history is not read: it holds the
+    original mail and our acknowledgement)."""
+    new_text = replace(mail, body_text=mail.reply_text)
+    given: list[str] = []
+    evidence: list[Evidence] = []
+    for name in missing:
+        rule, detail = _find_required(name, new_text, None, rules)
+        if rule == "field":
+            given.append(name)
+            evidence.append(Evidence("missing", f"missing.{name}.supplied", detail))
+    return tuple(given), evidence
 
 
 # -- first-response target -----------------------------------------------------

@@ -36,8 +36,12 @@ SUPPORTED_LANGUAGES = ("en", "de", "ja")     # gateway.rules.language.SUPPORTED
 REGION_SOURCES = ("field", "mailbox", "directory", "country", "date_offset")
 PRIORITY_SOURCES = ("field", "subject_tag", "wording")
 WORDING_LEVELS = (1, 2, 4)                   # 3 is the default, never "worded"
-FIELD_NAMES = ("region", "priority", "account_email", "organisation")
-REQUIRABLE = ("account_email", "organisation")
+# Kaseya's required details: the server URL, the module or product, its version,
+# the steps that reproduce the problem and a sample machine it happens on
+KASEYA_FIELDS = ("server_url", "product", "version", "steps", "sample_machine")
+FIELD_NAMES = ("region", "priority", "account_email", "organisation", *KASEYA_FIELDS)
+REQUIRABLE = ("account_email", "organisation", "region", *KASEYA_FIELDS)
+REQUIRED_BY_DEFAULT = ("account_email", "organisation")
 CLOCKS = ("business", "24/7")
 
 
@@ -51,6 +55,16 @@ class FieldLabels:
     priority: tuple[str, ...]
     account_email: tuple[str, ...]
     organisation: tuple[str, ...]
+    server_url: tuple[str, ...] = ("Server URL", "Server address", "Instance URL", "Server-URL",
+                                   "Server-Adresse", "サーバーURL", "サーバーのURL")
+    product: tuple[str, ...] = ("Product", "Module", "Product/Module", "Modul", "Produkt",
+                                "Produkt/Modul", "製品", "モジュール")
+    version: tuple[str, ...] = ("Version", "Product version", "Produktversion", "バージョン")
+    steps: tuple[str, ...] = ("Steps to reproduce", "Steps", "Reproduction steps",
+                              "Schritte zur Reproduktion", "Schritte", "再現手順", "手順")
+    sample_machine: tuple[str, ...] = ("Sample machine", "Affected machine", "Machine name",
+                                       "Beispielrechner", "Betroffener Rechner", "Rechnername",
+                                       "対象マシン", "マシン名")
 
     def labels(self, name: str) -> tuple[str, ...]:
         labels: tuple[str, ...] = getattr(self, name)
@@ -243,7 +257,7 @@ def default_rules() -> RulesConfig:
         ),
         technical=_frozen(_TECHNICAL),
         redirects=_frozen({"billing": _frozen(_BILLING), "sales": _frozen(_SALES)}),
-        required=REQUIRABLE,
+        required=REQUIRED_BY_DEFAULT,
         plans=_frozen({
             "basic": Plan("basic", _frozen({}), "community support, no response target"),
             "professional": Plan("professional", _frozen({

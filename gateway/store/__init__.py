@@ -522,9 +522,9 @@ class Tx:
                    "escalated", "reminder_due_at", "autoclose_due_at", "close_due_at", "undeliverable",
                    "sla_warned_at", "tier", "owner", "escalated_at", "escalated_by",
                    "escalation_queue", "customer_told_at", "contact_due_at", "manual_close_due_at",
-                   "sla_breached_at", "sla_outcome"}
+                   "sla_breached_at", "sla_outcome", "missing"}
         assert set(fields) <= allowed, set(fields) - allowed
-        values = [json.dumps(list(v)) if k in ("cc", "undeliverable")
+        values = [json.dumps(list(v)) if k in ("cc", "undeliverable", "missing")
                   else iso(v) if isinstance(v, datetime)
                   else v.value if isinstance(v, Status) else v for k, v in fields.items()]
         sets = ", ".join(f"{k} = ?" for k in fields)
@@ -562,6 +562,11 @@ class Tx:
         """Record a process rule applied to the ticket, with its evidence (`tickets show`)."""
         await self.db.execute("INSERT INTO ticket_events (ticket_id, at, rule, detail) VALUES (?,?,?,?)",
                               (ticket_id, iso(now), rule, json.dumps(detail, ensure_ascii=False)))
+
+    async def has_event(self, ticket_id: int, rule: str) -> bool:
+        """Whether the rule was applied to the ticket before (once-per-ticket steps)."""
+        return bool(await self._all("SELECT 1 FROM ticket_events WHERE ticket_id = ? AND rule = ? LIMIT 1",
+                                    (ticket_id, rule)))
 
     # -- outbox ----------------------------------------------------------
     async def enqueue(self, *, message_row: int, ticket_id: int, kind: str, relay: str,
