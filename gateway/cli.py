@@ -43,6 +43,7 @@ def ticket_json(t: Ticket) -> dict[str, Any]:
             "plan": t.plan, "response_due_at": iso(t.response_due_at), "missing": list(t.missing),
             "redirect": t.redirect, "emergency": t.emergency, "tier": t.tier, "owner": t.owner,
             "contact": t.contact or None,
+            "waiting_for_information": bool(t.missing) and t.status.value in ("open", "pending"),
             "sla": {"warn_at": iso(t.sla_warn_at), "warned_at": iso(t.sla_warned_at),
                     "breached_at": iso(t.sla_breached_at), "outcome": t.sla_outcome},
             "escalation": None if not t.escalated else {

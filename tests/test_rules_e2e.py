@@ -213,6 +213,36 @@ def test_kaseyas_details_and_the_region_can_be_required(make_gateway: Callable[.
     assert len(gw.sink.to("ops@msp.example")) == 1               # nothing left to ask
 
 
+def test_the_target_can_wait_for_the_missing_details(make_gateway: Callable[..., GatewayProc]) -> None:
+    """[rules.missing] pause_target (Kaseya: on hold until the required details arrive):
+    no due time while they are missing, so no warning or breach; the target counts
+    from the reply that completes them."""
+    gw = make_gateway(extra_toml=RULES.replace('default_plan = "basic"\n', 'default_plan = "basic"\n\n'
+                                               '[rules.missing]\nrequired = ["product"]\npause_target = true\n'))
+    gw.start()
+    t, _ = outage_without_due(gw)
+    assert t["missing"] == ["product"] and t["response_due_at"] is None and t["waiting_for_information"]
+    (ack,) = gw.sink.wait_to("noc@atc.example.com")
+    assert "starts when you send us the details below" in text_of(ack)
+    assert "no guaranteed first-response time" not in text_of(ack)
+    jobs = run_due(gw, datetime.fromisoformat(t["created_at"]) + timedelta(hours=3))
+    assert WARNING not in jobs and BREACH not in jobs            # the 1-hour target waits
+    gw.send(reply_to(ack, "noc@atc.example.com", "Product: Cloud Backup\n"))
+    assert wait_for_missing(gw, t["id"], [])
+    now = gw.ticket(t["id"])
+    assert not now["waiting_for_information"]
+    due = datetime.fromisoformat(now["response_due_at"])
+    assert timedelta(minutes=59) <= due - datetime.fromisoformat(t["created_at"]) <= timedelta(minutes=70)
+    assert "The first-response target starts now" in staff_note(gw, t["id"], 2)
+    assert run_due(gw, due).get(BREACH) == 1
+
+
+def outage_without_due(gw: GatewayProc) -> tuple[dict, None]:
+    key = uniq("Everything down")
+    gw.send(mail("noc@atc.example.com", SUPPORT, key, "Total outage, production stopped."))
+    return gw.ticket_by_subject(key), None
+
+
 def test_sla_warning_before_the_target_then_one_breach_notice(ruled: GatewayProc) -> None:
     """Issue 19: the queue hears of a target before it passes ([rules.sla] warn_before,
     default 20 %: 12 minutes before a 1-hour target), once; when it passes, one

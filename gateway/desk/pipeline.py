@@ -26,7 +26,7 @@ from gateway.model import Attachment, Kind, ParsedMail, Status, Ticket, domain_o
 from gateway.outbound.tokens import TicketTokens, without_staff_tokens
 from gateway.rules import contacts, process
 from gateway.rules.contacts import CERTIFIED, Standing
-from gateway.rules.decision import Decision, decide, supplied
+from gateway.rules.decision import Decision, decide, supplied, ticket_target_times
 from gateway.rules.language import choose_language
 from gateway.store import SenderCounts, Tx
 
@@ -327,6 +327,7 @@ class Pipeline:
                     context={"name": mail.sender_name or sender,
                              "target": self.desk.target_text(ticket, decision.response_due),
                              "missing": list(decision.missing),
+                             "target_waits": any(e.rule == "sla.waiting_for_information" for e in decision.evidence),
                              "follows_up": _follows_up(linked, sender),
                              "emergency": self._emergency_instructions(ticket)})
             queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now,
@@ -385,6 +386,8 @@ class Pipeline:
             marks.append("INFORMATION SUPPLIED: " + ", ".join(given).replace("_", " ")
                          + (f"; still missing: {', '.join(still).replace('_', ' ')}" if still
                             else "; nothing required is missing any more"))
+            if not still:
+                ticket = await self._start_paused_target(tx, ticket, now, marks)
         if not ticket.missing or await tx.has_event(ticket.id, "information_requested"):
             return ticket, 0
         queued = await self.desk.to_customer(
@@ -394,6 +397,24 @@ class Pipeline:
         marks.append("STILL MISSING: " + ", ".join(ticket.missing).replace("_", " ")
                      + " (asked the customer once more)")
         return ticket, queued
+
+    async def _start_paused_target(self, tx: Tx, ticket: Ticket, now: datetime, marks: list[str]) -> Ticket:
+        """[rules.missing] pause_target: the first-response target of a ticket that
+        waited for required details counts from the reply that gave the last of them."""
+        rules = self.config.rules
+        if not rules.pause_target or ticket.response_due_at is not None or ticket.first_response_at is not None \
+                or ticket.redirect is not None:
+            return ticket
+        due, warn_at = ticket_target_times(rules, plan=ticket.plan, priority=ticket.priority, region=ticket.region,
+                                           certified=ticket.contact == CERTIFIED, around_the_clock=ticket.emergency,
+                                           start=now)
+        if due is None:
+            return ticket
+        await tx.update_ticket(ticket.id, now, response_due_at=due, sla_warn_at=warn_at)
+        await tx.add_event(ticket.id, now, "target_started", {"response_due": due.isoformat(),
+                                                              "why": "the required details are complete"})
+        marks.append(f"The first-response target starts now: {self.desk.target_text(ticket, due) or due.isoformat()}")
+        return replace(ticket, response_due_at=due, sla_warn_at=warn_at)
 
     async def _redirect(self, tx: Tx, ticket: Ticket, mail: ParsedMail, received: Received,
                         address: str, now: datetime) -> int:

@@ -34,8 +34,8 @@ from gateway.model import ParsedMail, normalize_address
 from gateway.rules import contacts, process
 from gateway.rules.contacts import Standing
 from gateway.rules.countries import region_of_domain
-from gateway.rules.settings import Customer, CustomerDirectory, RulesConfig, Wording, normalise_value
-from gateway.rules.sla import response_due
+from gateway.rules.settings import Customer, CustomerDirectory, RulesConfig, Target, Wording, normalise_value
+from gateway.rules.sla import BusinessCalendar, response_due
 
 GOVCLOUD_QUEUE = "GOVCLOUD"
 
@@ -123,6 +123,12 @@ def decide(mail: ParsedMail, *, mailbox_address: str, mailbox_govcloud: bool,
     plan, due, warn_due, sla_ev = _sla(found, priority, region, redirect, rules, now,
                              around_the_clock=urgent is not None,
                              certified=contact is not None and contact.rank == contacts.CERTIFIED)
+    if due is not None and missing and rules.pause_target and urgent is None:
+        # Kaseya: the ticket waits for the required details; the target counts from them
+        due = warn_due = None
+        sla_ev.append(Evidence("sla", "sla.waiting_for_information",
+                               f"waiting for {', '.join(missing)}: the target starts when the customer gives them "
+                               "([rules.missing] pause_target)"))
     return Decision(
         region=region, govcloud=govcloud, priority=priority,
         queue=GOVCLOUD_QUEUE if govcloud else region, plan=plan, redirect=redirect,
@@ -636,6 +642,25 @@ def supplied(mail: ParsedMail, missing: Sequence[str], rules: RulesConfig) -> tu
 
 # -- first-response target -----------------------------------------------------
 
+def target_times(rules: RulesConfig, target: Target, calendar: BusinessCalendar | None,
+                 start: datetime) -> tuple[datetime, datetime | None]:
+    """When a first-response target counted from `start` falls due, and when its SLA
+    warning goes out ([rules.sla] warn_before; None: no warning fits inside it)."""
+    due = response_due(start, target.hours, calendar)
+    lead = rules.warn_before.before(target.hours)
+    return due, (response_due(start, target.hours - lead, calendar) if lead is not None else None)
+
+
+def ticket_target_times(rules: RulesConfig, *, plan: str, priority: int, region: str, certified: bool,
+                        around_the_clock: bool, start: datetime) -> tuple[datetime | None, datetime | None]:
+    """`target_times` for a ticket's plan and priority (None, None: the plan has no target)."""
+    target = rules.plans[plan].target(priority, certified=certified) if plan in rules.plans else None
+    if target is None:
+        return None, None
+    calendar = None if target.around_the_clock or around_the_clock else rules.hours.get(region)
+    return target_times(rules, target, calendar, start)
+
+
 def _sla(found: tuple[Customer, str] | None, priority: int, region: str, redirect: str | None,
          rules: RulesConfig, now: datetime,
          around_the_clock: bool = False, certified: bool = False,
@@ -659,11 +684,9 @@ def _sla(found: tuple[Customer, str] | None, priority: int, region: str, redirec
         return plan, None, None, [plan_ev, Evidence(
             "sla", "sla.no_target", f"plan {plan} has no first-response target for P{priority}")]
     calendar = None if target.around_the_clock or around_the_clock else rules.hours[region]
-    due = response_due(now, target.hours, calendar)
+    due, warn_due = target_times(rules, target, calendar, now)
     rule, clock = (("sla.around_the_clock", "") if calendar is None else
                    ("sla.business_hours", f" on the {region} calendar ({calendar.describe()})"))
-    lead = rules.warn_before.before(target.hours)
-    warn_due = response_due(now, target.hours - lead, calendar) if lead is not None else None
     warning = (f"; SLA warning {rules.warn_before.describe()} before, at {warn_due.isoformat()}"
                if warn_due is not None else "; no SLA warning before the target")
     return plan, due, warn_due, [plan_ev, Evidence(

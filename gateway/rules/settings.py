@@ -209,6 +209,7 @@ class RulesConfig:
     hours: Mapping[str, BusinessCalendar]    # region → desk calendar
     directory: CustomerDirectory = field(default_factory=CustomerDirectory)
     warn_before: WarnLead = WarnLead(fraction=0.2)   # [rules.sla] warn_before
+    pause_target: bool = False               # [rules.missing]: the target waits for missing details
 
 
 # -- built-in defaults -------------------------------------------------------
@@ -484,6 +485,7 @@ def parse_rules(data: Mapping[str, Any]) -> tuple[RulesConfig, list[str]]:
         hours=_hours(p, ru.get("hours", {}), d.hours),
         directory=_directory(p, ru.get("customer", []), plans),
         warn_before=_warn_before(p, ru.get("sla", {}), d.warn_before),
+        pause_target=_pause_target(p, ru.get("missing", {}), d.pause_target),
     )
     return rules, p.items
 
@@ -656,9 +658,17 @@ def _redirects(p: _Problems, raw: Any, d: Mapping[str, Wording]) -> Mapping[str,
     return _frozen(out)
 
 
+def _pause_target(p: _Problems, raw: Any, d: bool) -> bool:
+    t = raw if isinstance(raw, dict) else {}      # a bad table is reported by _required
+    if "pause_target" not in t:
+        return d
+    value = p.boolean("rules.missing.pause_target", t["pause_target"])
+    return d if value is None else value
+
+
 def _required(p: _Problems, raw: Any, d: tuple[str, ...]) -> tuple[str, ...]:
     t = p.table("rules.missing", raw) or {}
-    p.unknown("rules.missing", t, ("required",))
+    p.unknown("rules.missing", t, ("required", "pause_target"))
     if "required" not in t:
         return d
     value = t["required"]

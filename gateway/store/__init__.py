@@ -522,7 +522,7 @@ class Tx:
                    "escalated", "reminder_due_at", "autoclose_due_at", "close_due_at", "undeliverable",
                    "sla_warned_at", "tier", "owner", "escalated_at", "escalated_by",
                    "escalation_queue", "customer_told_at", "contact_due_at", "manual_close_due_at",
-                   "sla_breached_at", "sla_outcome", "missing"}
+                   "sla_breached_at", "sla_outcome", "missing", "response_due_at", "sla_warn_at"}
         assert set(fields) <= allowed, set(fields) - allowed
         values = [json.dumps(list(v)) if k in ("cc", "undeliverable", "missing")
                   else iso(v) if isinstance(v, datetime)
