@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from gateway.model import REGIONS, mailbox_of, normalize_address
@@ -107,6 +108,18 @@ class StatusRequests:
     interval: timedelta = timedelta(hours=4)     # at most one automatic status answer per ticket per this
 
 
+ACK_PARTS = ("next_steps", "target", "missing", "safe_senders", "status_page", "one_ticket_per_problem",
+             "elsewhere")
+
+
+@dataclass(frozen=True)
+class Acknowledgement:
+    """`[acknowledgement]`: the policies' guidance the acknowledgement carries (issue 19)."""
+
+    parts: tuple[str, ...] = ACK_PARTS
+    status_pages: Mapping[str, str] = field(default_factory=dict)   # AMER/EMEA/APAC/GOVCLOUD -> URL
+
+
 @dataclass(frozen=True)
 class Mailbox:
     address: str
@@ -192,6 +205,7 @@ class Config:
     escalation: Escalation = field(default_factory=Escalation)
     emergency: Emergency = field(default_factory=Emergency)
     status_requests: StatusRequests = field(default_factory=StatusRequests)
+    acknowledgement: Acknowledgement = field(default_factory=Acknowledgement)
     # one ticket per problem: a new mail with an open ticket's requester and subject joins it
     same_problem_within: timedelta = timedelta(hours=72)
     # (mailbox address or "", plan or "") -> the lifecycle merged for it (`policy_for`)
@@ -604,7 +618,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     d = _defaults()
     r = _Reader(data)
     known = set(d) | {"imap", "metrics", "limits", "dkim", "escalation", "emergency", "status_requests",
-                      "threading", "answers"}
+                      "threading", "answers", "acknowledgement"}
     for key in data:
         if key not in known:
             r.fail(key, unknown_key(key, known).replace("key", "section", 1))
@@ -763,6 +777,8 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     status_requests = StatusRequests(_prefixed(r, "status_requests", sr, "enabled", bool, True),
                                      timedelta(hours=status_interval))
 
+    acknowledgement = _acknowledgement(r)
+
     th = r.section("threading")
     _only_known(r, "threading", th, ("same_problem_hours",))
     same_problem_h = _prefixed(r, "threading", th, "same_problem_hours", (int, float), 72)
@@ -813,8 +829,30 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         imap=imap_accounts, escalation=escalation, emergency=emergency, status_requests=status_requests,
         same_problem_within=timedelta(hours=same_problem_h),
         token_secret_file=Path(secret_value) if secret_value else None, answers_dir=answers_dir,
-        govcloud_staff=gov_staff,
+        govcloud_staff=gov_staff, acknowledgement=acknowledgement,
     )
+
+
+def _acknowledgement(r: _Reader) -> Acknowledgement:
+    ack = r.section("acknowledgement")
+    _only_known(r, "acknowledgement", ack, ("parts", "status_pages"))
+    parts = _prefixed(r, "acknowledgement", ack, "parts", list, list(ACK_PARTS))
+    unknown = [p for p in parts if p not in ACK_PARTS]
+    if unknown or not all(isinstance(p, str) for p in parts):
+        r.fail("acknowledgement.parts", f"unknown part {unknown[0] if unknown else parts!r}; parts: "
+                                        f"{', '.join(ACK_PARTS)}")
+        parts = list(ACK_PARTS)
+    pages = _prefixed(r, "acknowledgement", ack, "status_pages", dict, {})
+    status_pages: dict[str, str] = {}
+    for queue, url in pages.items():
+        key = f"acknowledgement.status_pages.{queue}"
+        if queue not in ("AMER", "EMEA", "APAC", "GOVCLOUD"):
+            r.fail(key, "expected AMER, EMEA, APAC or GOVCLOUD")
+        elif not isinstance(url, str) or not re.fullmatch(r"https?://[^\s<>\"']+", url):
+            r.fail(key, f"expected an http(s) URL, got {url!r}")
+        else:
+            status_pages[queue] = url
+    return Acknowledgement(tuple(dict.fromkeys(parts)), MappingProxyType(status_pages))
 
 
 EMERGENCY_KEYS = ("queue", "pager", "instructions")

@@ -407,3 +407,62 @@ def test_a_german_customer_is_answered_in_german(ruled: GatewayProc) -> None:
     key3 = uniq("Backup")
     ruled.send(mail("it@shop.example", SUPPORT, key3, "Our backup has failed since yesterday, please help."))
     assert str(ruled.sink.wait_to("it@shop.example")[0]["Content-Language"]) == "en"
+
+
+STATUS_PAGES = """
+[acknowledgement]
+
+[acknowledgement.status_pages]
+AMER = "https://status.example.com/amer"
+EMEA = "https://status.example.com/emea"
+GOVCLOUD = "https://status.examplegov.com/"
+"""
+
+
+def test_the_acknowledgement_carries_the_policies_guidance(make_gateway: Callable[..., GatewayProc]) -> None:
+    """Issue 19: safe-sender advice naming the support domain, the region's status
+    page, one ticket per problem, where billing and sales questions go; for a GovCloud
+    ticket the GovCloud domain and status page only, and no commercial addresses."""
+    gw = make_gateway(extra_toml=RULES + STATUS_PAGES)
+    gw.start()
+    gw.send(mail("it@kunde.de", SUPPORT, uniq("Backup läuft nicht"), "Seit heute Nacht läuft kein Backup."))
+    ack = text_of(gw.sink.wait_to("it@kunde.de")[0])          # EMEA, in German
+    assert "nehmen Sie bitte example.com" in ack and "sicherer Absender" in ack
+    assert "Dienststatus für Ihre Region: https://status.example.com/emea" in ack
+    assert "billing@example.com" in ack and "sales@example.com" in ack
+    assert "kein neues" in ack and "status.example.com/amer" not in ack
+
+    gw.send(mail("ops@agency.example.gov", SUPPORT, uniq("Tenant backup late"), "Our backup is late."))
+    gov = gw.gov_sink.wait_to("ops@agency.example.gov")[0]
+    gov_text = text_of(gov)
+    assert "please add examplegov.com" in gov_text and "add example.com" not in gov_text
+    assert "https://status.examplegov.com/" in gov_text
+    assert "billing@example.com" not in gov_text and "sales@example.com" not in gov_text
+    html = gov.get_body(("html",)).get_content()
+    assert '<a href="https://status.examplegov.com/">' in html
+
+
+def test_acknowledgement_parts_can_be_switched_off(make_gateway: Callable[..., GatewayProc]) -> None:
+    gw = make_gateway(extra_toml=RULES + STATUS_PAGES.replace("[acknowledgement]",
+                                                              '[acknowledgement]\nparts = ["target"]'))
+    gw.start()
+    gw.send(mail("kim@customer.example", SUPPORT, uniq("Export"), "The export is empty."))
+    ack = text_of(gw.sink.wait_to("kim@customer.example")[0])
+    assert "no guaranteed first-response time" in ack          # the target part stays
+    for gone in ("safe-senders", "status.example.com", "billing@example.com", "What happens next",
+                 "don't open a new", "please reply with"):
+        assert gone not in ack
+    assert "Your ticket number" in ack                           # the ID is always there
+
+
+@pytest.mark.parametrize(("table", "key"), [
+    ('parts = ["next_steps", "jokes"]', "acknowledgement.parts"),
+    ('status_pages = { MARS = "https://status.example.com" }', "acknowledgement.status_pages.MARS"),
+    ('status_pages = { AMER = "javascript:alert(1)" }', "acknowledgement.status_pages.AMER"),
+    ('status_page = {}', "acknowledgement.status_page"),
+])
+def test_bad_acknowledgement_settings_are_refused_by_key(make_gateway: Callable[..., GatewayProc],
+                                                         table: str, key: str) -> None:
+    gw = make_gateway(extra_toml=f"\n[acknowledgement]\n{table}\n")
+    r = gw.cli("check-config")
+    assert r.returncode == 78 and key in r.stderr + r.stdout, r.stderr

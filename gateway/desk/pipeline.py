@@ -11,6 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 
@@ -329,7 +330,8 @@ class Pipeline:
                              "missing": list(decision.missing),
                              "target_waits": any(e.rule == "sla.waiting_for_information" for e in decision.evidence),
                              "follows_up": _follows_up(linked, sender),
-                             "emergency": self._emergency_instructions(ticket)})
+                             "emergency": self._emergency_instructions(ticket),
+                             "guidance": self._ack_guidance(ticket)})
             queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now,
                                          dropped=len(dropped), linked_reason=placement.reason, no_ack=no_ack,
                                          marks=marks)
@@ -373,8 +375,9 @@ class Pipeline:
                                    marks: list[str]) -> tuple[Ticket, int]:
         """A customer reply on a ticket that lacks required details (Kaseya: the
         ticket waits for them): what the reply gives is cleared and the staff
-        notification says so; when some are still missing, the customer is asked
-        once more for exactly those (`info_request`, once per ticket)."""
+        notification says so; when some are still missing after a reply that gave
+        part of them, the customer is asked once more for exactly the rest
+        (`info_request`, once per ticket)."""
         given, evidence = supplied(mail, ticket.missing, self.config.rules)
         if given:
             still = tuple(m for m in ticket.missing if m not in given)
@@ -388,7 +391,9 @@ class Pipeline:
                             else "; nothing required is missing any more"))
             if not still:
                 ticket = await self._start_paused_target(tx, ticket, now, marks)
-        if not ticket.missing or await tx.has_event(ticket.id, "information_requested"):
+        # asked once more when the customer gave part of it (the ack asked for all of it
+        # already; a reply about something else is not nagged)
+        if not given or not ticket.missing or await tx.has_event(ticket.id, "information_requested"):
             return ticket, 0
         queued = await self.desk.to_customer(
             tx, ticket, Kind.INFO_REQUEST, now, thread=[mail.message_id],
@@ -678,6 +683,18 @@ class Pipeline:
             esc = replace(esc, tell_customer=False,
                           fields={k: v for k, v in esc.fields.items() if k != "customer_told_at"})
         return await self.desk.escalate(tx, ticket, esc, now, answers=answers)
+
+    def _ack_guidance(self, ticket: Ticket) -> dict[str, Any]:
+        """The policies' guidance in the acknowledgement (`[acknowledgement]`): the
+        support domains to add to the safe-senders list (the GovCloud ones for a
+        GovCloud ticket), the status page of the ticket's region, and where billing
+        and sales questions go (not for GovCloud tickets: their mail stays there)."""
+        ack = self.config.acknowledgement
+        domains = sorted({m.address.rpartition("@")[2] for m in self.config.mailboxes
+                          if m.govcloud == ticket.govcloud})
+        return {"parts": list(ack.parts), "safe_senders": domains,
+                "status_page": ack.status_pages.get("GOVCLOUD" if ticket.govcloud else ticket.region),
+                "elsewhere": [] if ticket.govcloud else sorted(self.config.redirects.items())}
 
     def _emergency_instructions(self, ticket: Ticket) -> str | None:
         """The configured emergency instructions, in the customer's language."""

@@ -315,7 +315,11 @@ _ATTACHMENT = Attachment("backup log.txt", "text/plain", 1200, "0" * 64)
 SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "ack": ({"name": "Ann Müller", "target": "within 3 business hours: by Mon 23 Nov 2026, 10:00 CET",
              "missing": ["account_email", "organisation"], "follows_up": {"id": 1041, "status": "closed"},
-             "emergency": "Emergency support is charged at the emergency rate. Call +1 555 0100."},
+             "emergency": "Emergency support is charged at the emergency rate. Call +1 555 0100.",
+             "guidance": {"parts": ["next_steps", "target", "missing", "safe_senders", "status_page",
+                                    "one_ticket_per_problem", "elsewhere"],
+                          "safe_senders": ["example.com"], "status_page": "https://status.example.com/emea",
+                          "elsewhere": [("billing", "billing@example.com"), ("sales", "sales@example.com")]}},
             {"name": "ann@customer.example", "target": None, "missing": []}),
     "staff_notify": ({"is_new": True, "sender": "ann@customer.example", "reply_text": "It fails again.",
                       "body_text": "It fails again.\n\n> earlier text", "attachments": [_ATTACHMENT],
