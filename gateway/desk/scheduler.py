@@ -83,8 +83,8 @@ class Scheduler:
             if ticket is None:
                 continue
             if lifecycle.sla_warning_due(ticket, at):
-                await self._sla_warning(tx, ticket, at)
-                jobs.append((ticket.id, SLA_WARNING, ticket.status.value, 1))
+                queued = await self._sla_warning(tx, ticket, at)
+                jobs.append((ticket.id, SLA_WARNING, ticket.status.value, queued))
             owner = lifecycle.owner_reminder_due(ticket, at)
             if owner is not None:
                 await self._owner_reminder(tx, ticket, at, *owner)
@@ -96,14 +96,15 @@ class Scheduler:
             jobs.append((ticket.id, tr.cause, tr.status.value, queued))
         return ids, jobs
 
-    async def _sla_warning(self, tx: Tx, ticket: Ticket, at: datetime) -> None:
+    async def _sla_warning(self, tx: Tx, ticket: Ticket, at: datetime) -> int:
         await tx.update_ticket(ticket.id, at, sla_warned_at=at)
         due = self.desk.target_text(ticket, ticket.response_due_at) or str(ticket.response_due_at)
-        await self.desk.to_staff(tx, ticket, self.desk.queue_of(ticket), at, answers=[],
-                                 template="sla_warning", context={"due": due})
+        queued = await self.desk.notify_staff(tx, ticket, at, answers=[], template="sla_warning",
+                                              context={"due": due})
         log.warning("ticket.sla_missed", ticket_id=ticket.id, priority=ticket.priority,
                     plan=ticket.plan, due=ticket.response_due_at.isoformat()
                     if ticket.response_due_at else None)
+        return queued
 
     async def _owner_reminder(self, tx: Tx, ticket: Ticket, at: datetime, timer: str, what: str) -> None:
         await tx.update_ticket(ticket.id, at, **{timer: None})
