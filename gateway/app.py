@@ -134,9 +134,10 @@ async def open_gateway(config: Config, clock: Clock = system_clock, *, resident:
 
 
 async def notice_failures(store: Store, desk: Desk, clock: Clock, failures: list[Failure]) -> int:
-    """The queue hears of mail the relay refused for good: a staff answer that did
-    not go out, or a customer's address now undeliverable (project issue 15).
-    Never about staff mail itself (a notice about a notice could go on forever)."""
+    """The ticket's staff (`[staff] notify`: its queue and assignee) hear of mail the
+    relay refused for good: a staff answer that did not go out, or a customer's
+    address now undeliverable (project issue 15). Never about staff mail itself
+    (a notice about a notice could go on forever)."""
     now = clock()
 
     async def work(tx: Tx) -> int:

@@ -30,6 +30,8 @@ ENV_VAR = "GATEWAY_CONFIG"
 DEFAULTS_SOURCE = "built-in defaults"
 AUTO_WORKERS_MAX = 4
 QUEUE_NAMES = (*REGIONS, "GOVCLOUD")
+# who `[staff] notify` / `notes_to` may name (README "Who is notified")
+NOTIFY_WHO = ("queue", "assignee", "agents", "staff")
 
 
 class ConfigError(Exception):
@@ -213,6 +215,11 @@ class Config:
     token_secret_file: Path | None = None     # None: data_dir/secret.key
     govcloud_staff: GovCloudStaff = field(default_factory=GovCloudStaff)
     answers_dir: Path | None = None           # [answers] folder: canned answers (#answer NAME)
+    # [staff] notify: who gets a ticket's staff notifications; notes_to: who gets a #note's text;
+    # list_near_hours: #list's "near the first-response target" (gateway.desk.writer.Desk.staff_of)
+    staff_notify: tuple[str, ...] = ("queue", "assignee")
+    staff_notes_to: tuple[str, ...] = ("assignee", "agents")
+    staff_list_near: timedelta = timedelta(hours=4)
 
     # -- lookups used across the gateway ---------------------------------
     @property
@@ -737,6 +744,8 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         if name not in QUEUE_NAMES:
             r.fail(f"staff.queues.{name}", unknown_key(name, QUEUE_NAMES).replace("key", "queue", 1))
 
+    notify, notes_to, list_near = _staff_mail(r, st)
+
     ru = r.section("rules")
     default_region = _prefixed(r, "rules", ru, "default_region", str, d["rules"]["default_region"])
     if default_region not in REGIONS:
@@ -829,7 +838,8 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         imap=imap_accounts, escalation=escalation, emergency=emergency, status_requests=status_requests,
         same_problem_within=timedelta(hours=same_problem_h),
         token_secret_file=Path(secret_value) if secret_value else None, answers_dir=answers_dir,
-        govcloud_staff=gov_staff, acknowledgement=acknowledgement,
+        govcloud_staff=gov_staff, staff_notify=notify, staff_notes_to=notes_to, staff_list_near=list_near,
+        acknowledgement=acknowledgement,
     )
 
 
@@ -1092,6 +1102,25 @@ def _staff_proof(r: _Reader, prefix: str, st: dict[str, Any], require_default: b
         r.fail(f"{prefix}.trusted_authserv_ids",
                f"name at least one authserv-id when {prefix}.require_authenticated = true")
     return require, trusted
+
+
+def _staff_mail(r: _Reader, st: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...], timedelta]:
+    """`[staff] notify`, `notes_to` (lists of NOTIFY_WHO) and `list_near_hours`."""
+    found: list[tuple[str, ...]] = []
+    for key, default in (("notify", ["queue", "assignee"]), ("notes_to", ["assignee", "agents"])):
+        values = _prefixed(r, "staff", st, key, list, default)
+        who = tuple(dict.fromkeys(v for v in values if _is_str(r, f"staff.{key}", v)))
+        for v in who:
+            if v not in NOTIFY_WHO:
+                r.fail(f"staff.{key}", unknown_key(v, NOTIFY_WHO).replace("key", f"value {v!r}", 1))
+        if key == "notify" and not values:
+            r.fail("staff.notify", f"name at least one of {', '.join(NOTIFY_WHO)}: else staff hear of nothing")
+        found.append(tuple(v for v in who if v in NOTIFY_WHO))
+    near = _prefixed(r, "staff", st, "list_near_hours", (int, float), 4)
+    if not 0 <= near <= 24 * 30:
+        r.fail("staff.list_near_hours", f"expected 0 to 720 hours, got {near:g}")
+        near = 4
+    return found[0], found[1], timedelta(hours=near)
 
 
 def _govcloud_staff(r: _Reader, require: bool, trusted: frozenset[str]) -> GovCloudStaff:

@@ -196,6 +196,19 @@ def open_ticket_with_notices(gw: GatewayProc, who: str, name: str | None = None
     return t, ack, note
 
 
+def bounce_of(ours: EmailMessage, failed: str) -> bytes:
+    """A receiving MTA's delivery report (RFC 3464) that `failed` does not take mail,
+    quoting our mail `ours` (its Message-ID and Subject)."""
+    return (f"From: MAILER-DAEMON@mx.customer.example\r\nTo: {SUPPORT}\r\n"
+            f"Subject: Undelivered Mail Returned to Sender\r\nMessage-ID: <dsn-{uniq()}@mx.example>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status;"
+            " boundary=\"B\"\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nMailbox unknown.\r\n"
+            "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.customer.example\r\n\r\n"
+            f"Final-Recipient: rfc822; {failed}\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+            "--B\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+            f"Message-ID: {ours['Message-ID']}\r\nSubject: {ours['Subject']}\r\n\r\n--B--\r\n").encode()
+
+
 def settle(gw: GatewayProc) -> None:
     """Everything queued so far has reached the sink (a fresh customer's ack came after it)."""
     who = f"{uniq('sync')}@customer.example"

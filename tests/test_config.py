@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,23 @@ def test_govcloud_staff_are_their_own_and_inherit_the_proof_settings() -> None:
     assert c.staff_proof(True) == (True, frozenset({"mx.example.com"}))
     own = parse({"staff": {"govcloud": {"require_authenticated": True, "trusted_authserv_ids": ["mx.gov.example"]}}})
     assert own.staff_proof(True) == (True, frozenset({"mx.gov.example"})) and own.staff_proof(False) == (False, frozenset())
+
+
+def test_who_is_notified_defaults_and_mistakes() -> None:
+    """`[staff] notify` / `notes_to` / `list_near_hours` (issue 20, README "Who is notified")."""
+    c = parse({})
+    assert (c.staff_notify, c.staff_notes_to, c.staff_list_near) == (
+        ("queue", "assignee"), ("assignee", "agents"), timedelta(hours=4))
+    c = parse({"staff": {"notify": ["assignee", "staff", "assignee"], "notes_to": [], "list_near_hours": 0.5}})
+    assert (c.staff_notify, c.staff_notes_to, c.staff_list_near) == (("assignee", "staff"), (), timedelta(minutes=30))
+    for data, expected in [
+        ({"notify": ["queue", "assigne"]}, "staff.notify: unknown value 'assigne'; did you mean 'assignee'?"),
+        ({"notes_to": ["everyone"]}, ("staff.notes_to: unknown value 'everyone'; expected one of agents, "
+                                      "assignee, queue, staff")),
+        ({"notify": []}, "staff.notify: name at least one of queue, assignee, agents, staff"),
+        ({"notify": "queue"}, "staff.notify: expected a list, got 'queue'"),
+        ({"notify": [1]}, "staff.notify: expected a string, got 1"),
+        ({"list_near_hours": -1}, "staff.list_near_hours: expected 0 to 720 hours, got -1"),
+        ({"notifiy": ["queue"]}, "staff.notifiy: unknown key; did you mean 'notify'?"),
+    ]:
+        assert any(p.startswith(expected) for p in problems({"staff": data})), (expected, problems({"staff": data}))

@@ -9,7 +9,7 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
-from conftest import GATEWAY, QUEUES, STAFF, SUPPORT, GatewayProc, agent_reply, mail, reply_to, uniq
+from conftest import GATEWAY, QUEUES, STAFF, SUPPORT, GatewayProc, agent_reply, bounce_of, mail, reply_to, uniq
 from mailclients import CLIENTS
 
 CUSTOMER = "ann@customer.example"
@@ -208,18 +208,12 @@ def test_bounce_of_our_mail_is_recorded_and_stops_mail_to_that_address(gateway: 
     t, _ = open_ticket(gateway)
     staff_answer(gateway, t["id"], "Which version?")
     relayed = gateway.sink.wait_to(CUSTOMER, count=2)[-1]
-    dsn = (f"From: MAILER-DAEMON@mx.customer.example\r\nTo: {SUPPORT}\r\n"
-           f"Subject: Undelivered Mail Returned to Sender\r\nMessage-ID: <dsn-{uniq()}@mx.example>\r\n"
-           "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status;"
-           " boundary=\"B\"\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nMailbox unknown.\r\n"
-           "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.customer.example\r\n\r\n"
-           f"Final-Recipient: rfc822; {CUSTOMER}\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
-           "--B\r\nContent-Type: text/rfc822-headers\r\n\r\n"
-           f"Message-ID: {relayed['Message-ID']}\r\nSubject: {relayed['Subject']}\r\n\r\n--B--\r\n")
-    assert gateway.send(dsn.encode(), [SUPPORT], "")[0] == 250
+    assert gateway.send(bounce_of(relayed, CUSTOMER), [SUPPORT], "")[0] == 250
     shown = gateway.ticket(t["id"])
-    # the bounce, then the queue's notice of it (issue 15)
-    assert [m["kind"] for m in shown["messages"]][-2:] == ["bounce", "staff_notify"]
+    # the bounce, then the notices of it (issue 15) to the queue and to the agent who answered,
+    # the ticket's assignee (issue 20, [staff] notify)
+    assert [m["kind"] for m in shown["messages"]][-3:] == ["bounce", "staff_notify", "staff_notify"]
+    assert [m["to"] for m in shown["messages"]][-2:] == [[QUEUES["AMER"]], [STAFF]]
     assert shown["status"] == "pending"
     assert shown["undeliverable"] == [CUSTOMER]
     assert len([x for x in gateway.tickets() if "Undelivered" in x["subject"]]) == 0

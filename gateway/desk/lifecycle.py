@@ -290,7 +290,7 @@ def owner_reminder_due(ticket: Ticket, now: datetime) -> tuple[str, str] | None:
 # -- commands at the top of a staff reply -----------------------------------
 
 COMMANDS = ("note", "status", "priority", "escalate", "customer", "assign", "take", "unassign", "cc", "uncc",
-            "answer", "help")
+            "answer", "help", "list")
 MAX_COMMAND_ADDRESSES = 20     # addresses one #cc / #uncc line may name
 
 
@@ -309,6 +309,7 @@ class StaffCommands:
     uncc: tuple[str, ...] = ()     # `#uncc`: addresses to remove
     answer: str | None = None      # `#answer NAME`: the canned answer to insert
     help: bool = False             # `#help`: mail the agent the commands and canned answers
+    listing: bool = False          # `#list`: mail the agent their open, waiting and near-breach tickets
     errors: tuple[str, ...] = ()
     text: str = ""                 # what is left to relay, commands removed
 
@@ -331,8 +332,8 @@ def command_addresses(word: str, arg: str) -> tuple[tuple[str, ...], str | None]
 
 def staff_commands(text: str) -> StaffCommands:
     """Read `#note`, `#status S`, `#priority N`, `#escalate [engineering]`, `#customer`,
-    `#assign A`, `#take`, `#unassign`, `#cc A`, `#uncc A`, `#answer NAME`, `#help`
-    from the lines at the top of a staff reply (blank lines between them allowed)."""
+    `#assign A`, `#take`, `#unassign`, `#cc A`, `#uncc A`, `#answer NAME`, `#help`,
+    `#list` from the lines at the top of a staff reply (blank lines between them allowed)."""
     lines = text.replace("\r\n", "\n").split("\n")
     found: dict[str, object] = {}
     errors: list[str] = []
@@ -373,8 +374,8 @@ def staff_commands(text: str) -> StaffCommands:
                 found["priority"] = int(arg)
             else:
                 errors.append(f"#priority needs 1, 2, 3 or 4; got {arg!r}")
-        elif word == "help" and not arg:
-            found["help"] = True
+        elif word in ("help", "list") and not arg:
+            found[word] = True
         elif word == "answer":
             if not ANSWER_NAME.fullmatch(arg.lower()):
                 errors.append(f"#answer needs the name of a canned answer; got {arg!r}")
@@ -394,6 +395,8 @@ def staff_commands(text: str) -> StaffCommands:
     rest = "\n".join(lines[i:]).strip()
     if sum(bool(found.get(k)) for k in ("assign", "take", "unassign")) > 1:
         errors.append("one of #assign, #take and #unassign per reply")
+    if found.get("help") and found.get("list"):
+        errors.append("one of #help and #list per reply")
     return StaffCommands(note=bool(found.get("note")), status=found.get("status"),  # type: ignore[arg-type]
                          priority=found.get("priority"), escalate=bool(found.get("escalate")),  # type: ignore[arg-type]
                          engineering=bool(found.get("engineering")), customer=bool(found.get("customer")),
@@ -401,6 +404,7 @@ def staff_commands(text: str) -> StaffCommands:
                          unassign=bool(found.get("unassign")),
                          cc=tuple(found.get("cc", ())), uncc=tuple(found.get("uncc", ())),  # type: ignore[arg-type]
                          answer=found.get("answer"), help=bool(found.get("help")),  # type: ignore[arg-type]
+                         listing=bool(found.get("list")),
                          errors=tuple(errors), text=rest)
 
 
@@ -408,10 +412,10 @@ def with_answer(cmds: StaffCommands, name: str, canned: StaffCommands) -> StaffC
     """The agent's commands with a canned answer's: its text first (where the
     `#answer` line stood), then the agent's own; its commands where the agent
     gave none of that kind (the agent's own win). A canned answer can't insert
-    another or ask for help."""
+    another, ask for help or for a list."""
     errors = list(canned.errors)
-    if canned.answer or canned.help:
-        errors.append(f"#answer {name}: a canned answer can't use #answer or #help")
+    if canned.answer or canned.help or canned.listing:
+        errors.append(f"#answer {name}: a canned answer can't use #answer, #help or #list")
     return replace(
         cmds, note=cmds.note or canned.note, status=cmds.status or canned.status,
         priority=cmds.priority if cmds.priority is not None else canned.priority,

@@ -492,6 +492,8 @@ class Pipeline:
         cmds = lifecycle.staff_commands(mail.reply_text)
         if cmds.help and not cmds.errors:
             return await self._help(tx, inbound_id, mail, ticket, sender, now, placement)
+        if cmds.listing and not cmds.errors:
+            return await self._list(tx, inbound_id, mail, ticket, sender, now)
         if cmds.answer and not cmds.errors:
             cmds = self._with_answer(cmds, cmds.answer, ticket, mail)
         relay = bool(cmds.text) and not cmds.note
@@ -544,6 +546,8 @@ class Pipeline:
         queued = 0
         if assignee is not False and assignee != previous_owner:
             queued += await self._assigned(tx, ticket, previous_owner, sender, mail, now)
+        if cmds.note and cmds.text:
+            queued += await self._note(tx, ticket, mail, sender, cmds.text, now)
         if internal:
             assert ticket.owner is not None
             queued += await self.desk.to_staff(
@@ -610,6 +614,56 @@ class Pipeline:
         log.info("ticket.replied", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, staff=True, relayed=False, reason=placement.reason)
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, "staff asked for #help")
+
+    async def _list(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket, sender: str,
+                    now: datetime) -> Outcome:
+        """`#list`: the agent gets their open and waiting tickets and those near or
+        past the first-response target (theirs or unassigned), of the tickets they
+        may answer (a commercial agent sees no GovCloud ticket); nothing is relayed
+        or changed (the mail is a note)."""
+        await self._record(tx, ticket.id, Kind.NOTE, mail, inbound_id, now)
+        near = self.config.staff_list_near
+        found = await tx.agent_tickets(sender, now + near, [g for g in (False, True)
+                                                            if self.config.may_answer(sender, g)], LISTED + 1)
+
+        def row(t: Ticket) -> dict[str, object]:
+            due = t.response_due_at
+            hours = (due - now).total_seconds() / 3600 if due else None
+            return {"id": t.id, "priority": t.priority, "subject": t.subject, "requester": t.requester,
+                    "owner": t.owner, "status": t.status.value, "govcloud": t.govcloud,
+                    "due": due.strftime("%Y-%m-%d %H:%M UTC") if due else None,
+                    "past": hours is not None and hours < 0,
+                    "hours": None if hours is None else round(abs(hours), 1)}
+        lists = {name: [row(t) for t in tickets[:LISTED]] for name, tickets in found.items()}
+        more = {name: len(tickets) > LISTED for name, tickets in found.items()}
+        queued = await self.desk.to_staff(tx, ticket, sender, now, answers=[mail.message_id], template="list",
+                                          context={"agent": sender, "lists": lists, "more": more,
+                                                   "near_hours": f"{near.total_seconds() / 3600:g}",
+                                                   "at": now.strftime("%Y-%m-%d %H:%M UTC"), "limit": LISTED})
+        log.info("staff.list", ticket_id=ticket.id, agent=sender,
+                 **{name: len(rows) for name, rows in lists.items()})
+        return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, "staff asked for #list")
+
+    async def _note(self, tx: Tx, ticket: Ticket, mail: ParsedMail, sender: str, text: str,
+                    now: datetime) -> int:
+        """A `#note`'s text goes to `[staff] notes_to` (the assignee and the agents
+        who worked on the ticket, by default), never to the customer: staff mail
+        only, each with its own token (answering it answers the ticket as any
+        notification does). The event records who wrote it and who got it."""
+        who = self.config.staff_notes_to
+        agents = await tx.ticket_agents(ticket.id) if "agents" in who else []
+        to = self.desk.staff_of(ticket, who, agents=agents, exclude=sender)
+        await tx.add_event(ticket.id, now, "note", {"by": sender, "to": to})
+        log.info("ticket.note", ticket_id=ticket.id, by=sender, to=to)
+        queued = 0
+        for address in to:
+            queued += await self.desk.to_staff(
+                tx, ticket, address, now, answers=[mail.message_id], template="process_staff",
+                context={"headline": f"Internal note from {sender} (not sent to the customer)",
+                         "why": "a #note reaches staff only ([staff] notes_to); reply with #note to answer "
+                                "internally, without it to answer the customer",
+                         "text": without_staff_tokens(text)})
+        return queued
 
     def _assignee(self, ticket: Ticket, cmds: lifecycle.StaffCommands,
                   sender: str) -> tuple[str | None | bool, str | None]:
@@ -752,8 +806,8 @@ class Pipeline:
     async def _notify(self, tx: Tx, ticket: Ticket, mail: ParsedMail, sender: str, *,
                       is_new: bool, now: datetime, dropped: int = 0, linked_reason: str = "",
                       no_ack: str | None = None, marks: list[str] | None = None) -> int:
-        return await self.desk.to_staff(
-            tx, ticket, self.desk.queue_of(ticket), now, answers=[mail.message_id],
+        return await self.desk.notify_staff(
+            tx, ticket, now, answers=[mail.message_id],
             context={"is_new": is_new, "sender": sender, "reply_text": mail.reply_text, "no_ack": no_ack,
                      "marks": marks or [],
                      "body_text": mail.body_text, "attachments": [a for a, _ in mail.attachments],
@@ -921,6 +975,7 @@ def _follows_up(linked: Ticket | None, sender: str) -> dict[str, object] | None:
 
 
 HELP_ANSWERS = 100     # canned answers a #help mail lists at most
+LISTED = 50            # tickets a #list mail shows at most in each of its lists
 
 
 def contact_marks(standing: Standing) -> list[str]:

@@ -102,7 +102,8 @@ class Scheduler:
     async def _sla_notice(self, tx: Tx, ticket: Ticket, at: datetime, *, breach: bool = False) -> int:
         """The SLA warning before the first-response target, or the breach notice
         when it passed unanswered (then the ticket records the target as missed),
-        to the ticket's queue and its assignee; how many mails were queued."""
+        to the ticket's staff (`[staff] notify`: its queue and assignee); how many
+        mails were queued."""
         if breach:
             # a warning not yet sent is not sent any more: the breach notice says more
             await tx.update_ticket(ticket.id, at, sla_breached_at=at, sla_warned_at=ticket.sla_warned_at or at,
@@ -111,11 +112,8 @@ class Scheduler:
             await tx.update_ticket(ticket.id, at, sla_warned_at=at)
         due = self.desk.target_text(ticket, ticket.response_due_at) or str(ticket.response_due_at)
         left = max(0, round((ticket.response_due_at - at).total_seconds() / 60)) if ticket.response_due_at else 0
-        queued = 0
-        for address in self.desk.sla_recipients(ticket):
-            await self.desk.to_staff(tx, ticket, address, at, answers=[], template="sla_warning",
-                                     context={"due": due, "breach": breach, "minutes_left": left})
-            queued += 1
+        queued = await self.desk.notify_staff(tx, ticket, at, answers=[], template="sla_warning",
+                                              context={"due": due, "breach": breach, "minutes_left": left})
         due_iso = ticket.response_due_at.isoformat() if ticket.response_due_at else None
         if breach:
             log.warning("ticket.sla_missed", ticket_id=ticket.id, priority=ticket.priority,

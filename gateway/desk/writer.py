@@ -16,7 +16,7 @@ import structlog
 
 from gateway.config import Config
 from gateway.desk.lifecycle import Escalated, Transition, timers_of
-from gateway.model import Attachment, Kind, Ticket
+from gateway.model import Attachment, Kind, Ticket, mailbox_of
 from gateway.outbound.canned import CannedAnswers
 from gateway.outbound.compose import SAMPLE_TICKET, Composer, Outgoing
 from gateway.rules import language
@@ -79,16 +79,66 @@ class Desk:
         await tx.update_ticket(ticket.id, now, **fields)
         after = replace(ticket, **fields)  # type: ignore[arg-type]
         await tx.add_event(ticket.id, now, "escalation", esc.to_json())
-        queued = await self.to_staff(tx, after, esc.queue, now, answers=answers, template="process_staff",
-                                     context={"headline": f"Escalated to tier {esc.tier} "
-                                                          f"({esc.to_json()['tier_name']}s) by {esc.by}",
-                                              "why": esc.why, "text": text})
+        # the tier's queue, and the assignee ([staff] notify) unless they escalated it themselves
+        assignee = self.staff_of(after, [w for w in self.config.staff_notify if w == "assignee"], exclude=esc.by)
+        queued = 0
+        for address in [esc.queue, *(a for a in assignee if mailbox_of(a) != mailbox_of(esc.queue))]:
+            queued += await self.to_staff(tx, after, address, now, answers=answers, template="process_staff",
+                                          context={"headline": f"Escalated to tier {esc.tier} "
+                                                               f"({esc.to_json()['tier_name']}s) by {esc.by}",
+                                                   "why": esc.why, "text": text})
         if esc.tell_customer:
             queued += await self.to_customer(tx, after, Kind.ESCALATION, now,
                                              context={"review_hours": self.config.escalation.review_hours})
         log.info("ticket.escalated", ticket_id=ticket.id, tier=esc.tier, queue=esc.queue,
                  region=esc.region, by=esc.by, why=esc.why, customer_told=esc.tell_customer)
         return after, queued
+
+    def staff_of(self, ticket: Ticket, who: Sequence[str], *, agents: Sequence[str] = (),
+                 exclude: str | None = None) -> list[str]:
+        """The addresses that `who` (`[staff] notify` / `notes_to` names) stand for on
+        `ticket`, each once (case and `+tag` folded), less `exclude` (the agent who
+        acted): `queue` the region's queue (GovCloud's for a GovCloud ticket),
+        `assignee` its owner, `agents` the given agents who worked on it, `staff` the
+        `[staff] addresses` (`[staff.govcloud]`'s for a GovCloud ticket). Only
+        addresses that may answer the ticket: an assignee since dropped from
+        `[staff]`, or a commercial agent on a GovCloud ticket, gets nothing."""
+        cfg = self.config
+        found: list[str] = []
+        for w in who:
+            if w == "queue":
+                found.append(self.queue_of(ticket))
+            elif w == "assignee" and ticket.owner:
+                found.append(ticket.owner)
+            elif w == "agents":
+                found.extend(agents)
+            elif w == "staff":
+                found.extend(sorted(cfg.govcloud_staff.addresses if ticket.govcloud else cfg.staff_addresses))
+        seen = {mailbox_of(exclude)} if exclude else set()
+        out: list[str] = []
+        for address in found:
+            if mailbox_of(address) not in seen and cfg.may_answer(address, ticket.govcloud):
+                seen.add(mailbox_of(address))
+                out.append(address)
+        return out
+
+    async def notified(self, tx: Tx, ticket: Ticket) -> list[str]:
+        """Who gets the ticket's staff notifications (`[staff] notify`): the queue
+        when none of those named is there (an unassigned ticket, with notify =
+        ["assignee"]), so that no notification reaches nobody."""
+        who = self.config.staff_notify
+        agents = await tx.ticket_agents(ticket.id) if "agents" in who else []
+        return self.staff_of(ticket, who, agents=agents) or [self.queue_of(ticket)]
+
+    async def notify_staff(self, tx: Tx, ticket: Ticket, now: datetime, *, answers: Sequence[str],
+                           context: Mapping[str, Any], template: str | None = None) -> int:
+        """A staff notification of the ticket to each of `notified`, one mail each
+        (each carries the token of its own address, so each can answer it)."""
+        queued = 0
+        for address in await self.notified(tx, ticket):
+            queued += await self.to_staff(tx, ticket, address, now, answers=answers, context=context,
+                                          template=template)
+        return queued
 
     def owner_of(self, ticket: Ticket) -> str:
         """Who gets the owner's mail: the owning technician, else the region's queue."""
@@ -147,14 +197,13 @@ class Desk:
     async def undeliverable_notice(self, tx: Tx, ticket: Ticket, now: datetime, *,
                                    addresses: Sequence[str], marked: Sequence[str], what: str,
                                    detail: str = "") -> int:
-        """Tell the ticket's queue that its mail did not reach `addresses` (a bounce
-        came back, or the relay refused a mail for good); `marked` are those now
-        undeliverable (project issue 15). Short, and quoting the report's status
-        only, never the returned mail."""
-        return await self.to_staff(tx, ticket, self.queue_of(ticket), now, answers=[],
-                                   template="undeliverable",
-                                   context={"addresses": list(addresses), "marked": list(marked),
-                                            "what": what, "detail": detail[:500]})
+        """Tell the ticket's staff (`[staff] notify`: its queue and assignee) that its
+        mail did not reach `addresses` (a bounce came back, or the relay refused a
+        mail for good); `marked` are those now undeliverable (project issue 15).
+        Short, and quoting the report's status only, never the returned mail."""
+        return await self.notify_staff(tx, ticket, now, answers=[], template="undeliverable",
+                                       context={"addresses": list(addresses), "marked": list(marked),
+                                                "what": what, "detail": detail[:500]})
 
     def target_text(self, ticket: Ticket, due: datetime | None) -> str | None:
         """The first-response promise, honestly: the plan's target and when it falls due."""
@@ -165,10 +214,6 @@ class Desk:
         calendar = None if target.around_the_clock or ticket.emergency \
             else self.config.rules.hours.get(ticket.region)
         return language.target_text(ticket.language, target, due, calendar)
-
-    def sla_recipients(self, ticket: Ticket) -> list[str]:
-        """Who hears of a first-response target: the ticket's queue and its assignee."""
-        return list(dict.fromkeys([self.queue_of(ticket), *([ticket.owner] if ticket.owner else [])]))
 
     def queue_of(self, ticket: Ticket) -> str:
         return self.config.queues["GOVCLOUD" if ticket.govcloud else ticket.region]

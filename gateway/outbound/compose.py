@@ -352,6 +352,18 @@ SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "not_staff": ({"sender": "colleague@partner.example"}, {"sender": "x@y.example"}),
     "govcloud_refused": ({"sender": "agent@example.com"}, {"sender": "x@y.example"}),
     "help": ({"answers": [{"name": "need-logs", "preview": "Could you send us the <logs>?"}]}, {"answers": []}),
+    "list": ({"agent": "agent@example.com", "at": "2026-11-23 09:40 UTC", "near_hours": 4, "limit": 50,
+              "lists": {"open": [{"id": 1042, "priority": 2, "subject": "Backup <fails>", "requester":
+                                  "ann@customer.example", "owner": "agent@example.com", "status": "open",
+                                  "govcloud": False, "due": None, "past": False, "hours": None}],
+                        "waiting": [],
+                        "near": [{"id": 1043, "priority": 1, "subject": "Down", "requester": "bob@customer.example",
+                                  "owner": None, "status": "open", "govcloud": True,
+                                  "due": "2026-11-23 10:00 UTC", "past": True, "hours": 1.5}]},
+              "more": {"open": True, "waiting": False, "near": False}},
+             {"agent": "x@y.example", "at": "2026-11-23 09:40 UTC", "near_hours": 0, "limit": 50,
+              "lists": {"open": [], "waiting": [], "near": []},
+              "more": {"open": False, "waiting": False, "near": False}}),
     "staff_unproven": ({"why": "It answered no notification of ours and carried no trusted"
                                " Authentication-Results."}, {"why": ""}),
     "undeliverable": ({"addresses": ["ann@customer.example"], "marked": ["ann@customer.example"],

@@ -460,6 +460,43 @@ class Tx:
             " AND status IN ('open', 'pending') ORDER BY id DESC LIMIT ?", (requester, iso(since), limit))
         return [_ticket(r) for r in rows]
 
+    async def ticket_agents(self, ticket_id: int, limit: int = 500) -> list[str]:
+        """Who worked on the ticket as staff, each once: the senders of its relayed
+        staff answers, then the agents its events name (`#note` authors, assignees
+        and who assigned, escalating agents; an escalation by the rules names none).
+        Only proven agents' mail makes these (a forged or unproven staff mail is
+        an unsent note, and no event)."""
+        rows = await self._all("SELECT sender FROM messages WHERE ticket_id = ? AND direction = 'in'"
+                               " AND kind = 'staff' ORDER BY id LIMIT ?", (ticket_id, limit))
+        found = [r[0] for r in rows]
+        events = await self._all("SELECT detail FROM ticket_events WHERE ticket_id = ?"
+                                 " AND rule IN ('note', 'assigned', 'escalation') ORDER BY id LIMIT ?",
+                                 (ticket_id, limit))
+        for (detail,) in events:
+            d = json.loads(detail)
+            found.extend(v for v in (d.get("by"), d.get("owner")) if isinstance(v, str) and "@" in v)
+        return list(dict.fromkeys(found))
+
+    async def agent_tickets(self, agent: str, near: datetime, govcloud: Sequence[bool],
+                            limit: int) -> dict[str, list[Ticket]]:
+        """`#list`: the agent's open and waiting (pending) tickets, newest first, and
+        the open tickets without a first response whose target falls before `near`
+        (or has passed), theirs or unassigned, soonest first; at most `limit` of
+        each, of tickets whose GovCloud flag is in `govcloud` (what the agent may
+        answer)."""
+        gov = ",".join(str(int(g)) for g in govcloud) or "-1"
+        found: dict[str, list[Ticket]] = {}
+        for name, status in (("open", "open"), ("waiting", "pending")):
+            rows = await self._all(f"SELECT {_TICKET_COLS} FROM tickets WHERE owner = ? AND status = ?"
+                                   f" AND govcloud IN ({gov}) ORDER BY id DESC LIMIT ?", (agent, status, limit))
+            found[name] = [_ticket(r) for r in rows]
+        rows = await self._all(
+            f"SELECT {_TICKET_COLS} FROM tickets WHERE status = 'open' AND first_response_at IS NULL"
+            f" AND response_due_at IS NOT NULL AND response_due_at <= ? AND (owner = ? OR owner IS NULL)"
+            f" AND govcloud IN ({gov}) ORDER BY response_due_at, id LIMIT ?", (iso(near), agent, limit))
+        found["near"] = [_ticket(r) for r in rows]
+        return found
+
     async def customer_thread(self, ticket_id: int, customer_kinds: Sequence[str]) -> list[str]:
         """Message-IDs of what the customer saw and wrote, oldest first."""
         marks = ",".join("?" * len(customer_kinds))
