@@ -112,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", parents=[common], help="first-response and resolution figures")
     st.add_argument("--since", help="ISO-8601 date or time (tickets created from then)")
     st.add_argument("--until", help="ISO-8601 date or time (tickets created before then)")
+    st.add_argument("--month", help="YYYY-MM: the tickets created in that month (UTC), with its monthly line")
     st.add_argument("--json", action="store_true")
     sub.add_parser("check-config", parents=[common], help="validate the configuration")
     dr = sub.add_parser("dkim-record", parents=[common],
@@ -561,14 +562,30 @@ def when(option: str, value: str) -> datetime:
 async def _stats(config: Config, args: argparse.Namespace) -> int:
     since = when("--since", args.since) if args.since else None
     until = when("--until", args.until) if args.until else None
+    if args.month:
+        if since or until:
+            raise UsageError("--month: give either --month or --since/--until")
+        since, until = month_span(args.month)
     store = await _open_existing(config)
     try:
         rep = stats.report(await store.tickets_created(since, until))
+        open_now = await store.count_unresolved()
     finally:
         await store.close()
-    rep = {"since": iso(since), "until": iso(until), **rep}
+    rep = {"since": iso(since), "until": iso(until), "month": args.month, "open_now": open_now, **rep,
+           "summary": stats.month_line(args.month, rep) if args.month else None}
     print(json.dumps(rep) if args.json else stats.table(rep))
     return answers.EX_OK
+
+
+def month_span(value: str) -> tuple[datetime, datetime]:
+    """`--month 2025-12`: from its first day to the next month's, in UTC."""
+    m = re.fullmatch(r"(\d{4})-(\d{2})", value)
+    if m is None or not 1 <= int(m[2]) <= 12:
+        raise UsageError(f"--month: expected YYYY-MM, got {value!r}")
+    year, month = int(m[1]), int(m[2])
+    start = datetime(year, month, 1, tzinfo=UTC)
+    return start, datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
 
 
 async def _run_due(config: Config, args: argparse.Namespace) -> int:

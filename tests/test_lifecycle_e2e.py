@@ -238,3 +238,11 @@ def test_stats_first_response_and_resolution_with_escalations_excluded(gateway: 
     assert "1st resp avg" in table and "escalated" in table
     future = gateway.cli("stats", "--json", "--since", "2099-01-01")
     assert json.loads(future.stdout)["tickets"] == 0
+    # the month the tickets were created in, with its monthly line; open now counts whatever the period
+    month = a["created_at"][:7]
+    m = json.loads(gateway.cli("stats", "--json", "--month", month).stdout)
+    assert m["opened"] == 3 and m["resolved_count"] == 2 and m["month"] == month and m["open_now"] == 1
+    assert m["summary"].endswith("escalated tickets excluded") and "first response" in m["summary"]
+    assert json.loads(gateway.cli("stats", "--json", "--month", "2099-01").stdout)["open_now"] == 1
+    bad = gateway.cli("stats", "--month", "2026-13")
+    assert bad.returncode == 64 and "--month" in bad.stderr

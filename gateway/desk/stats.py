@@ -6,7 +6,10 @@ Over the tickets created in the period: first response is the first relayed
 staff answer minus creation; resolution is the first of resolved/closed
 minus creation. Escalated tickets are left out of the resolution figures
 (`escalated_excluded` says how many escalated tickets the period has), never
-out of first response.
+out of first response. The share of first-response targets met counts the
+tickets whose outcome is known (recorded met or missed: `sla_outcome`, or a
+first answer before or after its due time); a target still running counts
+neither way.
 """
 from __future__ import annotations
 
@@ -22,8 +25,20 @@ def _seconds(values: Sequence[float]) -> dict[str, float | None]:
             "median_s": round(median(values), 1) if values else None}
 
 
+def outcome(t: Ticket) -> str | None:
+    """Whether the ticket's first-response target was met: met, missed, or None
+    (no target, or still running)."""
+    if t.sla_outcome is not None:
+        return t.sla_outcome
+    if t.response_due_at is None or t.first_response_at is None:
+        return None
+    return "met" if t.first_response_at <= t.response_due_at else "missed"
+
+
 def figures(tickets: Iterable[Ticket]) -> dict[str, Any]:
     ts = list(tickets)
+    outcomes = [o for o in map(outcome, ts) if o is not None]
+    met = outcomes.count("met")
     first = [(t.first_response_at - t.created_at).total_seconds() for t in ts if t.first_response_at]
     done = [t for t in ts if not t.escalated and (t.resolved_at or t.closed_at)]
     resolution = [((t.resolved_at or t.closed_at) - t.created_at).total_seconds()  # type: ignore[operator]
@@ -37,6 +52,11 @@ def figures(tickets: Iterable[Ticket]) -> dict[str, Any]:
         "resolution_avg_s": rs["avg_s"], "resolution_median_s": rs["median_s"],
         "resolution_count": len(resolution),
         "escalated_excluded": sum(1 for t in ts if t.escalated),
+        "opened": len(ts),
+        "resolved_count": sum(1 for t in ts if t.resolved_at is not None),
+        "closed_count": sum(1 for t in ts if t.closed_at is not None),
+        "targets_met": met, "targets_missed": len(outcomes) - met,
+        "targets_met_share": round(met / len(outcomes), 3) if outcomes else None,
         **counts,
     }
 
@@ -47,7 +67,28 @@ def report(tickets: Iterable[Ticket]) -> dict[str, Any]:
     out["by_region"] = {r: figures(t for t in ts if t.region == r and not t.govcloud) for r in REGIONS}
     out["by_region"]["GOVCLOUD"] = figures(t for t in ts if t.govcloud)
     out["by_priority"] = {str(p): figures(t for t in ts if t.priority == p) for p in (1, 2, 3, 4)}
+    out["by_plan"] = {plan: figures(t for t in ts if t.plan == plan) for plan in sorted({t.plan for t in ts})}
     return out
+
+
+def spoken(seconds: float | None) -> str:
+    """A duration as the public support pages write it: "51 minutes", "18 hours"."""
+    if seconds is None:
+        return "none yet"
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size * (1 if unit == "minute" else 2):
+            n = round(seconds / size)
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{round(seconds)} seconds"
+
+
+def month_line(month: str, rep: dict[str, Any]) -> str:
+    """NinjaOne's monthly figure: "December 2025: first response 51 minutes,
+    resolution 18 hours, escalated tickets excluded"."""
+    from datetime import date
+    year, m = (int(x) for x in month.split("-"))
+    return (f"{date(year, m, 1):%B %Y}: first response {spoken(rep['first_response_avg_s'])}, "
+            f"resolution {spoken(rep['resolution_avg_s'])}, escalated tickets excluded")
 
 
 def duration(seconds: float | None) -> str:
@@ -62,15 +103,23 @@ def duration(seconds: float | None) -> str:
 
 
 def table(rep: dict[str, Any]) -> str:
-    head = (f"{'':<10} {'tickets':>7} {'open':>5} {'pend':>5} {'1st resp avg':>13} {'median':>10} "
-            f"{'resolution avg':>15} {'median':>10} {'escal.':>6}")
+    head = (f"{'':<18} {'opened':>6} {'open':>5} {'pend':>5} {'resolv':>6} {'closed':>6} {'1st resp avg':>13} "
+            f"{'median':>10} {'resolution avg':>15} {'median':>10} {'escal.':>6} {'met':>5}")
     rows = [("all", rep)] + [(k, v) for k, v in rep["by_region"].items()] + \
-        [(f"P{k}", v) for k, v in rep["by_priority"].items()]
+        [(f"P{k}", v) for k, v in rep["by_priority"].items()] + \
+        [(f"plan {k or '-'}"[:18], v) for k, v in rep.get("by_plan", {}).items()]
     lines = [head]
     for name, f in rows:
-        lines.append(f"{name:<10} {f['tickets']:>7} {f['open']:>5} {f['pending']:>5} "
+        share = "-" if f["targets_met_share"] is None else f"{f['targets_met_share']:.0%}"
+        lines.append(f"{name:<18} {f['tickets']:>6} {f['open']:>5} {f['pending']:>5} {f['resolved_count']:>6} "
+                     f"{f['closed_count']:>6} "
                      f"{duration(f['first_response_avg_s']):>13} {duration(f['first_response_median_s']):>10} "
                      f"{duration(f['resolution_avg_s']):>15} {duration(f['resolution_median_s']):>10} "
-                     f"{f['escalated_excluded']:>6}")
-    lines.append("Resolution figures leave escalated tickets out; first response counts them.")
+                     f"{f['escalated_excluded']:>6} {share:>5}")
+    lines.append("Resolution figures leave escalated tickets out; first response counts them. "
+                 "met: share of first-response targets met.")
+    if rep.get("open_now") is not None:
+        lines.append(f"Open now (open or pending, whenever created): {rep['open_now']}")
+    if rep.get("summary"):
+        lines.append(rep["summary"])
     return "\n".join(lines)

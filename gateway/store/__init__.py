@@ -801,6 +801,11 @@ class Store:
         async with self._lock:
             return await _fetch_ticket(self.db, ticket_id)
 
+    async def count_unresolved(self) -> int:
+        """Tickets open or pending now, whenever created (`stats`: open now)."""
+        rows = await self._rows("SELECT count(*) FROM tickets WHERE status IN ('open', 'pending')")
+        return int(rows[0][0])
+
     async def tickets_created(self, since: datetime | None, until: datetime | None) -> list[Ticket]:
         """Tickets created in [since, until), oldest first (for stats)."""
         rows = await self._rows(
