@@ -42,7 +42,7 @@ def ticket_json(t: Ticket) -> dict[str, Any]:
             "escalated": t.escalated, "undeliverable": list(t.undeliverable),
             "plan": t.plan, "response_due_at": iso(t.response_due_at), "missing": list(t.missing),
             "redirect": t.redirect, "emergency": t.emergency, "tier": t.tier, "owner": t.owner,
-            "contact": t.contact or None,
+            "contact": t.contact or None, "category": t.category or None, "product": t.product or None,
             "waiting_for_information": bool(t.missing) and t.status.value in ("open", "pending"),
             "sla": {"warn_at": iso(t.sla_warn_at), "warned_at": iso(t.sla_warned_at),
                     "breached_at": iso(t.sla_breached_at), "outcome": t.sla_outcome},

@@ -159,6 +159,8 @@ class Ticket:
     contact_due_at: datetime | None = None   # owner reminder: nobody wrote to the customer yet
     manual_close_due_at: datetime | None = None  # owner reminder: close it by hand
     emergency: bool = False                  # HKN's emergency type: P1 on a 24/7 clock
+    category: str = ""                       # [rules.category] / #category; "" = none
+    product: str = ""                        # [rules.product] / #product; "" = none
     contact: str = ""                        # Kaseya: certified | authorised | unlisted; "" = not listed for
 
     @property

@@ -560,13 +560,13 @@ def test_there_are_at_least_sixty_cases() -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_every_part_has_evidence_and_the_decision_serialises(case: Case) -> None:
     decision = run(case)
-    for part in ("region", "govcloud", "priority", "redirect", "missing", "sla"):
+    for part in ("region", "govcloud", "priority", "redirect", "missing", "sla", "category", "product"):
         assert decision.why(part), part
     data = json.loads(json.dumps(decision.to_json()))
     assert data["region"] == decision.region and data["queue"] == decision.queue
     assert data["missing"] == list(decision.missing)
     assert {e["part"] for e in data["evidence"]} == {
-        "region", "govcloud", "priority", "redirect", "missing", "sla"}
+        "region", "govcloud", "priority", "redirect", "missing", "sla", "category", "product"}
 
 
 def test_queue_follows_region_unless_govcloud() -> None:
@@ -580,7 +580,7 @@ def test_decision_json_shape() -> None:
     data = d.to_json()
     assert set(data) == {"region", "govcloud", "priority", "queue", "plan", "redirect",
                          "handled_by_support", "missing", "response_due", "evidence", "emergency", "contact",
-                         "warn_due"}
+                         "warn_due", "category", "product"}
     due = run(next(c for c in CASES if c.id == "sla-advanced-p1-around-the-clock")).to_json()
     assert due["response_due"] == "2026-03-03T10:00:00+00:00"
 

@@ -31,7 +31,7 @@ def test_example_file_parses_without_problems() -> None:
 
 @pytest.mark.parametrize("part", ["default_region", "default_plan", "fields", "region", "priority",
                                   "technical", "redirects", "required", "plans", "hours", "warn_before",
-                                  "pause_target"])
+                                  "pause_target", "category", "product"])
 def test_example_file_documents_the_built_in_defaults(part: str) -> None:
     # The example is the documentation of the defaults: it must not drift from them.
     rules, _ = parse_rules(example())
@@ -129,6 +129,10 @@ def test_customer_directory_lookup_by_domain_and_parent_domain() -> None:
     ({"missing": {"required": ["shoe_size"]}}, "rules.missing.required"),
     ({"sla": {"warn_before": "soon"}}, "rules.sla.warn_before"),
     ({"missing": {"pause_target": "yes"}}, "rules.missing.pause_target"),
+    ({"category": {"backup": {"fr": "sauvegarde"}}}, "rules.category.backup.fr"),
+    ({"category": {"backup": {"klingon": ["x"]}}}, "rules.category.backup.klingon"),
+    ({"product": {"": {}}}, "rules.product."),
+    ({"product": {"Cloud Backup": 3}}, "rules.product.Cloud Backup"),
     ({"sla": {"warn_before": "100%"}}, "rules.sla.warn_before"),
     ({"sla": {"warn_before": 30}}, "rules.sla.warn_before"),
     ({"sla": {"warn_ahead": "30m"}}, "rules.sla.warn_ahead"),

@@ -466,3 +466,44 @@ def test_bad_acknowledgement_settings_are_refused_by_key(make_gateway: Callable[
     gw = make_gateway(extra_toml=f"\n[acknowledgement]\n{table}\n")
     r = gw.cli("check-config")
     assert r.returncode == 78 and key in r.stderr + r.stdout, r.stderr
+
+
+def test_category_and_product_from_the_mail_and_from_staff(make_gateway: Callable[..., GatewayProc],
+                                                           workdir: Path) -> None:
+    """Issue 19: the rules stage sets a category and a product with evidence; staff
+    change them with #category / #product; shown in staff mail, tickets show,
+    explain and stats."""
+    gw = make_gateway(extra_toml=RULES)
+    gw.start()
+    key = uniq("Restore hangs")
+    gw.send(mail("kim@customer.example", SUPPORT, key, "The restore of my mailbox hangs at 80 %.\n"
+                 "Product: Cloud Backup for M365\n"))
+    t = gw.ticket_by_subject(key)
+    assert (t["category"], t["product"]) == ("restore", "Cloud Backup for M365")
+    rules = {e["part"]: e["rule"] for e in t["decision"]["evidence"] if e["part"] in ("category", "product")}
+    assert rules == {"category": "category.wording", "product": "product.field"}
+    note = next(m for m in gw.sink.wait_to(QUEUES["AMER"]) if f"#{t['id']}]" in str(m["Subject"]))
+    assert "Category:   restore" in text_of(note) and "Product:    Cloud Backup for M365" in text_of(note)
+    # a form line names the category; an alias in another language counts
+    key2 = uniq("Zugang")
+    gw.send(mail("jo@kunde.de", SUPPORT, key2, "Kategorie: Anmeldung\nIch komme nicht mehr rein."))
+    assert gw.ticket_by_subject(key2)["category"] == "login"
+
+    # staff change them; an unknown category is refused, naming the known ones
+    gw.send(agent_reply(note, "#category billing-ish"))
+    error = wait_for(lambda: [m for m in gw.sink.to(STAFF) if "unknown category" in text_of(m)], what="the error")
+    assert "backup, restore, login, performance" in text_of(error[0])
+    gw.send(agent_reply(note, "#category Backup\n#product Cloud Backup"))
+    wait_for(lambda: gw.ticket(t["id"])["category"] == "backup" or None, what="the new category")
+    assert gw.ticket(t["id"])["product"] == "Cloud Backup"
+    classified = [(e["part"], e["old"], e["new"]) for e in gw.ticket(t["id"])["events"] if e["rule"] == "classified"]
+    assert classified == [("category", "restore", "backup"), ("product", "Cloud Backup for M365", "Cloud Backup")]
+    s = json.loads(gw.cli("stats", "--json").stdout)
+    assert s["by_category"]["backup"]["opened"] == 1 and s["by_category"]["login"]["opened"] == 1
+    assert s["by_product"]["Cloud Backup"]["opened"] == 1
+
+    f = workdir / "m.eml"
+    f.write_bytes(mail("kim@customer.example", SUPPORT, "Sicherung", "Die Datensicherung läuft nicht.").as_bytes())
+    out = json.loads(gw.cli("explain", str(f), "--json").stdout)
+    d = out["decision"]
+    assert d["category"] == "backup" and any(e["rule"] == "category.wording" for e in d["evidence"])

@@ -290,7 +290,8 @@ def owner_reminder_due(ticket: Ticket, now: datetime) -> tuple[str, str] | None:
 # -- commands at the top of a staff reply -----------------------------------
 
 COMMANDS = ("note", "status", "priority", "escalate", "customer", "assign", "take", "unassign", "cc", "uncc",
-            "answer", "help", "list")
+            "answer", "help", "list", "category", "product")
+MAX_CLASS_NAME = 80            # characters of a #category / #product value
 MAX_COMMAND_ADDRESSES = 20     # addresses one #cc / #uncc line may name
 
 
@@ -310,6 +311,8 @@ class StaffCommands:
     answer: str | None = None      # `#answer NAME`: the canned answer to insert
     help: bool = False             # `#help`: mail the agent the commands and canned answers
     listing: bool = False          # `#list`: mail the agent their open, waiting and near-breach tickets
+    category: str | None = None    # `#category NAME` ("" for `#category none`): the ticket's new category
+    product: str | None = None     # `#product NAME`: its new product
     errors: tuple[str, ...] = ()
     text: str = ""                 # what is left to relay, commands removed
 
@@ -333,7 +336,7 @@ def command_addresses(word: str, arg: str) -> tuple[tuple[str, ...], str | None]
 def staff_commands(text: str) -> StaffCommands:
     """Read `#note`, `#status S`, `#priority N`, `#escalate [engineering]`, `#customer`,
     `#assign A`, `#take`, `#unassign`, `#cc A`, `#uncc A`, `#answer NAME`, `#help`,
-    `#list` from the lines at the top of a staff reply (blank lines between them allowed)."""
+    `#list`, `#category NAME`, `#product NAME` from the lines at the top of a staff reply (blank lines between them allowed)."""
     lines = text.replace("\r\n", "\n").split("\n")
     found: dict[str, object] = {}
     errors: list[str] = []
@@ -382,6 +385,11 @@ def staff_commands(text: str) -> StaffCommands:
             elif "answer" in found:
                 errors.append("#answer: one canned answer per reply")
             found["answer"] = arg.lower()
+        elif word in ("category", "product"):
+            if not arg or len(arg) > MAX_CLASS_NAME:
+                errors.append(f"#{word} needs a name (at most {MAX_CLASS_NAME} characters), or 'none'; got {arg!r}")
+            else:
+                found[word] = "" if arg.lower() in ("none", "-") else " ".join(arg.split())
         elif word in ("cc", "uncc"):
             addresses, error = command_addresses(word, arg)
             if error:
@@ -405,6 +413,7 @@ def staff_commands(text: str) -> StaffCommands:
                          cc=tuple(found.get("cc", ())), uncc=tuple(found.get("uncc", ())),  # type: ignore[arg-type]
                          answer=found.get("answer"), help=bool(found.get("help")),  # type: ignore[arg-type]
                          listing=bool(found.get("list")),
+                         category=found.get("category"), product=found.get("product"),  # type: ignore[arg-type]
                          errors=tuple(errors), text=rest)
 
 
@@ -421,6 +430,8 @@ def with_answer(cmds: StaffCommands, name: str, canned: StaffCommands) -> StaffC
         priority=cmds.priority if cmds.priority is not None else canned.priority,
         escalate=cmds.escalate or canned.escalate, engineering=cmds.engineering or canned.engineering,
         customer=cmds.customer or canned.customer, cc=(*cmds.cc, *canned.cc), uncc=(*cmds.uncc, *canned.uncc),
+        category=cmds.category if cmds.category is not None else canned.category,
+        product=cmds.product if cmds.product is not None else canned.product,
         errors=(*cmds.errors, *(f"#answer {name}: {e}" for e in errors)),
         text="\n\n".join(t for t in (canned.text, cmds.text) if t))
 

@@ -29,6 +29,7 @@ from gateway.rules import contacts, process
 from gateway.rules.contacts import CERTIFIED, Standing
 from gateway.rules.decision import Decision, decide, supplied, ticket_target_times
 from gateway.rules.language import choose_language
+from gateway.rules.settings import normalise_value
 from gateway.store import SenderCounts, Tx
 
 PARTICIPANTS_LISTED = 1000   # addresses named in the note about those left out
@@ -309,7 +310,8 @@ class Pipeline:
             sla_warn_at=decision.warn_due if redirect_to is None else None, missing=decision.missing, redirect=decision.redirect if redirect_to else None,
             language=lang, decision={**decision.to_json(), "language": {"value": lang, "why": lang_why}},
             emergency=decision.emergency and redirect_to is None,
-            contact=decision.contact.rank if decision.contact else "")
+            contact=decision.contact.rank if decision.contact else "",
+            category=decision.category, product=decision.product)
         await self._record(tx, ticket.id, Kind.CUSTOMER, mail, inbound_id, now)
         marks = []
         if decision.contact is not None:
@@ -506,6 +508,8 @@ class Pipeline:
         assignee, assign_error = self._assignee(ticket, cmds, sender)
         if assign_error:
             cc_errors = (*cc_errors, assign_error)
+        classes, class_errors = self._classes(cmds)
+        cc_errors = (*cc_errors, *class_errors)
         if cc_errors:
             cmds = replace(cmds, errors=(*cmds.errors, *cc_errors))
         elif relay:
@@ -526,6 +530,11 @@ class Pipeline:
             changes["cc"] = cc
         if cmds.priority is not None and cmds.priority != ticket.priority:
             changes["priority"] = cmds.priority
+        for part, value in classes.items():
+            if value != getattr(ticket, part):
+                changes[part] = value
+                await tx.add_event(ticket.id, now, "classified", {"part": part, "old": getattr(ticket, part) or None,
+                                                                  "new": value or None, "by": sender})
         if relay and ticket.first_response_at is None:
             changes["first_response_at"] = now
             if ticket.sla_outcome is None and (outcome := lifecycle.first_response_outcome(ticket, now)):
@@ -737,6 +746,25 @@ class Pipeline:
             esc = replace(esc, tell_customer=False,
                           fields={k: v for k, v in esc.fields.items() if k != "customer_told_at"})
         return await self.desk.escalate(tx, ticket, esc, now, answers=answers)
+
+    def _classes(self, cmds: lifecycle.StaffCommands) -> tuple[dict[str, str], list[str]]:
+        """`#category` / `#product`: the configured name the agent meant (an alias or
+        another case finds it), or an error naming the known ones; with no names
+        configured (products, by default), the agent's words as given."""
+        found: dict[str, str] = {}
+        errors: list[str] = []
+        for part, value in (("category", cmds.category), ("product", cmds.product)):
+            if value is None:
+                continue
+            classes = self.config.rules.category if part == "category" else self.config.rules.product
+            if value and classes.names:
+                name = classes.aliases.get(normalise_value(value))
+                if name is None:
+                    errors.append(f"#{part}: unknown {part} {value!r} (known: {', '.join(classes.names)}, none)")
+                    continue
+                value = name
+            found[part] = value
+        return found, errors
 
     def _ack_guidance(self, ticket: Ticket) -> dict[str, Any]:
         """The policies' guidance in the acknowledgement (`[acknowledgement]`): the

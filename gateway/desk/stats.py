@@ -67,7 +67,9 @@ def report(tickets: Iterable[Ticket]) -> dict[str, Any]:
     out["by_region"] = {r: figures(t for t in ts if t.region == r and not t.govcloud) for r in REGIONS}
     out["by_region"]["GOVCLOUD"] = figures(t for t in ts if t.govcloud)
     out["by_priority"] = {str(p): figures(t for t in ts if t.priority == p) for p in (1, 2, 3, 4)}
-    out["by_plan"] = {plan: figures(t for t in ts if t.plan == plan) for plan in sorted({t.plan for t in ts})}
+    for part in ("plan", "category", "product"):
+        names = sorted({getattr(t, part) for t in ts})
+        out[f"by_{part}"] = {name or "-": figures(t for t in ts if getattr(t, part) == name) for name in names}
     return out
 
 
@@ -107,7 +109,8 @@ def table(rep: dict[str, Any]) -> str:
             f"{'median':>10} {'resolution avg':>15} {'median':>10} {'escal.':>6} {'met':>5}")
     rows = [("all", rep)] + [(k, v) for k, v in rep["by_region"].items()] + \
         [(f"P{k}", v) for k, v in rep["by_priority"].items()] + \
-        [(f"plan {k or '-'}"[:18], v) for k, v in rep.get("by_plan", {}).items()]
+        [(f"{part} {k}"[:18], v) for part in ("plan", "category", "product")
+         for k, v in rep.get(f"by_{part}", {}).items()]
     lines = [head]
     for name, f in rows:
         share = "-" if f["targets_met_share"] is None else f"{f['targets_met_share']:.0%}"

@@ -300,7 +300,7 @@ _SAMPLE_TICKET = Ticket(
     requester="ann@customer.example", cc=("bob@customer.example",), region="EMEA", govcloud=True,
     priority=2, mailbox="support@example.com", linked_ticket=1041,
     created_at=datetime(2026, 11, 23, 9, 0, tzinfo=UTC), plan="Professional",
-    missing=("account_email", "organisation"))
+    missing=("account_email", "organisation"), category="backup", product="Cloud Backup <M365>")
 SAMPLE_TICKET = _SAMPLE_TICKET      # for other checks of templates (canned answers)
 _LEAN_TICKET = replace(_SAMPLE_TICKET, status=Status.CLOSED, cc=(), govcloud=False, linked_ticket=None,
                        subject="", plan="", missing=())

@@ -79,6 +79,8 @@ class Decision:
     response_due: datetime | None    # UTC; None = no first-response target
     evidence: tuple[Evidence, ...]
     warn_due: datetime | None = None  # UTC: the SLA warning before the target ([rules.sla])
+    category: str = ""               # [rules.category]; "" = none found
+    product: str = ""                # [rules.product]; "" = none found
     emergency: bool = False          # priority 1 on a 24/7 clock, emergency queue alerted
     contact: Standing | None = None  # Kaseya's authorised contacts (gateway.rules.contacts)
 
@@ -97,6 +99,7 @@ class Decision:
             "handled_by_support": self.handled_by_support, "missing": list(self.missing),
             "response_due": self.response_due.isoformat() if self.response_due else None,
             "warn_due": self.warn_due.isoformat() if self.warn_due else None,
+            "category": self.category or None, "product": self.product or None,
             "evidence": [e.to_json() for e in self.evidence], "emergency": self.emergency,
             "contact": self.contact.to_json() if self.contact else None,
         }
@@ -129,11 +132,14 @@ def decide(mail: ParsedMail, *, mailbox_address: str, mailbox_govcloud: bool,
         sla_ev.append(Evidence("sla", "sla.waiting_for_information",
                                f"waiting for {', '.join(missing)}: the target starts when the customer gives them "
                                "([rules.missing] pause_target)"))
+    category, cat_ev = classify("category", mail, mailbox_address, rules)
+    product, prod_ev = classify("product", mail, mailbox_address, rules)
     return Decision(
+        category=category, product=product,
         region=region, govcloud=govcloud, priority=priority,
         queue=GOVCLOUD_QUEUE if govcloud else region, plan=plan, redirect=redirect,
         missing=missing, response_due=due, warn_due=warn_due,
-        evidence=(*region_ev, *gov_ev, *prio_ev, *red_ev, *missing_ev, *contact_ev, *sla_ev),
+        evidence=(*region_ev, *gov_ev, *prio_ev, *red_ev, *missing_ev, *contact_ev, *sla_ev, *cat_ev, *prod_ev),
         emergency=urgent is not None, contact=contact,
     )
 
@@ -638,6 +644,46 @@ def supplied(mail: ParsedMail, missing: Sequence[str], rules: RulesConfig) -> tu
             given.append(name)
             evidence.append(Evidence("missing", f"missing.{name}.supplied", detail))
     return tuple(given), evidence
+
+
+# -- category and product ------------------------------------------------------
+
+_MAX_CLASS_VALUE = 80
+
+
+def classify(part: str, mail: ParsedMail, mailbox_address: str, rules: RulesConfig) -> tuple[str, list[Evidence]]:
+    """The ticket's category or product (`part`), strongest evidence first: a form
+    line ("Category: Backup", "Produkt: Cloud Backup"), the mailbox it reached, the
+    wording of the subject and new text (the name with the most phrases found,
+    the subject counting twice). "" when nothing says."""
+    classes = rules.category if part == "category" else rules.product
+    notes: list[Evidence] = []
+    for value, line, _where in _form_fields(mail, rules.fields.labels(part)):
+        if normalise_value(value) in _NO_VALUE:
+            continue
+        if not classes.names:
+            return " ".join(value.split())[:_MAX_CLASS_VALUE], [Evidence(part, f"{part}.field", line)]
+        name = _lookup_value(value, classes.aliases)
+        if name is not None:
+            return name, [Evidence(part, f"{part}.field", line)]
+        notes.append(Evidence(part, f"{part}.field.unrecognised", line))
+    name = classes.mailboxes.get(normalize_address(mailbox_address))
+    if name is not None:
+        return name, [Evidence(part, f"{part}.mailbox", f"mailbox {mailbox_address}"), *notes]
+    texts = _new_text(mail)
+    score: dict[str, int] = {}
+    first: dict[str, _Hit] = {}
+    for name, wording in classes.wording.items():
+        for hit in _find(wording, texts):
+            score[name] = score.get(name, 0) + (2 if hit.where == "subject" else 1)
+            first.setdefault(name, hit)
+    if score:
+        name = max(classes.names, key=lambda n: score.get(n, 0))    # ties: the first configured
+        hit = first[name]
+        return name, [Evidence(part, f"{part}.wording",
+                               f"{part} {name}: wording {hit.matched!r} ({hit.language} {hit.phrase!r}) "
+                               f"in {hit.quote()}"), *notes]
+    return "", [Evidence(part, f"{part}.none", f"no {part} line, mailbox or wording"), *notes]
 
 
 # -- first-response target -----------------------------------------------------

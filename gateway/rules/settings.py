@@ -39,7 +39,7 @@ WORDING_LEVELS = (1, 2, 4)                   # 3 is the default, never "worded"
 # Kaseya's required details: the server URL, the module or product, its version,
 # the steps that reproduce the problem and a sample machine it happens on
 KASEYA_FIELDS = ("server_url", "product", "version", "steps", "sample_machine")
-FIELD_NAMES = ("region", "priority", "account_email", "organisation", *KASEYA_FIELDS)
+FIELD_NAMES = ("region", "priority", "account_email", "organisation", *KASEYA_FIELDS, "category")
 REQUIRABLE = ("account_email", "organisation", "region", *KASEYA_FIELDS)
 REQUIRED_BY_DEFAULT = ("account_email", "organisation")
 CLOCKS = ("business", "24/7")
@@ -65,6 +65,9 @@ class FieldLabels:
     sample_machine: tuple[str, ...] = ("Sample machine", "Affected machine", "Machine name",
                                        "Beispielrechner", "Betroffener Rechner", "Rechnername",
                                        "対象マシン", "マシン名")
+
+    category: tuple[str, ...] = ("Category", "Problem type", "Issue type", "Kategorie", "Problemart",
+                                 "Problemtyp", "カテゴリ", "カテゴリー", "問題の種類")
 
     def labels(self, name: str) -> tuple[str, ...]:
         labels: tuple[str, ...] = getattr(self, name)
@@ -195,6 +198,19 @@ class CustomerDirectory:
 
 
 @dataclass(frozen=True)
+class Classes:
+    """Categories or products (issue 19; Dropbox's problem types, Kaseya's module or
+    product): each name with the form values that mean it (`aliases`), the
+    mailboxes that imply it, and its wording per language. With no names, a form
+    line's value is taken as given (a product list the team has not configured)."""
+
+    names: tuple[str, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)        # normalised value → name
+    mailboxes: Mapping[str, str] = field(default_factory=dict)      # mailbox address → name
+    wording: Mapping[str, Wording] = field(default_factory=dict)    # name → language → phrases
+
+
+@dataclass(frozen=True)
 class RulesConfig:
     default_region: str
     default_plan: str
@@ -210,6 +226,8 @@ class RulesConfig:
     directory: CustomerDirectory = field(default_factory=CustomerDirectory)
     warn_before: WarnLead = WarnLead(fraction=0.2)   # [rules.sla] warn_before
     pause_target: bool = False               # [rules.missing]: the target waits for missing details
+    category: Classes = Classes()            # [rules.category.NAME]
+    product: Classes = Classes()             # [rules.product.NAME]
 
 
 # -- built-in defaults -------------------------------------------------------
@@ -259,6 +277,7 @@ def default_rules() -> RulesConfig:
         technical=_frozen(_TECHNICAL),
         redirects=_frozen({"billing": _frozen(_BILLING), "sales": _frozen(_SALES)}),
         required=REQUIRED_BY_DEFAULT,
+        category=_classes_of(_CATEGORIES),
         plans=_frozen({
             "basic": Plan("basic", _frozen({}), "community support, no response target"),
             "professional": Plan("professional", _frozen({
@@ -273,6 +292,36 @@ def default_rules() -> RulesConfig:
             "APAC": BusinessCalendar("Asia/Singapore", holiday_country="SG"),
         }),
     )
+
+
+# Built-in categories: what customers' problems are about. "Anmeldung" is not
+# login wording: NinjaOne's form writes "Anmeldung Region" (sign-up region).
+_CATEGORIES: Mapping[str, Mapping[str, tuple[str, ...]]] = {
+    "backup": {"aliases": ("backup", "backups", "sicherung", "datensicherung", "バックアップ"),
+               "en": ("backup*", "backing up"), "de": ("Sicherung*", "Datensicherung*", "Backup*"),
+               "ja": ("バックアップ",)},
+    "restore": {"aliases": ("restore", "recovery", "wiederherstellung", "rücksicherung", "復元", "リストア"),
+                "en": ("restore*", "restoring", "recover*"), "de": ("Wiederherstellung*", "wiederherstellen",
+                                                                 "Rücksicherung*"),
+                "ja": ("復元", "リストア")},
+    "login": {"aliases": ("login", "log in", "sign in", "access", "anmeldung", "zugang", "ログイン"),
+              "en": ("log in", "login", "sign in", "password*", "2FA", "SSO", "locked out"),
+              "de": ("einloggen", "anmelden", "Passwort*", "Kennwort*", "Zugang"),
+              "ja": ("ログイン", "パスワード", "サインイン")},
+    "performance": {"aliases": ("performance", "leistung", "パフォーマンス"),
+                    "en": ("slow", "slowly", "performance", "latency"), "de": ("langsam", "Leistung", "Performance"),
+                    "ja": ("遅い", "遅く", "パフォーマンス")},
+}
+
+
+def _classes_of(table: Mapping[str, Mapping[str, tuple[str, ...]]], mailboxes: Mapping[str, str] | None = None
+                ) -> Classes:
+    aliases = {normalise_value(name): name for name in table}
+    for name, entry in table.items():
+        aliases.update({normalise_value(a): name for a in entry.get("aliases", ())})
+    wording = {name: _frozen({lang: tuple(v) for lang, v in entry.items() if lang not in ("aliases", "mailboxes")})
+               for name, entry in table.items()}
+    return Classes(tuple(table), _frozen(aliases), _frozen(dict(mailboxes or {})), _frozen(wording))
 
 
 def _region_values() -> dict[str, str]:
@@ -459,7 +508,7 @@ def parse_rules(data: Mapping[str, Any]) -> tuple[RulesConfig, list[str]]:
     ru = p.table("rules", raw) or {}
     p.unknown("rules", ru, ("default_region", "default_plan", "fields", "region", "govcloud",
                             "priority", "technical", "redirect", "missing", "plans", "hours",
-                            "customer", "sla"))
+                            "customer", "sla", "category", "product"))
     default_region = d.default_region
     if "default_region" in ru:
         default_region = p.region("rules.default_region", ru["default_region"]) or default_region
@@ -486,6 +535,8 @@ def parse_rules(data: Mapping[str, Any]) -> tuple[RulesConfig, list[str]]:
         directory=_directory(p, ru.get("customer", []), plans),
         warn_before=_warn_before(p, ru.get("sla", {}), d.warn_before),
         pause_target=_pause_target(p, ru.get("missing", {}), d.pause_target),
+        category=_classes(p, "rules.category", ru["category"]) if "category" in ru else d.category,
+        product=_classes(p, "rules.product", ru["product"]) if "product" in ru else d.product,
     )
     return rules, p.items
 
@@ -656,6 +707,38 @@ def _redirects(p: _Problems, raw: Any, d: Mapping[str, Wording]) -> Mapping[str,
             continue
         out[name] = _wording(p, f"rules.redirect.{name}", value, d.get(name, {}))
     return _frozen(out)
+
+
+def _classes(p: _Problems, key: str, raw: Any) -> Classes:
+    """`[rules.category.NAME]` / `[rules.product.NAME]`: aliases = [...], mailboxes =
+    [...], and phrases per language (en = [...]). Given, the tables replace the
+    built-in set wholly; `[rules.product]` with no table: the form value as given."""
+    t = p.table(key, raw) or {}
+    table: dict[str, dict[str, tuple[str, ...]]] = {}
+    mailboxes: dict[str, str] = {}
+    for name, entry in t.items():
+        at = f"{key}.{name}"
+        if not re.fullmatch(r"[\w][\w .&/+-]{0,39}", name):
+            p.fail(at, "a name is 1-40 letters, digits, spaces or . & / + -")
+            continue
+        e = p.table(at, entry)
+        if e is None:
+            continue
+        parsed: dict[str, tuple[str, ...]] = {}
+        for k, v in e.items():
+            if k != "mailboxes" and k != "aliases" and not re.fullmatch(r"[a-z]{2}", k):
+                p.fail(f"{at}.{k}", "expected aliases, mailboxes or a language code (en, de, ja) with phrases")
+                continue
+            values = p.strings(f"{at}.{k}", v)
+            if values is None:
+                continue
+            if k == "mailboxes":
+                for address in values:
+                    mailboxes[address.strip().lower()] = name
+            else:
+                parsed[k] = values
+        table[name] = parsed
+    return _classes_of(table, mailboxes)
 
 
 def _pause_target(p: _Problems, raw: Any, d: bool) -> bool:

@@ -288,6 +288,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tickets_sla_warn ON tickets(sla_warn_at)
         WHERE sla_warned_at IS NULL AND first_response_at IS NULL AND sla_warn_at IS NOT NULL;
     """,
+    # 18: each ticket's category and product (issue 19), from the rules stage or `#category`/`#product`
+    """
+    ALTER TABLE tickets ADD COLUMN category TEXT NOT NULL DEFAULT '';
+    ALTER TABLE tickets ADD COLUMN product TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 LEGACY_SECRET = "ticket_token_secret"     # the setting migration 6 kept the secret in
@@ -352,7 +357,7 @@ _TICKET_COLS = ("id, subject, status, requester, cc, region, govcloud, priority,
                 "reminder_due_at, autoclose_due_at, close_due_at, undeliverable, plan, "
                 "response_due_at, sla_warned_at, missing, redirect, language, tier, owner, "
                 "escalated_at, escalated_by, escalation_queue, customer_told_at, contact_due_at, "
-                "manual_close_due_at, emergency, contact, sla_warn_at, sla_breached_at, sla_outcome")
+                "manual_close_due_at, emergency, contact, sla_warn_at, sla_breached_at, sla_outcome, category, product")
 
 
 def _ticket(row: Sequence[Any]) -> Ticket:
@@ -369,7 +374,7 @@ def _ticket(row: Sequence[Any]) -> Ticket:
         escalated_by=row[28], escalation_queue=row[29], customer_told_at=from_iso(row[30]),
         contact_due_at=from_iso(row[31]), manual_close_due_at=from_iso(row[32]),
         emergency=bool(row[33]), contact=row[34], sla_warn_at=from_iso(row[35]),
-        sla_breached_at=from_iso(row[36]), sla_outcome=row[37],
+        sla_breached_at=from_iso(row[36]), sla_outcome=row[37], category=row[38], product=row[39],
     )
 
 
@@ -532,17 +537,17 @@ class Tx:
                             missing: Sequence[str] = (),
                             redirect: str | None = None, language: str = "en",
                             decision: dict[str, Any] | None = None, emergency: bool = False,
-                            contact: str = "") -> Ticket:
+                            contact: str = "", category: str = "", product: str = "") -> Ticket:
         ticket_id = await self._insert(
             "INSERT INTO tickets (subject, status, requester, cc, region, govcloud, priority,"
             " mailbox, linked_ticket, created_at, updated_at, plan, response_due_at, missing,"
             " redirect, decision, language, requester_mailbox, requester_domain, emergency, contact,"
-            " sla_warn_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " sla_warn_at, category, product) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (subject, Status.OPEN.value, requester, json.dumps(list(cc)), region, int(govcloud),
              priority, mailbox, linked_ticket, iso(now), iso(now), plan, iso(response_due_at),
              json.dumps(list(missing)), redirect, json.dumps(decision) if decision else None,
              language, mailbox_of(requester), domain_of(requester), int(emergency), contact,
-             iso(sla_warn_at)))
+             iso(sla_warn_at), category, product))
         self._requesters[ticket_id] = (mailbox_of(requester), domain_of(requester))
         await self._add_load(self._requesters[ticket_id], now, tickets=1)
         # the row as written (times at the stored one-second precision), without reading it back
@@ -551,7 +556,7 @@ class Tx:
                       mailbox=mailbox, linked_ticket=linked_ticket,
                       created_at=from_iso(iso(now)), plan=plan,  # type: ignore[arg-type]
                       response_due_at=from_iso(iso(response_due_at)), missing=tuple(missing),
-                      sla_warn_at=from_iso(iso(sla_warn_at)),
+                      sla_warn_at=from_iso(iso(sla_warn_at)), category=category, product=product,
                       redirect=redirect, language=language, emergency=emergency, contact=contact)
 
     async def update_ticket(self, ticket_id: int, now: datetime, **fields: Any) -> None:
@@ -559,7 +564,8 @@ class Tx:
                    "escalated", "reminder_due_at", "autoclose_due_at", "close_due_at", "undeliverable",
                    "sla_warned_at", "tier", "owner", "escalated_at", "escalated_by",
                    "escalation_queue", "customer_told_at", "contact_due_at", "manual_close_due_at",
-                   "sla_breached_at", "sla_outcome", "missing", "response_due_at", "sla_warn_at"}
+                   "sla_breached_at", "sla_outcome", "missing", "response_due_at", "sla_warn_at",
+                   "category", "product"}
         assert set(fields) <= allowed, set(fields) - allowed
         values = [json.dumps(list(v)) if k in ("cc", "undeliverable", "missing")
                   else iso(v) if isinstance(v, datetime)
