@@ -111,7 +111,7 @@ class StatusRequests:
 
 
 ACK_PARTS = ("next_steps", "target", "missing", "safe_senders", "status_page", "one_ticket_per_problem",
-             "elsewhere")
+             "elsewhere", "support_languages")
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,14 @@ class Acknowledgement:
 
     parts: tuple[str, ...] = ACK_PARTS
     status_pages: Mapping[str, str] = field(default_factory=dict)   # AMER/EMEA/APAC/GOVCLOUD -> URL
+    # the languages staff answer in, preferred first (Dropbox: English and Japanese);
+    # a customer in another language is told so, and answered in the first
+    support_languages: tuple[str, ...] = SUPPORTED_LANGUAGES
+
+    def answer_language(self, customer_language: str) -> str:
+        """The language staff answer a customer in: the customer's when the team
+        supports it, else the team's first support language."""
+        return customer_language if customer_language in self.support_languages else self.support_languages[0]
 
 
 @dataclass(frozen=True)
@@ -845,7 +853,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
 
 def _acknowledgement(r: _Reader) -> Acknowledgement:
     ack = r.section("acknowledgement")
-    _only_known(r, "acknowledgement", ack, ("parts", "status_pages"))
+    _only_known(r, "acknowledgement", ack, ("parts", "status_pages", "support_languages"))
     parts = _prefixed(r, "acknowledgement", ack, "parts", list, list(ACK_PARTS))
     unknown = [p for p in parts if p not in ACK_PARTS]
     if unknown or not all(isinstance(p, str) for p in parts):
@@ -862,7 +870,14 @@ def _acknowledgement(r: _Reader) -> Acknowledgement:
             r.fail(key, f"expected an http(s) URL, got {url!r}")
         else:
             status_pages[queue] = url
-    return Acknowledgement(tuple(dict.fromkeys(parts)), MappingProxyType(status_pages))
+    languages = _prefixed(r, "acknowledgement", ack, "support_languages", list, list(SUPPORTED_LANGUAGES))
+    odd = [lang for lang in languages if lang not in SUPPORTED_LANGUAGES]
+    if odd or not languages:
+        r.fail("acknowledgement.support_languages",
+               f"expected a non-empty list of {', '.join(SUPPORTED_LANGUAGES)}, got {languages!r}")
+        languages = list(SUPPORTED_LANGUAGES)
+    return Acknowledgement(tuple(dict.fromkeys(parts)), MappingProxyType(status_pages),
+                           tuple(dict.fromkeys(languages)))
 
 
 EMERGENCY_KEYS = ("queue", "pager", "instructions")

@@ -455,8 +455,38 @@ def test_acknowledgement_parts_can_be_switched_off(make_gateway: Callable[..., G
     assert "Your ticket number" in ack                           # the ID is always there
 
 
+def test_a_customer_outside_the_support_languages_is_told_which_they_are(
+        make_gateway: Callable[..., GatewayProc]) -> None:
+    """Issue 19 (Dropbox: support in English and Japanese only): a German customer
+    gets a German acknowledgement that says answers come in English, and staff are
+    told to answer in English; customers in a support language are told nothing."""
+    gw = make_gateway(extra_toml=RULES + '\n[acknowledgement]\nsupport_languages = ["en", "ja"]\n')
+    gw.start()
+    key = uniq("Backup läuft nicht")
+    gw.send(mail("it@kunde.de", SUPPORT, key, "Hallo, seit heute Nacht läuft kein Backup mehr. Bitte helfen Sie uns."))
+    ack = gw.sink.wait_to("it@kunde.de")[0]
+    assert str(ack["Content-Language"]) == "de"
+    text = text_of(ack)
+    assert "antwortet nur auf Englisch und Japanisch" in text and "kommen daher auf Englisch" in text
+    assert "per E-Mail auf Englisch" in text                    # the next steps say it too
+    assert "antwortet nur auf Englisch und Japanisch" in ack.get_body(("html",)).get_content()
+    t = gw.ticket_by_subject(key)
+    note = next(n for n in gw.sink.wait_to(QUEUES["EMEA"]) if f"#{t['id']}]" in str(n["Subject"]))
+    assert "LANGUAGE: the customer writes German; answer in English (support languages: English, Japanese)" \
+        in note.get_body(("plain",)).get_content()
+
+    gw.send(mail("it@kaisha.co.jp", SUPPORT, uniq("バックアップ"), "昨日からバックアップが失敗しています。確認をお願いします。"))
+    ja = text_of(gw.sink.wait_to("it@kaisha.co.jp")[0])
+    assert "のみで対応しております" not in ja and "日本語にてメールでご回答" in ja
+    gw.send(mail("kim@customer.example", SUPPORT, uniq("Export"), "Our export has failed since yesterday, please help."))
+    en = text_of(gw.sink.wait_to("kim@customer.example")[0])
+    assert "only," not in en and "by email, in English" in en
+
+
 @pytest.mark.parametrize(("table", "key"), [
     ('parts = ["next_steps", "jokes"]', "acknowledgement.parts"),
+    ('support_languages = ["en", "fr"]', "acknowledgement.support_languages"),
+    ('support_languages = []', "acknowledgement.support_languages"),
     ('status_pages = { MARS = "https://status.example.com" }', "acknowledgement.status_pages.MARS"),
     ('status_pages = { AMER = "javascript:alert(1)" }', "acknowledgement.status_pages.AMER"),
     ('status_page = {}', "acknowledgement.status_page"),

@@ -103,6 +103,11 @@ def test_acknowledgement_can_say_support_answers_in_another_language() -> None:
     context = {**SAMPLE_CONTEXTS["ack"][0], "support_language": "en"}
     assert "auf Englisch" in render("ack", "de", context=context)[1]
     assert "英語にて" in render("ack", "ja", context=context)[1]
+    _, text, html = render("ack", "de", context=context)
+    assert "antwortet nur auf Englisch und Japanisch" in " ".join(text.split())
+    assert html is not None and "antwortet nur auf Englisch und Japanisch" in html
+    assert "英語と日本語のみで対応" in render("ack", "ja", context=context)[1]
+    assert "answers in English and Japanese only" in " ".join(render("ack", "en", context=context)[1].split())
 
 
 def test_missing_fields_and_departments_are_translated() -> None:

@@ -28,6 +28,7 @@ from gateway.outbound.tokens import TicketTokens, without_staff_tokens
 from gateway.rules import contacts, process
 from gateway.rules.contacts import CERTIFIED, Standing
 from gateway.rules.decision import Decision, decide, supplied, ticket_target_times
+from gateway.rules.language import NAMES as LANGUAGE_NAMES
 from gateway.rules.language import choose_language
 from gateway.rules.settings import normalise_value
 from gateway.store import SenderCounts, Tx
@@ -317,6 +318,11 @@ class Pipeline:
         if decision.contact is not None:
             await tx.add_event(ticket.id, now, "contact", decision.contact.to_json())
             marks = contact_marks(decision.contact)
+        answer_in = self.config.acknowledgement.answer_language(lang)
+        if answer_in != lang:
+            marks.append(f"LANGUAGE: the customer writes {LANGUAGE_NAMES[lang]}; answer in "
+                         f"{LANGUAGE_NAMES[answer_in]} (support languages: "
+                         f"{', '.join(LANGUAGE_NAMES[x] for x in self.config.acknowledgement.support_languages)})")
         if dropped:
             await self._participants_dropped(tx, ticket, mail, dropped, inbound_id, now)
         if redirect_to:
@@ -333,6 +339,7 @@ class Pipeline:
                              "target_waits": any(e.rule == "sla.waiting_for_information" for e in decision.evidence),
                              "follows_up": _follows_up(linked, sender),
                              "emergency": self._emergency_instructions(ticket),
+                             "support_language": answer_in,
                              "guidance": self._ack_guidance(ticket)})
             queued += await self._notify(tx, ticket, mail, sender, is_new=True, now=now,
                                          dropped=len(dropped), linked_reason=placement.reason, no_ack=no_ack,
@@ -770,13 +777,16 @@ class Pipeline:
         """The policies' guidance in the acknowledgement (`[acknowledgement]`): the
         support domains to add to the safe-senders list (the GovCloud ones for a
         GovCloud ticket), the status page of the ticket's region, and where billing
-        and sales questions go (not for GovCloud tickets: their mail stays there)."""
+        and sales questions go (not for GovCloud tickets: their mail stays there);
+        the languages support answers in, when the customer's is not one of them."""
         ack = self.config.acknowledgement
         domains = sorted({m.address.rpartition("@")[2] for m in self.config.mailboxes
                           if m.govcloud == ticket.govcloud})
         return {"parts": list(ack.parts), "safe_senders": domains,
                 "status_page": ack.status_pages.get("GOVCLOUD" if ticket.govcloud else ticket.region),
-                "elsewhere": [] if ticket.govcloud else sorted(self.config.redirects.items())}
+                "elsewhere": [] if ticket.govcloud else sorted(self.config.redirects.items()),
+                "support_languages": [] if ack.answer_language(ticket.language) == ticket.language
+                else list(ack.support_languages)}
 
     def _emergency_instructions(self, ticket: Ticket) -> str | None:
         """The configured emergency instructions, in the customer's language."""
