@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("--sender", help="envelope sender, as the MTA passes it")
 
     tickets = sub.add_parser("tickets", parents=[common], help="list or show tickets")
-    tsub = tickets.add_subparsers(dest="tickets_command", required=True, metavar="list|search|show")
+    tsub = tickets.add_subparsers(dest="tickets_command", required=True, metavar="list|search|show|attachment")
     tl = tsub.add_parser("list", parents=[common], help="one row per ticket, newest first")
     tl.add_argument("--status", choices=[s.value for s in Status])
     tl.add_argument("--json", action="store_true")
@@ -91,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     ts = tsub.add_parser("show", parents=[common], help="one ticket with all its messages")
     ts.add_argument("id", type=int)
     ts.add_argument("--json", action="store_true")
+    ta = tsub.add_parser("attachment", parents=[common],
+                         help="a file a ticket's mail carried, by its sha256 (or its first 8+ hex digits)")
+    ta.add_argument("id", type=int)
+    ta.add_argument("sha256")
+    ta.add_argument("--out", metavar="FILE", help="write it to FILE (private, never over an existing file); "
+                                                   "default: stdout")
 
     qu = sub.add_parser("quarantine", parents=[common], help="mail set aside: list, show, retry")
     qsub = qu.add_subparsers(dest="quarantine_command", required=True, metavar="list|show|retry")
@@ -473,6 +479,8 @@ async def _tickets(config: Config, args: argparse.Namespace) -> int:
             print(f"gateway: no ticket #{args.id}", file=sys.stderr)
             return 1
         messages = await store.messages(ticket.id)
+        if args.tickets_command == "attachment":
+            return _attachment(config, ticket.id, messages, args.sha256, args.out)
         decision = await store.decision(ticket.id)
         events = await store.events(ticket.id)
     finally:
@@ -483,6 +491,43 @@ async def _tickets(config: Config, args: argparse.Namespace) -> int:
                           "messages": messages}, ensure_ascii=False))
     else:
         _print_ticket(ticket, messages, events, lc, decision)
+    return answers.EX_OK
+
+
+def _attachment(config: Config, ticket_id: int, messages: list[dict[str, Any]], digest: str,
+                out: str | None) -> int:
+    """`tickets attachment ID SHA256`: the bytes of one of the ticket's files, found
+    by its digest among the ticket's own attachments only (a digest of another
+    ticket's file gives nothing), read from the content-addressed store."""
+    from gateway.store.blobs import Blobs
+    wanted = digest.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{8,64}", wanted):
+        print("gateway: tickets attachment needs the file's sha256 (at least its first 8 hex digits)",
+              file=sys.stderr)
+        return answers.EX_USAGE
+    found = {a["sha256"]: a for m in messages for a in m["attachments"] if a["sha256"].startswith(wanted)}
+    if len(found) != 1:
+        print(f"gateway: ticket #{ticket_id} has {'no' if not found else 'more than one'} attachment "
+              f"with sha256 {wanted}...", file=sys.stderr)
+        return 1
+    (sha, meta), = found.items()
+    try:
+        content = Blobs(config.data_dir).read("attachments", sha)
+    except OSError as e:
+        print(f"gateway: the stored file of {safe(meta['filename'])} is missing: {e}", file=sys.stderr)
+        return answers.EX_IOERR
+    if out is None:
+        sys.stdout.buffer.write(content)
+        sys.stdout.buffer.flush()
+        return answers.EX_OK
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        print(f"gateway: cannot write {out}: {e.strerror}", file=sys.stderr)
+        return answers.EX_CANTCREAT
+    with os.fdopen(fd, "wb") as f:
+        f.write(content)
+    print(f"{safe(meta['filename'])}: {len(content)} bytes written to {out}", file=sys.stderr)
     return answers.EX_OK
 
 

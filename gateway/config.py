@@ -228,6 +228,9 @@ class Config:
     staff_notify: tuple[str, ...] = ("queue", "assignee")
     staff_notes_to: tuple[str, ...] = ("assignee", "agents")
     staff_list_near: timedelta = timedelta(hours=4)
+    # attach_max_bytes: the customer's files attached to a staff notification, at most
+    # this many bytes in all (the rest listed with `gateway tickets attachment`)
+    staff_attach_max: int = 5_000_000
 
     # -- lookups used across the gateway ---------------------------------
     @property
@@ -752,7 +755,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         if name not in QUEUE_NAMES:
             r.fail(f"staff.queues.{name}", unknown_key(name, QUEUE_NAMES).replace("key", "queue", 1))
 
-    notify, notes_to, list_near = _staff_mail(r, st)
+    notify, notes_to, list_near, attach_max = _staff_mail(r, st)
 
     ru = r.section("rules")
     default_region = _prefixed(r, "rules", ru, "default_region", str, d["rules"]["default_region"])
@@ -847,6 +850,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         same_problem_within=timedelta(hours=same_problem_h),
         token_secret_file=Path(secret_value) if secret_value else None, answers_dir=answers_dir,
         govcloud_staff=gov_staff, staff_notify=notify, staff_notes_to=notes_to, staff_list_near=list_near,
+        staff_attach_max=attach_max,
         acknowledgement=acknowledgement,
     )
 
@@ -1119,8 +1123,8 @@ def _staff_proof(r: _Reader, prefix: str, st: dict[str, Any], require_default: b
     return require, trusted
 
 
-def _staff_mail(r: _Reader, st: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...], timedelta]:
-    """`[staff] notify`, `notes_to` (lists of NOTIFY_WHO) and `list_near_hours`."""
+def _staff_mail(r: _Reader, st: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...], timedelta, int]:
+    """`[staff] notify`, `notes_to` (lists of NOTIFY_WHO), `list_near_hours` and `attach_max_bytes`."""
     found: list[tuple[str, ...]] = []
     for key, default in (("notify", ["queue", "assignee"]), ("notes_to", ["assignee", "agents"])):
         values = _prefixed(r, "staff", st, key, list, default)
@@ -1135,7 +1139,11 @@ def _staff_mail(r: _Reader, st: dict[str, Any]) -> tuple[tuple[str, ...], tuple[
     if not 0 <= near <= 24 * 30:
         r.fail("staff.list_near_hours", f"expected 0 to 720 hours, got {near:g}")
         near = 4
-    return found[0], found[1], timedelta(hours=near)
+    attach = _prefixed(r, "staff", st, "attach_max_bytes", int, 5_000_000)
+    if not 0 <= attach <= 100_000_000:
+        r.fail("staff.attach_max_bytes", f"expected 0 to 100000000 bytes, got {attach}")
+        attach = 5_000_000
+    return found[0], found[1], timedelta(hours=near), attach
 
 
 def _govcloud_staff(r: _Reader, require: bool, trusted: frozenset[str]) -> GovCloudStaff:

@@ -278,3 +278,49 @@ def test_list_and_help_name_each_other_and_go_together_never(gateway: GatewayPro
     assert "one of #help and #list per reply" in text_of(wait_saying(gateway, STAFF, "one of #help"))
     assert gateway.send(agent_reply(note, "#list now"))[0] == 250
     assert "#list takes no argument" in text_of(wait_saying(gateway, STAFF, "#list takes"))
+
+
+# -- 4. the customer's files reach staff -----------------------------------------
+
+def test_customer_files_are_attached_to_the_staff_notification_up_to_the_limit(
+        make_gateway: Any, tmp_path: Any) -> None:
+    """Issue 20: the notification carries the customer's files while they fit in
+    `[staff] attach_max_bytes` in all; the others are listed with the command that
+    fetches them, which gives exactly the stored bytes, and only for that ticket."""
+    gw = staffed(make_gateway, staff_keys="attach_max_bytes = 3000")
+    log_txt, dump, shot = b"backup failed at 02:00\n" * 40, bytes(range(256)) * 20, b"\x89PNG" + b"\x07" * 1500
+    m = mail(CUSTOMER, SUPPORT, uniq("Backup fails"), "The log and a dump are attached.")
+    m.add_attachment(log_txt, maintype="text", subtype="plain", filename="backup.log")
+    m.add_attachment(dump, maintype="application", subtype="octet-stream", filename="dump.bin")
+    m.add_attachment(shot, maintype="image", subtype="png", filename="screen.png")
+    assert gw.send(m)[0] == 250
+    note = wait_saying(gw, QUEUES["AMER"], "The log and a dump are attached.")
+    files = {p.get_filename(): p.get_content() for p in note.iter_attachments()}
+    assert files == {"backup.log": log_txt.decode(), "screen.png": shot}       # 920 + 1504 bytes fit in 3000
+    text = text_of(note)
+    tid = gw.ticket_by_subject(str(m["Subject"]))["id"]
+    sha = next(a["sha256"] for msg in gw.ticket(tid)["messages"] for a in msg["attachments"]
+               if a["filename"] == "dump.bin")
+    command = f"gateway tickets attachment {tid} {sha[:16]} --out FILE"
+    assert "Not attached (over 3000 bytes in all)" in text and command in text
+
+    out = tmp_path / "dump.bin"
+    r = gw.cli("tickets", "attachment", str(tid), sha[:16], "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == dump and out.stat().st_mode & 0o777 == 0o600
+    assert gw.cli("tickets", "attachment", str(tid), sha[:16], "--out", str(out)).returncode == 73  # never over a file
+    # another ticket's digest, a digest no file has, or no digest at all gives nothing
+    other, _, _ = open_ticket(gw)
+    assert gw.cli("tickets", "attachment", str(other["id"]), sha).returncode == 1
+    assert gw.cli("tickets", "attachment", str(tid), "0" * 64).returncode == 1
+    assert gw.cli("tickets", "attachment", str(tid), "../x").returncode == 64
+
+
+def test_no_file_is_attached_with_attach_max_bytes_0(make_gateway: Any) -> None:
+    gw = staffed(make_gateway, staff_keys="attach_max_bytes = 0")
+    m = mail(CUSTOMER, SUPPORT, uniq("Screenshot"), "See the screenshot.")
+    m.add_attachment(b"\x89PNG" + b"\x01" * 100, maintype="image", subtype="png", filename="s.png")
+    assert gw.send(m)[0] == 250
+    note = wait_saying(gw, QUEUES["AMER"], "See the screenshot.")
+    assert list(note.iter_attachments()) == []
+    assert "Not attached (over 0 bytes in all)" in text_of(note) and "(s.png)" in text_of(note)

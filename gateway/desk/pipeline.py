@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -844,11 +845,14 @@ class Pipeline:
     async def _notify(self, tx: Tx, ticket: Ticket, mail: ParsedMail, sender: str, *,
                       is_new: bool, now: datetime, dropped: int = 0, linked_reason: str = "",
                       no_ack: str | None = None, marks: list[str] | None = None) -> int:
+        attached = files_for_staff(mail.attachments, self.config.staff_attach_max)
         return await self.desk.notify_staff(
-            tx, ticket, now, answers=[mail.message_id],
+            tx, ticket, now, answers=[mail.message_id], attachments=attached,
             context={"is_new": is_new, "sender": sender, "reply_text": mail.reply_text, "no_ack": no_ack,
                      "marks": marks or [],
                      "body_text": mail.body_text, "attachments": [a for a, _ in mail.attachments],
+                     "not_attached": [a for a, _ in mail.attachments if all(a is not b for b, _ in attached)],
+                     "attach_max": self.config.staff_attach_max,
                      "participants_dropped": dropped, "linked_reason": linked_reason,
                      "max_participants": self.config.limits.max_participants})
 
@@ -1001,6 +1005,18 @@ class Pipeline:
                     staff=self.config.is_staff(sender), told=bool(queued))
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
                        "answered our mail to staff but is not staff: kept as a note")
+
+
+def files_for_staff(files: Sequence[tuple[Attachment, bytes]], budget: int) -> list[tuple[Attachment, bytes]]:
+    """The customer's files a staff notification carries: in the mail's order, each
+    that still fits in `budget` bytes in all (`[staff] attach_max_bytes`); the
+    others are listed with the command that fetches them."""
+    out: list[tuple[Attachment, bytes]] = []
+    for attachment, content in files:
+        if len(content) <= budget:
+            out.append((attachment, content))
+            budget -= len(content)
+    return out
 
 
 def _follows_up(linked: Ticket | None, sender: str) -> dict[str, object] | None:

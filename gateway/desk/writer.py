@@ -131,13 +131,14 @@ class Desk:
         return self.staff_of(ticket, who, agents=agents) or [self.queue_of(ticket)]
 
     async def notify_staff(self, tx: Tx, ticket: Ticket, now: datetime, *, answers: Sequence[str],
-                           context: Mapping[str, Any], template: str | None = None) -> int:
+                           context: Mapping[str, Any], template: str | None = None,
+                           attachments: Sequence[tuple[Attachment, bytes]] = ()) -> int:
         """A staff notification of the ticket to each of `notified`, one mail each
         (each carries the token of its own address, so each can answer it)."""
         queued = 0
         for address in await self.notified(tx, ticket):
             queued += await self.to_staff(tx, ticket, address, now, answers=answers, context=context,
-                                          template=template)
+                                          template=template, attachments=attachments)
         return queued
 
     def owner_of(self, ticket: Ticket) -> str:

@@ -324,6 +324,7 @@ SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             {"name": "ann@customer.example", "target": None, "missing": []}),
     "staff_notify": ({"is_new": True, "sender": "ann@customer.example", "reply_text": "It fails again.",
                       "body_text": "It fails again.\n\n> earlier text", "attachments": [_ATTACHMENT],
+                      "not_attached": [_ATTACHMENT], "attach_max": 5_000_000,
                       "linked_reason": "answers a message of the ticket, but it is closed: new linked ticket",
                       "marks": ["CHASER: the customer asks for the status"]},
                      {"is_new": False, "sender": "ann@customer.example", "reply_text": "x",
