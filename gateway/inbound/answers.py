@@ -32,5 +32,6 @@ EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
 EX_NOUSER = 67
+EX_CANTCREAT = 73   # cannot create an output file (`report --html` into a missing or read-only folder)
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
