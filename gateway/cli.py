@@ -29,6 +29,7 @@ from gateway.model import Status, Ticket, normalize_address, search_terms
 from gateway.ops import logs
 from gateway.outbound.tokens import open_store
 from gateway.store import Store, StoreUnavailable, iso
+from gateway.store.blobs import write_atomic
 
 INGEST_SEND_TIMEOUT_S = 20.0
 
@@ -120,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--until", help="ISO-8601 date or time (tickets created before then)")
     st.add_argument("--month", help="YYYY-MM: the tickets created in that month (UTC), with its monthly line")
     st.add_argument("--json", action="store_true")
+    rp = sub.add_parser("report", parents=[common],
+                        help="the stats figures per week as charts, in one self-contained HTML file")
+    rp.add_argument("--html", required=True, metavar="FILE", help="where to write the page (0600, replaced atomically)")
+    rp.add_argument("--since", help="ISO-8601 date or time (tickets created from then)")
+    rp.add_argument("--until", help="ISO-8601 date or time (tickets created before then)")
+    rp.add_argument("--month", help="YYYY-MM: the tickets created in that month (UTC)")
     sub.add_parser("check-config", parents=[common], help="validate the configuration")
     dr = sub.add_parser("dkim-record", parents=[common],
                         help="the DNS TXT record to publish for each [[dkim]] signing key")
@@ -180,6 +187,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return asyncio.run(_run_due(config, args))
         if command == "stats":
             return asyncio.run(_stats(config, args))
+        if command == "report":
+            return asyncio.run(_report(config, args))
         if command == "explain":
             return _explain(config, args)
     except NoDatabase as e:
@@ -604,22 +613,54 @@ def when(option: str, value: str) -> datetime:
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at
 
 
-async def _stats(config: Config, args: argparse.Namespace) -> int:
+def _period(args: argparse.Namespace) -> tuple[datetime | None, datetime | None]:
+    """--since/--until or --month, as `stats` and `report` take them."""
     since = when("--since", args.since) if args.since else None
     until = when("--until", args.until) if args.until else None
     if args.month:
         if since or until:
             raise UsageError("--month: give either --month or --since/--until")
         since, until = month_span(args.month)
+    return since, until
+
+
+async def _figures(config: Config, since: datetime | None, until: datetime | None,
+                   month: str | None) -> tuple[dict[str, Any], list[Ticket]]:
+    """What `gateway stats --json` prints for the period, and the period's tickets."""
     store = await _open_existing(config)
     try:
-        rep = stats.report(await store.tickets_created(since, until))
+        tickets = await store.tickets_created(since, until)
         open_now = await store.count_unresolved()
     finally:
         await store.close()
-    rep = {"since": iso(since), "until": iso(until), "month": args.month, "open_now": open_now, **rep,
-           "summary": stats.month_line(args.month, rep) if args.month else None}
+    rep = stats.report(tickets)
+    rep = {"since": iso(since), "until": iso(until), "month": month, "open_now": open_now, **rep,
+           "summary": stats.month_line(month, rep) if month else None}
+    return rep, tickets
+
+
+async def _stats(config: Config, args: argparse.Namespace) -> int:
+    rep, _ = await _figures(config, *_period(args), args.month)
     print(json.dumps(rep) if args.json else stats.table(rep))
+    return answers.EX_OK
+
+
+async def _report(config: Config, args: argparse.Namespace) -> int:
+    from gateway.desk import report  # plotly, imported only where used
+    since, until = _period(args)
+    target = Path(args.html)
+    if not target.parent.is_dir():
+        print(f"gateway: --html: no such directory: {target.parent}", file=sys.stderr)
+        return answers.EX_CANTCREAT
+    rep, tickets = await _figures(config, since, until, args.month)
+    weeks = stats.weekly(tickets, since, until)
+    try:
+        write_atomic(target, report.page(rep, weeks).encode())   # 0600, replaced atomically
+    except OSError as e:
+        print(f"gateway: --html: cannot write {target}: {e.strerror or e}", file=sys.stderr)
+        return answers.EX_CANTCREAT
+    print(json.dumps({"html": str(target), "tickets": rep["tickets"], "weeks": len(weeks),
+                      "since": rep["since"], "until": rep["until"], "month": rep["month"]}))
     return answers.EX_OK
 
 

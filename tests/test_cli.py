@@ -123,19 +123,20 @@ def test_serve_on_built_in_defaults_writes_answers_as_files(workdir: Path) -> No
 
 def test_help_lists_every_command() -> None:
     out = subprocess.run([sys.executable, "-m", "gateway", "--help"], capture_output=True, text=True).stdout
-    for cmd in ("serve", "ingest", "tickets", "run-due", "check-config"):
+    for cmd in ("serve", "ingest", "tickets", "run-due", "stats", "report", "check-config"):
         assert cmd in out
 
 
 def test_read_only_commands_never_create_a_database(tmp_path: Path) -> None:
     cfg = tmp_path / "gateway.toml"
     cfg.write_text('[gateway]\ndata_dir = "state"\n')
-    for args in (["tickets", "list"], ["tickets", "show", "1"], ["stats"], ["quarantine", "list"]):
+    for args in (["tickets", "list"], ["tickets", "show", "1"], ["stats"], ["quarantine", "list"],
+                 ["report", "--html", "r.html"]):
         r = subprocess.run([*GATEWAY, *args, "--config", str(cfg)], capture_output=True, text=True,
                            cwd=tmp_path, timeout=60)
         assert r.returncode != 0 and "Traceback" not in r.stderr, (args, r.stderr)
         assert f"no database at {tmp_path / 'state' / 'gateway.db'}: is --config right?" in r.stderr
-    assert not (tmp_path / "state" / "gateway.db").exists()
+    assert not (tmp_path / "state" / "gateway.db").exists() and not (tmp_path / "r.html").exists()
 
 
 def test_a_closed_pipe_ends_a_command_quietly(gateway: GatewayProc) -> None:

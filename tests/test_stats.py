@@ -2,6 +2,7 @@
 (issue 19), from plain tickets."""
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -66,3 +67,23 @@ def test_month_span() -> None:
     for bad in ("2025-13", "12/2025", "2025-1"):
         with pytest.raises(UsageError):
             month_span(bad)
+
+
+def test_weeks_start_on_monday_in_utc_and_are_cut_to_the_period() -> None:
+    assert stats.week_start(datetime(2025, 11, 9, 23, 59, tzinfo=UTC)) == datetime(2025, 11, 3, tzinfo=UTC)
+    assert stats.week_start(datetime(2025, 11, 10, tzinfo=UTC)) == datetime(2025, 11, 10, tzinfo=UTC)
+    # T0 is Monday 1 December 2025; one ticket then, one three weeks later: the weeks between are there, empty
+    ts = [ticket(1, answered_min=30), ticket(2, answered_min=90)]
+    ts[1] = replace(ts[1], created_at=T0 + timedelta(days=17), first_response_at=T0 + timedelta(days=17, minutes=90),
+                    response_due_at=T0 + timedelta(days=17, minutes=60))
+    weeks = stats.weekly(ts)
+    assert [w["week"] for w in weeks] == ["2025-W49", "2025-W50", "2025-W51"]
+    assert [w["opened"] for w in weeks] == [1, 0, 1]
+    assert [w["targets_met"] for w in weeks] == [1, 0, 0] and weeks[2]["targets_missed"] == 1
+    assert weeks[0]["first_response_avg_s"] == 1800 and weeks[1]["first_response_avg_s"] is None
+    # each week is `report` over its tickets: the same figures, the same breakdowns
+    assert {k: v for k, v in weeks[2].items() if k not in ("week", "since", "until")} == stats.report([ts[1]])
+    cut = stats.weekly(ts, T0 + timedelta(hours=1), T0 + timedelta(days=18))
+    assert (cut[0]["since"], cut[0]["until"]) == (T0 + timedelta(hours=1), datetime(2025, 12, 8, tzinfo=UTC))
+    assert cut[-1]["until"] == T0 + timedelta(days=18) and cut[0]["opened"] == 0
+    assert stats.weekly([]) == []

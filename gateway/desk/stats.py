@@ -13,7 +13,9 @@ neither way.
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from statistics import mean, median
 from typing import Any
 
@@ -71,6 +73,37 @@ def report(tickets: Iterable[Ticket]) -> dict[str, Any]:
         names = sorted({getattr(t, part) for t in ts})
         out[f"by_{part}"] = {name or "-": figures(t for t in ts if getattr(t, part) == name) for name in names}
     return out
+
+
+def week_start(at: datetime) -> datetime:
+    """Monday 00:00 UTC of the (ISO) week `at` is in."""
+    day = at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day - timedelta(days=day.weekday())
+
+
+def weekly(tickets: Iterable[Ticket], since: datetime | None = None,
+           until: datetime | None = None) -> list[dict[str, Any]]:
+    """`report` per calendar week (Monday 00:00 UTC), for `gateway report`: from the
+    week of the first ticket to the week of the last (weeks between them without
+    tickets included), each week clipped to [since, until). A week's `since` and
+    `until` are the period for which `gateway stats --since --until` gives the same
+    figures: each is `report` over the tickets created in it, nothing recomputed."""
+    ts = sorted(tickets, key=lambda t: t.created_at)
+    if not ts:
+        return []
+    created = [t.created_at for t in ts]
+    start = week_start(created[0]) if since is None else max(week_start(created[0]), since)
+    end = week_start(created[-1]) + timedelta(days=7)
+    end = end if until is None else min(end, until)
+    weeks: list[dict[str, Any]] = []
+    at = start
+    while at < end:
+        nxt = min(week_start(at) + timedelta(days=7), end)
+        year, week, _ = at.astimezone(UTC).isocalendar()
+        part = ts[bisect_left(created, at):bisect_left(created, nxt)]
+        weeks.append({"week": f"{year}-W{week:02d}", "since": at, "until": nxt, **report(part)})
+        at = nxt
+    return weeks
 
 
 def spoken(seconds: float | None) -> str:

@@ -14,6 +14,27 @@ import tempfile
 from pathlib import Path
 
 
+def write_atomic(target: Path, content: bytes) -> None:
+    """`target` holds `content`, durably, for our user only (0600: mkstemp's mode),
+    replaced atomically: a reader sees the old file or the new one, never a part.
+    Written to a temporary name beside it, fsynced, renamed, the folder fsynced."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 class Blobs:
     def __init__(self, data_dir: Path):
         self.root = data_dir
@@ -29,21 +50,7 @@ class Blobs:
         if target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(target, content)
         return target
 
     def read(self, kind: str, sha256: str, suffix: str = "") -> bytes:
