@@ -149,6 +149,7 @@ class Limits:
     max_nesting: int = 10                 # multipart / message/rfc822 depth; deeper gets 554 5.6.0
     auto_answers_per_sender_per_hour: int = 10   # acknowledgements to one mailbox (case, +tag folded) per hour
     auto_answers_per_domain_per_hour: int = 200  # acknowledgements to one sender domain per hour
+    refusals_per_sender_per_hour: int = 1        # answers to one mailbox refused as no authorised contact
     new_tickets_per_sender_per_hour: int = 30    # new tickets from one mailbox per hour; more are quarantined
     new_tickets_per_domain_per_hour: int = 1000  # new tickets from one sender domain per hour; more are quarantined
     max_participants: int = 50            # To/Cc addresses kept on a ticket, recipients of one outbound mail
@@ -1087,6 +1088,7 @@ def _limits_and_staff_auth(r: _Reader, data: dict[str, Any]) -> tuple[Limits, bo
     values: dict[str, Any] = {}
     for key, low in (("max_recipients", 1), ("max_attachments", 0), ("max_nesting", 1),
                      ("auto_answers_per_sender_per_hour", 0), ("auto_answers_per_domain_per_hour", 0),
+                     ("refusals_per_sender_per_hour", 0),
                      ("new_tickets_per_sender_per_hour", 1), ("new_tickets_per_domain_per_hour", 1),
                      ("max_participants", 1),
                      ("parse_seconds", 0.1), ("parse_processes", 1), ("max_sessions", 1),

@@ -380,6 +380,32 @@ class GatewayProc:
         return self.ticket(found[0]["id"])
 
 
+OLD_TICKET = ("INSERT INTO tickets (subject, status, requester, region, govcloud, priority, mailbox,"
+              " created_at, updated_at) VALUES (?, 'open', 'old@customer.example',"
+              " 'AMER', 0, 3, ?, '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00')")
+
+
+def earlier_store(gw: GatewayProc, version: int, rows: list[tuple[str, tuple[Any, ...]]]) -> None:
+    """`gw`'s store as an earlier version left it: the schema at `version`
+    (migrations 1..version) and `rows` written (statement, parameters); on
+    whichever store the tests run on. The next open migrates the rest."""
+    from gateway.store import MIGRATIONS
+    from gateway.store.drivers import connect
+
+    async def build() -> None:
+        db = await connect(gw.db_url, 5000)
+        try:
+            await db.migrate(MIGRATIONS[:version])
+            await db.begin()
+            for sql, params in rows:
+                await db.execute(sql, params)
+            await db.commit()
+        finally:
+            await db.close()
+    gw.data_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.run(build())
+
+
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="gw-test-"))

@@ -3,21 +3,21 @@ against a real `gateway serve`, on SQLite (FTS5) and PostgreSQL (full-text
 search) alike (`GATEWAY_TEST_STORE=postgresql`)."""
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
 from conftest import (
+    OLD_TICKET,
     SUPPORT,
     GatewayProc,
     agent_reply,
+    earlier_store,
     mail,
     open_ticket_with_notices,
     uniq,
 )
 
 from gateway.store import MIGRATIONS
-from gateway.store.drivers import connect
 
 SEARCH_MIGRATION = next(i for i, m in enumerate(MIGRATIONS) if "message_search" in m)
 
@@ -96,25 +96,10 @@ def test_tickets_show_includes_the_stored_rules_decision(gateway: GatewayProc) -
 def test_tickets_made_before_the_upgrade_are_searchable(make_gateway: Any) -> None:
     """The search migration indexes what is there already (ticket #1 here)."""
     gw = make_gateway()
-
-    async def build() -> None:
-        db = await connect(gw.db_url, 5000)
-        try:
-            await db.migrate(MIGRATIONS[:SEARCH_MIGRATION])
-            await db.begin()
-            await db.execute(
-                "INSERT INTO tickets (subject, status, requester, region, govcloud, priority, mailbox,"
-                " created_at, updated_at) VALUES ('Old gizmotron issue', 'open', 'old@customer.example',"
-                " 'AMER', 0, 3, ?, '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00')", (SUPPORT,))
-            await db.execute(
-                "INSERT INTO messages (ticket_id, direction, kind, sender, recipients, subject, message_id,"
+    old_mail = ("INSERT INTO messages (ticket_id, direction, kind, sender, recipients, subject, message_id,"
                 " body_text, reply_text, created_at) VALUES (1, 'in', 'customer', 'old@customer.example',"
                 " '[]', 'Old gizmotron issue', '<old@x>', 'the snorkelwhip broke', '', '2026-01-01')")
-            await db.commit()
-        finally:
-            await db.close()
-    gw.data_dir.mkdir(parents=True, exist_ok=True)
-    asyncio.run(build())
+    earlier_store(gw, SEARCH_MIGRATION, [(OLD_TICKET, ("Old gizmotron issue", SUPPORT)), (old_mail, ())])
     gw.start()
     assert search(gw, "snorkelwhip") == [1]
     assert search(gw, "gizmotron") == [1]

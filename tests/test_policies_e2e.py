@@ -4,10 +4,13 @@ per problem, authorised contacts."""
 from __future__ import annotations
 
 import json
+from email.message import EmailMessage
 from typing import Any
 
-from conftest import QUEUES, SUPPORT, GatewayProc, agent_reply, mail, uniq, wait_for
-from test_lifecycle_e2e import kinds, run_due
+from conftest import OLD_TICKET, QUEUES, SUPPORT, GatewayProc, agent_reply, earlier_store, mail, settle, uniq, wait_for
+from test_lifecycle_e2e import at, kinds, run_due
+
+from gateway.store import MIGRATIONS
 
 KASEYA = "kaseya@example.com"
 
@@ -197,6 +200,14 @@ CONTACTS = '''
     domains = ["locked.example"]
     contacts = ["ann@locked.example"]
     contacts_policy = "restrict"
+
+    [[rules.customer]]
+    organisation = "Gesperrt GmbH"
+    domains = ["gesperrt.example"]
+    language = "de"
+    contacts = ["chef@gesperrt.example"]
+    contacts_policy = "restrict"
+    contacts_instructions = "Ihre IT-Abteilung nimmt Sie im Kundenportal auf."
     '''
 
 
@@ -273,3 +284,170 @@ def test_restrict_keeps_the_mail_without_a_ticket_until_the_contact_is_added(mak
     r = gw.cli("quarantine", "retry", str(entry["id"]))
     assert r.returncode == 0, r.stdout + r.stderr
     assert gw.ticket_by_subject(key)["contact"] == "authorised"
+    ack = [m for m in gw.sink.wait_to("zed@locked.example", count=2) if "#" in str(m["Subject"])]
+    assert len(ack) == 1 and ack[0]["Auto-Submitted"] == "auto-replied"      # now a ticket's acknowledgement
+
+
+def quarantined(gw: GatewayProc) -> list[dict[str, Any]]:
+    r = gw.cli("quarantine", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def refusal_rows(gw: GatewayProc) -> list[tuple[Any, ...]]:
+    return gw.query("SELECT ticket_id, message_row, inbound_id, state, rcpt_to FROM outbox"
+                    " WHERE kind = 'contact_refused' ORDER BY id")
+
+
+def plain(m: EmailMessage) -> str:
+    return " ".join(m.get_body(("plain",)).get_content().split())
+
+
+def test_restrict_answers_a_stranger_once_saying_who_may_open_tickets(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(extra_toml=CONTACTS)
+    gw.start()
+    key = uniq("Locked out")
+    first = mail("Zed <zed@locked.example>", SUPPORT, key, "Please reset my password.")
+    assert gw.send(first)[0] == 250
+    (answer,) = gw.sink.wait_to("zed@locked.example")
+    (entry,) = wait_for(lambda: quarantined(gw))
+    assert entry["error"].startswith("contact.refused: zed@locked.example is not an authorised contact of Locked Ltd")
+    assert entry["error"].endswith("; answered with who may open tickets")
+    assert not [t for t in gw.tickets() if key in t["subject"]]
+
+    # an automatic answer to the refused mail, about no ticket (CONTRACT.md's outbound headers)
+    assert answer["Auto-Submitted"] == "auto-replied"
+    assert answer["X-Auto-Response-Suppress"] == "All" and answer["Precedence"] == "bulk"
+    assert answer["In-Reply-To"] == first["Message-ID"] and answer["References"] == first["Message-ID"]
+    assert answer["From"].addresses[0].addr_spec == SUPPORT and answer["Content-Language"] == "en"
+    assert str(answer["Subject"]) == f"[Support] {key}" and answer["X-Support-Ticket"] is None
+    assert answer["Message-ID"] and answer["Message-ID"] != first["Message-ID"]
+    text = plain(answer)
+    assert "Hello Zed," in text and "authorised contacts of Locked Ltd only" in text
+    assert "ask one of the authorised contacts of Locked Ltd" in text and "we have kept it" in text
+    raw = next(m["raw"] for m in gw.sink.messages if m["rcpt"] == ["zed@locked.example"])
+    assert b"ann@locked.example" not in raw.lower()         # nobody's address is told to a stranger
+    rows = wait_for(lambda: (r := refusal_rows(gw)) and r[0][3] == "sent" and r)
+    assert rows == [(None, None, entry["id"], "sent", '["zed@locked.example"]')]
+    refused = [e for e in gw.log_events() if e["event"] == "contact.refused"]
+    assert [e["answered"] for e in refused] == [True]
+
+    # the same stranger again, from a +tag of the same mailbox: kept, not answered again
+    again = uniq("Still locked")
+    assert gw.send(mail("Zed+urgent@Locked.example", SUPPORT, again, "Hello?"))[0] == 250
+    entries = wait_for(lambda: (q := quarantined(gw)) and len(q) == 2 and q)
+    assert entries[1]["error"].endswith("not answered: 1 answers to a refused contact went to this sender in the "
+                                        "last hour (limits.refusals_per_sender_per_hour = 1)")
+    # someone else at the organisation is answered; by then Zed's second answer would have come
+    assert gw.send(mail("yan@locked.example", SUPPORT, uniq("Help"), "Hi."))[0] == 250
+    gw.sink.wait_to("yan@locked.example")
+    settle(gw)
+    assert len(gw.sink.to("zed@locked.example")) == 1 and not gw.sink.to("zed+urgent@locked.example")
+    assert len(refusal_rows(gw)) == 2
+    withheld = [e for e in gw.log_events() if e["event"] == "contact.answer_withheld"]
+    assert [(e["scope"], e["sent_last_hour"], e["limit"]) for e in withheld] == [("refusals", 1, 1)]
+
+    # a retry while Zed is still not listed: kept again, the mail is not answered twice
+    r = gw.cli("quarantine", "retry", str(entry["id"]))
+    assert r.returncode == 65, r.stdout + r.stderr
+    assert "not answered: this mail was answered before" in quarantined(gw)[0]["error"]
+    assert len(refusal_rows(gw)) == 2
+    told = [json.loads(x) for x in (r.stdout + r.stderr).splitlines() if x.startswith("{")]
+    assert [e["scope"] for e in told if e.get("event") == "contact.answer_withheld"] == ["retry"], r.stdout + r.stderr
+
+
+def test_restrict_answers_in_the_organisations_language_with_its_instructions(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(extra_toml=CONTACTS)
+    gw.start()
+    key = uniq("Kein Zugang")
+    assert gw.send(mail("Neu <neu@gesperrt.example>", SUPPORT, key, "Ich komme nicht mehr rein."))[0] == 250
+    (answer,) = gw.sink.wait_to("neu@gesperrt.example")
+    assert answer["Content-Language"] == "de" and answer["Auto-Submitted"] == "auto-replied"
+    text = plain(answer)
+    assert "autorisierten Ansprechpartner von Gesperrt GmbH" in text
+    assert "So werden Sie hinzugefügt: Ihre IT-Abteilung nimmt Sie im Kundenportal auf." in text
+    assert "chef@gesperrt.example" not in answer.as_string().lower()
+    assert answer.get_body(("html",)) is not None
+
+
+def test_restrict_never_answers_automatic_mail_from_a_stranger(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(extra_toml=CONTACTS)
+    gw.start()
+    robots = [
+        (mail("ooo@locked.example", SUPPORT, "Out of office", "I am away.",
+              headers={"Auto-Submitted": "auto-replied"}), None),
+        (mail("news@locked.example", SUPPORT, uniq("Newsletter"), "News.",
+              headers={"Precedence": "list", "List-Id": "<news.locked.example>"}), None),
+        (mail("MAILER-DAEMON@locked.example", SUPPORT, "Undelivered Mail Returned to Sender",
+              "Mailbox unknown."), ""),
+    ]
+    for robot, envelope in robots:
+        assert gw.send(robot, mail_from=envelope)[0] == 250
+    # a person after them is answered: the robots' answers, had there been any, were queued before
+    assert gw.send(mail("yan@locked.example", SUPPORT, uniq("Help"), "Hi."))[0] == 250
+    gw.sink.wait_to("yan@locked.example")
+    settle(gw)
+    for who in ("ooo@locked.example", "news@locked.example", "mailer-daemon@locked.example"):
+        assert not gw.sink.to(who), who
+    assert [r[4] for r in refusal_rows(gw)] == ['["yan@locked.example"]']
+    assert len(quarantined(gw)) == 1                # the robots' mail is `automatic`, kept, no ticket
+    assert not [t for t in gw.tickets() if t["requester"].endswith("@locked.example")]
+
+
+def test_the_answer_to_a_refused_contact_survives_kill_9_and_is_sent_once(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(extra_toml=CONTACTS)
+    gw.start()
+    gw.sink.reply = "451 4.3.0 try again later"
+    assert gw.send(mail("zed@locked.example", SUPPORT, uniq("Locked out"), "Reset please."))[0] == 250
+    wait_for(lambda: gw.query("SELECT attempts, state FROM outbox WHERE kind = 'contact_refused'") == [(1, "queued")])
+    gw.kill()                                       # SIGKILL with the answer still queued
+    gw.sink.reply = "250 2.0.0 OK"
+    gw.start()
+    r = gw.cli("run-due", "--now", at(1))           # its retry is due then
+    assert r.returncode == 0, r.stderr
+    gw.sink.wait_to("zed@locked.example")
+    wait_for(lambda: [x[3] for x in refusal_rows(gw)] == ["sent"])
+    settle(gw)
+    assert len(gw.sink.to("zed@locked.example")) == 1
+
+
+OLD_ACK = (b"From: support@example.com\r\nTo: old@customer.example\r\nSubject: [Support #1] Old one\r\n"
+           b"Message-ID: <old-ack@example.com>\r\n\r\nack\r\n")
+
+
+def test_mail_queued_before_the_ticketless_outbox_migration_is_still_sent(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    """Migration 19 (ticket-less outbox rows) keeps every row: a SQLite table
+    rebuild, PostgreSQL's ALTER COLUMN ... DROP NOT NULL."""
+    gw = make_gateway(extra_toml=CONTACTS)
+    before = len(MIGRATIONS) - 1
+    assert "outbox_new" in MIGRATIONS[before]
+    ack = ("INSERT INTO messages (ticket_id, direction, kind, sender, recipients, subject, message_id,"
+           " body_text, reply_text, created_at) VALUES (1, 'out', 'ack', ?, '[\"old@customer.example\"]',"
+           " '[Support #1] Old one', '<old-ack@example.com>', 'ack', 'ack', '2026-01-01T00:00:00+00:00')")
+    queued = ("INSERT INTO outbox (message_row, ticket_id, kind, relay, mail_from, rcpt_to, content, state,"
+              " next_attempt_at, created_at) VALUES (1, 1, 'ack', 'default', ?, '[\"old@customer.example\"]', ?,"
+              " 'queued', '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00')")
+    earlier_store(gw, before, [(OLD_TICKET, ("Old one", SUPPORT)), (ack, (SUPPORT,)), (queued, (SUPPORT, OLD_ACK))])
+    gw.start()
+    (old,) = gw.sink.wait_to("old@customer.example")
+    assert old["Message-ID"] == "<old-ack@example.com>"
+    wait_for(lambda: gw.query("SELECT id, ticket_id, message_row, state FROM outbox") == [(1, 1, 1, "sent")])
+    # and the new rows may have neither ticket nor message
+    assert gw.send(mail("zed@locked.example", SUPPORT, uniq("Locked out"), "Reset please."))[0] == 250
+    gw.sink.wait_to("zed@locked.example")
+    assert wait_for(lambda: (r := refusal_rows(gw)) and r[0][3] == "sent" and r)[0][:2] == (None, None)
+
+
+def test_a_refused_contacts_answer_the_relay_refuses_for_good_fails_alone(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    """A 5xx for mail about no ticket: the row is `failed` with the relay's answer
+    (no ticket to record a bounce on, no staff notice), and the sender goes on."""
+    gw = make_gateway(extra_toml=CONTACTS)
+    gw.start()
+    gw.sink.refuse_to["zed@locked.example"] = "550 5.1.1 no such user"
+    assert gw.send(mail("zed@locked.example", SUPPORT, uniq("Locked out"), "Reset please."))[0] == 250
+    wait_for(lambda: [r[3] for r in refusal_rows(gw)] == ["failed"])
+    assert gw.query("SELECT last_error FROM outbox WHERE kind = 'contact_refused'")[0][0] == "relay said 550 5.1.1 no such user"
+    failed = [e for e in gw.log_events() if e["event"] == "outbox.failed"]
+    assert [(e["kind"], e["ticket_id"]) for e in failed] == [("contact_refused", None)]
+    settle(gw)                                      # the next mail's answers go out as ever
+    assert not [m for q in QUEUES.values() for m in gw.sink.to(q) if "did not" in plain(m)]

@@ -280,13 +280,8 @@ class Pipeline:
                            f"with `gateway quarantine retry`")
         decision = self.decide(mail, received.mailbox, now)
         if decision.contact is not None and decision.contact.refused:
-            # Kaseya: only authorised contacts open tickets. Kept (quarantined:
-            # `quarantine retry` once the organisation has added them), no ticket.
-            log.warning("contact.refused", message_id=mail.message_id, sender=sender,
-                        **decision.contact.to_json())
-            return Outcome(inbound_id, "quarantined", None, mail.message_id, 0,
-                           f"contact.refused: {decision.contact.why}; no ticket (quarantine retry "
-                           f"once {decision.contact.organisation} has added the sender)")
+            return await self._refused_contact(tx, inbound_id, mail, received, sender, decision,
+                                               decision.contact, counts, tagged)
         redirect_to = self.config.redirects.get(decision.redirect) if decision.redirect else None
         if decision.redirect and not redirect_to:
             log.warning("ticket.redirect_unconfigured", redirect=decision.redirect,
@@ -359,6 +354,65 @@ class Pipeline:
                  linked_ticket=ticket.linked_ticket, reason=placement.reason, language=lang,
                  rules=sorted({e.rule for e in decision.evidence if not e.rule.endswith(".none")}))
         return Outcome(inbound_id, "created", ticket.id, mail.message_id, queued, placement.reason)
+
+    async def _refused_contact(self, tx: Tx, inbound_id: int, mail: ParsedMail, received: Received,
+                               sender: str, decision: Decision, contact: Standing, counts: SenderCounts,
+                               tagged: Ticket | None) -> Outcome:
+        """Kaseya: only authorised contacts open tickets (`contacts_policy = "restrict"`).
+
+        No ticket; the mail is kept (quarantined: `quarantine retry` once the
+        organisation has added the sender). The sender gets a polite answer
+        saying that the authorised contacts of the organisation open tickets and
+        how to be added (the directory's `contacts_instructions`, else: ask one
+        of them), naming none of their addresses: a stranger learns nobody's.
+        It is mail about no ticket (`contact_refused`), through the outbox like
+        every answer, and held back as every automatic answer is
+        (`_refusal_withheld`). Automatic mail never gets here: it was settled
+        before the rules (RFC 3834 §2).
+        """
+        now = received.received_at
+        withheld = await self._refusal_withheld(tx, inbound_id, sender, counts, tagged, now)
+        queued = 0
+        if withheld is None:
+            found = self.config.rules.directory.lookup(domain_of(sender))
+            lang, _ = self.language(mail, received.mailbox, sender)
+            queued = await self.desk.answer_unticketed(
+                tx, Kind.CONTACT_REFUSED, inbound_id=inbound_id, to=sender, subject=mail.subject,
+                mailbox=self._answering_mailbox(received.mailbox, decision.govcloud), govcloud=decision.govcloud,
+                answers=[mail.message_id], now=now, language=lang,
+                context={"name": mail.sender_name or sender, "organisation": contact.organisation,
+                         "instructions": found[0].contacts_instructions if found else None})
+            await tx.add_refusal_load(mailbox_of(sender), domain_of(sender), now)
+        log.warning("contact.refused", message_id=mail.message_id, sender=sender, answered=bool(queued),
+                    **contact.to_json())
+        told = "answered with who may open tickets" if queued else f"not answered: {withheld}"
+        return Outcome(inbound_id, "quarantined", None, mail.message_id, queued,
+                       f"contact.refused: {contact.why}; no ticket (quarantine retry "
+                       f"once {contact.organisation} has added the sender); {told}")
+
+    async def _refusal_withheld(self, tx: Tx, inbound_id: int, sender: str, counts: SenderCounts,
+                                tagged: Ticket | None, now: datetime) -> str | None:
+        """Why a refused contact gets no answer, or None when they get one: this
+        mail was answered before (a `quarantine retry` of a mail still refused),
+        the caps of every automatic answer (`_answer_limited`), or
+        `[limits] refusals_per_sender_per_hour` answers to this mailbox already
+        (a stranger writing again hears it once, not mail for mail)."""
+        fields: dict[str, int] = {}
+        scope, why = "retry", "this mail was answered before (a quarantine retry)"
+        if not await tx.answered_inbound(inbound_id, Kind.CONTACT_REFUSED.value):
+            limited = self._answer_limited(sender, counts, tagged)
+            if limited is not None:
+                scope, why, fields = limited
+            else:
+                limit = self.config.limits.refusals_per_sender_per_hour
+                sent = await tx.refusals_to(mailbox_of(sender), now - timedelta(hours=1))
+                if sent < limit:
+                    return None
+                scope, fields = "refusals", {"sent_last_hour": sent, "limit": limit}
+                why = (f"{sent} answers to a refused contact went to this sender in the last hour "
+                       f"(limits.refusals_per_sender_per_hour = {limit})")
+        log.warning("contact.answer_withheld", sender=sender, scope=scope, **fields)
+        return why
 
     def language(self, mail: ParsedMail, mailbox: Mailbox, sender: str) -> tuple[str, str]:
         """The language the customer is answered in, and why (gateway.rules.language)."""
@@ -895,19 +949,28 @@ class Pipeline:
         start the loop again. A colleague writing so still gets a ticket and
         staff are told why no acknowledgement went out.
         """
+        limited = self._answer_limited(sender, counts, tagged)
+        if limited is None:
+            return None
+        scope, why, fields = limited
+        log.warning("ticket.ack_suppressed", ticket_id=ticket.id, requester=sender, scope=scope, **fields)
+        return why
+
+    def _answer_limited(self, sender: str, counts: SenderCounts,
+                        tagged: Ticket | None) -> tuple[str, str, dict[str, int]] | None:
+        """(scope, why, fields for the log) when an automatic answer to `sender` is
+        held back (`_ack_suppressed` says which and why), else None."""
         if tagged is not None and domain_of(tagged.requester) == domain_of(sender):
-            log.warning("ticket.ack_suppressed", ticket_id=ticket.id, requester=sender, scope="tag",
-                        quoted_ticket=tagged.id)
-            return (f"it quotes the subject of ticket #{tagged.id}, whose requester is at the same domain, "
-                    f"from an address not on that ticket (a responder answering our mail would loop)")
+            why = (f"it quotes the subject of ticket #{tagged.id}, whose requester is at the same domain, "
+                   f"from an address not on that ticket (a responder answering our mail would loop)")
+            return "tag", why, {"quoted_ticket": tagged.id}
         lim = self.config.limits
         for scope, sent, limit in (("sender", counts.answers_to_mailbox, lim.auto_answers_per_sender_per_hour),
                                    ("domain", counts.answers_to_domain, lim.auto_answers_per_domain_per_hour)):
             if sent >= limit:
-                log.warning("ticket.ack_suppressed", ticket_id=ticket.id, requester=sender, scope=scope,
-                            sent_last_hour=sent, limit=limit)
-                return (f"{sent} acknowledgements went to this {scope} in the last hour "
-                        f"(limits.auto_answers_per_{scope}_per_hour = {limit})")
+                why = (f"{sent} acknowledgements went to this {scope} in the last hour "
+                       f"(limits.auto_answers_per_{scope}_per_hour = {limit})")
+                return scope, why, {"sent_last_hour": sent, "limit": limit}
         return None
 
     def _over_ticket_cap(self, counts: SenderCounts) -> tuple[str, int, int] | None:

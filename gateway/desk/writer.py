@@ -219,6 +219,19 @@ class Desk:
     def queue_of(self, ticket: Ticket) -> str:
         return self.config.queues["GOVCLOUD" if ticket.govcloud else ticket.region]
 
+    async def answer_unticketed(self, tx: Tx, kind: Kind, *, inbound_id: int, mailbox: str, to: str,
+                                subject: str, answers: Sequence[str], now: datetime,
+                                context: Mapping[str, Any], language: str, govcloud: bool = False) -> int:
+        """Queue mail about no ticket (`UNTICKETED_KINDS`) answering received mail
+        `inbound_id`: through the outbox like all our mail (sent once, surviving a
+        crash), recorded on no ticket (the outbox row names the mail it answers)."""
+        out = self.composer.compose_unticketed(kind, mailbox=mailbox, to=to, subject=subject, answers=answers,
+                                               now=now, context=context, language=language, govcloud=govcloud)
+        await tx.enqueue(message_row=None, ticket_id=None, kind=out.kind.value, relay=out.relay,
+                         mail_from=out.mail_from, rcpt_to=out.rcpt_to, content=out.content, now=now,
+                         inbound_id=inbound_id)
+        return 1
+
     async def enqueue(self, tx: Tx, ticket_id: int, out: Outgoing, now: datetime) -> int:
         """Record an outbound mail on its ticket and put it in the outbox."""
         row = await tx.add_message(

@@ -92,6 +92,7 @@ class Metrics:
             "ticket.ack_suppressed": lambda e: self.guarded.labels("ack_suppressed", _s(e.get("scope"))).inc(),
             "ticket.rate_limited": lambda e: self.guarded.labels("ticket_held", _s(e.get("scope"))).inc(),
             "ticket.stranger_answer": lambda e: self.guarded.labels("stranger_answer", _s(e.get("by"))).inc(),
+            "contact.answer_withheld": lambda e: self.guarded.labels("refusal_withheld", _s(e.get("scope"))).inc(),
         }
 
     def _processed(self, e: MutableMapping[str, Any]) -> None:

@@ -20,6 +20,7 @@ rendering (`gateway.outbound.dkim`), so the outbox holds the signed bytes.
 from __future__ import annotations
 
 import email.policy
+import secrets
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -51,12 +52,14 @@ from jinja2 import (
 from gateway.mail.parse import one_line
 from gateway.mail.reply import REPLY_MARKER
 from gateway.mail.subject import clean_subject
-from gateway.model import Attachment, Kind, Status, Ticket
+from gateway.model import UNTICKETED_KINDS, Attachment, Kind, Status, Ticket
 from gateway.outbound.dkim import RSA, DkimKey, DkimSigner, sign_all, signers_for
 from gateway.outbound.tokens import TicketTokens
 from gateway.rules.language import primary
 
-AUTO_SUBMITTED = {Kind.ACK: "auto-replied", Kind.STAFF_REPLY: None}
+# RFC 3834 §5: a direct answer to the mail received is `auto-replied` (the ack, and
+# the answer to a refused contact); every other automatic mail `auto-generated`
+AUTO_SUBMITTED = {Kind.ACK: "auto-replied", Kind.CONTACT_REFUSED: "auto-replied", Kind.STAFF_REPLY: None}
 # The stdlib's compat32 MIME classes build a mail about four times faster than
 # EmailMessage (measured: 0.37 ms against 1.5 ms for the acknowledgement), and
 # this is the intake's hot path. compat32 does not refuse line breaks in header
@@ -252,7 +255,44 @@ class Composer:
         ctx = self.context(ticket, mailbox, used, context)
         text = text_template.render(ctx)
         html = html_template.render(ctx) if html_template is not None else None
+        message_id = self.tokens.message_id(ticket.id, mailbox.rpartition("@")[2], staff=staff_to)
+        return self._finish(kind, text=text, html=html, language=used, mailbox=mailbox, to=to, cc=cc,
+                            subject=self.subject(ticket), message_id=message_id, answers=answers, now=now,
+                            reply_to=reply_to, from_name=from_name, attachments=attachments,
+                            ticket_id=ticket.id, govcloud=ticket.govcloud)
 
+    def unticketed_context(self, mailbox: str, language: str, subject: str,
+                           context: Mapping[str, Any]) -> dict[str, Any]:
+        """What a template of mail about no ticket (`UNTICKETED_KINDS`) gets: no
+        `ticket`, no tag, no reply marker (there is nothing to reply to)."""
+        return {"mailbox": mailbox, "subject": clean_subject(subject, self.ticket_tag) or "(no subject)",
+                "team": f"{self.ticket_tag} team", "ticket_tag": self.ticket_tag, "language": language,
+                **context}
+
+    def compose_unticketed(self, kind: Kind, *, mailbox: str, to: str, subject: str,
+                           answers: Sequence[str], now: datetime, context: Mapping[str, Any],
+                           language: str = FALLBACK_LANGUAGE, govcloud: bool = False) -> Outgoing:
+        """Render template `kind` as mail about no ticket (the answer to someone
+        refused as no authorised contact): the subject is the mail's own under
+        `[<ticket_tag>]` with no number, the Message-ID carries no ticket token
+        (an answer to it threads to nothing), no `X-Support-Ticket`; otherwise the
+        headers of every automatic answer (`Auto-Submitted: auto-replied`,
+        `X-Auto-Response-Suppress`, `Precedence: bulk`, In-Reply-To/References)."""
+        used, text_template, html_template = self.templates_for(kind.value, language)
+        ctx = self.unticketed_context(mailbox, used, subject, context)
+        text = text_template.render(ctx)
+        html = html_template.render(ctx) if html_template is not None else None
+        shown = one_line(f"[{self.ticket_tag}] {ctx['subject']}")
+        return self._finish(kind, text=text, html=html, language=used, mailbox=mailbox, to=[to], cc=(),
+                            subject=shown, message_id=f"<{secrets.token_hex(16)}@{mailbox.rpartition('@')[2]}>",
+                            answers=answers, now=now, ticket_id=None, govcloud=govcloud)
+
+    def _finish(self, kind: Kind, *, text: str, html: str | None, language: str, mailbox: str,
+                to: Sequence[str], cc: Sequence[str], subject: str, message_id: str,
+                answers: Sequence[str], now: datetime, ticket_id: int | None, govcloud: bool,
+                reply_to: str | None = None, from_name: str | None = None,
+                attachments: Sequence[tuple[Attachment, bytes]] = ()) -> Outgoing:
+        """The rendered text (and HTML) as a finished, signed mail with its headers."""
         domain = mailbox.rpartition("@")[2]
         body: Message = _text_part(text, "plain") if html is None else \
             _multipart("alternative", [_text_part(text, "plain"), _text_part(html, "html")])
@@ -266,10 +306,8 @@ class Composer:
             headers["Cc"] = ", ".join(cc)
         if reply_to:
             headers["Reply-To"] = reply_to
-        subject = self.subject(ticket)
         headers["Subject"] = subject
         headers["Date"] = format_datetime(now)
-        message_id = self.tokens.message_id(ticket.id, domain, staff=staff_to)
         headers["Message-ID"] = message_id
         thread = [m for m in answers if m]
         if thread:
@@ -277,18 +315,19 @@ class Composer:
             headers["References"] = references(thread)
         # RFC 3282: the language of the text, for screen readers and clients
         # that offer translation; an agent's relayed text may be in another
-        headers["Content-Language"] = used
+        headers["Content-Language"] = language
         auto = AUTO_SUBMITTED.get(kind, DEFAULT_AUTO)
         if auto:
             headers["Auto-Submitted"] = auto
             headers["X-Auto-Response-Suppress"] = "All"
             headers["Precedence"] = "bulk"
-        headers["X-Support-Ticket"] = str(ticket.id)
+        if ticket_id is not None:
+            headers["X-Support-Ticket"] = str(ticket_id)
         content = msg.as_bytes(policy=POLICY)
         signers = signers_for(self._signers, domain) if self._signers else ()
         if signers:
             content = sign_all(signers, content, timestamp=int(now.timestamp()))
-        return Outgoing(kind=kind, relay="govcloud" if ticket.govcloud else "default",
+        return Outgoing(kind=kind, relay="govcloud" if govcloud else "default",
                         mail_from=mailbox, rcpt_to=tuple(to) + tuple(cc), message_id=message_id,
                         subject=subject, body_text=text, content=content)
 
@@ -366,6 +405,9 @@ SAMPLE_CONTEXTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
              {"agent": "x@y.example", "at": "2026-11-23 09:40 UTC", "near_hours": 0, "limit": 50,
               "lists": {"open": [], "waiting": [], "near": []},
               "more": {"open": False, "waiting": False, "near": False}}),
+    "contact_refused": ({"name": "Zed Müller", "organisation": "Beispiel <Maschinenbau> GmbH",
+                         "instructions": "Your IT department adds colleagues at https://portal.example.com/contacts."},
+                        {"name": "zed@customer.example", "organisation": "Acme", "instructions": None}),
     "staff_unproven": ({"why": "It answered no notification of ours and carried no trusted"
                                " Authentication-Results."}, {"why": ""}),
     "undeliverable": ({"addresses": ["ann@customer.example"], "marked": ["ann@customer.example"],
@@ -415,7 +457,10 @@ def check_templates(target: Environment | Composer) -> list[str]:
             continue
         for ticket, sample in zip((_SAMPLE_TICKET, _LEAN_TICKET), SAMPLE_CONTEXTS[kind], strict=True):
             try:
-                tmpl.render(composer.context(ticket, "support@example.com", language, sample))
+                # mail about no ticket gets no `ticket`: a template using it fails here, as it would live
+                tmpl.render(composer.unticketed_context("support@example.com", language, ticket.subject, sample)
+                            if kind in UNTICKETED_KINDS else
+                            composer.context(ticket, "support@example.com", language, sample))
             except TemplateSyntaxError as e:
                 problems.append(f"{e.filename or name}:{e.lineno}: {e.message}")
                 break

@@ -169,6 +169,8 @@ class Customer:
     contacts: tuple[str, ...] = ()           # addresses, lower case
     contacts_policy: str = "open"            # open | flag | restrict (CONTACT_POLICIES)
     certified: tuple[Certified, ...] = ()    # certified administrators: authorised, ranked first
+    # restrict: how someone refused is added, in the answer they get (else: ask an authorised contact)
+    contacts_instructions: str | None = None
 
 
 CONTACT_POLICIES = ("open", "flag", "restrict")
@@ -933,7 +935,7 @@ def _customer(p: _Problems, key: str, raw: Any, plans: Mapping[str, Plan]) -> Cu
     if t is None:
         return None
     p.unknown(key, t, ("organisation", "domains", "region", "plan", "govcloud", "language",
-                       "contacts", "contacts_policy", "certified"))
+                       "contacts", "contacts_policy", "certified", "contacts_instructions"))
     before = len(p.items)
     organisation = p.string(f"{key}.organisation", t.get("organisation"))
     domains = p.strings(f"{key}.domains", t.get("domains"))
@@ -952,13 +954,15 @@ def _customer(p: _Problems, key: str, raw: Any, plans: Mapping[str, Plan]) -> Cu
     if policy not in CONTACT_POLICIES:
         p.fail(f"{key}.contacts_policy", f"expected one of {', '.join(CONTACT_POLICIES)}, got {policy!r}")
     certified = _certified(p, f"{key}.certified", t.get("certified", []))
+    instructions = p.string(f"{key}.contacts_instructions", t["contacts_instructions"]) \
+        if "contacts_instructions" in t else None
     if len(p.items) > before or organisation is None or not domains:
         return None
     return Customer(organisation=organisation.strip(),
                     domains=tuple(x.lower().strip(".") for x in domains),
                     region=region, plan=plan, govcloud=bool(govcloud), language=language,
                     contacts=tuple(normalize_address(a) for a in contacts), contacts_policy=policy,
-                    certified=certified)
+                    certified=certified, contacts_instructions=(instructions or "").strip() or None)
 
 
 def _certified(p: _Problems, key: str, raw: Any) -> tuple[Certified, ...]:

@@ -293,6 +293,44 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE tickets ADD COLUMN category TEXT NOT NULL DEFAULT '';
     ALTER TABLE tickets ADD COLUMN product TEXT NOT NULL DEFAULT '';
     """,
+    # 19: mail about no ticket (issue 17: the polite answer to someone who is not an
+    # authorised contact under `restrict`): an outbox row without a ticket and without
+    # a message row, naming the received mail it answers instead (`inbound_id`).
+    # SQLite cannot drop NOT NULL: the table is rebuilt (nothing references it);
+    # PostgreSQL alters the columns in place.
+    """
+    /*sqlite*/ CREATE TABLE outbox_new (
+        id              INTEGER PRIMARY KEY,
+        message_row     INTEGER REFERENCES messages(id),    -- NULL: mail about no ticket
+        ticket_id       INTEGER REFERENCES tickets(id),     -- NULL: mail about no ticket
+        kind            TEXT NOT NULL,
+        relay           TEXT NOT NULL,
+        mail_from       TEXT NOT NULL,
+        rcpt_to         TEXT NOT NULL,
+        content         BLOB NOT NULL,
+        state           TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL,
+        claimed_until   TEXT,
+        last_error      TEXT,
+        created_at      TEXT NOT NULL,
+        sent_at         TEXT,
+        claimed_by      TEXT,
+        inbound_id      INTEGER REFERENCES inbound(id)      -- the mail a ticket-less answer answers
+    );
+    /*sqlite*/ INSERT INTO outbox_new (id, message_row, ticket_id, kind, relay, mail_from, rcpt_to, content,
+        state, attempts, next_attempt_at, claimed_until, last_error, created_at, sent_at, claimed_by)
+        SELECT id, message_row, ticket_id, kind, relay, mail_from, rcpt_to, content, state, attempts,
+        next_attempt_at, claimed_until, last_error, created_at, sent_at, claimed_by FROM outbox;
+    /*sqlite*/ DROP TABLE outbox;
+    /*sqlite*/ ALTER TABLE outbox_new RENAME TO outbox;
+    /*sqlite*/ CREATE INDEX outbox_due ON outbox(next_attempt_at) WHERE state = 'queued';
+    /*sqlite*/ CREATE INDEX outbox_claimed_by ON outbox(claimed_by) WHERE state = 'queued';
+    /*postgresql*/ ALTER TABLE outbox ALTER COLUMN message_row DROP NOT NULL;
+    /*postgresql*/ ALTER TABLE outbox ALTER COLUMN ticket_id DROP NOT NULL;
+    /*postgresql*/ ALTER TABLE outbox ADD COLUMN inbound_id INTEGER REFERENCES inbound(id);
+    CREATE INDEX outbox_inbound ON outbox(inbound_id, kind) WHERE inbound_id IS NOT NULL;
+    """,
 )
 
 LEGACY_SECRET = "ticket_token_secret"     # the setting migration 6 kept the secret in
@@ -343,7 +381,7 @@ class Failure:
 @dataclass(frozen=True)
 class OutboxItem:
     id: int
-    ticket_id: int
+    ticket_id: int | None          # None: mail about no ticket (migration 19)
     kind: str
     relay: str
     mail_from: str
@@ -612,17 +650,27 @@ class Tx:
                                     (ticket_id, rule)))
 
     # -- outbox ----------------------------------------------------------
-    async def enqueue(self, *, message_row: int, ticket_id: int, kind: str, relay: str,
-                      mail_from: str, rcpt_to: Sequence[str], content: bytes, now: datetime) -> int:
+    async def enqueue(self, *, message_row: int | None, ticket_id: int | None, kind: str, relay: str,
+                      mail_from: str, rcpt_to: Sequence[str], content: bytes, now: datetime,
+                      inbound_id: int | None = None) -> int:
         """Queue one outbound mail, due at once: at `now`, or at the real time when
         `now` is an injected time ahead of it (`run-due --now T`), so that what a
-        run-due queues is due now for every instance, not at T (project issue 15)."""
+        run-due queues is due now for every instance, not at T (project issue 15).
+
+        Mail about no ticket (a refused contact's answer) has neither `ticket_id`
+        nor `message_row`, and names the received mail it answers (`inbound_id`)."""
         due = min(now, system_clock())
         return await self._insert(
             "INSERT INTO outbox (message_row, ticket_id, kind, relay, mail_from, rcpt_to, content,"
-            " state, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,'queued',?,?)",
+            " state, next_attempt_at, created_at, inbound_id) VALUES (?,?,?,?,?,?,?,'queued',?,?,?)",
             (message_row, ticket_id, kind, relay, mail_from, json.dumps(list(rcpt_to)), content,
-             iso(due), iso(now)))
+             iso(due), iso(now), inbound_id))
+
+    async def answered_inbound(self, inbound_id: int, kind: str) -> bool:
+        """Whether a ticket-less answer of `kind` was queued for this received mail
+        before (a `quarantine retry` of a mail still refused is not answered twice)."""
+        return bool(await self._all("SELECT 1 FROM outbox WHERE inbound_id = ? AND kind = ? LIMIT 1",
+                                    (inbound_id, kind)))
 
     # -- limits ----------------------------------------------------------
     async def staff_warning_due(self, ticket_id: int, address: str, now: datetime,
@@ -670,6 +718,22 @@ class Tx:
         by_mailbox, by_domain = found.get(f"mailbox:{mailbox}", (0, 0)), found.get(f"domain:{domain}", (0, 0))
         return SenderCounts(tickets_by_mailbox=by_mailbox[0], tickets_by_domain=by_domain[0],
                             answers_to_mailbox=by_mailbox[1], answers_to_domain=by_domain[1])
+
+    async def refusals_to(self, mailbox: str, since: datetime) -> int:
+        """Answers to a refused contact (`add_refusal_load`) queued to one mailbox since `since`."""
+        rows = await self._all("SELECT sum(answers) FROM sender_load WHERE scope = ? AND minute >= ?",
+                               (f"refused:{mailbox}", _minute(since)))
+        return int(rows[0][0] or 0) if rows else 0
+
+    async def add_refusal_load(self, mailbox: str, domain: str, now: datetime) -> None:
+        """Count an answer to a refused contact: as an automatic answer to the mailbox
+        and the domain (the caps of every automatic answer), and as a refusal to the
+        mailbox (`[limits] refusals_per_sender_per_hour`)."""
+        await self._add_load((mailbox, domain), now, answers=1)
+        await self.db.execute(
+            "INSERT INTO sender_load (scope, minute, tickets, answers) VALUES (?, ?, 0, 1)"
+            " ON CONFLICT (scope, minute) DO UPDATE SET answers = sender_load.answers + 1",
+            (f"refused:{mailbox}", _minute(now)))
 
     async def forget_sender_load(self, before: datetime) -> int:
         """Drop the counters of minutes before `before` (the scheduler, hourly)."""
@@ -1031,9 +1095,10 @@ class Store:
         """
         marked: list[Failure] = []
         for outbox_id, error in failed:
+            # LEFT JOIN: mail about no ticket (migration 19) has no message row
             rows = await tx._all(
                 "SELECT o.ticket_id, o.kind, o.mail_from, o.rcpt_to, m.message_id, m.subject"
-                " FROM outbox o JOIN messages m ON m.id = o.message_row"
+                " FROM outbox o LEFT JOIN messages m ON m.id = o.message_row"
                 " WHERE o.id = ? AND o.state = 'queued' AND o.claimed_by = ?" + tx.db.for_update.replace(
                     "UPDATE", "UPDATE OF o"), (outbox_id, holder))
             if not rows:
@@ -1043,6 +1108,8 @@ class Store:
             await tx.db.execute(
                 "UPDATE outbox SET state = 'failed', attempts = attempts + 1, claimed_until = NULL,"
                 " last_error = ? WHERE id = ?", (error, outbox_id))
+            if ticket_id is None:
+                continue        # no ticket to record it on: the row and `outbox.failed` say it
             domain = str(mail_from).rpartition("@")[2] or "localhost"
             text = (f"The relay refused our {kind} mail {message_id} to {', '.join(rcpt)} "
                     f"permanently; it will not be retried.\n\nThe relay answered: {error}\n")
