@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
                         help="TOML configuration (default: $GATEWAY_CONFIG, else built-in defaults)")
+    enclave = argparse.ArgumentParser(add_help=False)
+    enclave.add_argument("--govcloud", action="store_true",
+                         help="GovCloud tickets only (without it: commercial tickets only, never both)")
     p = argparse.ArgumentParser(prog="gateway", parents=[common],
                                 description="Email-driven support ticket gateway")
     p.add_argument("--version", action="version", version=f"gateway {_version()}")
@@ -78,21 +81,21 @@ def _parser() -> argparse.ArgumentParser:
 
     tickets = sub.add_parser("tickets", parents=[common], help="list or show tickets")
     tsub = tickets.add_subparsers(dest="tickets_command", required=True, metavar="list|search|show|attachment")
-    tl = tsub.add_parser("list", parents=[common], help="one row per ticket, newest first")
+    tl = tsub.add_parser("list", parents=[common, enclave], help="one row per ticket, newest first")
     tl.add_argument("--status", choices=[s.value for s in Status])
     tl.add_argument("--json", action="store_true")
     tl.add_argument("--assignee", metavar="ADDRESS", help="only the tickets assigned to (owned by) ADDRESS")
     tl.add_argument("--certified-first", action="store_true",
                     help="tickets of certified administrators first (Kaseya), each part newest first")
-    tq = tsub.add_parser("search", parents=[common],
+    tq = tsub.add_parser("search", parents=[common, enclave],
                          help="tickets whose mail or requester holds every word of TEXT, newest first")
     tq.add_argument("text", nargs="+")
     tq.add_argument("--limit", type=int, default=50, help="at most this many tickets (1-500, default 50)")
     tq.add_argument("--json", action="store_true")
-    ts = tsub.add_parser("show", parents=[common], help="one ticket with all its messages")
+    ts = tsub.add_parser("show", parents=[common, enclave], help="one ticket with all its messages")
     ts.add_argument("id", type=int)
     ts.add_argument("--json", action="store_true")
-    ta = tsub.add_parser("attachment", parents=[common],
+    ta = tsub.add_parser("attachment", parents=[common, enclave],
                          help="a file a ticket's mail carried, by its sha256 (or its first 8+ hex digits)")
     ta.add_argument("id", type=int)
     ta.add_argument("sha256")
@@ -101,12 +104,12 @@ def _parser() -> argparse.ArgumentParser:
 
     qu = sub.add_parser("quarantine", parents=[common], help="mail set aside: list, show, retry")
     qsub = qu.add_subparsers(dest="quarantine_command", required=True, metavar="list|show|retry")
-    ql = qsub.add_parser("list", parents=[common], help="one row per quarantined mail, oldest first")
+    ql = qsub.add_parser("list", parents=[common, enclave], help="one row per quarantined mail, oldest first")
     ql.add_argument("--json", action="store_true")
-    qs = qsub.add_parser("show", parents=[common], help="the raw mail on stdout (--json: error, metadata)")
+    qs = qsub.add_parser("show", parents=[common, enclave], help="the raw mail on stdout (--json: error, metadata)")
     qs.add_argument("id", type=int)
     qs.add_argument("--json", action="store_true")
-    qr = qsub.add_parser("retry", parents=[common], help="process the stored mail again")
+    qr = qsub.add_parser("retry", parents=[common, enclave], help="process the stored mail again")
     qr.add_argument("id", type=int)
 
     rd = sub.add_parser("run-due", parents=[common], help="run due jobs, deliver the outbox once")
@@ -116,12 +119,12 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("file", help="RFC 5322 message")
     ex.add_argument("--recipient", help="the mailbox it was sent to (default: from its headers)")
     ex.add_argument("--json", action="store_true")
-    st = sub.add_parser("stats", parents=[common], help="first-response and resolution figures")
+    st = sub.add_parser("stats", parents=[common, enclave], help="first-response and resolution figures")
     st.add_argument("--since", help="ISO-8601 date or time (tickets created from then)")
     st.add_argument("--until", help="ISO-8601 date or time (tickets created before then)")
     st.add_argument("--month", help="YYYY-MM: the tickets created in that month (UTC), with its monthly line")
     st.add_argument("--json", action="store_true")
-    rp = sub.add_parser("report", parents=[common],
+    rp = sub.add_parser("report", parents=[common, enclave],
                         help="the stats figures per week as charts, in one self-contained HTML file")
     rp.add_argument("--html", required=True, metavar="FILE", help="where to write the page (0600, replaced atomically)")
     rp.add_argument("--since", help="ISO-8601 date or time (tickets created from then)")
@@ -424,6 +427,7 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
     if args.quarantine_command == "retry":
         gw = await app.open_gateway(config)
         try:
+            _in_enclave(config, args, await quarantine.entry(gw.store, args.id))
             result = await quarantine.retry(gw, args.id)
         except quarantine.NotQuarantined as e:
             print(f"gateway: no quarantined mail {e}", file=sys.stderr)
@@ -440,11 +444,11 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
     store = await _open_existing(config)
     try:
         if args.quarantine_command == "list":
-            rows = await quarantine.entries(store)
+            rows = [r for r in await quarantine.entries(store) if _quarantine_enclave(config, r) == args.govcloud]
             print(json.dumps(rows, ensure_ascii=False) if args.json else safe(quarantine.table(rows)))
             return answers.EX_OK
         try:
-            entry = await quarantine.entry(store, args.id)
+            entry = _in_enclave(config, args, await quarantine.entry(store, args.id))
             raw = None if args.json else await quarantine.raw_bytes(store, Blobs(config.data_dir), args.id)
         except (quarantine.NotQuarantined, OSError) as e:
             print(f"gateway: no quarantined mail {args.id}: {e}", file=sys.stderr)
@@ -459,6 +463,24 @@ async def _quarantine(config: Config, args: argparse.Namespace) -> int:
     return answers.EX_OK
 
 
+def _quarantine_enclave(config: Config, row: dict[str, Any]) -> bool:
+    """A quarantined mail is GovCloud's when it was sent to a GovCloud mailbox."""
+    mailbox = config.mailbox_for(row["mailbox"])
+    return mailbox is not None and mailbox.govcloud
+
+
+def _in_enclave(config: Config, args: argparse.Namespace, row: dict[str, Any]) -> dict[str, Any]:
+    """The quarantined mail, when it is of the enclave the command names (--govcloud or not)."""
+    from gateway.inbound import quarantine
+    if _quarantine_enclave(config, row) != args.govcloud:
+        raise quarantine.NotQuarantined(f"{row['id']} ({_enclave_name(args.govcloud)} quarantine)")
+    return row
+
+
+def _enclave_name(govcloud: bool) -> str:
+    return "GovCloud" if govcloud else "commercial"
+
+
 # -- tickets --------------------------------------------------------------
 
 async def _tickets(config: Config, args: argparse.Namespace) -> int:
@@ -466,7 +488,8 @@ async def _tickets(config: Config, args: argparse.Namespace) -> int:
     try:
         if args.tickets_command == "list":
             rows = await store.tickets(args.status, certified_first=args.certified_first,
-                                       assignee=normalize_address(args.assignee) if args.assignee else None)
+                                       assignee=normalize_address(args.assignee) if args.assignee else None,
+                                       govcloud=args.govcloud)
             if args.json:
                 print(json.dumps([ticket_json(t) for t in rows], ensure_ascii=False))
             else:
@@ -477,15 +500,17 @@ async def _tickets(config: Config, args: argparse.Namespace) -> int:
             if not terms or not 1 <= args.limit <= 500:
                 print("gateway: tickets search needs a word to look for and --limit 1-500", file=sys.stderr)
                 return answers.EX_USAGE
-            rows = await store.search(terms, args.limit)
+            rows = await store.search(terms, args.limit, govcloud=args.govcloud)
             if args.json:
                 print(json.dumps([ticket_json(t) for t in rows], ensure_ascii=False))
             else:
                 _print_table(rows)
             return answers.EX_OK
         ticket = await store.ticket(args.id)
-        if ticket is None:
-            print(f"gateway: no ticket #{args.id}", file=sys.stderr)
+        if ticket is None or ticket.govcloud != args.govcloud:
+            # the enclaves never mix: a GovCloud ticket is shown with --govcloud only
+            print(f"gateway: no ticket #{args.id} among the {_enclave_name(args.govcloud)} tickets"
+                  f"{'' if args.govcloud else ' (GovCloud tickets: --govcloud)'}", file=sys.stderr)
             return 1
         messages = await store.messages(ticket.id)
         if args.tickets_command == "attachment":
@@ -625,22 +650,24 @@ def _period(args: argparse.Namespace) -> tuple[datetime | None, datetime | None]
 
 
 async def _figures(config: Config, since: datetime | None, until: datetime | None,
-                   month: str | None) -> tuple[dict[str, Any], list[Ticket]]:
-    """What `gateway stats --json` prints for the period, and the period's tickets."""
+                   month: str | None, govcloud: bool) -> tuple[dict[str, Any], list[Ticket]]:
+    """What `gateway stats --json` prints for the period, and the period's tickets, of
+    one enclave (commercial, or GovCloud with --govcloud)."""
     store = await _open_existing(config)
     try:
-        tickets = await store.tickets_created(since, until)
-        open_now = await store.count_unresolved()
+        tickets = await store.tickets_created(since, until, govcloud)
+        open_now = await store.count_unresolved(govcloud)
     finally:
         await store.close()
     rep = stats.report(tickets)
-    rep = {"since": iso(since), "until": iso(until), "month": month, "open_now": open_now, **rep,
+    rep = {"since": iso(since), "until": iso(until), "month": month, "govcloud": govcloud,
+           "open_now": open_now, **rep,
            "summary": stats.month_line(month, rep) if month else None}
     return rep, tickets
 
 
 async def _stats(config: Config, args: argparse.Namespace) -> int:
-    rep, _ = await _figures(config, *_period(args), args.month)
+    rep, _ = await _figures(config, *_period(args), args.month, args.govcloud)
     print(json.dumps(rep) if args.json else stats.table(rep))
     return answers.EX_OK
 
@@ -652,7 +679,7 @@ async def _report(config: Config, args: argparse.Namespace) -> int:
     if not target.parent.is_dir():
         print(f"gateway: --html: no such directory: {target.parent}", file=sys.stderr)
         return answers.EX_CANTCREAT
-    rep, tickets = await _figures(config, since, until, args.month)
+    rep, tickets = await _figures(config, since, until, args.month, args.govcloud)
     weeks = stats.weekly(tickets, since, until)
     try:
         write_atomic(target, report.page(rep, weeks).encode())   # 0600, replaced atomically

@@ -365,17 +365,26 @@ class GatewayProc:
                                            p.stderr.decode(errors="replace"))
 
     def tickets(self, *extra: str) -> list[dict[str, Any]]:
+        """`tickets list --json`: the commercial tickets, or GovCloud's with "--govcloud"."""
         r = self.cli("tickets", "list", "--json", *extra)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
+    def all_tickets(self, *extra: str) -> list[dict[str, Any]]:
+        """Both enclaves' tickets, newest first (two `tickets list` runs: they never mix)."""
+        both = self.tickets(*extra) + self.tickets("--govcloud", *extra)
+        return sorted(both, key=lambda t: t["id"], reverse=True)
+
     def ticket(self, tid: int) -> dict[str, Any]:
+        """`tickets show ID --json` of either enclave (a GovCloud ticket needs --govcloud)."""
         r = self.cli("tickets", "show", str(tid), "--json")
+        if r.returncode == 1 and "--govcloud" in r.stderr:
+            r = self.cli("tickets", "show", str(tid), "--json", "--govcloud")
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
     def ticket_by_subject(self, needle: str) -> dict[str, Any]:
-        found = [t for t in self.tickets() if needle in t["subject"]]
+        found = [t for t in self.all_tickets() if needle in t["subject"]]
         assert len(found) == 1, f"{len(found)} tickets with {needle!r}"
         return self.ticket(found[0]["id"])
 

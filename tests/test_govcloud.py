@@ -5,6 +5,7 @@ relay and the GovCloud one), on SQLite or PostgreSQL (GATEWAY_TEST_STORE).
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from conftest import (
     agent_reply,
     free_port,
     mail,
+    open_ticket_with_notices,
+    reply_to,
     uniq,
     wait_for,
 )
@@ -268,3 +271,106 @@ def test_govcloud_mail_for_billing_stays_with_govcloud_staff(make_gateway: Calla
     # the same mail at the commercial mailbox is still forwarded
     assert gw.send(mail("carla@shop.example", SUPPORT, uniq("Invoice question"), body))[0] == 250
     gw.sink.wait_to("billing@example.com")
+
+
+# -- the enclave in listings, and moving a ticket into it -----------------------
+
+def _json(gw: GatewayProc, *args: str) -> Any:
+    r = gw.cli(*args, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_listings_show_search_stats_and_quarantine_never_mix_the_enclaves(
+        make_gateway: Callable[..., GatewayProc]) -> None:
+    from test_quarantine import poison_maker
+    gw = make_gateway(extra_toml=GOV_STAFF)
+    gw.start()
+    t, _ = gov_ticket(gw)
+    key = uniq("Backup fails")
+    assert gw.send(mail("ann@customer.example", SUPPORT, key, "Backup fails near Cheyenne."))[0] == 250
+    c = gw.ticket_by_subject(key)
+
+    assert [x["id"] for x in gw.tickets()] == [c["id"]]                  # commercial by default
+    assert [x["id"] for x in gw.tickets("--govcloud")] == [t["id"]]
+    table = gw.cli("tickets", "list")
+    assert table.returncode == 0 and key in table.stdout and SECRET not in table.stdout
+    shown = gw.cli("tickets", "show", str(t["id"]))
+    assert shown.returncode == 1 and "--govcloud" in shown.stderr
+    assert SECRET not in shown.stdout + shown.stderr
+    assert gw.cli("tickets", "show", str(c["id"]), "--govcloud").returncode == 1
+    assert _json(gw, "tickets", "show", str(t["id"]), "--govcloud")["govcloud"] is True
+    assert gw.cli("tickets", "attachment", str(t["id"]), "0" * 64).returncode == 1
+    assert [x["id"] for x in _json(gw, "tickets", "search", "Cheyenne")] == [c["id"]]
+    assert [x["id"] for x in _json(gw, "tickets", "search", "Cheyenne", "--govcloud")] == [t["id"]]
+
+    commercial, gov = _json(gw, "stats"), _json(gw, "stats", "--govcloud")
+    assert (commercial["tickets"], commercial["open_now"], commercial["govcloud"]) == (1, 1, False)
+    assert (gov["tickets"], gov["open_now"], gov["govcloud"]) == (1, 1, True)
+    assert "/GOV" not in json.dumps(commercial["by_region"]) and "GovCloud tickets only" in \
+        gw.cli("stats", "--govcloud").stdout
+
+    _, make = poison_maker()
+    assert gw.send(make(uniq("gov")), rcpt=[GOV], mail_from="pat@customer.example")[0] == 250
+    assert gw.send(make(uniq("shop")), rcpt=[SUPPORT], mail_from="pat@customer.example")[0] == 250
+    gov_q = wait_for(lambda: _json(gw, "quarantine", "list", "--govcloud") or None, what="GovCloud quarantine")
+    com_q = wait_for(lambda: _json(gw, "quarantine", "list") or None, what="commercial quarantine")
+    assert [q["mailbox"] for q in gov_q] == [GOV] and [q["mailbox"] for q in com_q] == [SUPPORT]
+    assert gw.cli("quarantine", "show", str(gov_q[0]["id"])).returncode == 1
+    assert gw.cli("quarantine", "show", str(gov_q[0]["id"]), "--govcloud").returncode == 0
+    assert gw.cli("quarantine", "retry", str(gov_q[0]["id"])).returncode == 1       # not from the wrong side
+
+
+def test_a_govcloud_mention_in_a_reply_is_flagged_and_govcloud_moves_the_ticket(
+        make_gateway: Callable[..., GatewayProc]) -> None:
+    gw = make_gateway(extra_toml=GOV_STAFF)
+    gw.start()
+    ann = "ann@customer.example"
+    t, ack, first = open_ticket_with_notices(gw, ann)
+    assert t["govcloud"] is False
+    assert gw.send(reply_to(ack, ann, "Also: this tenant runs in our FedRAMP environment."))[0] == 250
+    flagged = wait_for(lambda: next((m for m in gw.sink.to(QUEUES["AMER"]) if f"#{t['id']}]" in str(m["Subject"])
+                                     and m is not first and "GOVCLOUD?" in m.as_string()), None),
+                       what="the flagged notification")
+    text = " ".join(flagged.get_body(("plain",)).get_content().split())
+    assert "'FedRAMP'" in text and "reply #govcloud" in text
+    still = gw.ticket(t["id"])
+    assert still["govcloud"] is False                        # staff decide, not one word
+    assert [e for e in still["events"] if e["rule"] == "govcloud_indicated"]
+
+    # not with other commands: once GovCloud, a commercial agent's #status would not be theirs
+    assert gw.send(agent_reply(flagged, "#govcloud\n#status pending\nMoving.", frm=STAFF))[0] == 250
+    error = wait_for(lambda: next((m for m in gw.sink.to(STAFF) if "#govcloud goes alone" in m.as_string()), None),
+                     what="the command error")
+    assert error is not None and gw.ticket(t["id"])["govcloud"] is False
+
+    assert gw.send(agent_reply(flagged, "#govcloud\nThe customer is a GovCloud tenant.", frm=STAFF))[0] == 250
+    moved = wait_for(lambda: (x := _json(gw, "tickets", "show", str(t["id"]), "--govcloud")) and x,
+                     what="the ticket in GovCloud")
+    assert moved["govcloud"] is True and moved["mailbox"] == GOV and moved["owner"] is None
+    event = next(e for e in moved["events"] if e["rule"] == "govcloud_moved")
+    assert event["by"] == STAFF and event["from_mailbox"] == SUPPORT and event["to_mailbox"] == GOV
+    assert [x["id"] for x in gw.tickets()] == [] and gw.cli("tickets", "show", str(t["id"])).returncode == 1
+    received = [m for m in moved["messages"] if m["direction"] == "in"]
+    assert received[-1]["kind"] == "note" and received[-1]["from"] == STAFF   # the agent's words: never relayed
+    told = wait_for(lambda: next((m for m in gw.sink.to(STAFF) if "moved to GovCloud" in str(m.as_string())),
+                                 None), what="the agent told")
+    assert "The customer is a GovCloud tenant" not in told.as_string()
+
+    # the GovCloud queue has it, through the GovCloud relay, and answers from the GovCloud mailbox
+    gov_note = next(m for m in gw.gov_sink.wait_to(QUEUES["GOVCLOUD"]) if f"#{t['id']}]" in str(m["Subject"]))
+    assert "moved to GovCloud by" in gov_note.as_string()
+    assert gw.send(agent_reply(gov_note, "We handle it in GovCloud now.", frm=GOV_AGENT))[0] == 250
+    relayed = gw.gov_sink.wait_to(ann)[0]
+    assert GOV in str(relayed["From"]) and "We handle it in GovCloud now." in relayed.get_body(("plain",)).get_content()
+    assert [m["Auto-Submitted"] for m in gw.sink.to(ann)] == ["auto-replied"]   # only the ack went commercial
+
+    # the commercial agent is no GovCloud staff any more for it: refused, quoting nothing
+    assert gw.send(agent_reply(flagged, "One more thing from me.", frm=STAFF))[0] == 250
+    refusal = gw.gov_sink.wait_to(STAFF)[0]
+    assert str(refusal["Subject"]) == f"[Support #{t['id']}] GovCloud ticket"
+    assert "One more thing" not in refusal.as_string()
+    # and #govcloud on a GovCloud ticket is an error
+    assert gw.send(agent_reply(gov_note, "#govcloud", frm=GOV_AGENT))[0] == 250
+    wait_for(lambda: any("GovCloud ticket already" in m.as_string() for m in gw.gov_sink.to(GOV_AGENT)),
+             what="the error for a GovCloud ticket")

@@ -290,7 +290,7 @@ def owner_reminder_due(ticket: Ticket, now: datetime) -> tuple[str, str] | None:
 # -- commands at the top of a staff reply -----------------------------------
 
 COMMANDS = ("note", "status", "priority", "escalate", "customer", "assign", "take", "unassign", "cc", "uncc",
-            "answer", "help", "list", "category", "product")
+            "answer", "help", "list", "category", "product", "govcloud")
 MAX_CLASS_NAME = 80            # characters of a #category / #product value
 MAX_COMMAND_ADDRESSES = 20     # addresses one #cc / #uncc line may name
 
@@ -313,6 +313,7 @@ class StaffCommands:
     listing: bool = False          # `#list`: mail the agent their open, waiting and near-breach tickets
     category: str | None = None    # `#category NAME` ("" for `#category none`): the ticket's new category
     product: str | None = None     # `#product NAME`: its new product
+    govcloud: bool = False         # `#govcloud`: move the ticket to GovCloud (its staff, relay, queue)
     errors: tuple[str, ...] = ()
     text: str = ""                 # what is left to relay, commands removed
 
@@ -336,7 +337,7 @@ def command_addresses(word: str, arg: str) -> tuple[tuple[str, ...], str | None]
 def staff_commands(text: str) -> StaffCommands:
     """Read `#note`, `#status S`, `#priority N`, `#escalate [engineering]`, `#customer`,
     `#assign A`, `#take`, `#unassign`, `#cc A`, `#uncc A`, `#answer NAME`, `#help`,
-    `#list`, `#category NAME`, `#product NAME` from the lines at the top of a staff reply (blank lines between them allowed)."""
+    `#list`, `#category NAME`, `#product NAME`, `#govcloud` from the lines at the top of a staff reply (blank lines between them allowed)."""
     lines = text.replace("\r\n", "\n").split("\n")
     found: dict[str, object] = {}
     errors: list[str] = []
@@ -377,7 +378,7 @@ def staff_commands(text: str) -> StaffCommands:
                 found["priority"] = int(arg)
             else:
                 errors.append(f"#priority needs 1, 2, 3 or 4; got {arg!r}")
-        elif word in ("help", "list") and not arg:
+        elif word in ("help", "list", "govcloud") and not arg:
             found[word] = True
         elif word == "answer":
             if not ANSWER_NAME.fullmatch(arg.lower()):
@@ -405,6 +406,8 @@ def staff_commands(text: str) -> StaffCommands:
         errors.append("one of #assign, #take and #unassign per reply")
     if found.get("help") and found.get("list"):
         errors.append("one of #help and #list per reply")
+    if found.get("govcloud") and len(found) > 1:
+        errors.append("#govcloud goes alone: once the ticket is GovCloud, only GovCloud staff act on it")
     return StaffCommands(note=bool(found.get("note")), status=found.get("status"),  # type: ignore[arg-type]
                          priority=found.get("priority"), escalate=bool(found.get("escalate")),  # type: ignore[arg-type]
                          engineering=bool(found.get("engineering")), customer=bool(found.get("customer")),
@@ -412,7 +415,7 @@ def staff_commands(text: str) -> StaffCommands:
                          unassign=bool(found.get("unassign")),
                          cc=tuple(found.get("cc", ())), uncc=tuple(found.get("uncc", ())),  # type: ignore[arg-type]
                          answer=found.get("answer"), help=bool(found.get("help")),  # type: ignore[arg-type]
-                         listing=bool(found.get("list")),
+                         listing=bool(found.get("list")), govcloud=bool(found.get("govcloud")),
                          category=found.get("category"), product=found.get("product"),  # type: ignore[arg-type]
                          errors=tuple(errors), text=rest)
 

@@ -28,7 +28,7 @@ from gateway.model import Attachment, Kind, ParsedMail, Status, Ticket, domain_o
 from gateway.outbound.tokens import TicketTokens, without_staff_tokens
 from gateway.rules import contacts, process
 from gateway.rules.contacts import CERTIFIED, Standing
-from gateway.rules.decision import Decision, decide, supplied, ticket_target_times
+from gateway.rules.decision import Decision, decide, govcloud_in_reply, supplied, ticket_target_times
 from gateway.rules.language import NAMES as LANGUAGE_NAMES
 from gateway.rules.language import choose_language
 from gateway.rules.settings import normalise_value
@@ -516,6 +516,15 @@ class Pipeline:
             ticket = replace(ticket, cc=(*ticket.cc, sender))
             await tx.add_event(ticket.id, now, "colleague", {"sender": sender, "organisation": placement.colleague_of,
                                                              "why": placement.reason})
+        if not ticket.govcloud and (gov := govcloud_in_reply(
+                mail, mailbox_address=ticket.mailbox, rules=self.config.rules,
+                directory=self.config.rules.directory)) is not None:
+            # issue 18: staff decide (#govcloud); until then it stays commercial
+            await tx.add_event(ticket.id, now, "govcloud_indicated", {**gov.to_json(), "message_id": mail.message_id})
+            log.warning("govcloud.indicated", ticket_id=ticket.id, message_id=mail.message_id, rule=gov.rule)
+            marks.append(f"GOVCLOUD? {gov.detail}. This ticket is commercial: its mail goes through the "
+                         "commercial relay and commercial staff. If the customer is GovCloud's, reply #govcloud "
+                         "(alone) to move it to GovCloud staff and the GovCloud relay")
         if placement.same_problem:
             await tx.add_event(ticket.id, now, "same_problem", {"message_id": mail.message_id,
                                                                 "subject": mail.subject, "why": placement.reason})
@@ -558,6 +567,8 @@ class Pipeline:
             return await self._help(tx, inbound_id, mail, ticket, sender, now, placement)
         if cmds.listing and not cmds.errors:
             return await self._list(tx, inbound_id, mail, ticket, sender, now)
+        if cmds.govcloud and not cmds.errors:
+            return await self._to_govcloud(tx, inbound_id, mail, ticket, sender, now, placement)
         if cmds.answer and not cmds.errors:
             cmds = self._with_answer(cmds, cmds.answer, ticket, mail)
         relay = bool(cmds.text) and not cmds.note
@@ -577,15 +588,7 @@ class Pipeline:
         elif relay:
             cc = self._with_staff_cc(replace(ticket, cc=cc), mail, sender)
         if cmds.errors:
-            # nothing is applied or relayed; the agent is told why
-            await self._record(tx, ticket.id, Kind.NOTE, mail, inbound_id, now)
-            queued = await self.desk.to_staff(
-                tx, ticket, sender, now, answers=[mail.message_id], template="command_error",
-                context={"errors": cmds.errors, "text": mail.reply_text})
-            log.warning("staff.command_rejected", ticket_id=ticket.id, message_id=mail.message_id,
-                        errors=list(cmds.errors))
-            return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
-                           "staff commands rejected: " + "; ".join(cmds.errors))
+            return await self._commands_rejected(tx, inbound_id, mail, ticket, sender, now, cmds.errors)
         await self._record(tx, ticket.id, Kind.STAFF if relay else Kind.NOTE, mail, inbound_id, now)
         changes: dict[str, object] = {}
         if cc != ticket.cc:
@@ -650,6 +653,57 @@ class Pipeline:
         log.info("ticket.replied", ticket_id=ticket.id, message_id=mail.message_id,
                  mailbox=ticket.mailbox, staff=True, relayed=relay, reason=placement.reason)
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued, placement.reason)
+
+    async def _commands_rejected(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket, sender: str,
+                                 now: datetime, errors: Sequence[str]) -> Outcome:
+        """Nothing is applied or relayed; the agent is told why (the mail is a note)."""
+        await self._record(tx, ticket.id, Kind.NOTE, mail, inbound_id, now)
+        queued = await self.desk.to_staff(
+            tx, ticket, sender, now, answers=[mail.message_id], template="command_error",
+            context={"errors": tuple(errors), "text": mail.reply_text})
+        log.warning("staff.command_rejected", ticket_id=ticket.id, message_id=mail.message_id,
+                    errors=list(errors))
+        return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
+                       "staff commands rejected: " + "; ".join(errors))
+
+    async def _to_govcloud(self, tx: Tx, inbound_id: int, mail: ParsedMail, ticket: Ticket, sender: str,
+                           now: datetime, placement: Placement) -> Outcome:
+        """`#govcloud` (issue 18): a commercial ticket turns out to be GovCloud's. From
+        now on it is answered from the GovCloud mailbox through the GovCloud relay, its
+        notifications go to GovCloud staff only, and only they may answer or command it;
+        its commercial owner is dropped. The agent's mail is kept as a note, never
+        relayed; the agent is told (before the move, quoting nothing of the ticket), the
+        GovCloud staff get the ticket, and the move is an event on it."""
+        gov_mailbox = next((m.address for m in self.config.mailboxes if m.govcloud), None)
+        if ticket.govcloud:
+            return await self._commands_rejected(tx, inbound_id, mail, ticket, sender, now,
+                                                 ["#govcloud: the ticket is a GovCloud ticket already"])
+        if gov_mailbox is None:
+            return await self._commands_rejected(
+                tx, inbound_id, mail, ticket, sender, now,
+                ["#govcloud: no GovCloud mailbox is configured ([[mailboxes]] with govcloud = true)"])
+        await self._record(tx, ticket.id, Kind.NOTE, mail, inbound_id, now)
+        queued = await self.desk.to_staff(
+            tx, ticket, sender, now, answers=[mail.message_id], template="process_staff", token=False,
+            context={"headline": f"Ticket #{ticket.id} moved to GovCloud",
+                     "why": "GovCloud staff answer it from now on, from the GovCloud mailbox; "
+                            "you get no more mail of it", "text": ""})
+        changes: dict[str, object] = {"govcloud": True, "mailbox": gov_mailbox, "owner": None}
+        await tx.update_ticket(ticket.id, now, **changes)
+        moved = replace(ticket, govcloud=True, mailbox=gov_mailbox, owner=None)
+        await tx.add_event(ticket.id, now, "govcloud_moved", {"by": sender, "from_mailbox": ticket.mailbox,
+                                                              "to_mailbox": gov_mailbox,
+                                                              "previous_owner": ticket.owner})
+        queued += await self.desk.notify_staff(
+            tx, moved, now, answers=[mail.message_id], template="process_staff",
+            context={"headline": f"Ticket #{ticket.id} moved to GovCloud by {sender}",
+                     "why": "a commercial agent found it to be GovCloud's (#govcloud); reply to this mail to "
+                            f"answer the customer; gateway tickets show {ticket.id} --govcloud shows it all",
+                     "text": ""})
+        log.warning("govcloud.moved", ticket_id=ticket.id, message_id=mail.message_id, by=sender,
+                    from_mailbox=ticket.mailbox, to_mailbox=gov_mailbox)
+        return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
+                       f"moved to GovCloud by {sender} ({placement.reason})")
 
     def _canned(self, name: str, ticket: Ticket, agent: str) -> lifecycle.StaffCommands:
         """Canned answer `name` rendered for `ticket`, read as an agent's reply

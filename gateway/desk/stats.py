@@ -154,6 +154,9 @@ def table(rep: dict[str, Any]) -> str:
                      f"{f['escalated_excluded']:>6} {share:>5}")
     lines.append("Resolution figures leave escalated tickets out; first response counts them. "
                  "met: share of first-response targets met.")
+    if rep.get("govcloud") is not None:
+        lines.append("GovCloud tickets only (the enclave)." if rep["govcloud"]
+                     else "Commercial tickets only (GovCloud: --govcloud).")
     if rep.get("open_now") is not None:
         lines.append(f"Open now (open or pending, whenever created): {rep['open_now']}")
     if rep.get("summary"):

@@ -114,7 +114,7 @@ def decide(mail: ParsedMail, *, mailbox_address: str, mailbox_govcloud: bool,
     domain = normalize_address(mail.sender).rpartition("@")[2]
     found = directory.lookup(domain) if domain else None
     region, region_ev = _region(mail, mailbox_address, found, rules)
-    govcloud, gov_ev = _govcloud(mail, mailbox_address, mailbox_govcloud, domain, found, rules)
+    govcloud, gov_ev = _govcloud(_all_text(mail), mailbox_address, mailbox_govcloud, domain, found, rules)
     priority, prio_ev = _priority(mail, rules)
     urgent = _emergency(mail, mailbox_address, mailbox_emergency)
     if urgent is not None:
@@ -441,7 +441,18 @@ _REGION_SOURCES: Mapping[str, _RegionSource] = MappingProxyType({
 
 # -- GovCloud ----------------------------------------------------------------
 
-def _govcloud(mail: ParsedMail, mailbox_address: str, mailbox_govcloud: bool, domain: str,
+def govcloud_in_reply(mail: ParsedMail, *, mailbox_address: str, rules: RulesConfig,
+                      directory: CustomerDirectory) -> Evidence | None:
+    """A GovCloud indicator in a reply on a commercial ticket (issue 18): the sender's
+    domain or directory entry, a GovCloud account or a mention in the reply's own new
+    text (not what it quotes), with the evidence staff are shown; None when there is none."""
+    domain = normalize_address(mail.sender).rpartition("@")[2]
+    found = directory.lookup(domain) if domain else None
+    gov, evidence = _govcloud(_new_text(mail), mailbox_address, False, domain, found, rules)
+    return evidence[0] if gov else None
+
+
+def _govcloud(texts: list[tuple[str, str]], mailbox_address: str, mailbox_govcloud: bool, domain: str,
               found: tuple[Customer, str] | None, rules: RulesConfig) -> tuple[bool, list[Evidence]]:
     def yes(rule: str, detail: str) -> tuple[bool, list[Evidence]]:
         return True, [Evidence("govcloud", f"govcloud.{rule}", detail)]
@@ -453,7 +464,6 @@ def _govcloud(mail: ParsedMail, mailbox_address: str, mailbox_govcloud: bool, do
     for gov in rules.govcloud.domains:
         if domain == gov or domain.endswith("." + gov):
             return yes("domain", f"sender domain {domain} matches GovCloud domain {gov}")
-    texts = _all_text(mail)
     for account in rules.govcloud.accounts:
         for where, text in texts:
             m = re.search(rf"(?<![\w-]){re.escape(account)}(?![\w-])", text, re.IGNORECASE)

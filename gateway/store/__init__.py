@@ -390,6 +390,11 @@ class OutboxItem:
     attempts: int
 
 
+def _enclave(govcloud: bool | None) -> tuple[str, tuple[int, ...]]:
+    """The condition that keeps one enclave's tickets (GovCloud or commercial), or none."""
+    return ("", ()) if govcloud is None else (" AND govcloud = ?", (int(govcloud),))
+
+
 _TICKET_COLS = ("id, subject, status, requester, cc, region, govcloud, priority, mailbox, "
                 "linked_ticket, created_at, first_response_at, resolved_at, closed_at, escalated, "
                 "reminder_due_at, autoclose_due_at, close_due_at, undeliverable, plan, "
@@ -603,9 +608,10 @@ class Tx:
                    "sla_warned_at", "tier", "owner", "escalated_at", "escalated_by",
                    "escalation_queue", "customer_told_at", "contact_due_at", "manual_close_due_at",
                    "sla_breached_at", "sla_outcome", "missing", "response_due_at", "sla_warn_at",
-                   "category", "product"}
+                   "category", "product", "govcloud", "mailbox"}
         assert set(fields) <= allowed, set(fields) - allowed
         values = [json.dumps(list(v)) if k in ("cc", "undeliverable", "missing")
+                  else int(v) if k == "govcloud"
                   else iso(v) if isinstance(v, datetime)
                   else v.value if isinstance(v, Status) else v for k, v in fields.items()]
         sets = ", ".join(f"{k} = ?" for k in fields)
@@ -871,30 +877,37 @@ class Store:
         async with self._lock:
             return await _fetch_ticket(self.db, ticket_id)
 
-    async def count_unresolved(self) -> int:
-        """Tickets open or pending now, whenever created (`stats`: open now)."""
-        rows = await self._rows("SELECT count(*) FROM tickets WHERE status IN ('open', 'pending')")
+    async def count_unresolved(self, govcloud: bool | None = None) -> int:
+        """Tickets open or pending now, whenever created (`stats`: open now), of one
+        enclave (`govcloud` True/False) or of both (None)."""
+        where, params = _enclave(govcloud)
+        rows = await self._rows(f"SELECT count(*) FROM tickets WHERE status IN ('open', 'pending'){where}", params)
         return int(rows[0][0])
 
-    async def tickets_created(self, since: datetime | None, until: datetime | None) -> list[Ticket]:
-        """Tickets created in [since, until), oldest first (for stats)."""
+    async def tickets_created(self, since: datetime | None, until: datetime | None,
+                              govcloud: bool | None = None) -> list[Ticket]:
+        """Tickets created in [since, until), oldest first (for stats), of one enclave or both."""
+        where, params = _enclave(govcloud)
         rows = await self._rows(
-            f"SELECT {_TICKET_COLS} FROM tickets WHERE created_at >= ? AND created_at < ? ORDER BY id",
-            (iso(since) if since else "", iso(until) if until else "9999"))
+            f"SELECT {_TICKET_COLS} FROM tickets WHERE created_at >= ? AND created_at < ?{where} ORDER BY id",
+            (iso(since) if since else "", iso(until) if until else "9999", *params))
         return [_ticket(r) for r in rows]
 
     async def tickets(self, status: str | None = None, *, certified_first: bool = False,
-                      assignee: str | None = None) -> list[Ticket]:
-        conditions = [c for c, v in (("status = ?", status), ("owner = ?", assignee)) if v is not None]
-        params = tuple(v for v in (status, assignee) if v is not None)
+                      assignee: str | None = None, govcloud: bool | None = None) -> list[Ticket]:
+        gov = None if govcloud is None else int(govcloud)
+        conditions = [c for c, v in (("status = ?", status), ("owner = ?", assignee), ("govcloud = ?", gov))
+                      if v is not None]
+        params = tuple(v for v in (status, assignee, gov) if v is not None)
         where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
         order = "CASE WHEN contact = 'certified' THEN 0 ELSE 1 END, id DESC" if certified_first else "id DESC"
         rows = await self._rows(f"SELECT {_TICKET_COLS} FROM tickets {where} ORDER BY {order}", params)
         return [_ticket(r) for r in rows]
 
-    async def search(self, terms: Sequence[str], limit: int) -> list[Ticket]:
+    async def search(self, terms: Sequence[str], limit: int, govcloud: bool | None = None) -> list[Ticket]:
         """Tickets whose received mail (subject, text) or whose subject and requester
-        hold every one of `terms`, newest first, at most `limit`.
+        hold every one of `terms`, newest first, at most `limit`, of one enclave
+        (`govcloud` True/False) or both (None).
 
         Bounded: each index is read newest first and stops after `SEARCH_SCAN`
         messages and `limit` tickets (a word in every mail costs no more than a rare
@@ -924,8 +937,9 @@ class Store:
         ids = sorted({int(r[0]) for r in found}, reverse=True)[:limit]
         if not ids:
             return []
+        where, params = _enclave(govcloud)
         rows = await self._rows(f"SELECT {_TICKET_COLS} FROM tickets WHERE id IN ({','.join('?' * len(ids))})"
-                                " ORDER BY id DESC", ids)
+                                f"{where} ORDER BY id DESC", (*ids, *params))
         return [_ticket(r) for r in rows]
 
     async def decision(self, ticket_id: int) -> dict[str, Any] | None:
