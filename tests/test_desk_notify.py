@@ -324,3 +324,43 @@ def test_no_file_is_attached_with_attach_max_bytes_0(make_gateway: Any) -> None:
     note = wait_saying(gw, QUEUES["AMER"], "See the screenshot.")
     assert list(note.iter_attachments()) == []
     assert "Not attached (over 0 bytes in all)" in text_of(note) and "(s.png)" in text_of(note)
+
+
+# -- staff learn of a quarantined mail of their ticket -------------------------
+
+def test_a_quarantined_mail_that_answers_a_ticket_is_told_to_its_staff_once_an_hour(make_gateway: Any) -> None:
+    from test_quarantine import poison_maker
+    _, make = poison_maker()
+
+    def poison(tag: str, answering: EmailMessage | None) -> bytes:
+        head = f"In-Reply-To: {answering['Message-ID']}\r\n".encode() if answering is not None else b""
+        return head + make(tag)
+
+    def quarantined_events() -> list[dict[str, Any]]:
+        return [e for e in gw.ticket(t["id"])["events"] if e["rule"] == "quarantined_mail"]
+
+    gw = staffed(make_gateway)
+    t, ack, note = open_ticket(gw)
+    assign(gw, note, t["id"])
+    tag = uniq("poison")
+    assert gw.send(poison(tag, ack), rcpt=[SUPPORT], mail_from=CUSTOMER)[0] == 250
+    told = wait_saying(gw, QUEUES["AMER"], "could not be processed")
+    assert wait_saying(gw, COLLEAGUE, "could not be processed")          # the assignee too ([staff] notify)
+    rows = json.loads(gw.cli("quarantine", "list", "--json").stdout)
+    assert len(rows) == 1
+    text = " ".join(text_of(told).split())
+    assert f"#{t['id']}" in str(told["Subject"]) and f"(ID {rows[0]['id']})" in text
+    assert f"gateway quarantine retry {rows[0]['id']}" in text and CUSTOMER in text
+    assert tag not in told.as_string()                                  # nothing of the mail itself
+    assert saying(gw, CUSTOMER, "could not be processed") == []
+
+    # a second one within the hour: on the ticket's events, no second notice
+    assert gw.send(poison(uniq("poison"), ack), rcpt=[SUPPORT], mail_from=CUSTOMER)[0] == 250
+    events = wait_for(lambda: e if len(e := quarantined_events()) == 2 else None, what="the second event")
+    assert [e["told"] for e in events] == [True, False]
+    # one that answers nothing of ours: quarantined, no notice, no event
+    assert gw.send(poison(uniq("poison"), None), rcpt=[SUPPORT], mail_from=CUSTOMER)[0] == 250
+    wait_for(lambda: len(json.loads(gw.cli("quarantine", "list", "--json").stdout)) == 3, what="3 quarantined")
+    settle(gw)
+    assert len(saying(gw, QUEUES["AMER"], "could not be processed")) == 1
+    assert len(quarantined_events()) == 2

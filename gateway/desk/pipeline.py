@@ -194,6 +194,35 @@ class Pipeline:
             return placement, None
         return found, await tx.ticket(found.ticket_id)      # locked, as read now
 
+    async def quarantine_notice(self, tx: Tx, inbound_id: int, thread_ids: tuple[str, ...],
+                                received: Received, error: str) -> int:
+        """A mail that answers a ticket's mail could not be processed and is
+        quarantined (issue 20): the ticket's staff (`[staff] notify`) are told, at most
+        once per ticket an hour, quoting nothing of the mail but its envelope sender
+        and the error, with the commands that show and retry it; the ticket gets a
+        `quarantined_mail` event either way. Only by the Message-IDs it answers (ours,
+        or the ticket's messages): a guessed subject tag makes no notice."""
+        ticket = await self._ticket_answered(tx, thread_ids)
+        if ticket is None:
+            return 0
+        now = received.received_at
+        queued = 0
+        if await tx.staff_warning_due(ticket.id, QUARANTINE_NOTICE, now, now - timedelta(hours=1)):
+            side = " --govcloud" if received.mailbox.govcloud else ""
+            sender = received.mail_from or "(no envelope sender)"
+            queued = await self.desk.notify_staff(
+                tx, ticket, now, answers=[], template="process_staff",
+                context={"headline": f"A mail for ticket #{ticket.id} could not be processed; it is kept "
+                                     f"in quarantine (ID {inbound_id})",
+                         "why": " ".join(error.split())[:300],
+                         "text": f"Envelope sender: {sender}\n"
+                                 f"See it:    gateway quarantine show {inbound_id}{side}\n"
+                                 f"Retry it:  gateway quarantine retry {inbound_id}{side}\n"
+                                 "(at most one such notice per ticket an hour; the ticket's events list them all)"})
+        await tx.add_event(ticket.id, now, "quarantined_mail", {"inbound_id": inbound_id, "told": bool(queued)})
+        log.warning("quarantine.ticket_told", ticket_id=ticket.id, inbound_id=inbound_id, told=bool(queued))
+        return queued
+
     async def _ticket_answered(self, tx: Tx, ids: tuple[str, ...]) -> Ticket | None:
         if not ids:
             return None
@@ -1122,6 +1151,9 @@ class Pipeline:
                     staff=self.config.is_staff(sender), told=bool(queued))
         return Outcome(inbound_id, "joined", ticket.id, mail.message_id, queued,
                        "answered our mail to staff but is not staff: kept as a note")
+
+
+QUARANTINE_NOTICE = "quarantine:"   # the staff_warnings key of a ticket's quarantine notice (no address)
 
 
 def files_for_staff(files: Sequence[tuple[Attachment, bytes]], budget: int) -> list[tuple[Attachment, bytes]]:

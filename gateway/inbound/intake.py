@@ -43,6 +43,7 @@ from gateway.clock import Clock
 from gateway.config import Limits
 from gateway.desk.pipeline import Outcome, Pipeline, Received, content_digest
 from gateway.mail import structure
+from gateway.mail.parse import message_ids
 from gateway.mail.structure import Examined, examine
 from gateway.model import ParsedMail
 from gateway.ops.sandbox import Crashed, Overrun, Sandbox
@@ -311,7 +312,8 @@ class Intake:
                 if job.parsed is None:
                     log.error("mail.quarantined", inbound_id=inbound_id, message_id=message_id,
                               error=error)
-                outcome = Outcome(inbound_id, "quarantined", None, message_id, 0, error or "")
+                told = await self._tell_staff(tx, inbound_id, job, error or "")
+                outcome = Outcome(inbound_id, "quarantined", None, message_id, told, error or "")
             else:
                 if outcome.action == "quarantined":
                     log.warning("mail.quarantined", inbound_id=inbound_id,
@@ -324,6 +326,22 @@ class Intake:
         return outcomes
 
 
+    async def _tell_staff(self, tx: Tx, inbound_id: int, job: _Job, error: str) -> int:
+        """Staff of the ticket a quarantined mail answers learn of it (issue 20); a
+        failure here never costs the quarantine itself."""
+        ids = job.parsed.thread_ids if job.parsed is not None else header_thread_ids(job.received.raw)
+        if not ids:
+            return 0
+        try:
+            async with self.store.savepoint(tx):
+                return await self.pipeline.quarantine_notice(tx, inbound_id, ids, job.received, error)
+        except StoreUnavailable:
+            raise
+        except Exception:  # the mail is quarantined either way
+            log.exception("quarantine.notice_failed", inbound_id=inbound_id)
+            return 0
+
+
 _MESSAGE_ID_HEADER = re.compile(rb"^message-id:[ \t]*(<[^<>\s]{1,900}>)", re.IGNORECASE | re.MULTILINE)
 
 
@@ -332,6 +350,25 @@ def header_message_id(raw: bytes) -> str:
     head = raw[:raw.find(b"\r\n\r\n") if b"\r\n\r\n" in raw[:1 << 20] else 1 << 20]
     m = _MESSAGE_ID_HEADER.search(head)
     return m.group(1).decode("ascii", "replace") if m else ""
+
+
+_THREAD_HEADERS = re.compile(rb"^(in-reply-to|references):([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
+                             re.IGNORECASE | re.MULTILINE)
+MAX_THREAD_IDS = 100
+
+
+def header_thread_ids(raw: bytes) -> tuple[str, ...]:
+    """The Message-IDs a mail no parser could read answers, as ParsedMail.thread_ids
+    orders them (In-Reply-To, then References nearest first), at most
+    MAX_THREAD_IDS, read from its header (its first MiB) only."""
+    end = raw.find(b"\r\n\r\n", 0, 1 << 20)
+    head = raw[:end if end >= 0 else 1 << 20]
+    replies: list[str] = []
+    references: list[str] = []
+    for m in _THREAD_HEADERS.finditer(head):
+        ids = message_ids(m.group(2).decode("ascii", "replace"))
+        (replies if m.group(1).lower() == b"in-reply-to" else references).extend(ids)
+    return tuple(dict.fromkeys((*replies, *reversed(references))))[:MAX_THREAD_IDS]
 
 
 # -- limits ---------------------------------------------------------------------
