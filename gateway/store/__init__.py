@@ -883,6 +883,25 @@ class Store:
             (iso(since) if since else "", iso(until) if until else "9999"))
         return [_ticket(r) for r in rows]
 
+    async def agent_activity(self, since: datetime | None, until: datetime | None
+                             ) -> tuple[dict[int, str], dict[str, int], dict[str, int]]:
+        """`stats` per agent: who sent the first relayed staff answer of each ticket
+        created in [since, until) (ticket id -> agent), how many staff answers each
+        agent sent in the period, and how many open or pending tickets each
+        assignee has now (whenever created)."""
+        lo, hi = iso(since) if since else "", iso(until) if until else "9999"
+        first = await self._rows(
+            "SELECT m.ticket_id, m.sender FROM messages m JOIN tickets t ON t.id = m.ticket_id"
+            " WHERE t.created_at >= ? AND t.created_at < ? AND m.id = (SELECT min(f.id) FROM messages f"
+            " WHERE f.ticket_id = m.ticket_id AND f.direction = 'in' AND f.kind = 'staff')", (lo, hi))
+        answered = await self._rows(
+            "SELECT sender, count(*) FROM messages WHERE direction = 'in' AND kind = 'staff'"
+            " AND created_at >= ? AND created_at < ? GROUP BY sender", (lo, hi))
+        owning = await self._rows("SELECT owner, count(*) FROM tickets WHERE owner IS NOT NULL"
+                                  " AND status IN ('open', 'pending') GROUP BY owner")
+        return ({int(r[0]): r[1] for r in first}, {r[0]: int(r[1]) for r in answered},
+                {r[0]: int(r[1]) for r in owning})
+
     async def tickets(self, status: str | None = None, *, certified_first: bool = False,
                       assignee: str | None = None) -> list[Ticket]:
         conditions = [c for c, v in (("status = ?", status), ("owner = ?", assignee)) if v is not None]
