@@ -331,6 +331,17 @@ MIGRATIONS: tuple[str, ...] = (
     /*postgresql*/ ALTER TABLE outbox ADD COLUMN inbound_id INTEGER REFERENCES inbound(id);
     CREATE INDEX outbox_inbound ON outbox(inbound_id, kind) WHERE inbound_id IS NOT NULL;
     """,
+    # 20: reserved: another branch's migration 20 takes this place at merge (then 21 follows it)
+    "",
+    # 21: the daily digest (issue 20): the local day each recipient's digest was last
+    # queued for, so that it goes out once a day however often `run-due` runs
+    """
+    CREATE TABLE digests (
+        recipient TEXT PRIMARY KEY,      -- "queue:<address>:<commercial|govcloud>", "assignee:..."
+        day       TEXT NOT NULL,         -- YYYY-MM-DD in [digest] timezone
+        sent_at   TEXT NOT NULL
+    );
+    """,
 )
 
 LEGACY_SECRET = "ticket_token_secret"     # the setting migration 6 kept the secret in
@@ -539,6 +550,45 @@ class Tx:
             f" AND govcloud IN ({gov}) ORDER BY response_due_at, id LIMIT ?", (iso(near), agent, limit))
         found["near"] = [_ticket(r) for r in rows]
         return found
+
+    async def digest_lists(self, near: datetime, *, govcloud: bool, region: str | None = None,
+                           owner: str | None = None, limit: int) -> dict[str, tuple[int, list[Ticket]]]:
+        """The daily digest's lists, each as (how many, at most `limit` of them):
+        open, waiting (pending), near (open, no first response, target before
+        `near` or passed), escalated (open or pending) and unassigned (open or
+        pending, no owner). Of the tickets whose GovCloud flag is `govcloud`, of
+        `region` when given (a queue's digest); with `owner` (an agent's digest)
+        the lists hold the agent's tickets, near also the unassigned ones."""
+        scope = "govcloud = ?"
+        params: list[Any] = [int(govcloud)]
+        if region is not None:
+            scope, params = scope + " AND region = ?", [*params, region]
+        mine, mine_p = ("owner = ?", [owner]) if owner else ("1 = 1", [])
+        near_owner, near_p = ("(owner = ? OR owner IS NULL)", [owner]) if owner else ("1 = 1", [])
+        parts: dict[str, tuple[str, list[Any], str]] = {
+            "open": (f"status = 'open' AND {mine}", mine_p, "id DESC"),
+            "waiting": (f"status = 'pending' AND {mine}", mine_p, "id DESC"),
+            "near": ((f"status = 'open' AND first_response_at IS NULL AND response_due_at IS NOT NULL"
+                     f" AND response_due_at <= ? AND {near_owner}"), [iso(near), *near_p], "response_due_at, id"),
+            "escalated": (f"status IN ('open', 'pending') AND escalated = 1 AND {mine}", mine_p, "id DESC"),
+            "unassigned": ("status IN ('open', 'pending') AND owner IS NULL", [], "id DESC"),
+        }
+        found: dict[str, tuple[int, list[Ticket]]] = {}
+        for name, (where, p, order) in parts.items():
+            cond = f"{scope} AND {where}"
+            count = await self._all(f"SELECT count(*) FROM tickets WHERE {cond}", (*params, *p))
+            rows = await self._all(f"SELECT {_TICKET_COLS} FROM tickets WHERE {cond} ORDER BY {order} LIMIT ?",
+                                   (*params, *p, limit))
+            found[name] = (int(count[0][0]), [_ticket(r) for r in rows])
+        return found
+
+    async def claim_digest(self, recipient: str, day: str, now: datetime) -> bool:
+        """Record that `recipient`'s digest of local day `day` is queued; False when
+        it was already (this day or a later one): a digest goes out once a day."""
+        return bool(await self._all(
+            "INSERT INTO digests (recipient, day, sent_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (recipient) DO UPDATE SET day = excluded.day, sent_at = excluded.sent_at"
+            " WHERE digests.day < excluded.day RETURNING recipient", (recipient, day, iso(now))))
 
     async def customer_thread(self, ticket_id: int, customer_kinds: Sequence[str]) -> list[str]:
         """Message-IDs of what the customer saw and wrote, oldest first."""
