@@ -34,6 +34,7 @@ to = ["queue", "assignee"]
 """
 CUSTOMER = "ann@customer.example"
 GOV_CUSTOMER = "gina@agency.example"
+IDLE = "idle@staff.example.com"          # staff with no ticket assigned: no digest
 
 
 def berlin(day: date, hh: int, mm: int = 0) -> str:
@@ -49,7 +50,7 @@ def run_due(gw: GatewayProc, now: str) -> dict[str, Any]:
 def text_of(m: EmailMessage) -> str:
     body = m.get_body(("plain",))
     assert body is not None
-    return body.get_content()
+    return body.get_content().replace("\r\n", "\n")
 
 
 def digests(gw: GatewayProc, day: date) -> dict[str, list[EmailMessage]]:
@@ -74,9 +75,12 @@ def part(text: str, title: str) -> str:
 def desk(make_gateway: Callable[..., GatewayProc]) -> tuple[GatewayProc, dict[str, str]]:
     """A gateway with digests on, and three tickets: one the agent answered (theirs,
     waiting on the customer), one unassigned, one GovCloud."""
-    gw = make_gateway(extra_toml=DIGEST)
+    # the Advanced plan gives every ticket a first-response target; all within 720 h count as near
+    gw = make_gateway(extra_toml=DIGEST + '[rules]\ndefault_region = "AMER"\ndefault_plan = "advanced"\n')
+    text = gw.config.read_text().replace("[staff]\n", "[staff]\nlist_near_hours = 720\n", 1)
+    gw.config.write_text(text.replace(f'addresses = ["{STAFF}"]', f'addresses = ["{STAFF}", "{IDLE}"]', 1))
     gw.start()
-    subjects = {name: uniq(name) for name in ("answered", "unassigned", "govcloud")}
+    subjects = {name: uniq(name) for name in ("answered", "unassigned", "govcloud", "escalated")}
     assert gw.send(mail(f"Ann <{CUSTOMER}>", SUPPORT, subjects["answered"], "Backup fails."))[0] == 250
     assert gw.send(mail(f"Ann <{CUSTOMER}>", SUPPORT, subjects["unassigned"], "Restore fails."))[0] == 250
     assert gw.send(mail(GOV_CUSTOMER, GOV, subjects["govcloud"], "The export fails."))[0] == 250
@@ -85,6 +89,12 @@ def desk(make_gateway: Callable[..., GatewayProc]) -> tuple[GatewayProc, dict[st
     assert gw.send(agent_reply(note, "Which version do you run?", frm=f"Agent Smith <{STAFF}>"))[0] == 250
     shown = gw.ticket(answered["id"])
     assert shown["status"] == "pending" and shown["owner"] == STAFF
+    assert gw.send(mail(f"Ann <{CUSTOMER}>", SUPPORT, subjects["escalated"], "Backup is gone."))[0] == 250
+    escalated = gw.ticket_by_subject(subjects["escalated"])
+    note = next(m for m in gw.sink.wait_to(QUEUES["AMER"], count=4) if f"#{escalated['id']}]" in str(m["Subject"]))
+    assert gw.send(agent_reply(note, "#escalate\nWe looked, it needs engineering.", frm=STAFF))[0] == 250
+    shown = gw.ticket(escalated["id"])
+    assert shown["escalated"] and shown["owner"] == STAFF, shown
     gw.gov_sink.wait_to(QUEUES["GOVCLOUD"])
     return gw, subjects
 
@@ -100,20 +110,28 @@ def test_the_digest_goes_out_once_at_the_local_time_to_each_queue_and_assignee_g
     got = digests(gw, DAY)
     assert sorted(got) == sorted([f"default {QUEUES['AMER']}", f"default {QUEUES['EMEA']}",
                                   f"default {QUEUES['APAC']}", f"govcloud {QUEUES['GOVCLOUD']}", f"default {STAFF}"])
-    assert all(len(ms) == 1 for ms in got.values())
+    assert all(len(ms) == 1 for ms in got.values()) and not gw.sink.to(IDLE)
 
     amer = text_of(got[f"default {QUEUES['AMER']}"][0])
-    assert "Open (1):" in amer and subjects["unassigned"] in part(amer, "Open (1):")
-    assert subjects["answered"] in part(amer, "Waiting on the customer (1):")
-    assert subjects["unassigned"] in part(amer, "Unassigned (1):")
-    assert subjects["answered"] not in part(amer, "Unassigned (1):")
-    assert "Escalated (0):" in amer and "old)" in amer
+    assert subjects["unassigned"] in part(amer, "Open (1):")
+    waiting = part(amer, "Waiting on the customer (2):")
+    assert subjects["answered"] in waiting and subjects["escalated"] in waiting
+    near = part(amer, "Near or past the first-response target (within 720 h) (1):")
+    assert subjects["unassigned"] in near and "first response " in near and near.endswith("unassigned")
+    assert subjects["escalated"] in part(amer, "Escalated (1):")
+    unassigned = part(amer, "Unassigned (1):")
+    assert subjects["unassigned"] in unassigned and subjects["answered"] not in unassigned
+    assert " old)" in part(amer, "Open (1):")
     emea = text_of(got[f"default {QUEUES['EMEA']}"][0])
-    assert "Open (0):" in emea and subjects["unassigned"] not in emea
+    assert "Open (0):" in emea and "Unassigned (0):" in emea
+    assert not any(subject in emea for subject in subjects.values())
 
     mine = text_of(got[f"default {STAFF}"][0])
-    assert subjects["answered"] in part(mine, "Waiting on the customer, assigned to you (1):")
     assert "Open, assigned to you (0):" in mine
+    assert subjects["answered"] in part(mine, "Waiting on the customer, assigned to you (2):")
+    assert subjects["unassigned"] in part(mine, "(within 720 h; yours or unassigned) (1):")
+    assert subjects["escalated"] in part(mine, "Escalated, assigned to you (1):")
+    assert subjects["govcloud"] not in mine
 
     # GovCloud: its own digest through the GovCloud relay only, and in no commercial mail at all
     gov = got[f"govcloud {QUEUES['GOVCLOUD']}"][0]
@@ -185,3 +203,13 @@ def test_recipients_keep_govcloud_apart_and_follow_to() -> None:
     agent = digest.Recipient("a@staff.example.com", "assignee", False)
     assert not digest.worth_sending(agent, {**dict.fromkeys(digest.PARTS, 0), "unassigned": 3})
     assert digest.worth_sending(agent, {**dict.fromkeys(digest.PARTS, 0), "waiting": 1})
+
+
+def test_a_list_shows_at_most_50_rows_and_says_there_are_more() -> None:
+    from gateway.model import Status, Ticket
+    t0 = datetime(2025, 12, 1, 9, 0, tzinfo=UTC)
+    ts = [Ticket(id=n, subject=f"s{n}", status=Status.OPEN, requester="a@c.example", cc=(), region="EMEA",
+                 govcloud=False, priority=3, mailbox=SUPPORT, linked_ticket=None, created_at=t0) for n in range(51)]
+    lists, more = digest.lists_of({"open": ts, "waiting": ts[:50]}, t0 + timedelta(days=3, hours=4))
+    assert len(lists["open"]) == 50 and more == {"open": True, "waiting": False}
+    assert lists["open"][0]["age"] == "3d 04h" and digest.age(-5) == "0m" and digest.age(3700) == "1h 01m"

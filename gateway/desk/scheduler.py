@@ -107,8 +107,9 @@ class Scheduler:
 
     async def _digests(self, at: datetime) -> int:
         """`[digest]`: each recipient's digest of the local day, once that day's
-        `at` has passed, unless already queued for that day; how many were queued.
-        Each in its own transaction, the day recorded in the commit that queues it."""
+        `at` has passed, unless already decided for that day; how many were queued.
+        Each in its own transaction, the day recorded in the commit that queues it
+        (an agent without assigned tickets then gets none that day)."""
         config = self.desk.config
         if not config.digest.enabled:
             return 0
@@ -116,7 +117,11 @@ class Scheduler:
         if day is None:
             return 0
         queued = 0
-        for recipient in digest.recipients(config):
+        everyone = digest.recipients(config)
+        decided = await self.store.digest_days([r.key for r in everyone])    # a cheap read, each minute
+        for recipient in everyone:
+            if decided.get(recipient.key, "") >= day.isoformat():
+                continue
             mailbox = next((mb.address for mb in config.mailboxes if mb.govcloud == recipient.govcloud), None)
             if mailbox is None:
                 continue              # no mailbox of that kind: no tickets of that kind either
@@ -126,15 +131,15 @@ class Scheduler:
 
     async def _digest(self, tx: Tx, *, recipient: digest.Recipient, mailbox: str, day: date, at: datetime) -> bool:
         config = self.desk.config
+        if not await tx.claim_digest(recipient.key, day.isoformat(), at):
+            return False              # another run (or instance) decided this day's digest
         near = config.staff_list_near
         found = await tx.digest_lists(at + near, govcloud=recipient.govcloud, region=recipient.region,
                                       owner=recipient.address if recipient.who == "assignee" else None,
                                       limit=digest.LISTED + 1)
         counts = {name: n for name, (n, _) in found.items()}
         if not digest.worth_sending(recipient, counts):
-            return False
-        if not await tx.claim_digest(recipient.key, day.isoformat(), at):
-            return False
+            return False              # an agent without tickets at the time: none that day
         lists, more = digest.lists_of({name: ts for name, (_, ts) in found.items()}, at)
         agent = recipient.who == "assignee"
         part = "GovCloud" if recipient.govcloud else "commercial"

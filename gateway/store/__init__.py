@@ -583,8 +583,9 @@ class Tx:
         return found
 
     async def claim_digest(self, recipient: str, day: str, now: datetime) -> bool:
-        """Record that `recipient`'s digest of local day `day` is queued; False when
-        it was already (this day or a later one): a digest goes out once a day."""
+        """Record that `recipient`'s digest of local day `day` is decided (queued, or
+        not needed: an agent without tickets); False when it was already (this day
+        or a later one): a digest goes out once a day."""
         return bool(await self._all(
             "INSERT INTO digests (recipient, day, sent_at) VALUES (?, ?, ?)"
             " ON CONFLICT (recipient) DO UPDATE SET day = excluded.day, sent_at = excluded.sent_at"
@@ -951,6 +952,14 @@ class Store:
                                   " AND status IN ('open', 'pending') GROUP BY owner")
         return ({int(r[0]): r[1] for r in first}, {r[0]: int(r[1]) for r in answered},
                 {r[0]: int(r[1]) for r in owning})
+
+    async def digest_days(self, recipients: Sequence[str]) -> dict[str, str]:
+        """The local day each of `recipients` last had its digest decided (`Tx.claim_digest`)."""
+        if not recipients:
+            return {}
+        marks = ",".join("?" * len(recipients))
+        rows = await self._rows(f"SELECT recipient, day FROM digests WHERE recipient IN ({marks})", recipients)
+        return {r[0]: r[1] for r in rows}
 
     async def tickets(self, status: str | None = None, *, certified_first: bool = False,
                       assignee: str | None = None) -> list[Ticket]:
