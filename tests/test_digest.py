@@ -18,7 +18,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import GOV, QUEUES, STAFF, SUPPORT, GatewayProc, agent_reply, mail, uniq
+from conftest import GATEWAY, GOV, QUEUES, STAFF, SUPPORT, GatewayProc, agent_reply, mail, uniq
 
 from gateway import config as gwconfig
 from gateway.desk import digest
@@ -213,3 +213,15 @@ def test_a_list_shows_at_most_50_rows_and_says_there_are_more() -> None:
     lists, more = digest.lists_of({"open": ts, "waiting": ts[:50]}, t0 + timedelta(days=3, hours=4))
     assert len(lists["open"]) == 50 and more == {"open": True, "waiting": False}
     assert lists["open"][0]["age"] == "3d 04h" and digest.age(-5) == "0m" and digest.age(3700) == "1h 01m"
+
+
+def test_two_schedulers_at_once_send_each_digest_once(desk: tuple[GatewayProc, dict[str, str]]) -> None:
+    gw, _ = desk
+    runs = [subprocess.Popen([*GATEWAY, "run-due", "--now", berlin(DAY, 9, 0), "--config", str(gw.config)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=60) for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], [e.decode()[-500:] for _, e in outs]
+    counted = [json.loads(o)["jobs"].get("daily digest", 0) for o, _ in outs]
+    assert sum(counted) == 5
+    got = digests(gw, DAY)
+    assert len(got) == 5 and all(len(ms) == 1 for ms in got.values())
