@@ -657,11 +657,13 @@ async def _figures(config: Config, since: datetime | None, until: datetime | Non
     try:
         tickets = await store.tickets_created(since, until, govcloud)
         open_now = await store.count_unresolved(govcloud)
+        first_by, answered, owning = await store.agent_activity(since, until, govcloud)
     finally:
         await store.close()
     rep = stats.report(tickets)
     rep = {"since": iso(since), "until": iso(until), "month": month, "govcloud": govcloud,
            "open_now": open_now, **rep,
+           "by_agent": stats.by_agent(tickets, first_by, answered, owning),
            "summary": stats.month_line(month, rep) if month else None}
     return rep, tickets
 

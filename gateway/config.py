@@ -15,10 +15,11 @@ import tomllib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import time, timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.model import REGIONS, mailbox_of, normalize_address
 from gateway.outbound.dkim import RSA as DKIM_RSA
@@ -108,6 +109,24 @@ class StatusRequests:
 
     enabled: bool = True
     interval: timedelta = timedelta(hours=4)     # at most one automatic status answer per ticket per this
+
+
+DIGEST_TO = ("queue", "assignee")
+
+
+@dataclass(frozen=True)
+class Digest:
+    """`[digest]`: the daily digest by mail (issue 20) per region queue and per
+    assignee, at local time `at` in `timezone` (gateway.desk.digest)."""
+
+    enabled: bool = False
+    at: time = time(8, 0)
+    timezone: str = "UTC"                   # an IANA zone name
+    to: tuple[str, ...] = DIGEST_TO
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
 
 
 ACK_PARTS = ("next_steps", "target", "missing", "safe_senders", "status_page", "one_ticket_per_problem",
@@ -232,6 +251,7 @@ class Config:
     # attach_max_bytes: the customer's files attached to a staff notification, at most
     # this many bytes in all (the rest listed with `gateway tickets attachment`)
     staff_attach_max: int = 5_000_000
+    digest: Digest = field(default_factory=Digest)
 
     # -- lookups used across the gateway ---------------------------------
     @property
@@ -637,7 +657,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
     d = _defaults()
     r = _Reader(data)
     known = set(d) | {"imap", "metrics", "limits", "dkim", "escalation", "emergency", "status_requests",
-                      "threading", "answers", "acknowledgement"}
+                      "threading", "answers", "acknowledgement", "digest"}
     for key in data:
         if key not in known:
             r.fail(key, unknown_key(key, known).replace("key", "section", 1))
@@ -799,6 +819,7 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
                                      timedelta(hours=status_interval))
 
     acknowledgement = _acknowledgement(r)
+    digest = _digest(r)
 
     th = r.section("threading")
     _only_known(r, "threading", th, ("same_problem_hours",))
@@ -852,8 +873,36 @@ def parse(data: dict[str, Any], *, source: str = "<dict>", config_dir: Path | No
         token_secret_file=Path(secret_value) if secret_value else None, answers_dir=answers_dir,
         govcloud_staff=gov_staff, staff_notify=notify, staff_notes_to=notes_to, staff_list_near=list_near,
         staff_attach_max=attach_max,
-        acknowledgement=acknowledgement,
+        acknowledgement=acknowledgement, digest=digest,
     )
+
+
+def _digest(r: _Reader) -> Digest:
+    """`[digest]`: enabled, at ("HH:MM", local), timezone (IANA), to (queue/assignee)."""
+    dg = r.section("digest")
+    _only_known(r, "digest", dg, ("enabled", "at", "timezone", "to"))
+    enabled = _prefixed(r, "digest", dg, "enabled", bool, False)
+    at_text = _prefixed(r, "digest", dg, "at", str, "08:00")
+    m = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)", at_text)
+    if m is None:
+        r.fail("digest.at", f"expected a local time HH:MM (00:00 to 23:59), got {at_text!r}")
+    zone = _prefixed(r, "digest", dg, "timezone", str, "UTC")
+    try:
+        if not zone or zone.startswith(("/", ".")) or ".." in zone:
+            raise ZoneInfoNotFoundError(zone)
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        r.fail("digest.timezone", f"not an IANA time zone (like Europe/Berlin or UTC): {zone!r}")
+        zone = "UTC"
+    words = _prefixed(r, "digest", dg, "to", list, list(DIGEST_TO))
+    to = tuple(dict.fromkeys(w for w in words if _is_str(r, "digest.to", w)))
+    for w in to:
+        if w not in DIGEST_TO:
+            r.fail("digest.to", unknown_key(w, DIGEST_TO).replace("key", f"value {w!r}", 1))
+    if enabled and not words:
+        r.fail("digest.to", f"name at least one of {', '.join(DIGEST_TO)} when digest.enabled = true")
+    return Digest(enabled=enabled, at=time(int(m[1]), int(m[2])) if m else time(8, 0), timezone=zone,
+                  to=tuple(w for w in to if w in DIGEST_TO))
 
 
 def _acknowledgement(r: _Reader) -> Acknowledgement:

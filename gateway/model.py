@@ -40,6 +40,7 @@ class Kind(StrEnum):
     STATUS = "status"                # the automatic answer to a status request
     ESCALATION = "escalation"        # the customer is told the ticket went to engineering
     CONTACT_REFUSED = "contact_refused"  # about no ticket: who may open tickets (contacts_policy restrict)
+    DIGEST = "digest"                # about no ticket: the daily digest to a queue or an agent ([digest])
 
 
 # What counts toward `[limits] auto_answers_per_*_per_hour`: the automatic
@@ -47,7 +48,7 @@ class Kind(StrEnum):
 # (the ticket-less CONTACT_REFUSED counts too: `Tx.add_refusal_load`)
 AUTO_ANSWER_KINDS = frozenset({Kind.ACK.value, Kind.REDIRECT.value})
 # Mail about no ticket: no ticket tag, no ticket token, no message row (gateway.outbound.compose)
-UNTICKETED_KINDS = frozenset({Kind.CONTACT_REFUSED.value})
+UNTICKETED_KINDS = frozenset({Kind.CONTACT_REFUSED.value, Kind.DIGEST.value})
 
 
 def normalize_address(address: str) -> str:

@@ -246,3 +246,11 @@ def test_stats_first_response_and_resolution_with_escalations_excluded(gateway: 
     assert json.loads(gateway.cli("stats", "--json", "--month", "2099-01").stdout)["open_now"] == 1
     bad = gateway.cli("stats", "--month", "2026-13")
     assert bad.returncode == 64 and "--month" in bad.stderr
+    # per agent: the agent answered both, owns both (an answer assigns), one left out as escalated
+    agent = s["by_agent"][STAFF]
+    assert (agent["assigned"], agent["answered"], agent["first_responses"]) == (2, 2, 2)
+    assert agent["first_response_avg_s"] == s["first_response_avg_s"]
+    assert agent["resolution_count"] == 1 and agent["escalated_excluded"] == 1 and agent["open_now"] == 0
+    assert agent["resolution_avg_s"] == s["resolution_avg_s"]
+    assert STAFF in table and "open now" in table
+    assert json.loads(future.stdout)["by_agent"] == {}

@@ -87,3 +87,21 @@ def test_weeks_start_on_monday_in_utc_and_are_cut_to_the_period() -> None:
     assert (cut[0]["since"], cut[0]["until"]) == (T0 + timedelta(hours=1), datetime(2025, 12, 8, tzinfo=UTC))
     assert cut[-1]["until"] == T0 + timedelta(days=18) and cut[0]["opened"] == 0
     assert stats.weekly([]) == []
+
+
+def test_by_agent_counts_assigned_answered_first_responses_and_leaves_escalations_out_of_resolution() -> None:
+    a, b = "ann@staff.example", "bob@staff.example"
+    ts = [replace(ticket(1, answered_min=30, resolved_h=10, status=Status.RESOLVED), owner=a),
+          replace(ticket(2, answered_min=90, resolved_h=100, escalated=True, status=Status.RESOLVED), owner=a),
+          replace(ticket(3, answered_min=60), owner=b),
+          ticket(4)]
+    agents = stats.by_agent(ts, {1: a, 2: b, 3: b}, {a: 3, b: 2}, {b: 1, "carl@staff.example": 2})
+    assert list(agents) == [a, b, "carl@staff.example"]
+    assert agents[a] == {"assigned": 2, "answered": 3, "first_responses": 1, "first_response_avg_s": 1800,
+                         "resolution_count": 1, "resolution_avg_s": 36000, "escalated_excluded": 1, "open_now": 0}
+    assert (agents[b]["assigned"], agents[b]["first_responses"], agents[b]["first_response_avg_s"]) == (1, 2, 4500)
+    assert agents[b]["resolution_avg_s"] is None and agents[b]["open_now"] == 1
+    assert agents["carl@staff.example"]["assigned"] == 0 and agents["carl@staff.example"]["open_now"] == 2
+    table = stats.table({**stats.report(ts), "by_agent": agents})
+    assert "open now" in table and any(line.startswith(a) for line in table.splitlines())
+    assert stats.by_agent([], {}, {}, {}) == {}

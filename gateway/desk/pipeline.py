@@ -19,6 +19,7 @@ import structlog
 from gateway.config import Config, Mailbox, Policy
 from gateway.desk import lifecycle
 from gateway.desk.conversation import Placement, place, same_problem
+from gateway.desk.digest import LISTED, lists_of
 from gateway.desk.writer import Desk
 from gateway.mail import authres
 from gateway.mail.automatic import automatic_kind
@@ -779,17 +780,7 @@ class Pipeline:
         near = self.config.staff_list_near
         found = await tx.agent_tickets(sender, now + near, [g for g in (False, True)
                                                             if self.config.may_answer(sender, g)], LISTED + 1)
-
-        def row(t: Ticket) -> dict[str, object]:
-            due = t.response_due_at
-            hours = (due - now).total_seconds() / 3600 if due else None
-            return {"id": t.id, "priority": t.priority, "subject": t.subject, "requester": t.requester,
-                    "owner": t.owner, "status": t.status.value, "govcloud": t.govcloud,
-                    "due": due.strftime("%Y-%m-%d %H:%M UTC") if due else None,
-                    "past": hours is not None and hours < 0,
-                    "hours": None if hours is None else round(abs(hours), 1)}
-        lists = {name: [row(t) for t in tickets[:LISTED]] for name, tickets in found.items()}
-        more = {name: len(tickets) > LISTED for name, tickets in found.items()}
+        lists, more = lists_of(found, now)
         queued = await self.desk.to_staff(tx, ticket, sender, now, answers=[mail.message_id], template="list",
                                           context={"agent": sender, "lists": lists, "more": more,
                                                    "near_hours": f"{near.total_seconds() / 3600:g}",
@@ -1178,7 +1169,6 @@ def _follows_up(linked: Ticket | None, sender: str) -> dict[str, object] | None:
 
 
 HELP_ANSWERS = 100     # canned answers a #help mail lists at most
-LISTED = 50            # tickets a #list mail shows at most in each of its lists
 
 
 def contact_marks(standing: Standing) -> list[str]:

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
+from functools import partial
 
 import structlog
 
 from gateway.clock import Clock, system_clock
 from gateway.config import Policy
-from gateway.desk import lifecycle
+from gateway.desk import digest, lifecycle
 from gateway.desk.writer import Desk
-from gateway.model import Ticket
+from gateway.model import Kind, Ticket
 from gateway.ops.loops import Repeater
 from gateway.store import Store, Tx
 
@@ -27,6 +28,7 @@ log = structlog.get_logger("gateway.scheduler")
 BATCH = 200
 SLA_WARNING = "first-response target near: SLA warning"
 SLA_BREACH = "first-response target missed: SLA breach"
+DIGEST = "daily digest"
 # the loop caps' per-minute counters (gateway.store sender_load) are kept this long
 # past their hour, and dropped this often
 SENDER_LOAD_KEPT = timedelta(hours=2)
@@ -62,6 +64,10 @@ class Scheduler:
                 self.on_queued()
             if len(ids) < BATCH:
                 break
+        sent = await self._digests(at)
+        if sent:
+            done[DIGEST] += sent
+            self.on_queued()
         if done:
             log.info("scheduler.ran", at=at.isoformat(), jobs=dict(done))
         await self._forget_old_sender_load()
@@ -98,6 +104,60 @@ class Scheduler:
             _, queued = await self.desk.apply(tx, ticket, tr, at)
             jobs.append((ticket.id, tr.cause, tr.status.value, queued))
         return ids, jobs
+
+    async def _digests(self, at: datetime) -> int:
+        """`[digest]`: each recipient's digest of the local day, once that day's
+        `at` has passed, unless already decided for that day; how many were queued.
+        Each in its own transaction, the day recorded in the commit that queues it
+        (an agent without assigned tickets then gets none that day)."""
+        config = self.desk.config
+        if not config.digest.enabled:
+            return 0
+        day = digest.day_due(at, config.digest.at, config.digest.zone)
+        if day is None:
+            return 0
+        queued = 0
+        everyone = digest.recipients(config)
+        decided = await self.store.digest_days([r.key for r in everyone])    # a cheap read, each minute
+        for recipient in everyone:
+            if decided.get(recipient.key, "") >= day.isoformat():
+                continue
+            mailbox = next((mb.address for mb in config.mailboxes if mb.govcloud == recipient.govcloud), None)
+            if mailbox is None:
+                continue              # no mailbox of that kind: no tickets of that kind either
+            if await self.store.run(partial(self._digest, recipient=recipient, mailbox=mailbox, day=day, at=at)):
+                queued += 1
+        return queued
+
+    async def _digest(self, tx: Tx, *, recipient: digest.Recipient, mailbox: str, day: date, at: datetime) -> bool:
+        config = self.desk.config
+        if not await tx.claim_digest(recipient.key, day.isoformat(), at):
+            return False              # another run (or instance) decided this day's digest
+        near = config.staff_list_near
+        found = await tx.digest_lists(at + near, govcloud=recipient.govcloud, region=recipient.region,
+                                      owner=recipient.address if recipient.who == "assignee" else None,
+                                      limit=digest.LISTED + 1)
+        counts = {name: n for name, (n, _) in found.items()}
+        if not digest.worth_sending(recipient, counts):
+            return False              # an agent without tickets at the time: none that day
+        lists, more = digest.lists_of({name: ts for name, (_, ts) in found.items()}, at)
+        agent = recipient.who == "assignee"
+        part = "GovCloud" if recipient.govcloud else "commercial"
+        scope = f"{recipient.address} ({part} tickets)" if agent else \
+            f"the {recipient.region or 'GOVCLOUD'} queue ({recipient.address})"
+        zone = config.digest.timezone
+        out = self.desk.composer.compose_unticketed(
+            Kind.DIGEST, mailbox=mailbox, to=recipient.address, subject=f"Daily digest {day.isoformat()}: {scope}",
+            answers=[], now=at, govcloud=recipient.govcloud,
+            context={"scope": scope, "day": day.isoformat(), "at": f"{config.digest.at:%H:%M} {zone}",
+                     "mine": ", assigned to you" if agent else "", "near_hours": f"{near.total_seconds() / 3600:g}",
+                     "near_mine": "; yours or unassigned" if agent else "", "limit": digest.LISTED,
+                     "counts": counts, "lists": lists, "more": more})
+        await tx.enqueue(message_row=None, ticket_id=None, kind=out.kind.value, relay=out.relay,
+                         mail_from=out.mail_from, rcpt_to=out.rcpt_to, content=out.content, now=at)
+        log.info("digest.queued", recipient=recipient.address, who=recipient.who, govcloud=recipient.govcloud,
+                 day=day.isoformat(), **counts)
+        return True
 
     async def _sla_notice(self, tx: Tx, ticket: Ticket, at: datetime, *, breach: bool = False) -> int:
         """The SLA warning before the first-response target, or the breach notice

@@ -14,7 +14,7 @@ neither way.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from statistics import mean, median
 from typing import Any
@@ -73,6 +73,46 @@ def report(tickets: Iterable[Ticket]) -> dict[str, Any]:
         names = sorted({getattr(t, part) for t in ts})
         out[f"by_{part}"] = {name or "-": figures(t for t in ts if getattr(t, part) == name) for name in names}
     return out
+
+
+def by_agent(tickets: Iterable[Ticket], first_by: Mapping[int, str], answered: Mapping[str, int],
+             open_now: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+    """Per agent address, over the period's tickets: `assigned` (tickets of the
+    period the agent owns now), `answered` (relayed staff answers the agent sent
+    in the period), `first_responses` (tickets whose first answer was theirs) and
+    its average, the average resolution of their assigned tickets (escalations
+    excluded, as `figures` does; `escalated_excluded` says how many), and
+    `open_now` (open or pending tickets assigned to them, whenever created)."""
+    ts = list(tickets)
+    agents = sorted({t.owner for t in ts if t.owner} | {a for t in ts if (a := first_by.get(t.id))}
+                    | set(answered) | set(open_now))
+    out: dict[str, dict[str, Any]] = {}
+    for agent in agents:
+        owned = [t for t in ts if t.owner == agent]
+        firsts = [(t.first_response_at - t.created_at).total_seconds() for t in ts
+                  if t.first_response_at and first_by.get(t.id) == agent]
+        done = [((t.resolved_at or t.closed_at) - t.created_at).total_seconds()  # type: ignore[operator]
+                for t in owned if not t.escalated and (t.resolved_at or t.closed_at)]
+        out[agent] = {"assigned": len(owned), "answered": answered.get(agent, 0),
+                      "first_responses": len(firsts), "first_response_avg_s": _seconds(firsts)["avg_s"],
+                      "resolution_count": len(done), "resolution_avg_s": _seconds(done)["avg_s"],
+                      "escalated_excluded": sum(1 for t in owned if t.escalated),
+                      "open_now": open_now.get(agent, 0)}
+    return out
+
+
+def agent_table(agents: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The per-agent part of `gateway stats`' table."""
+    if not agents:
+        return ["Per agent: none in the period"]
+    width = max(18, *(len(a) for a in agents))
+    lines = [(f"{'agent':<{width}} {'assigned':>8} {'answered':>8} {'1st resp':>8} {'1st resp avg':>13} "
+              f"{'resolution avg':>15} {'escal.':>6} {'open now':>8}")]
+    for agent, f in agents.items():
+        lines.append(f"{agent:<{width}} {f['assigned']:>8} {f['answered']:>8} {f['first_responses']:>8} "
+                     f"{duration(f['first_response_avg_s']):>13} {duration(f['resolution_avg_s']):>15} "
+                     f"{f['escalated_excluded']:>6} {f['open_now']:>8}")
+    return lines
 
 
 def week_start(at: datetime) -> datetime:
@@ -154,6 +194,8 @@ def table(rep: dict[str, Any]) -> str:
                      f"{f['escalated_excluded']:>6} {share:>5}")
     lines.append("Resolution figures leave escalated tickets out; first response counts them. "
                  "met: share of first-response targets met.")
+    if rep.get("by_agent") is not None:
+        lines.extend(["", *agent_table(rep["by_agent"]), ""])
     if rep.get("govcloud") is not None:
         lines.append("GovCloud tickets only (the enclave)." if rep["govcloud"]
                      else "Commercial tickets only (GovCloud: --govcloud).")

@@ -331,6 +331,17 @@ MIGRATIONS: tuple[str, ...] = (
     /*postgresql*/ ALTER TABLE outbox ADD COLUMN inbound_id INTEGER REFERENCES inbound(id);
     CREATE INDEX outbox_inbound ON outbox(inbound_id, kind) WHERE inbound_id IS NOT NULL;
     """,
+    # 20: reserved: another branch's migration 20 takes this place at merge (then 21 follows it)
+    "",
+    # 21: the daily digest (issue 20): the local day each recipient's digest was last
+    # queued for, so that it goes out once a day however often `run-due` runs
+    """
+    CREATE TABLE digests (
+        recipient TEXT PRIMARY KEY,      -- "queue:<address>:<commercial|govcloud>", "assignee:..."
+        day       TEXT NOT NULL,         -- YYYY-MM-DD in [digest] timezone
+        sent_at   TEXT NOT NULL
+    );
+    """,
 )
 
 LEGACY_SECRET = "ticket_token_secret"     # the setting migration 6 kept the secret in
@@ -544,6 +555,46 @@ class Tx:
             f" AND govcloud IN ({gov}) ORDER BY response_due_at, id LIMIT ?", (iso(near), agent, limit))
         found["near"] = [_ticket(r) for r in rows]
         return found
+
+    async def digest_lists(self, near: datetime, *, govcloud: bool, region: str | None = None,
+                           owner: str | None = None, limit: int) -> dict[str, tuple[int, list[Ticket]]]:
+        """The daily digest's lists, each as (how many, at most `limit` of them):
+        open, waiting (pending), near (open, no first response, target before
+        `near` or passed), escalated (open or pending) and unassigned (open or
+        pending, no owner). Of the tickets whose GovCloud flag is `govcloud`, of
+        `region` when given (a queue's digest); with `owner` (an agent's digest)
+        the lists hold the agent's tickets, near also the unassigned ones."""
+        scope = "govcloud = ?"
+        params: list[Any] = [int(govcloud)]
+        if region is not None:
+            scope, params = scope + " AND region = ?", [*params, region]
+        mine, mine_p = ("owner = ?", [owner]) if owner else ("1 = 1", [])
+        near_owner, near_p = ("(owner = ? OR owner IS NULL)", [owner]) if owner else ("1 = 1", [])
+        parts: dict[str, tuple[str, list[Any], str]] = {
+            "open": (f"status = 'open' AND {mine}", mine_p, "id DESC"),
+            "waiting": (f"status = 'pending' AND {mine}", mine_p, "id DESC"),
+            "near": ((f"status = 'open' AND first_response_at IS NULL AND response_due_at IS NOT NULL"
+                     f" AND response_due_at <= ? AND {near_owner}"), [iso(near), *near_p], "response_due_at, id"),
+            "escalated": (f"status IN ('open', 'pending') AND escalated = 1 AND {mine}", mine_p, "id DESC"),
+            "unassigned": ("status IN ('open', 'pending') AND owner IS NULL", [], "id DESC"),
+        }
+        found: dict[str, tuple[int, list[Ticket]]] = {}
+        for name, (where, p, order) in parts.items():
+            cond = f"{scope} AND {where}"
+            count = await self._all(f"SELECT count(*) FROM tickets WHERE {cond}", (*params, *p))
+            rows = await self._all(f"SELECT {_TICKET_COLS} FROM tickets WHERE {cond} ORDER BY {order} LIMIT ?",
+                                   (*params, *p, limit))
+            found[name] = (int(count[0][0]), [_ticket(r) for r in rows])
+        return found
+
+    async def claim_digest(self, recipient: str, day: str, now: datetime) -> bool:
+        """Record that `recipient`'s digest of local day `day` is decided (queued, or
+        not needed: an agent without tickets); False when it was already (this day
+        or a later one): a digest goes out once a day."""
+        return bool(await self._all(
+            "INSERT INTO digests (recipient, day, sent_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (recipient) DO UPDATE SET day = excluded.day, sent_at = excluded.sent_at"
+            " WHERE digests.day < excluded.day RETURNING recipient", (recipient, day, iso(now))))
 
     async def customer_thread(self, ticket_id: int, customer_kinds: Sequence[str]) -> list[str]:
         """Message-IDs of what the customer saw and wrote, oldest first."""
@@ -892,6 +943,37 @@ class Store:
             f"SELECT {_TICKET_COLS} FROM tickets WHERE created_at >= ? AND created_at < ?{where} ORDER BY id",
             (iso(since) if since else "", iso(until) if until else "9999", *params))
         return [_ticket(r) for r in rows]
+
+    async def agent_activity(self, since: datetime | None, until: datetime | None, govcloud: bool | None = None
+                             ) -> tuple[dict[int, str], dict[str, int], dict[str, int]]:
+        """`stats` per agent: who sent the first relayed staff answer of each ticket
+        created in [since, until) (ticket id -> agent), how many staff answers each
+        agent sent in the period, and how many open or pending tickets each
+        assignee has now (whenever created); of one enclave's tickets (`govcloud`
+        True/False) or both (None)."""
+        lo, hi = iso(since) if since else "", iso(until) if until else "9999"
+        where, gov = _enclave(govcloud)
+        t_where = where.replace("govcloud", "t.govcloud")
+        first = await self._rows(
+            "SELECT m.ticket_id, m.sender FROM messages m JOIN tickets t ON t.id = m.ticket_id"
+            f" WHERE t.created_at >= ? AND t.created_at < ?{t_where} AND m.id = (SELECT min(f.id) FROM messages f"
+            " WHERE f.ticket_id = m.ticket_id AND f.direction = 'in' AND f.kind = 'staff')", (lo, hi, *gov))
+        answered = await self._rows(
+            "SELECT m.sender, count(*) FROM messages m JOIN tickets t ON t.id = m.ticket_id"
+            " WHERE m.direction = 'in' AND m.kind = 'staff'"
+            f" AND m.created_at >= ? AND m.created_at < ?{t_where} GROUP BY m.sender", (lo, hi, *gov))
+        owning = await self._rows("SELECT owner, count(*) FROM tickets WHERE owner IS NOT NULL"
+                                  f" AND status IN ('open', 'pending'){where} GROUP BY owner", gov)
+        return ({int(r[0]): r[1] for r in first}, {r[0]: int(r[1]) for r in answered},
+                {r[0]: int(r[1]) for r in owning})
+
+    async def digest_days(self, recipients: Sequence[str]) -> dict[str, str]:
+        """The local day each of `recipients` last had its digest decided (`Tx.claim_digest`)."""
+        if not recipients:
+            return {}
+        marks = ",".join("?" * len(recipients))
+        rows = await self._rows(f"SELECT recipient, day FROM digests WHERE recipient IN ({marks})", recipients)
+        return {r[0]: r[1] for r in rows}
 
     async def tickets(self, status: str | None = None, *, certified_first: bool = False,
                       assignee: str | None = None, govcloud: bool | None = None) -> list[Ticket]:
