@@ -331,9 +331,7 @@ MIGRATIONS: tuple[str, ...] = (
     /*postgresql*/ ALTER TABLE outbox ADD COLUMN inbound_id INTEGER REFERENCES inbound(id);
     CREATE INDEX outbox_inbound ON outbox(inbound_id, kind) WHERE inbound_id IS NOT NULL;
     """,
-    # 20: reserved: another branch's migration 20 takes this place at merge (then 21 follows it)
-    "",
-    # 21: the daily digest (issue 20): the local day each recipient's digest was last
+    # 20: the daily digest (issue 20): the local day each recipient's digest was last
     # queued for, so that it goes out once a day however often `run-due` runs
     """
     CREATE TABLE digests (
