@@ -419,8 +419,7 @@ def test_mail_queued_before_the_ticketless_outbox_migration_is_still_sent(make_g
     """Migration 19 (ticket-less outbox rows) keeps every row: a SQLite table
     rebuild, PostgreSQL's ALTER COLUMN ... DROP NOT NULL."""
     gw = make_gateway(extra_toml=CONTACTS)
-    before = len(MIGRATIONS) - 1
-    assert "outbox_new" in MIGRATIONS[before]
+    before = next(i for i, sql in enumerate(MIGRATIONS) if "outbox_new" in sql)   # the store just before it
     ack = ("INSERT INTO messages (ticket_id, direction, kind, sender, recipients, subject, message_id,"
            " body_text, reply_text, created_at) VALUES (1, 'out', 'ack', ?, '[\"old@customer.example\"]',"
            " '[Support #1] Old one', '<old-ack@example.com>', 'ack', 'ack', '2026-01-01T00:00:00+00:00')")
